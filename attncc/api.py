@@ -1,0 +1,134 @@
+"""The Python API: `attncc.compile(spec)` returns a `Kernel`, a callable taking keyword arguments."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from . import ir
+from .binding import bind, describe_input
+from .errors import ArgumentError, BackendError, SpecError
+from .frontend import lower
+from .reference import Reference
+from .syntax import parse
+from attncc.passes.infer import infer_extents
+
+BACKENDS = ("auto", "reference")
+
+
+def load(spec: str | Path) -> ir.Program:
+    """Parse and check a spec given as a path or as source text."""
+    text, filename = read_spec(spec)
+    return infer_extents(lower(parse(text, filename)))
+
+
+def read_spec(spec: str | Path) -> tuple[str, str]:
+    """(text, filename) of a spec that is a path (`*.attn` or an existing file) or source text."""
+    if isinstance(spec, Path) or ("\n" not in spec and (spec.endswith(".attn") or Path(spec).is_file())):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"no spec file at {path}")
+        return path.read_text(), str(path)
+    return spec, "<string>"
+
+
+def lse_output(program: ir.Program) -> ir.Output:
+    """The log-sum-exp side output of the softmax that feeds the first output."""
+    first = program.outputs[0]
+    ancestors = program.graph.subgraph(
+        __import__("networkx").ancestors(program.graph, first.node) | {first.node})
+    softmaxes = [n for n in ancestors if isinstance(n, ir.Normalize) and n.op == "softmax"
+                 and n.axis not in first.node.indices]
+    if len(softmaxes) != 1:
+        raise SpecError(f"return_lse needs exactly one softmax over the summed axis feeding "
+                        f"'{first.name}', found {len(softmaxes)}", program.source, first.loc)
+    sm = softmaxes[0]
+    indices = tuple(ix for ix in sm.arg.indices if ix != sm.axis)
+    node = ir.Reduce(op="logsumexp", arg=sm.arg, axes=(sm.axis,), indices=indices, loc=sm.loc)
+    return ir.Output("lse", node, indices, tuple(program.extent[ix] for ix in indices), sm.loc)
+
+
+class Kernel:
+    """A compiled spec. Call it with keyword arguments; `backend` says what actually runs."""
+
+    def __init__(self, program: ir.Program, backend: str, reference_block: int = 256):
+        self.program = program
+        self.name = program.name
+        self.backend = backend
+        self.reference_block = reference_block
+        self._lse: ir.Output | None = None
+        self.__signature__ = self.signature
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def inputs(self) -> dict[str, str]:
+        return {n: describe_input(node) for n, node in self.program.inputs.items()}
+
+    @property
+    def params(self) -> dict[str, object]:
+        """Each param's default value, or the text of its default expression when it
+        depends on dims (`-log(M)`), or `inspect.Parameter.empty` when it has none."""
+        out = {}
+        for name, node in self.program.params.items():
+            if node.default is None:
+                out[name] = inspect.Parameter.empty
+            elif isinstance(node.default, ir.Const):
+                out[name] = node.default.value
+            else:
+                out[name] = None  # computed from dims at call time; pass None for the default
+        return out
+
+    @property
+    def outputs(self) -> list[str]:
+        return [o.name for o in self.program.outputs]
+
+    @property
+    def signature(self) -> inspect.Signature:
+        params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=torch.Tensor)
+                  for n in self.program.inputs]
+        for name, default in self.params.items():
+            ann = {"int": int, "float": float, "bool": bool}[self.program.params[name].dtype]
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=ann))
+        params.append(inspect.Parameter("return_lse", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                        annotation=bool))
+        return inspect.Signature(params)
+
+    def __repr__(self):
+        return f"<attncc.Kernel {self.name}{self.signature} backend={self.backend!r}>"
+
+    # ------------------------------------------------------------------ calling
+    def __call__(self, *args, return_lse: bool = False, **kwargs):
+        if args:
+            raise ArgumentError(f"{self.name}() takes keyword arguments only "
+                                f"({', '.join(self.program.inputs)}, ...)")
+        call = bind(self.program, kwargs)
+        extra = [self.lse()] if return_lse else []
+        results = Reference(self.program, call.tensors, call.scalars, self.reference_block).run(extra)
+        results = [self._cast(r, call) for r in results]
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def lse(self) -> ir.Output:
+        if self._lse is None:
+            self._lse = lse_output(self.program)
+        return self._lse
+
+    @staticmethod
+    def _cast(t: torch.Tensor, call) -> torch.Tensor:
+        return t.to(call.out_dtype) if t.is_floating_point() else t
+
+
+def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 256) -> Kernel:
+    """Compile a spec (a path to a `.attn` file or its source text) into a callable `Kernel`.
+
+    backend: "auto" picks the best backend available ("reference" until generated
+    kernels exist); "reference" runs the PyTorch reference executor. Asking for a
+    backend that cannot run raises `BackendError` instead of substituting another.
+    reference_block: how many entries of the streamed index the reference executor
+    processes at once (its memory is proportional to it).
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+    program = load(spec)
+    return Kernel(program, "reference" if backend == "auto" else backend, reference_block)

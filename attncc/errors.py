@@ -1,0 +1,88 @@
+"""Errors that point at the spec: file, line, column, the line itself and a caret.
+
+Every problem found in a spec (syntax or meaning) is a `SpecError`; every problem
+with the arguments of a call is an `ArgumentError` (a `TypeError`) or a
+`ShapeError` (a `ValueError`) naming the argument, so callers can catch them
+with the exception types Python users expect.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A span in a spec, 1-based like editors show it."""
+
+    line: int
+    column: int
+    end_line: int | None = None
+    end_column: int | None = None
+
+    @classmethod
+    def of(cls, meta) -> "Loc | None":
+        """The span of a lark tree or token, or None when lark has no position."""
+        line = getattr(meta, "line", None)
+        if line is None:
+            return None
+        return cls(line, meta.column, getattr(meta, "end_line", None), getattr(meta, "end_column", None))
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of a spec and the name to report it under."""
+
+    text: str
+    filename: str = "<string>"
+
+    def line(self, number: int) -> str:
+        lines = self.text.splitlines()
+        return lines[number - 1] if 0 < number <= len(lines) else ""
+
+
+class SpecError(Exception):
+    """A problem in a spec, reported as `file:line:col: error: ...` with the line and a caret."""
+
+    def __init__(self, message: str, source: Source | None = None, loc: Loc | None = None,
+                 expected: str | None = None):
+        self.message = message
+        self.source = source
+        self.loc = loc
+        self.expected = expected
+        super().__init__(self.render())
+
+    @property
+    def line(self) -> int | None:
+        return self.loc.line if self.loc else None
+
+    @property
+    def column(self) -> int | None:
+        return self.loc.column if self.loc else None
+
+    def render(self) -> str:
+        filename = self.source.filename if self.source else "<spec>"
+        if self.loc is None:
+            head = f"{filename}: error: {self.message}"
+            return head + (f"\n  expected {self.expected}" if self.expected else "")
+        text = self.source.line(self.loc.line) if self.source else ""
+        width = 1
+        if self.loc.end_line == self.loc.line and self.loc.end_column:
+            width = max(1, self.loc.end_column - self.loc.column)
+        caret = " " * (self.loc.column - 1) + "^" * width
+        parts = [f"{filename}:{self.loc.line}:{self.loc.column}: error: {self.message}",
+                 f"  {text}", f"  {caret}"]
+        if self.expected:
+            parts.append(f"  expected {self.expected}")
+        return "\n".join(parts)
+
+
+class ArgumentError(TypeError):
+    """A call passed a missing, unknown or wrongly typed argument."""
+
+
+class ShapeError(ValueError):
+    """A call passed tensors whose shapes, devices or values break the spec's contract."""
+
+
+class BackendError(RuntimeError):
+    """The backend asked for cannot run here; attncc never substitutes another silently."""

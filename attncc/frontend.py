@@ -1,0 +1,458 @@
+"""From the AST to the IR: name resolution, einsum summation, type rules and their errors.
+
+The frontend decides what each name is (input tensor, defined tensor, dim, param,
+let, or index variable), turns each assignment into a node (summing the indices
+that appear on the right but not on the left), and reports every mistake at the
+spec's line and column. Index extents are inferred afterwards by `passes.infer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from . import ir
+from . import syntax as ast
+from .errors import SpecError, Source
+
+UNARY = {"exp", "log", "tanh", "sigmoid", "elu", "relu", "abs", "sqrt", "sin", "cos", "floor", "ceil",
+         "log1p", "expm1", "rsqrt", "gelu", "silu", "sign"}
+BINARY = {"min", "max", "atan2"}
+REDUCTIONS = {"sum", "mean", "amax", "amin", "logsumexp"}
+NORMALIZERS = {"softmax", "softmax1"}
+SELECTIONS = {"topk": ir.FLOAT, "topk_mask": ir.BOOL, "topp_mask": ir.BOOL}
+CONSTANTS = {"inf": (float("inf"), ir.FLOAT), "pi": (3.141592653589793, ir.FLOAT),
+             "true": (True, ir.BOOL), "false": (False, ir.BOOL)}
+FUNCTION_HELP = ("elementwise: " + ", ".join(sorted(UNARY | BINARY | {"clamp", "where"}))
+                 + "; reductions: " + ", ".join(sorted(REDUCTIONS))
+                 + "; normalisations: softmax, softmax1; selections: " + ", ".join(SELECTIONS))
+ARITH = {"+", "-", "*", "/", "//", "%", "**"}
+COMPARE = {"==", "!=", "<", "<=", ">", ">="}
+
+
+@dataclass
+class _Tensor:
+    node: ir.Node
+    axes: tuple[str, ...] | None  # None for inputs (read positionally by their dims)
+
+
+@dataclass
+class _Scalar:
+    node: ir.Node
+
+
+def _promote(*dtypes: str) -> str:
+    if ir.FLOAT in dtypes:
+        return ir.FLOAT
+    if ir.INT in dtypes:
+        return ir.INT
+    return ir.BOOL
+
+
+class Frontend:
+    """Builds an `ir.Program` from an `ast.Program`, one statement at a time."""
+
+    def __init__(self, program: ast.Program):
+        self.ast = program
+        self.source: Source = program.source
+        self.env: dict[str, _Tensor | _Scalar] = {}
+        self.inputs: dict[str, ir.Input] = {}
+        self.dims: dict[str, ir.Scalar] = {}
+        self.params: dict[str, ir.Scalar] = {}
+        self.requires: list[ir.Require] = []
+        self.masks: list[ir.Mask] = []
+        self.used: set[str] = set()
+
+    def error(self, message, loc, expected=None):
+        return SpecError(message, self.source, loc, expected)
+
+    # ------------------------------------------------------------------ program
+    def build(self) -> ir.Program:
+        for decl in self.ast.inputs:
+            self.declare_input(decl)
+        for stmt in self.ast.body:
+            getattr(self, "stmt_" + type(stmt).__name__.lower())(stmt)
+        outputs = [self.output(decl) for decl in self.ast.outputs]
+        for name, inp in self.inputs.items():
+            if name not in self.used:
+                raise self.error(f"input '{name}' is never used", inp.loc,
+                                 "every declared input to be read by some statement")
+        program = ir.Program(self.ast.name, self.source, self.inputs, self.dims, self.params,
+                             self.requires, self.masks, outputs)
+        roots = [o.node for o in outputs] + [m.pred for m in self.masks] + [r.cond for r in self.requires]
+        program.graph = ir.build_graph(roots)
+        return program
+
+    def declare_input(self, decl: ast.Decl):
+        if decl.name in self.env:
+            raise self.error(f"input '{decl.name}' is declared twice", decl.loc)
+        dims = []
+        for d in decl.dims:
+            if isinstance(d, int):
+                dims.append(sympy.Integer(d))
+                continue
+            if d not in self.dims:
+                if d in self.env:
+                    raise self.error(f"'{d}' is a tensor, not a dim", decl.loc)
+                sym = ir.Scalar(name=d, role="dim", dtype=ir.INT, loc=decl.loc)
+                self.dims[d] = sym
+                self.env[d] = _Scalar(sym)
+            dims.append(sympy.Symbol(d, integer=True, positive=True))
+        node = ir.Input(name=decl.name, dims=tuple(dims), dtype=decl.dtype, loc=decl.loc)
+        self.inputs[decl.name] = node
+        self.env[decl.name] = _Tensor(node, None)
+
+    def output(self, decl: ast.Decl) -> ir.Output:
+        binding = self.env.get(decl.name)
+        if binding is None:
+            raise self.error(f"output '{decl.name}' is never assigned", decl.loc,
+                             f"a statement `{decl.name}[...] = ...` in the body")
+        if not isinstance(binding, _Tensor) or binding.axes is None:
+            kind = "an input" if isinstance(binding, _Tensor) else "a scalar"
+            raise self.error(f"output '{decl.name}' is {kind}, not a tensor computed by the body", decl.loc)
+        if len(binding.axes) != len(decl.dims):
+            raise self.error(f"output '{decl.name}' is declared with {len(decl.dims)} dims but computed with "
+                             f"{len(binding.axes)} indices [{', '.join(binding.axes)}]", decl.loc)
+        dims = []
+        for d in decl.dims:
+            if isinstance(d, int):
+                dims.append(sympy.Integer(d))
+            elif d in self.dims:
+                dims.append(sympy.Symbol(d, integer=True, positive=True))
+            else:
+                raise self.error(f"output '{decl.name}' uses dim '{d}', which no input declares", decl.loc,
+                                 "one of the input dims: " + ", ".join(self.dims))
+        return ir.Output(decl.name, binding.node, binding.axes, tuple(dims), decl.loc)
+
+    # ------------------------------------------------------------------ statements
+    def stmt_param(self, st: ast.Param):
+        self.check_new_name(st.name, st.loc)
+        default = None
+        if st.default is not None:
+            default = self.scalar_expr(st.default, f"the default of param '{st.name}'")
+            ok = {ir.INT: {ir.INT}, ir.FLOAT: {ir.INT, ir.FLOAT}, ir.BOOL: {ir.BOOL}}[st.dtype]
+            if default.dtype not in ok:
+                raise self.error(f"param '{st.name}: {st.dtype}' has a default of type {default.dtype}",
+                                 st.default.loc, f"a {st.dtype} default")
+        node = ir.Scalar(name=st.name, role="param", dtype=st.dtype, default=default, loc=st.loc)
+        self.params[st.name] = node
+        self.env[st.name] = _Scalar(node)
+
+    def stmt_let(self, st: ast.Let):
+        self.check_new_name(st.name, st.loc)
+        self.env[st.name] = _Scalar(self.scalar_expr(st.value, f"let '{st.name}'"))
+
+    def stmt_require(self, st: ast.Require):
+        cond = self.scalar_expr(st.cond, "a require")
+        if cond.dtype != ir.BOOL:
+            raise self.error("require needs a condition", st.cond.loc, "a comparison such as `N == M`")
+        text = self.source.line(st.loc.line).strip() if st.loc else "require"
+        self.requires.append(ir.Require(cond, text, st.loc))
+
+    def stmt_mask(self, st: ast.Mask):
+        pred = self.expr(st.cond)
+        if pred.dtype != ir.BOOL:
+            raise self.error("a mask needs a boolean predicate", st.cond.loc,
+                             "a comparison or a boolean tensor such as `j <= i` or `valid[b, j]`")
+        if not pred.indices:
+            raise self.error("this mask depends on no index", st.cond.loc,
+                             "a predicate over indices such as `j <= i`")
+        self.masks.append(ir.Mask(pred, st.loc))
+
+    def stmt_assign(self, st: ast.Assign):
+        previous = self.env.get(st.name)
+        if isinstance(previous, _Tensor) and previous.axes is None:
+            raise self.error(f"cannot assign to input '{st.name}'", st.loc, "a new name for the result")
+        if isinstance(previous, _Scalar):
+            raise self.error(f"cannot assign to scalar '{st.name}'", st.loc, "a new name for the tensor")
+        if st.indices is not None:
+            self.check_lhs_indices(st)
+        if st.op == "=":
+            node, axes = self.define(st)
+        else:
+            node, axes = self.update(st, previous)
+        self.env[st.name] = _Tensor(node, axes)
+
+    # ------------------------------------------------------------------ assignment helpers
+    def check_new_name(self, name, loc):
+        if name in self.env:
+            raise self.error(f"'{name}' is already defined", loc, "a new name")
+        if name in CONSTANTS:
+            raise self.error(f"'{name}' is a built-in constant", loc, "another name")
+
+    def check_lhs_indices(self, st: ast.Assign):
+        seen = set()
+        for ix, loc in zip(st.indices, st.index_locs):
+            if ix in seen:
+                raise self.error(f"index '{ix}' appears twice on the left", loc, "distinct indices")
+            binding = self.env.get(ix)
+            if binding is not None or ix in CONSTANTS:
+                raise self.error(f"'{ix}' is a {'tensor' if isinstance(binding, _Tensor) else 'scalar'} "
+                                 "name, not an index", loc, "an index variable such as i or j")
+            seen.add(ix)
+
+    def define(self, st: ast.Assign):
+        value = self.expr(st.value)
+        if st.indices is not None:
+            value = self.name_block_axis(st, value)
+        if None in value.indices:
+            raise self.error("a block axis without a name", st.value.loc,
+                             "`index by size as NAME` in the reduction")
+        if st.indices is None:
+            if value.is_scalar:
+                raise self.error(f"'{st.name}' has no index; scalars are defined with `let`", st.loc,
+                                 f"`let {st.name} = ...` or indices on the left")
+            return value, value.indices
+        lhs = tuple(st.indices)
+        for ix, loc in zip(lhs, st.index_locs):
+            if ix not in value.indices:
+                raise self.error(f"index '{ix}' is on the left but not on the right", loc,
+                                 "every index on the left to appear on the right")
+        summed = tuple(ix for ix in value.indices if ix not in lhs)
+        if not summed:
+            return value, lhs
+        self.check_summed_terms(st.value, summed)
+        factors = self.factors(st.value) if isinstance(st.value, ast.BinOp) and st.value.op == "*" else None
+        if factors is not None:
+            nodes = tuple(self.expr(f) for f in factors)
+            node = ir.Contract(factors=nodes, indices=lhs, dtype=_promote(*(n.dtype for n in nodes)),
+                               loc=st.loc)
+        else:
+            node = ir.Reduce(op="sum", arg=value, axes=summed, indices=lhs, dtype=value.dtype, loc=st.loc)
+        return node, lhs
+
+    def name_block_axis(self, st: ast.Assign, value: ir.Node) -> ir.Node:
+        """`qp[b,h,qb,d] = mean(q[b,h,i,d], i by 64)`: the block axis takes the one new
+        index on the left (write `i by 64 as qb` to name it explicitly)."""
+        if not (isinstance(value, ir.Reduce) and value.block and value.block.name is None):
+            return value
+        new = [ix for ix in st.indices if ix not in value.indices]
+        if len(new) != 1:
+            raise self.error("cannot tell which index on the left numbers the blocks", st.loc,
+                             f"`{value.block.index} by ... as NAME` in the reduction")
+        name = new[0]
+        value.block.name = name
+        value.indices = tuple(name if ix is None else ix for ix in value.indices)
+        return value
+
+    def factors(self, e: ast.Expr) -> list[ast.Expr]:
+        if isinstance(e, ast.BinOp) and e.op == "*":
+            return self.factors(e.left) + self.factors(e.right)
+        return [e]
+
+    def check_summed_terms(self, e: ast.Expr, summed):
+        """Each additive term must carry every summed index: `sum_j (a[i,j] + b[i])` adds
+        `M * b[i]`, which is never what a spec means."""
+        terms = []
+
+        def split(x):
+            if isinstance(x, ast.BinOp) and x.op in "+-":
+                split(x.left)
+                split(x.right)
+            else:
+                terms.append(x)
+
+        split(e)
+        if len(terms) == 1:
+            return
+        for term in terms:
+            missing = [ix for ix in summed if ix not in self.expr(term).indices]
+            if missing:
+                raise self.error(f"index '{missing[0]}' is summed but this term does not use it "
+                                 f"(it would be added {missing[0]}-extent times)", term.loc,
+                                 "the sum in its own statement, or the index on the left")
+
+    def update(self, st: ast.Assign, previous):
+        if previous is None:
+            raise self.error(f"'{st.name}' is updated with '{st.op}' before it is defined", st.loc,
+                             f"`{st.name}[...] = ...` first")
+        if st.indices is not None and tuple(st.indices) != previous.axes:
+            raise self.error(f"'{st.name}' has indices [{', '.join(previous.axes)}]", st.loc,
+                             f"`{st.name}[{', '.join(previous.axes)}] {st.op} ...` or `{st.name} {st.op} ...`")
+        value = self.expr(st.value)
+        extra = [ix for ix in value.indices if ix not in previous.axes]
+        if extra:
+            raise self.error(f"index '{extra[0]}' is not an index of '{st.name}' "
+                             f"[{', '.join(previous.axes)}]", st.value.loc,
+                             "a separate statement to sum over it")
+        node = self.arith(st.op[0], previous.node, value, st.loc)
+        return node, previous.axes
+
+    # ------------------------------------------------------------------ expressions
+    def scalar_expr(self, e: ast.Expr, what: str) -> ir.Node:
+        node = self.expr(e)
+        if not node.is_scalar:
+            raise self.error(f"{what} must be a scalar, but it depends on index "
+                             f"'{node.indices[0]}'", e.loc, "an expression of dims, params and numbers")
+        return node
+
+    def expr(self, e: ast.Expr) -> ir.Node:
+        return getattr(self, "expr_" + type(e).__name__.lower())(e)
+
+    def expr_num(self, e: ast.Num):
+        return ir.Const(value=e.value, dtype=ir.INT if isinstance(e.value, int) else ir.FLOAT, loc=e.loc)
+
+    def expr_name(self, e: ast.Name):
+        binding = self.env.get(e.id)
+        if isinstance(binding, _Scalar):
+            self.used.add(e.id)
+            return binding.node
+        if isinstance(binding, _Tensor):
+            self.used.add(e.id)
+            if binding.axes is None:
+                node = binding.node
+                if node.dims:
+                    raise self.error(f"input '{e.id}' needs indices", e.loc,
+                                     f"`{e.id}[{', '.join(str(d).lower() for d in node.dims)}]`")
+                return ir.Access(array=node, args=(), dtype=node.dtype, loc=e.loc)
+            return binding.node
+        if e.id in CONSTANTS:
+            value, dtype = CONSTANTS[e.id]
+            return ir.Const(value=value, dtype=dtype, loc=e.loc)
+        if e.id[0].isupper():
+            raise self.error(f"unknown name '{e.id}'", e.loc,
+                             "a dim, param or let (dims: " + (", ".join(self.dims) or "none") + ")")
+        return ir.Index(name=e.id, indices=(e.id,), dtype=ir.INT, loc=e.loc)
+
+    def expr_access(self, e: ast.Access):
+        binding = self.env.get(e.name)
+        if binding is None:
+            tensors = [n for n, b in self.env.items() if isinstance(b, _Tensor)]
+            raise self.error(f"unknown tensor '{e.name}'", e.loc, "one of: " + ", ".join(tensors))
+        if isinstance(binding, _Scalar):
+            raise self.error(f"'{e.name}' is a scalar and takes no indices", e.loc, f"`{e.name}`")
+        self.used.add(e.name)
+        array = binding.node
+        rank = len(array.dims) if binding.axes is None else len(binding.axes)
+        if len(e.args) != rank:
+            raise self.error(f"'{e.name}' has {rank} dims but is indexed with {len(e.args)}", e.loc,
+                             f"{rank} indices")
+        args = []
+        for a in e.args:
+            node = self.expr(a)
+            if node.dtype != ir.INT:
+                raise self.error(f"an index into '{e.name}' must be an integer, not {node.dtype}", a.loc,
+                                 "an integer expression of indices, dims and params")
+            args.append(node)
+        if binding.axes is not None and all(isinstance(a, ir.Index) for a in args) \
+                and tuple(a.name for a in args) == binding.axes:
+            return array
+        indices = ir.union_indices(args)
+        return ir.Access(array=array, args=tuple(args), axes=binding.axes or (), indices=indices,
+                         dtype=array.dtype, loc=e.loc)
+
+    def expr_binop(self, e: ast.BinOp):
+        left, right = self.expr(e.left), self.expr(e.right)
+        if e.op in ("and", "or"):
+            for side, node in ((e.left, left), (e.right, right)):
+                if node.dtype != ir.BOOL:
+                    raise self.error(f"'{e.op}' needs booleans on both sides", side.loc, "a comparison")
+            return self.node_map(e.op, (left, right), ir.BOOL, e.loc)
+        if e.op in COMPARE:
+            return self.node_map(e.op, (left, right), ir.BOOL, e.loc)
+        return self.arith(e.op, left, right, e.loc)
+
+    def arith(self, op, left, right, loc):
+        if ir.BOOL in (left.dtype, right.dtype) and op != "*":
+            raise self.error(f"'{op}' on a boolean", loc, "numbers (use `where(cond, a, b)` to select)")
+        dtype = ir.FLOAT if op in ("/", "**") else _promote(left.dtype, right.dtype)
+        if op == "**" and left.dtype == ir.INT and right.dtype == ir.INT:
+            dtype = ir.FLOAT
+        return self.node_map(op, (left, right), dtype, loc)
+
+    def node_map(self, op, args, dtype, loc):
+        return ir.Map(op=op, args=tuple(args), indices=ir.union_indices(args), dtype=dtype, loc=loc)
+
+    def expr_unary(self, e: ast.Unary):
+        x = self.expr(e.operand)
+        if e.op == "not":
+            if x.dtype != ir.BOOL:
+                raise self.error("'not' needs a boolean", e.operand.loc, "a comparison")
+            return self.node_map("not", (x,), ir.BOOL, e.loc)
+        if isinstance(x, ir.Const):
+            return ir.Const(value=-x.value, dtype=x.dtype, loc=e.loc)
+        return self.node_map("neg", (x,), x.dtype, e.loc)
+
+    def expr_ifelse(self, e: ast.IfElse):
+        cond, a, b = self.expr(e.cond), self.expr(e.then), self.expr(e.other)
+        return self.where(cond, a, b, e)
+
+    def where(self, cond, a, b, e):
+        if cond.dtype != ir.BOOL:
+            raise self.error("the condition must be boolean", e.loc, "a comparison")
+        return self.node_map("where", (cond, a, b), _promote(a.dtype, b.dtype), e.loc)
+
+    def expr_blockedaxis(self, e: ast.BlockedAxis):
+        raise self.error("`by` only goes inside a reduction", e.loc, "e.g. `mean(q[b,h,i,d], i by 64)`")
+
+    def expr_call(self, e: ast.Call):
+        f = e.func
+        if f in UNARY | BINARY or f in ("clamp", "where"):
+            arity = 1 if f in UNARY else 2 if f in BINARY else 3
+            self.check_arity(e, arity)
+            args = [self.expr(a) for a in e.args]
+            if f == "where":
+                return self.where(args[0], args[1], args[2], e)
+            dtype = _promote(*(a.dtype for a in args)) if f in BINARY | {"clamp", "abs", "sign"} else ir.FLOAT
+            return self.node_map(f, args, dtype, e.loc)
+        if f in REDUCTIONS:
+            return self.reduction(e)
+        if f in NORMALIZERS:
+            self.check_arity(e, 2)
+            x = self.expr(e.args[0])
+            return ir.Normalize(op=f, arg=x, axis=self.axis(e.args[1], x, e), indices=x.indices,
+                                dtype=ir.FLOAT, loc=e.loc)
+        if f in SELECTIONS:
+            self.check_arity(e, 3)
+            x = self.expr(e.args[0])
+            amount = self.scalar_expr(e.args[1], f"the amount of {f}")
+            return ir.Select(op=f, arg=x, amount=amount, axis=self.axis(e.args[2], x, e),
+                             indices=x.indices, dtype=SELECTIONS[f], loc=e.loc)
+        raise self.error(f"unknown function '{f}'", e.loc, FUNCTION_HELP)
+
+    def check_arity(self, e: ast.Call, n):
+        if len(e.args) != n or any(isinstance(a, ast.BlockedAxis) for a in e.args):
+            raise self.error(f"'{e.func}' takes {n} argument{'s' if n > 1 else ''}, got {len(e.args)}",
+                             e.loc)
+
+    def axis(self, arg: ast.Expr, x: ir.Node, call: ast.Call) -> str:
+        if not isinstance(arg, ast.Name) or arg.id in self.env:
+            raise self.error(f"the axis of '{call.func}' must be an index name", arg.loc,
+                             "one of: " + ", ".join(x.indices))
+        if arg.id not in x.indices:
+            raise self.error(f"'{call.func}' along '{arg.id}', which is not an index of its operand",
+                             arg.loc, "one of: " + (", ".join(x.indices) or "(no indices)"))
+        return arg.id
+
+    def reduction(self, e: ast.Call) -> ir.Node:
+        if len(e.args) < 2:
+            raise self.error(f"'{e.func}' needs an operand and at least one axis", e.loc,
+                             f"e.g. `{e.func}(x, j)`")
+        x = self.expr(e.args[0])
+        blocked = [a for a in e.args[1:] if isinstance(a, ast.BlockedAxis)]
+        if blocked:
+            if len(e.args) != 2:
+                raise self.error("a blocked reduction takes one `index by size` axis", e.loc)
+            return self.blocked_reduction(e, x, blocked[0])
+        axes = tuple(self.axis(a, x, e) for a in e.args[1:])
+        indices = tuple(ix for ix in x.indices if ix not in axes)
+        dtype = ir.FLOAT if e.func in ("mean", "logsumexp") else x.dtype
+        return ir.Reduce(op=e.func, arg=x, axes=axes, indices=indices, dtype=dtype, loc=e.loc)
+
+    def blocked_reduction(self, e: ast.Call, x: ir.Node, b: ast.BlockedAxis) -> ir.Node:
+        if b.index not in x.indices:
+            raise self.error(f"'{e.func}' in blocks of '{b.index}', which is not an index of its operand",
+                             b.loc, "one of: " + ", ".join(x.indices))
+        size = self.scalar_expr(b.size, "a block size")
+        if size.dtype != ir.INT:
+            raise self.error("a block size must be an integer", b.size.loc)
+        name = b.alias  # None: named by the assignment's left side (`name_block_axis`)
+        indices = tuple(name if ix == b.index else ix for ix in x.indices)
+        dtype = ir.FLOAT if e.func in ("mean", "logsumexp") else x.dtype
+        return ir.Reduce(op=e.func, arg=x, axes=(b.index,), block=ir.Block(b.index, size, name),
+                         indices=indices, dtype=dtype, loc=e.loc)
+
+
+def lower(program: ast.Program) -> ir.Program:
+    """Check an AST and build its IR (extents are inferred by `passes.infer`)."""
+    return Frontend(program).build()

@@ -1,0 +1,395 @@
+"""The reference executor: runs any checked IR with PyTorch, in bounded memory.
+
+It is the oracle every generated kernel is tested against, and the explicit CPU
+backend (`backend="reference"`). Memory stays bounded by streaming one index, the
+*chunk index* (usually the query index `i`): every value over that index is
+computed one block of it at a time, so a score tensor never exists beyond
+`B*H*block*M` entries. Values that combine entries along the chunk index
+(sums, maxima, block means, the statistics of a softmax over queries) are
+accumulated across blocks, the way a streaming kernel would.
+"""
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from . import ir
+from attncc.passes.infer import to_sympy
+
+_EINSUM_LETTERS = string.ascii_letters
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    stop: int
+
+
+_MAP_OPS = {
+    "+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.true_divide,
+    "//": torch.floor_divide, "%": torch.remainder, "**": torch.pow,
+    "==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge,
+    "and": torch.logical_and, "or": torch.logical_or, "not": torch.logical_not, "neg": torch.neg,
+    "exp": torch.exp, "log": torch.log, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "elu": torch.nn.functional.elu, "relu": torch.relu, "abs": torch.abs, "sqrt": torch.sqrt,
+    "sin": torch.sin, "cos": torch.cos, "floor": torch.floor, "ceil": torch.ceil, "log1p": torch.log1p,
+    "expm1": torch.expm1, "rsqrt": torch.rsqrt, "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu, "sign": torch.sign, "min": torch.minimum, "max": torch.maximum,
+    "atan2": torch.atan2, "where": torch.where,
+    "clamp": lambda x, lo, hi: torch.minimum(torch.maximum(x, lo), hi),
+}
+
+
+def align(t: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor:
+    """View `t` (dims named `have`) with dims ordered as `want`, size 1 where absent."""
+    order = [have.index(ix) for ix in want if ix in have]
+    t = t.permute(order) if order != list(range(len(order))) else t
+    shape, k = [], 0
+    for ix in want:
+        if ix in have:
+            shape.append(t.shape[k])
+            k += 1
+        else:
+            shape.append(1)
+    return t.reshape(shape)
+
+
+class Reference:
+    """Evaluates one program for one set of arguments."""
+
+    def __init__(self, program: ir.Program, tensors: dict[str, torch.Tensor], scalars: dict,
+                 block: int = 256):
+        self.p = program
+        self.tensors = tensors
+        self.scalars = scalars
+        floats = [t for t in tensors.values() if t.is_floating_point()]
+        self.fdtype = torch.float64 if any(t.dtype == torch.float64 for t in floats) else torch.float32
+        self.device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in scalars.items()}
+        subs.update({sympy.Symbol(k, integer=True): v for k, v in scalars.items()})
+        subs.update({sympy.Symbol(k, real=True): v for k, v in scalars.items()})
+        self.size = {ix: int(e.xreplace(subs)) for ix, e in program.extent.items()}
+        self.chunk_index = self.pick_chunk_index()
+        self.block = max(1, block)
+        self.shared: dict[ir.Node, torch.Tensor] = {}
+        self.local: dict[ir.Node, torch.Tensor] = {}
+        self.chunk: Chunk | None = None
+
+    # ------------------------------------------------------------------ planning
+    def pick_chunk_index(self) -> str | None:
+        """Stream the index that shrinks the largest intermediate most, preferring
+        an index of the first output (the query axis in attention)."""
+        nodes = [n for n in self.p.nodes() if n.indices]
+        if not nodes:
+            return None
+        biggest = max(nodes, key=lambda n: math.prod(self.size[ix] for ix in n.indices))
+        first_out = self.p.outputs[0].axes
+        return max(biggest.indices, key=lambda ix: (self.size[ix] > 1, ix in first_out, self.size[ix]))
+
+    def chunks(self):
+        n = self.size[self.chunk_index]
+        return [Chunk(s, min(s + self.block, n)) for s in range(0, n, self.block)]
+
+    # ------------------------------------------------------------------ driver
+    def run(self, extra_outputs=()) -> list[torch.Tensor]:
+        results = []
+        for out in [*self.p.outputs, *extra_outputs]:
+            value = align(self.full(out.node), out.node.indices, out.axes)
+            results.append(value)
+        return results
+
+    def full(self, node: ir.Node) -> torch.Tensor:
+        """A node's whole value (concatenating chunks along the chunk index)."""
+        c = self.chunk_index
+        if c not in node.indices:
+            return self.value(node)
+        saved = (self.chunk, self.local)
+        parts = []
+        for chunk in self.chunks():
+            self.chunk, self.local = chunk, {}
+            parts.append(self.value(node))
+        self.chunk, self.local = saved
+        return torch.cat(parts, dim=node.indices.index(c))
+
+    def value(self, node: ir.Node) -> torch.Tensor:
+        chunked = self.chunk_index in node.indices
+        memo = self.local if chunked else self.shared
+        if node not in memo:
+            memo[node] = getattr(self, "eval_" + type(node).__name__.lower())(node)
+        return memo[node]
+
+    def over_chunks(self, node: ir.Node, combine):
+        """Fold `combine(acc, chunk)` over every chunk of the chunk index, with a fresh
+        per-chunk memo each time (so nested streams do not keep each other's blocks)."""
+        saved = (self.chunk, self.local)
+        acc = None
+        for chunk in self.chunks():
+            self.chunk, self.local = chunk, {}
+            acc = combine(acc, chunk)
+        self.chunk, self.local = saved
+        return acc
+
+    def streams(self, node: ir.Node, axes) -> bool:
+        """Whether `node` combines entries along the chunk index while not being over it."""
+        return self.chunk_index in axes and self.chunk_index not in node.indices
+
+    # ------------------------------------------------------------------ leaves
+    def const(self, value, dtype):
+        tdtype = {ir.FLOAT: self.fdtype, ir.INT: torch.int64, ir.BOOL: torch.bool}[dtype]
+        return torch.tensor(value, dtype=tdtype, device=self.device)
+
+    def eval_scalar(self, node: ir.Scalar):
+        return self.const(self.scalars[node.name], node.dtype)
+
+    def eval_const(self, node: ir.Const):
+        return self.const(node.value, node.dtype)
+
+    def eval_index(self, node: ir.Index):
+        if node.name == self.chunk_index:
+            return torch.arange(self.chunk.start, self.chunk.stop, device=self.device)
+        return torch.arange(self.size[node.name], device=self.device)
+
+    def eval_input(self, node: ir.Input):
+        t = self.tensors[node.name]
+        return t.to(self.fdtype) if t.is_floating_point() else t
+
+    def eval_access(self, node: ir.Access):
+        if isinstance(node.array, ir.Input):
+            array = self.value(node.array)
+        else:
+            array = align(self.full(node.array), node.array.indices, node.axes)
+        if not node.args:
+            return array.reshape(())
+        args = [align(self.value(a), a.indices, node.indices) for a in node.args]
+        try:
+            return array[tuple(args)]
+        except IndexError as err:
+            raise IndexError(f"index out of range in the access at line {node.loc.line if node.loc else '?'}"
+                             f" of the spec: {err}") from None
+
+    # ------------------------------------------------------------------ elementwise
+    def eval_map(self, node: ir.Map):
+        args = [self.cast(align(self.value(a), a.indices, node.indices), a.dtype, node) for a in node.args]
+        if node.op == "where":
+            args[0] = args[0].to(torch.bool)
+        return _MAP_OPS[node.op](*args)
+
+    def cast(self, t, dtype, node):
+        """Promote operands as the spec's type rules say (ints meet floats as floats)."""
+        if node.dtype == ir.FLOAT and dtype != ir.FLOAT and node.op not in ("where",):
+            return t.to(self.fdtype)
+        if node.op == "where" and node.dtype == ir.FLOAT and dtype != ir.BOOL:
+            return t.to(self.fdtype)
+        return t
+
+    # ------------------------------------------------------------------ masks
+    def valid(self, node: ir.Node, space: tuple[str, ...]) -> torch.Tensor | None:
+        """The conjunction of the masks `node` applies, laid out over `space`."""
+        result = None
+        for m in self.p.masks_on(node):
+            v = align(self.value(m.pred), m.pred.indices, space).to(torch.bool)
+            result = v if result is None else result & v
+        return result
+
+    # ------------------------------------------------------------------ contractions and reductions
+    def eval_contract(self, node: ir.Contract):
+        if self.streams(node, node.summed):
+            return self.over_chunks(node, lambda acc, _: self.contract_once(node) if acc is None
+                                    else acc + self.contract_once(node))
+        return self.contract_once(node)
+
+    def contract_once(self, node: ir.Contract):
+        """One einsum over the factors, with the applicable masks as one more factor."""
+        space = ir.union_indices(node.factors)
+        terms = [(self.value(f), f.indices) for f in node.factors]
+        valid = self.valid(node, space)
+        if valid is not None:
+            terms.append((valid, space))
+        if node.dtype != ir.FLOAT:  # integer einsum is not supported everywhere: multiply and sum
+            prod = math.prod(align(t, ixs, space) for t, ixs in terms)
+            dims = [space.index(ix) for ix in space if ix not in node.indices]
+            summed = prod.sum(dim=dims) if dims else prod
+            return align(summed, tuple(ix for ix in space if ix in node.indices), node.indices)
+        letters = {ix: _EINSUM_LETTERS[k] for k, ix in enumerate(space)}
+        operands, specs = [], []
+        for t, ixs in terms:
+            if t is valid:  # drop the broadcast (size-1) axes of the mask for einsum
+                ixs = tuple(ix for ix, n in zip(space, t.shape) if n != 1 or self.size[ix] == 1)
+                t = t.reshape([self.size_in_chunk(ix) for ix in ixs])
+            operands.append(t.to(self.fdtype))
+            specs.append("".join(letters[ix] for ix in ixs))
+        out = "".join(letters[ix] for ix in node.indices)
+        return torch.einsum(",".join(specs) + "->" + out, *operands)
+
+    def size_in_chunk(self, ix: str) -> int:
+        if ix == self.chunk_index and self.chunk is not None:
+            return self.chunk.stop - self.chunk.start
+        return self.size[ix]
+
+    def eval_reduce(self, node: ir.Reduce):
+        if node.block is not None:
+            return self.blocked(node)
+        if self.streams(node, node.axes):
+            parts = self.over_chunks(node, lambda acc, _: self.reduce_parts(node) if acc is None
+                                     else self.combine(node.op, acc, self.reduce_parts(node)))
+        else:
+            parts = self.reduce_parts(node)
+        return self.finish(node.op, parts)
+
+    def reduce_parts(self, node: ir.Reduce):
+        """Partial results of a reduction on the current chunk: (value, count)."""
+        x = self.value(node.arg)
+        if node.op in ("mean", "sum", "logsumexp") and x.dtype != self.fdtype and node.dtype == ir.FLOAT:
+            x = x.to(self.fdtype)
+        valid = self.valid(node, node.arg.indices)
+        dims = [node.arg.indices.index(ix) for ix in node.axes]
+        fill = {"sum": 0, "mean": 0, "amax": -math.inf, "amin": math.inf, "logsumexp": -math.inf}[node.op]
+        if valid is not None:
+            x = torch.where(valid, x, torch.tensor(fill, dtype=x.dtype if x.is_floating_point() else self.fdtype))
+            count = valid.expand(x.shape).sum(dim=dims)
+        else:
+            count = torch.tensor(math.prod(x.shape[d] for d in dims))
+        if node.op in ("sum", "mean"):
+            value = x.sum(dim=dims)
+        elif node.op == "amax":
+            value = x.amax(dim=dims)
+        elif node.op == "amin":
+            value = x.amin(dim=dims)
+        else:
+            value = torch.logsumexp(x, dim=dims)
+        return value, count
+
+    @staticmethod
+    def combine(op, a, b):
+        (va, ca), (vb, cb) = a, b
+        merged = {"sum": torch.add, "mean": torch.add, "amax": torch.maximum, "amin": torch.minimum,
+                  "logsumexp": torch.logaddexp}[op](va, vb)
+        return merged, ca + cb
+
+    @staticmethod
+    def finish(op, parts):
+        value, count = parts
+        if op == "mean":
+            return torch.where(count > 0, value / count.clamp(min=1), torch.zeros_like(value))
+        return value
+
+    def blocked(self, node: ir.Reduce):
+        """Reduce within consecutive blocks (the last may be short), accumulating by
+        block number so stream chunks need not align with blocks."""
+        b = node.block
+        if self.p.masks_on(node):
+            raise NotImplementedError(f"a mask over '{b.index}' inside a block reduction (line "
+                                      f"{node.loc.line if node.loc else '?'}) is not supported yet")
+        size = int(self.value(b.size))
+        nblocks = self.size[b.name]
+        out_shape = [nblocks if ix == b.name else self.size[ix] for ix in node.indices]
+        acc = torch.zeros(out_shape, dtype=self.fdtype, device=self.device)
+        if node.op == "amax":
+            acc.fill_(-math.inf)
+        elif node.op == "amin":
+            acc.fill_(math.inf)
+        count = torch.zeros(nblocks, dtype=self.fdtype, device=self.device)
+        dim = node.indices.index(b.name)
+
+        def add(_acc, _chunk):
+            x = align(self.value(node.arg), node.arg.indices,
+                      tuple(b.index if ix == b.name else ix for ix in node.indices)).to(self.fdtype)
+            pos = self.eval_index(ir.Index(name=b.index, indices=(b.index,)))
+            ids = torch.div(pos, size, rounding_mode="floor")
+            if node.op in ("sum", "mean"):
+                acc.index_add_(dim, ids, x)
+            else:
+                shape = [1] * x.dim()
+                shape[dim] = -1
+                acc.scatter_reduce_(dim, ids.reshape(shape).expand(x.shape), x,
+                                    "amax" if node.op == "amax" else "amin")
+            count.index_add_(0, ids, torch.ones_like(ids, dtype=self.fdtype))
+            return None
+
+        if b.index == self.chunk_index:
+            self.over_chunks(node, add)
+        else:
+            add(None, None)
+        if node.op == "mean":
+            shape = [1] * acc.dim()
+            shape[dim] = -1
+            acc = acc / count.clamp(min=1).reshape(shape)
+        return acc
+
+    # ------------------------------------------------------------------ normalisations and selections
+    def eval_normalize(self, node: ir.Normalize):
+        x = self.value(node.arg).to(self.fdtype)
+        valid = self.valid(node, node.arg.indices)
+        if valid is not None:
+            x = torch.where(valid, x, torch.tensor(-math.inf, dtype=self.fdtype))
+        dim = node.arg.indices.index(node.axis)
+        if node.axis == self.chunk_index:
+            lse = self.shared.get(("lse", node))
+            if lse is None:
+                lse = self.over_chunks(node, lambda acc, _: self.masked_lse(node, dim) if acc is None
+                                       else torch.logaddexp(acc, self.masked_lse(node, dim)))
+                self.shared[("lse", node)] = lse
+        else:
+            lse = torch.logsumexp(x, dim=dim, keepdim=True)
+        if node.op == "softmax1":
+            lse = torch.logaddexp(lse, torch.zeros((), dtype=self.fdtype))
+        finite = torch.isfinite(lse)
+        return torch.where(finite, torch.exp(x - torch.where(finite, lse, 0)), 0)
+
+    def masked_lse(self, node: ir.Normalize, dim: int):
+        x = self.value(node.arg).to(self.fdtype)
+        valid = self.valid(node, node.arg.indices)
+        if valid is not None:
+            x = torch.where(valid, x, torch.tensor(-math.inf, dtype=self.fdtype))
+        return torch.logsumexp(x, dim=dim, keepdim=True)
+
+    def eval_select(self, node: ir.Select):
+        if node.axis == self.chunk_index:  # needs the whole axis: select once, then slice
+            key = ("select", node)
+            if key not in self.shared:  # evaluate the whole axis without streaming
+                saved = self.chunk_index
+                self.chunk_index = None
+                try:
+                    self.shared[key] = self.select_once(node)
+                finally:
+                    self.chunk_index = saved
+            dim = node.indices.index(node.axis)
+            return self.shared[key].narrow(dim, self.chunk.start, self.chunk.stop - self.chunk.start)
+        return self.select_once(node)
+
+    def select_once(self, node: ir.Select):
+        x = self.value(node.arg).to(self.fdtype)
+        valid = self.valid(node, node.arg.indices)
+        allowed = torch.ones_like(x, dtype=torch.bool) if valid is None else valid.expand(x.shape)
+        dim = node.arg.indices.index(node.axis)
+        ranked = torch.where(allowed, x, torch.tensor(-math.inf, dtype=self.fdtype))
+        order = torch.sort(ranked, dim=dim, descending=True, stable=True).indices  # ties: lower index first
+        positions = torch.arange(x.shape[dim], device=self.device).reshape(
+            [-1 if d == dim else 1 for d in range(x.dim())]).expand(x.shape).contiguous()
+        rank = torch.empty_like(order).scatter_(dim, order, positions)
+        amount = self.value(node.amount)
+        if node.op in ("topk", "topk_mask"):
+            chosen = (rank < int(amount)) & (ranked > -math.inf)
+        else:  # topp_mask: the fewest largest entries whose sum reaches `amount`
+            sorted_x = torch.gather(torch.where(allowed, x, 0), dim, order)
+            before = torch.cumsum(sorted_x, dim=dim) - sorted_x
+            chosen = torch.gather(before < amount, dim, rank) & allowed
+        return torch.where(chosen, x, 0) if node.op == "topk" else chosen
+
+
+def evaluate_scalar(node: ir.Node, scalars: dict):
+    """The value of a scalar expression (a param default, a require) given dims and params."""
+    expr = to_sympy(node)
+    subs = {s: scalars[s.name] for s in expr.free_symbols if s.name in scalars}
+    value = expr.xreplace(subs)
+    if value.is_Boolean or isinstance(value, sympy.logic.boolalg.BooleanAtom):
+        return bool(value)
+    if node.dtype == ir.INT:
+        return int(value)
+    if node.dtype == ir.BOOL:
+        return bool(value)
+    return float(value)

@@ -1,0 +1,302 @@
+"""The abstract syntax of a spec: what `grammar/attn.lark` parses, as plain dataclasses.
+
+The AST keeps the spec's shape and every node's position; meaning (which names are
+tensors, which are indices, what is summed) is decided later by the frontend.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+
+import lark
+
+from .errors import Loc, Source, SpecError
+
+
+
+# ----------------------------------------------------------------------------- expressions
+@dataclass
+class Expr:
+    loc: Loc | None = field(default=None, kw_only=True, compare=False, repr=False)
+
+
+@dataclass
+class Num(Expr):
+    value: int | float
+
+
+@dataclass
+class Name(Expr):
+    id: str
+
+
+@dataclass
+class Access(Expr):
+    name: str
+    args: list[Expr]
+
+
+@dataclass
+class BlockedAxis(Expr):
+    """`i by 64 as qb` inside a reduction: reduce `i` within consecutive blocks."""
+
+    index: str
+    size: Expr
+    alias: str | None
+
+
+@dataclass
+class Call(Expr):
+    func: str
+    args: list[Expr]
+
+
+@dataclass
+class BinOp(Expr):
+    op: str  # + - * / // % ** == != < <= > >= and or
+    left: Expr
+    right: Expr
+
+
+@dataclass
+class Unary(Expr):
+    op: str  # neg, not
+    operand: Expr
+
+
+@dataclass
+class IfElse(Expr):
+    cond: Expr
+    then: Expr
+    other: Expr
+
+
+# ----------------------------------------------------------------------------- statements
+@dataclass
+class Decl:
+    name: str
+    dims: list[str | int]
+    dtype: str
+    loc: Loc | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class Stmt:
+    loc: Loc | None = field(default=None, kw_only=True, compare=False, repr=False)
+
+
+@dataclass
+class Param(Stmt):
+    name: str
+    dtype: str
+    default: Expr | None
+
+
+@dataclass
+class Let(Stmt):
+    name: str
+    value: Expr
+
+
+@dataclass
+class Require(Stmt):
+    cond: Expr
+
+
+@dataclass
+class Mask(Stmt):
+    cond: Expr
+
+
+@dataclass
+class Assign(Stmt):
+    name: str
+    indices: list[str] | None
+    op: str  # = += -= *= /=
+    value: Expr
+    index_locs: list[Loc | None] = field(default_factory=list, compare=False, repr=False)
+
+
+@dataclass
+class Program:
+    name: str
+    inputs: list[Decl]
+    outputs: list[Decl]
+    body: list[Stmt]
+    source: Source = field(compare=False, repr=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+@functools.lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    grammar = resources.files("attncc.grammar").joinpath("attn.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True,
+                     maybe_placeholders=True)
+
+
+def _tok_loc(tok: lark.Token) -> Loc:
+    return Loc(tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+class _ToAst(lark.Transformer):
+    """Turns lark's parse tree into the dataclasses above, keeping positions."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    # expressions
+    def number(self, items):
+        tok = items[0]
+        text = str(tok)
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+        return Num(value, loc=_tok_loc(tok))
+
+    def name(self, items):
+        return Name(str(items[0]), loc=_tok_loc(items[0]))
+
+    @lark.v_args(meta=True)
+    def access(self, meta, items):
+        args = [a for a in items[1:] if a is not None]
+        return Access(str(items[0]), args, loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def call(self, meta, items):
+        args = [a for a in items[1:] if a is not None]
+        return Call(str(items[0]), args, loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def blocked_axis(self, meta, items):
+        index, size, alias = items
+        return BlockedAxis(str(index), size, str(alias) if alias is not None else None, loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def binop(self, meta, items):
+        left, op, right = items
+        return BinOp(str(op), left, right, loc=Loc.of(meta))
+
+    comparison = binop
+
+    @lark.v_args(meta=True)
+    def or_(self, meta, items):
+        return BinOp("or", items[0], items[1], loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def and_(self, meta, items):
+        return BinOp("and", items[0], items[1], loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def not_(self, meta, items):
+        return Unary("not", items[0], loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def neg(self, meta, items):
+        return Unary("neg", items[0], loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def ifelse(self, meta, items):
+        then, cond, other = items
+        return IfElse(cond, then, other, loc=Loc.of(meta))
+
+    # declarations and statements
+    def dim(self, items):
+        tok = items[0]
+        return int(tok) if tok.type == "INT" else str(tok)
+
+    @lark.v_args(meta=True)
+    def decl(self, meta, items):
+        name, *dims, dtype = items
+        return Decl(str(name), [d for d in dims if d is not None], str(dtype) if dtype else "float",
+                    loc=_tok_loc(name))
+
+    def one_output(self, items):
+        return [items[0]]
+
+    def many_outputs(self, items):
+        return list(items)
+
+    @lark.v_args(meta=True)
+    def param(self, meta, items):
+        name, dtype, default = items
+        return Param(str(name), str(dtype), default, loc=_tok_loc(name))
+
+    @lark.v_args(meta=True)
+    def let(self, meta, items):
+        return Let(str(items[0]), items[1], loc=_tok_loc(items[0]))
+
+    @lark.v_args(meta=True)
+    def require(self, meta, items):
+        return Require(items[0], loc=Loc.of(meta))
+
+    @lark.v_args(meta=True)
+    def mask(self, meta, items):
+        return Mask(items[0], loc=Loc.of(meta))
+
+    def target(self, items):
+        name, *indices = items
+        return name, indices
+
+    @lark.v_args(meta=True)
+    def assign(self, meta, items):
+        (name, indices), op, value = items
+        if indices == [None]:
+            idx = None
+        else:
+            idx = [str(t) for t in indices if t is not None]
+        locs = [_tok_loc(t) for t in indices if t is not None] if idx is not None else []
+        return Assign(str(name), idx, str(op), value, index_locs=locs, loc=_tok_loc(name))
+
+    def program(self, items):
+        name, *rest = items
+        body_start = next(k for k, x in enumerate(rest) if isinstance(x, list))
+        inputs = [d for d in rest[:body_start] if d is not None]
+        outputs = rest[body_start]
+        body = list(rest[body_start + 1:])
+        return Program(str(name), inputs, outputs, body, self.source)
+
+    def start(self, items):
+        return items[0]
+
+
+_TOKEN_WORDS = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "TYPE": "a type (float, int or bool)",
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
+    "COMMA": "','", "COLON": "':'", "ASSIGN_OP": "'=' or an update like '+='", "COMP_OP": "a comparison",
+    "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/', '//' or '%'", "POW_OP": "'**'", "MINUS": "'-'", "PLUS": "'+'",
+    "__ANON_0": "'->'", "ATTENTION": "'attention'", "PARAM": "'param'", "LET": "'let'",
+    "REQUIRE": "'require'", "MASK": "'mask'", "IF": "'if'", "ELSE": "'else'", "AND": "'and'", "OR": "'or'",
+    "NOT": "'not'", "BY": "'by'", "AS": "'as'", "$END": "the end of the file",
+}
+
+
+def _describe_expected(expected) -> str:
+    words = sorted({_TOKEN_WORDS.get(t, t.lower()) for t in expected})
+    if len(words) > 8:
+        words = words[:8] + ["..."]
+    return "one of: " + ", ".join(words) if len(words) > 1 else (words[0] if words else "something else")
+
+
+def parse(text: str, filename: str = "<string>") -> Program:
+    """Parse spec text into an AST; syntax errors become `SpecError` with position and caret."""
+    source = Source(text, filename)
+    try:
+        tree = _parser().parse(text)
+    except lark.UnexpectedToken as err:
+        tok = err.token
+        if tok.type == "$END":
+            lines = text.splitlines() or [""]
+            loc = Loc(len(lines), len(lines[-1]) + 1)
+            what = "unexpected end of file"
+        else:
+            loc = _tok_loc(tok)
+            what = f"unexpected {tok.type == 'NAME' and 'name' or 'token'} '{tok}'"
+        raise SpecError(what, source, loc, _describe_expected(err.expected)) from None
+    except lark.UnexpectedCharacters as err:
+        raise SpecError(f"unexpected character '{text[err.pos_in_stream]}'", source,
+                        Loc(err.line, err.column), _describe_expected(err.allowed)) from None
+    except lark.UnexpectedEOF as err:
+        lines = text.splitlines() or [""]
+        raise SpecError("unexpected end of file", source, Loc(len(lines), len(lines[-1]) + 1),
+                        _describe_expected(err.expected)) from None
+    return _ToAst(source).transform(tree)

@@ -1,0 +1,1 @@
+"""The example gallery: one `.attn` file per named variant (see `attncc list`)."""

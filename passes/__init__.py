@@ -1,0 +1,1 @@
+"""Analysis and transformation passes of the attncc compiler."""
