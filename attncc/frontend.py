@@ -361,7 +361,10 @@ class Frontend:
         return self.node_map(op, (left, right), dtype, loc)
 
     def node_map(self, op, args, dtype, loc):
-        return ir.Map(op=op, args=tuple(args), indices=ir.union_indices(args), dtype=dtype, loc=loc)
+        """An elementwise node; its index order follows its widest operand (`where(kb == qb,
+        -inf, sb)` keeps the order of `sb`)."""
+        ordered = sorted(args, key=lambda a: -len(a.indices))
+        return ir.Map(op=op, args=tuple(args), indices=ir.union_indices(ordered), dtype=dtype, loc=loc)
 
     def expr_unary(self, e: ast.Unary):
         x = self.expr(e.operand)

@@ -82,7 +82,7 @@ def brute(name, n, m):
     env = {"N": n, "M": m, **values(n, m)}
     grid = np.meshgrid(np.arange(n), np.arange(m), indexing="ij")
     syms = [i, j] + sorted(pred.free_symbols - {i, j}, key=str)
-    args = grid + [np.full(grid[0].shape, env[str(x)]) for x in syms[2:]]
+    args = [*grid] + [np.full(grid[0].shape, env[str(x)]) for x in syms[2:]]
     out = sp.lambdify(syms, pred, "numpy")(*args)
     return np.broadcast_to(out, grid[0].shape)
 
@@ -191,7 +191,7 @@ def run_printed(expr, **values):
 
 def test_to_triton_text():
     a, b, x = sp.symbols("i0 window x", integer=True)
-    assert to_triton(sp.Max(a, 3) - b + 1) == "(tl.maximum(i0, 3) + 1 - window)"
+    assert to_triton(sp.Max(a, 3) - b + 1) == "(1 + tl.maximum(3, i0) - window)"
     assert to_triton(sp.Min(a, b, x)) == "tl.minimum(tl.minimum(i0, window), x)"
     assert to_triton(sp.floor(a / 4)) == "((i0 - (i0 % 4 + 4) % 4) // 4)"
     assert to_triton(sp.ceiling(a / 2)).startswith("(-(")
@@ -203,10 +203,11 @@ def test_to_triton_text():
                                   "Max(i0 - 7, ceiling(window / 4)) + Min(i0, 2*window - 1)",
                                   "floor(Min(i0, window) / 2) - 3*ceiling(i0 / 3)"])
 def test_to_triton_evaluates_like_sympy(expr):
-    e = sp.sympify(expr, locals={n: sp.Symbol(n, integer=True) for n in ("i0", "window")})
+    a_, b_ = sp.symbols("i0 window", integer=True)
+    e = sp.sympify(expr, locals={"i0": a_, "window": b_})
     for a in range(-9, 10):
         for b in (-5, 0, 3, 8):
-            want = int(e.subs({"i0": a, "window": b}))
+            want = int(e.subs({a_: a, b_: b}))
             assert run_printed(e, i0=a, window=b) == want
             assert evaluate(e, {"i0": a, "window": b}) == want
 
@@ -239,7 +240,8 @@ class CInt(int):
 @pytest.mark.parametrize("expr", ["floor(x / 3)", "ceiling(x / 4)", "floor((2*x - 1) / 6)"])
 def test_to_triton_division_is_independent_of_semantics(expr):
     """Triton's integer // and % truncate; the printed floor must not care."""
-    e = sp.sympify(expr, locals={"x": sp.Symbol("x", integer=True)})
+    x_ = sp.Symbol("x", integer=True)
+    e = sp.sympify(expr, locals={"x": x_})
     assert CInt(-7) // 2 == -3 and CInt(-7) % 2 == -1
     for x in range(-13, 14):
-        assert eval(to_triton(e), {}, {"x": CInt(x)}) == int(e.subs("x", x))
+        assert eval(to_triton(e), {}, {"x": CInt(x)}) == int(e.subs(x_, x))
