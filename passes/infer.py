@@ -103,6 +103,7 @@ def infer_extents(program: ir.Program) -> ir.Program:
                 raise SpecError(f"index '{ix}' never indexes a tensor, so its range is unknown",
                                 program.source, _index_loc(node, ix),
                                 "an input or defined tensor accessed with it, e.g. `q[b, h, " + ix + ", d]`")
+    _check_masks_apply(program)
     for out in program.outputs:
         for axis, dim in zip(out.axes, out.dims):
             if not _same(extent[axis], dim, subs):
@@ -110,6 +111,17 @@ def infer_extents(program: ir.Program) -> ir.Program:
                                 f"ranges over {extent[axis]}", program.source, out.loc,
                                 f"{extent[axis]} in the output declaration")
     return program
+
+
+def _check_masks_apply(program: ir.Program):
+    """A mask that no reduction, normalisation or selection sees is almost surely a
+    mistake (index names that do not match those of the scores)."""
+    applied = {id(m) for node in program.graph for m in program.masks_on(node)}
+    for m in program.masks:
+        if id(m) not in applied:
+            raise SpecError(f"this mask over ({', '.join(m.pred.indices)}) applies to nothing: no softmax, "
+                            "sum or selection runs along these indices over a tensor that has them all",
+                            program.source, m.loc, "a mask over the indices of the scores, e.g. `mask j <= i`")
 
 
 def _extent_facts(node: ir.Node, extent):
