@@ -172,21 +172,17 @@ class _Normaliser:
         return self.literal(_half_plane(a, b, c, strict))
 
     def split(self, e: sp.Expr, t: sp.Expr, strict: bool) -> sp.Basic:
-        """Expand one Max/Min/Abs; exact, since they are piecewise affine."""
-        args = (t.args[0], -t.args[0]) if isinstance(t, sp.Abs) else t.args
-        is_max = not isinstance(t, sp.Min)
+        """Expand a Max/Min/Abs that ``e`` depends on linearly into an Or/And of
+        its arguments; anywhere else (under floor, times a parameter) it is opaque."""
         x = sp.Dummy("x")
         linear = e.xreplace({t: x})
         k = linear.diff(x)
-        if k.is_Rational and k != 0 and not (linear - k * x).has(x):
-            # e grows monotonically with t: a large Max needs one argument, a large Min all
-            combine = sp.Or if (k > 0) == is_max else sp.And
-            return combine(*(self.positive(linear.xreplace({x: u}), strict) for u in args))
-        # otherwise case-split on which argument attains the extremum
-        def wins(u):
-            others = [self.positive(u - v if is_max else v - u, False) for v in args if v is not u]
-            return sp.And(*others, self.positive(linear.xreplace({x: u}), strict))
-        return sp.Or(*map(wins, args))
+        if not (k.is_Rational and k != 0 and not (linear - k * x).has(x)):
+            return self.literal(_Opaque(e > 0 if strict else e >= 0))
+        args = (t.args[0], -t.args[0]) if isinstance(t, sp.Abs) else t.args
+        # e is monotone in t: a large Max needs one argument, a large Min all of them
+        combine = sp.Or if (k > 0) == (not isinstance(t, sp.Min)) else sp.And
+        return combine(*(self.positive(linear.xreplace({x: u}), strict) for u in args))
 
     def conjuncts(self, formula: sp.Basic) -> list[list]:
         """Literal lists of the DNF of ``formula``."""
@@ -209,10 +205,12 @@ class Conjunct:
     For row ``i`` (the plan's ``i`` symbol) the allowed keys are exactly
     ``[key_lo, key_hi]`` when ``row_lo <= i <= row_hi`` and all guards hold
     (none otherwise), up to the opaque atoms, which can only remove keys.
-    For the query tile ``[i0, i1]``: every allowed key lies in ``[lo, hi]``
-    (a superset, tight when the key bounds are monotone in ``i``); if
-    ``row_lo <= i0``, ``i1 <= row_hi`` and there are no opaque atoms, every
-    key in ``[flo, fhi]`` is allowed for every row of the tile.
+    For the query tile ``[i0, i1]`` (``i1`` clipped to ``N - 1``): no key is
+    allowed unless ``max(i0, row_lo) <= min(i1, row_hi)``, and then every
+    allowed key lies in ``[lo, hi]`` (a superset, tight when the key bounds are
+    monotone in ``i``). If ``row_lo <= i0``, ``i1 <= row_hi`` and there are no
+    opaque atoms, every key in ``[flo, fhi]`` is allowed for every row of the
+    tile (a subset, tight for a single conjunct with monotone key bounds).
     """
 
     planes: tuple[HalfPlane, ...]
@@ -273,7 +271,7 @@ def _eliminate_j(planes: list[HalfPlane]) -> tuple[list[HalfPlane], list[sp.Basi
 
 def _conjunct(literals: list, plan: MaskPlan) -> Conjunct | None:
     """Bounds of one DNF term, or None if it can never hold."""
-    i, j, n, m, i0, i1 = plan.i, plan.j, plan.n, plan.m, plan.i0, plan.i1
+    i, n, m, i0, i1 = plan.i, plan.n, plan.m, plan.i0, plan.i1
     planes = [p for p in literals if isinstance(p, HalfPlane)]
     domain = [HalfPlane(1, 0, 0), HalfPlane(-1, 0, 1 - n), HalfPlane(0, 1, 0), HalfPlane(0, -1, 1 - m)]
     implied_rows, implied_guards = _eliminate_j(planes + domain)
@@ -393,10 +391,12 @@ def evaluate(expr, values: dict):
 # ---------------------------------------------------------------- tiles
 
 def _by_name(values: dict) -> dict:
+    """Plan symbols differ from the caller's in assumptions only, so values go by name."""
     return {str(k): v for k, v in values.items()}
 
 
 def _holds(cond: sp.Basic, values: dict) -> bool:
+    """Decide a guard; an undecided one would make every later answer a guess."""
     out = cond.xreplace({s: sp.sympify(values[s.name]) for s in cond.free_symbols})
     if out not in (sp.true, sp.false):
         raise ValueError(f"guard {cond} is not decided by the given values")
@@ -437,6 +437,9 @@ def _covered(intervals: list, j0, j1):
 def classify_tiles(plan: MaskPlan, N: int, M: int, BM: int, BN: int, values=None) -> np.ndarray:
     """EMPTY/PARTIAL/FULL per (query tile, key tile), over in-bounds points only.
 
+    ``values`` maps parameter names (or symbols) to ints / bools; the dims
+    come from ``N`` and ``M``.
+
     Exact for affine masks: every row's allowed keys form one interval per
     conjunct, so emptiness and full coverage are checked row by row. Conjuncts
     with opaque atoms may hold anywhere in their affine part and never make a
@@ -459,6 +462,7 @@ def classify_tiles(plan: MaskPlan, N: int, M: int, BM: int, BN: int, values=None
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Union of ``[start, stop)`` spans; touching spans join so the loop runs once."""
     merged = []
     for start, stop in sorted(spans):
         if merged and start <= merged[-1][1]:

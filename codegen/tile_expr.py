@@ -1,0 +1,251 @@
+"""IR expressions as Triton code over a (query tile x key tile) block.
+
+The row-streaming kernel computes scores, score modifications and mask predicates
+on a `[BLOCK_M, BLOCK_N]` tile. This module turns an IR expression into lines of
+Triton: the query index becomes `offs_m[:, None]`, the key index `offs_n[None, :]`,
+batch and head become program-id scalars, small tensors become (gathered) loads,
+indices with a small constant extent (the 3 components of a pixel) are unrolled,
+and anything that depends on scalars only is computed once on the host and passed
+in as an argument. Every value lands in a named temporary whose comment carries the
+spec line it comes from, so the generated kernel reads like the spec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from attncc import ir
+from attncc.passes.infer import to_sympy
+
+MAX_UNROLL = 16  # largest constant extent of an index unrolled inside a tile
+
+_UNARY = {
+    "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})", "abs": "tl.abs({0})",
+    "sigmoid": "tl.sigmoid({0})", "tanh": "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)",
+    "relu": "tl.maximum({0}, 0.0)", "elu": "tl.where({0} > 0, {0}, tl.exp({0}) - 1.0)",
+    "sin": "tl.sin({0})", "cos": "tl.cos({0})", "floor": "tl.floor({0})", "ceil": "tl.ceil({0})",
+    "log1p": "tl.log(1.0 + {0})", "expm1": "(tl.exp({0}) - 1.0)", "rsqrt": "tl.rsqrt({0})",
+    "silu": "({0} * tl.sigmoid({0}))", "gelu": "(0.5 * {0} * (1.0 + tl.erf({0} * 0.7071067811865476)))",
+    "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",
+    "neg": "(-{0})", "not": "({0} == 0)",
+}
+_INFIX = {"+": "+", "-": "-", "*": "*", "/": "/", "==": "==", "!=": "!=", "<": "<", "<=": "<=",
+          ">": ">", ">=": ">=", "and": "&", "or": "|"}
+_BINARY = {"min": "tl.minimum({0}, {1})", "max": "tl.maximum({0}, {1})"}
+
+
+class Unsupported(Exception):
+    """The expression needs something a tile kernel cannot do (yet); the planner says why."""
+
+
+@dataclass(frozen=True)
+class Val:
+    """A Triton value: its source text, the tile axes it spans (`m`, `n`), its type,
+    and its integer value when it is a compile-time constant (unrolled indices)."""
+
+    code: str
+    axes: frozenset = frozenset()
+    dtype: str = ir.FLOAT
+    const: int | float | None = None
+
+
+@dataclass
+class TileEmitter:
+    """Emits the Triton code of IR nodes for one kernel.
+
+    `env` maps index names to values: the query index to the row offsets, the key
+    index to the column offsets, batch and head to scalars. Code goes to `prologue`
+    (values that do not depend on the key tile, computed once per program) or to
+    `body` (per key tile). `host_scalars` collects scalar-only expressions that the
+    launcher evaluates and passes in; `tensors` the inputs the kernel reads.
+    """
+
+    program: ir.Program
+    env: dict[str, Val]
+    key_axis: str = "n"
+    prologue: list[str] = field(default_factory=list)
+    body: list[str] = field(default_factory=list)
+    host_scalars: dict[str, ir.Node] = field(default_factory=dict)
+    tensors: dict[str, ir.Input] = field(default_factory=dict)
+    in_bounds: dict[str, str] = field(default_factory=dict)  # index name -> bound check code
+    memo: dict = field(default_factory=dict)
+    counter: int = 0
+    last_line: dict = field(default_factory=lambda: {"prologue": None, "body": None})
+
+    # ------------------------------------------------------------------ public
+    def emit(self, node: ir.Node, env: dict[str, Val] | None = None) -> Val:
+        env = self.env if env is None else env
+        key = (node.id, tuple((ix, env[ix].code) for ix in node.indices if ix in env))
+        if key not in self.memo:
+            self.memo[key] = self._emit(node, env)
+        return self.memo[key]
+
+    def assign(self, code: str, axes, dtype, node: ir.Node | None, hint="t") -> Val:
+        """Bind `code` to a fresh temporary in the prologue or the loop body."""
+        place = "body" if self.key_axis in axes else "prologue"
+        lines = self.body if place == "body" else self.prologue
+        line = node.loc.line if node is not None and node.loc else None
+        if line is not None and line != self.last_line[place]:
+            lines.append(f"# line {line}: {self.program.source.line(line).strip()}")
+            self.last_line[place] = line
+        name = f"{hint}{self.counter}"
+        self.counter += 1
+        lines.append(f"{name} = {code}")
+        return Val(name, frozenset(axes), dtype)
+
+    # ------------------------------------------------------------------ dispatch
+    def _emit(self, node, env) -> Val:
+        if not (set(node.indices) & set(env)) and not isinstance(node, ir.Input) and node.indices == ():
+            return self.host_scalar(node)
+        method = getattr(self, "emit_" + type(node).__name__.lower(), None)
+        if method is None:
+            raise Unsupported(f"{type(node).__name__} at line {node.loc.line if node.loc else '?'} "
+                              "inside a score or mask expression")
+        return method(node, env)
+
+    def host_scalar(self, node: ir.Node) -> Val:
+        """A value of dims, params and constants: computed on the host, passed as an argument."""
+        if isinstance(node, ir.Const):
+            value = node.value
+            code = repr(bool(value)) if node.dtype == ir.BOOL else repr(value)
+            return Val(code, frozenset(), node.dtype, value)
+        if isinstance(node, ir.Scalar):
+            self.host_scalars[node.name] = node
+            return Val(node.name, frozenset(), node.dtype)
+        name = f"c{len(self.host_scalars)}"
+        self.host_scalars[name] = node
+        return Val(name, frozenset(), node.dtype)
+
+    # ------------------------------------------------------------------ leaves
+    def emit_index(self, node: ir.Index, env) -> Val:
+        if node.name not in env:
+            raise Unsupported(f"index '{node.name}' has no place in a tile (line "
+                              f"{node.loc.line if node.loc else '?'})")
+        return env[node.name]
+
+    def emit_access(self, node: ir.Access, env) -> Val:
+        if not isinstance(node.array, ir.Input):
+            # a defined tensor read at other indices: re-emit it with its axes renamed
+            inner = dict(env)
+            for axis, arg in zip(node.axes, node.args):
+                inner[axis] = self.emit(arg, env)
+            return self.emit(node.array, inner)
+        array = node.array
+        self.tensors[array.name] = array
+        offsets, checks, axes = [], [], set()
+        for k, arg in enumerate(node.args):
+            a = self.emit(arg, env)
+            axes |= a.axes
+            if a.const == 0:
+                continue
+            offsets.append(f"{a.code} * {array.name}_s{k}")
+            if a.axes and not self.provably_in_range(arg, array.dims[k]):
+                checks.append(f"({a.code} >= 0) & ({a.code} < {array.name}_d{k})")
+        pointer = f"{array.name}_ptr" + "".join(f" + {o}" for o in offsets)
+        if checks:
+            code = f"tl.load({pointer}, mask={' & '.join(checks)}, other=0)"
+        else:
+            code = f"tl.load({pointer})"
+        if array.dtype == ir.FLOAT:
+            code += ".to(tl.float32)"
+        elif array.dtype == ir.BOOL:
+            code = f"({code} != 0)"
+        return self.assign(code, axes, array.dtype, node, hint="ld")
+
+    def provably_in_range(self, arg: ir.Node, dim) -> bool:
+        """Bare query/key indices stay in range except on padded rows and columns, which
+        the kernel masks anyway; other index expressions are checked."""
+        return False if not isinstance(arg, ir.Index) else arg.name not in self.in_bounds
+
+    # ------------------------------------------------------------------ arithmetic
+    def emit_map(self, node: ir.Map, env) -> Val:
+        args = [self.emit(a, env) for a in node.args]
+        axes = frozenset().union(*(a.axes for a in args))
+        folded = self.fold(node, args)
+        if folded is not None:
+            return folded
+        c = [a.code for a in args]
+        op = node.op
+        if op in ("//", "%"):
+            code = self.integer_division(op, node, c)
+        elif op == "**":
+            code = f"tl.exp2(tl.log2({c[0]}) * {c[1]})"
+        elif op in _INFIX:
+            code = f"({c[0]} {_INFIX[op]} {c[1]})"
+        elif op in _BINARY:
+            code = _BINARY[op].format(*c)
+        elif op == "clamp":
+            code = f"tl.minimum(tl.maximum({c[0]}, {c[1]}), {c[2]})"
+        elif op == "where":
+            code = f"tl.where({c[0]}, {c[1]}, {c[2]})"
+        elif op in _UNARY:
+            arg = c[0] if args[0].dtype == ir.FLOAT or op in ("neg", "not", "abs") else f"{c[0]}.to(tl.float32)"
+            code = _UNARY[op].format(arg)
+        else:
+            raise Unsupported(f"operation '{op}' in a tile kernel")
+        return self.assign(code, axes, node.dtype, node)
+
+    def integer_division(self, op, node: ir.Map, c) -> str:
+        """Python's flooring `//` and `%`; Triton truncates, which differs only for
+        negative operands, so the exact form is used unless sympy proves the
+        dividend non-negative and the divisor positive."""
+        try:
+            num, den = (to_sympy(a) for a in node.args)
+            simple = bool(num.is_nonnegative) and bool(den.is_positive)
+        except NotImplementedError:
+            simple = False
+        if simple:
+            return f"({c[0]} {op} {c[1]})"
+        mod = f"((({c[0]}) % ({c[1]}) + ({c[1]})) % ({c[1]}))"
+        return mod if op == "%" else f"((({c[0]}) - {mod}) // ({c[1]}))"
+
+    def fold(self, node: ir.Map, args) -> Val | None:
+        """Constant-fold operations on unrolled indices (`where(c == 0, ...)` for a fixed c)."""
+        if node.op == "where" and args[0].const is not None:
+            return args[1] if args[0].const else args[2]
+        if all(a.const is not None for a in args) and node.op in _INFIX | {"//": 0, "%": 0}:
+            a, b = args[0].const, args[1].const
+            value = {"+": a + b, "-": a - b, "*": a * b, "==": a == b, "!=": a != b, "<": a < b,
+                     "<=": a <= b, ">": a > b, ">=": a >= b, "and": a and b, "or": a or b,
+                     "/": a / b if b else None, "//": a // b if b else None,
+                     "%": a % b if b else None}[node.op]
+            if value is not None:
+                return Val(repr(value), frozenset(), node.dtype, value)
+        return None
+
+    # ------------------------------------------------------------------ small contractions
+    def emit_contract(self, node: ir.Contract, env) -> Val:
+        """A contraction over small constant axes inside the tile, unrolled."""
+        sizes = {}
+        for ix in node.summed:
+            extent = self.program.extent[ix]
+            if not (extent.is_Integer and int(extent) <= MAX_UNROLL):
+                raise Unsupported(f"a sum over '{ix}' (extent {extent}) inside a score or mask expression "
+                                  f"(line {node.loc.line if node.loc else '?'})")
+            sizes[ix] = int(extent)
+        terms = []
+        for point in _grid(sizes):
+            inner = dict(env)
+            inner.update({ix: Val(str(v), frozenset(), ir.INT, v) for ix, v in point.items()})
+            factors = [self.emit(f, inner) for f in node.factors]
+            terms.append(" * ".join(f.code for f in factors))
+        axes = frozenset().union(*(self.emit(f, env_with_zero(env, sizes)).axes for f in node.factors))
+        return self.assign(" + ".join(f"({t})" for t in terms), axes, node.dtype, node)
+
+    def bind(self, node: ir.Node, val: Val):
+        """Make `node` (over the base environment) stand for an already computed value."""
+        self.memo[(node.id, tuple((ix, self.env[ix].code) for ix in node.indices if ix in self.env))] = val
+
+
+def env_with_zero(env, sizes):
+    inner = dict(env)
+    inner.update({ix: Val("0", frozenset(), ir.INT, 0) for ix in sizes})
+    return inner
+
+
+def _grid(sizes: dict[str, int]):
+    points = [{}]
+    for ix, n in sizes.items():
+        points = [{**p, ix: v} for p in points for v in range(n)]
+    return points
