@@ -55,7 +55,8 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
             raise ArgumentError(f"argument '{name}' must be a torch.Tensor ({describe_input(node)}), "
                                 f"got {type(t).__name__}")
         if not _DTYPE_OK[node.dtype](t):
-            raise ArgumentError(f"argument '{name}' must be a {node.dtype} tensor, got {t.dtype}")
+            article = "an" if node.dtype == ir.INT else "a"
+            raise ArgumentError(f"argument '{name}' must be {article} {node.dtype} tensor, got {t.dtype}")
         if device is None:
             device = t.device
         elif t.device != device:
@@ -81,10 +82,15 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
     for name, node in program.params.items():
         scalars[name] = _param_value(program, node, kwargs.get(name), scalars)
     for req in program.requires:
-        if not evaluate_scalar(req.cond, scalars):
-            names = sorted({s for s in _scalar_names(req.cond)})
-            values = ", ".join(f"{n} = {scalars[n]}" for n in names if n in scalars)
-            where = f" (line {req.loc.line})" if req.loc else ""
+        names = sorted({s for s in _scalar_names(req.cond)})
+        values = ", ".join(f"{n} = {scalars[n]}" for n in names if n in scalars)
+        where = f" (line {req.loc.line})" if req.loc else ""
+        try:
+            holds = evaluate_scalar(req.cond, scalars)
+        except ArithmeticError as err:  # `N % agents == 0` with agents = 0: the call is wrong, not attncc
+            raise ShapeError(f"{program.name}: requirement `{req.text}`{where} cannot be evaluated "
+                             f"({err}): {values}") from None
+        if not holds:
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} does not hold: {values}")
     floats = [t for n, t in tensors.items() if t.is_floating_point()]
     out_dtype = floats[0].dtype if floats else torch.float32

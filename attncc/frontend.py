@@ -132,8 +132,9 @@ class Frontend:
             default = self.scalar_expr(st.default, f"the default of param '{st.name}'")
             ok = {ir.INT: {ir.INT}, ir.FLOAT: {ir.INT, ir.FLOAT}, ir.BOOL: {ir.BOOL}}[st.dtype]
             if default.dtype not in ok:
+                article = "an" if st.dtype == ir.INT else "a"
                 raise self.error(f"param '{st.name}: {st.dtype}' has a default of type {default.dtype}",
-                                 st.default.loc, f"a {st.dtype} default")
+                                 st.default.loc, f"{article} {st.dtype} default")
         node = ir.Scalar(name=st.name, role="param", dtype=st.dtype, default=default, loc=st.loc)
         self.params[st.name] = node
         self.env[st.name] = _Scalar(node)
@@ -317,8 +318,7 @@ class Frontend:
     def expr_access(self, e: ast.Access):
         binding = self.env.get(e.name)
         if binding is None:
-            tensors = [n for n, b in self.env.items() if isinstance(b, _Tensor)]
-            raise self.error(f"unknown tensor '{e.name}'", e.loc, "one of: " + ", ".join(tensors))
+            raise self.unknown_tensor(e.name, e.loc)
         if isinstance(binding, _Scalar):
             raise self.error(f"'{e.name}' is a scalar and takes no indices", e.loc, f"`{e.name}`")
         self.used.add(e.name)
@@ -340,6 +340,17 @@ class Frontend:
         indices = ir.union_indices(args)
         return ir.Access(array=array, args=tuple(args), axes=binding.axes or (), indices=indices,
                          dtype=array.dtype, loc=e.loc)
+
+    def unknown_tensor(self, name, loc):
+        tensors = [n for n, b in self.env.items() if isinstance(b, _Tensor)]
+        return self.error(f"unknown tensor '{name}'", loc, "one of: " + ", ".join(tensors))
+
+    def operand(self, e: ast.Expr) -> ir.Node:
+        """The tensor a softmax, reduction or selection runs over. A bare unknown name there is
+        a misspelt tensor, not an index: `softmax(sx, j)` would otherwise blame the axis `j`."""
+        if isinstance(e, ast.Name) and e.id not in self.env and e.id not in CONSTANTS:
+            raise self.unknown_tensor(e.id, e.loc)
+        return self.expr(e)
 
     def expr_binop(self, e: ast.BinOp):
         left, right = self.expr(e.left), self.expr(e.right)
@@ -402,19 +413,23 @@ class Frontend:
             return self.reduction(e)
         if f in NORMALIZERS:
             self.check_arity(e, 2)
-            x = self.expr(e.args[0])
+            x = self.operand(e.args[0])
             return ir.Normalize(op=f, arg=x, axis=self.axis(e.args[1], x, e), indices=x.indices,
                                 dtype=ir.FLOAT, loc=e.loc)
         if f in SELECTIONS:
             self.check_arity(e, 3)
-            x = self.expr(e.args[0])
+            x = self.operand(e.args[0])
             amount = self.scalar_expr(e.args[1], f"the amount of {f}")
             return ir.Select(op=f, arg=x, amount=amount, axis=self.axis(e.args[2], x, e),
                              indices=x.indices, dtype=SELECTIONS[f], loc=e.loc)
         raise self.error(f"unknown function '{f}'", e.loc, FUNCTION_HELP)
 
     def check_arity(self, e: ast.Call, n):
-        if len(e.args) != n or any(isinstance(a, ast.BlockedAxis) for a in e.args):
+        """A `by` axis outside a reduction is its own error (counting it, the arity looks right)."""
+        for a in e.args:
+            if isinstance(a, ast.BlockedAxis):
+                self.expr_blockedaxis(a)
+        if len(e.args) != n:
             raise self.error(f"'{e.func}' takes {n} argument{'s' if n > 1 else ''}, got {len(e.args)}",
                              e.loc)
 
@@ -431,7 +446,7 @@ class Frontend:
         if len(e.args) < 2:
             raise self.error(f"'{e.func}' needs an operand and at least one axis", e.loc,
                              f"e.g. `{e.func}(x, j)`")
-        x = self.expr(e.args[0])
+        x = self.operand(e.args[0])
         blocked = [a for a in e.args[1:] if isinstance(a, ast.BlockedAxis)]
         if blocked:
             if len(e.args) != 2:

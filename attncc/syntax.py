@@ -270,11 +270,37 @@ _TOKEN_WORDS = {
 }
 
 
+_CLOSERS = ("RBRACE", "RPAR", "RSQB", "COMMA")
+_GROUPS = (({"ADD_OP", "MUL_OP", "POW_OP", "COMP_OP", "AND", "OR", "IF"}, "an operator"),
+           ({"PARAM", "LET", "REQUIRE", "MASK", "NAME"}, "another statement"))
+
+
 def _describe_expected(expected) -> str:
-    words = sorted({_TOKEN_WORDS.get(t, t.lower()) for t in expected})
+    """Closing brackets first and operators or statement keywords as one word each, so that
+    a missing `}` or `)` (the likeliest fix) is never cut from a long list."""
+    rest = set(expected)
+    words = [_TOKEN_WORDS[t] for t in _CLOSERS if t in rest]
+    rest -= set(_CLOSERS)
+    for group, word in _GROUPS:
+        if group <= rest:
+            words.append(word)
+            rest -= group
+    words += sorted({_TOKEN_WORDS.get(t, t.lower()) for t in rest})
     if len(words) > 8:
         words = words[:8] + ["..."]
     return "one of: " + ", ".join(words) if len(words) > 1 else (words[0] if words else "something else")
+
+
+def _expected(err, fallback) -> set[str]:
+    """The tokens that can really come next: LALR's own sets merge lookaheads from other
+    contexts (a stray ')' or ']' offered where no bracket is open)."""
+    parser = getattr(err, "interactive_parser", None)
+    if parser is not None:
+        try:
+            return parser.accepts() or set(fallback)
+        except Exception:  # noqa: BLE001 - the raw set is still a fair answer
+            pass
+    return set(fallback)
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
@@ -291,10 +317,11 @@ def parse(text: str, filename: str = "<string>") -> Program:
         else:
             loc = _tok_loc(tok)
             what = f"unexpected {tok.type == 'NAME' and 'name' or 'token'} '{tok}'"
-        raise SpecError(what, source, loc, _describe_expected(err.expected)) from None
+        raise SpecError(what, source, loc, _describe_expected(_expected(err, err.expected))) from None
     except lark.UnexpectedCharacters as err:
         raise SpecError(f"unexpected character '{text[err.pos_in_stream]}'", source,
-                        Loc(err.line, err.column), _describe_expected(err.allowed)) from None
+                        Loc(err.line, err.column),
+                        _describe_expected(_expected(err, err.allowed))) from None
     except lark.UnexpectedEOF as err:
         lines = text.splitlines() or [""]
         raise SpecError("unexpected end of file", source, Loc(len(lines), len(lines[-1]) + 1),
