@@ -1,0 +1,177 @@
+"""Loading and launching generated Triton kernels.
+
+Generated source is written to a cache directory under a name derived from its
+content hash (`ATTNCC_CACHE_DIR`, default `~/.cache/attncc`), so it can be read,
+diffed and reused. CUDA tensors run the compiled kernel; CPU tensors run the very
+same source in Triton's interpreter (`TRITON_INTERPRET=1` semantics), which is how
+the tests check generated code on machines without a GPU. It is slow: use it for
+small shapes only.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import ir
+from .binding import BoundCall
+from .errors import BackendError
+from .reference import evaluate_scalar
+from attncc.codegen.row_stream import LOG2E, KernelSource
+
+_MODULES: dict[tuple[str, bool], object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNCC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "attncc")
+    path = Path(root) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def source_path(src: KernelSource) -> Path:
+    digest = hashlib.sha256(src.source.encode()).hexdigest()[:16]
+    path = cache_dir() / f"{src.name}_{digest}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(src.source)
+        os.replace(tmp, path)  # atomic: concurrent writers leave one complete file
+    return path
+
+
+@contextmanager
+def _interpreter(on: bool):
+    """Triton decides at decoration time whether `@triton.jit` interprets."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def load_module(src: KernelSource, interpret: bool):
+    path = source_path(src)
+    key = (str(path), interpret)
+    if key not in _MODULES:
+        name = f"attncc_generated.{path.stem}{'_interp' if interpret else ''}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        with _interpreter(interpret):
+            spec.loader.exec_module(module)
+        sys.modules[name] = module
+        _MODULES[key] = module
+    return _MODULES[key]
+
+
+def check_device(call: BoundCall):
+    if call.device.type == "cuda":
+        return False
+    if call.device.type == "cpu":
+        return True
+    raise BackendError(f"the triton backend runs on CUDA tensors (or CPU tensors in the interpreter), "
+                       f"not on {call.device}")
+
+
+def pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+class RowStreamLauncher:
+    """Launches a row-streaming kernel for one bound call."""
+
+    def __init__(self, plan, src: KernelSource, block_maps=None):
+        self.plan = plan
+        self.src = src
+        self.block_maps = block_maps
+
+    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None):
+        interpret = check_device(call)
+        p = self.plan
+        if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+               for n, t in call.tensors.items() if n in (p.q.input.name, p.k.input.name, p.v.input.name)):
+            raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
+                               "use backend='reference' for float64")
+        module = load_module(self.src, interpret)
+        kernel = getattr(module, f"{self.src.name}_fwd")
+        sizes = self.sizes(call)
+        n_rows, n_cols = sizes[p.i], sizes[p.j]
+        n_feat, n_vfeat = sizes[p.d], sizes[p.e]
+        if max(n_feat, n_vfeat) > 256:
+            raise BackendError(f"head dims up to 256 are supported, got {n_feat} and {n_vfeat}")
+        cfg = dict(default_config(interpret, n_feat, n_vfeat))
+        cfg.update(config or {})
+        device = call.device
+        o = torch.empty([sizes[ax] for ax in p.output.axes], dtype=call.out_dtype, device=device)
+        lse_axes = tuple(ix for ix in p.softmax.arg.indices if ix != p.j)
+        lse = torch.empty([sizes[ax] for ax in lse_axes] if return_lse else [1] * len(lse_axes),
+                          dtype=torch.float32, device=device)
+        args = []
+        for name in self.src.tensor_inputs:
+            args.append(call.tensors[name])
+        args += [o, lse]
+        for name in self.src.tensor_inputs:
+            args += list(call.tensors[name].stride())
+        for name in self.src.tensor_inputs:
+            args += list(call.tensors[name].shape)
+        args += list(o.stride()) + list(lse.stride())
+        args += [sizes[ix] for ix in p.outer]
+        args += [n_rows, n_cols, n_feat, n_vfeat]
+        args += self.scalar_values(call)
+        grid = (triton_cdiv(n_rows, cfg["BLOCK_M"]), math.prod(sizes[ix] for ix in p.outer))
+        with _interpreter(interpret):
+            self.launch(kernel, grid, args, cfg, n_feat, n_vfeat, return_lse, interpret)
+        return [o, lse] if return_lse else [o]
+
+    @staticmethod
+    def launch(kernel, grid, args, cfg, n_feat, n_vfeat, return_lse, interpret):
+        kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
+                     BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse, PRECISION="ieee",
+                     **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
+
+    def sizes(self, call: BoundCall) -> dict[str, int]:
+        subs = {}
+        for name, value in call.scalars.items():
+            subs[name] = value
+        out = {}
+        for ix, ext in self.plan.program.extent.items():
+            out[ix] = int(ext.xreplace({s: subs[s.name] for s in ext.free_symbols}))
+        return out
+
+    def scalar_values(self, call: BoundCall) -> list:
+        values = []
+        for name in self.src.scalar_args:
+            if name == "qk_scale":
+                scale = math.prod(evaluate_scalar(f, call.scalars) for f in self.plan.scale)
+                values.append(float(scale) * (1.0 if self.plan.has_score_mods else LOG2E))
+            elif name in call.scalars:
+                v = call.scalars[name]
+                values.append(int(v) if isinstance(v, bool) else v)
+            else:
+                v = evaluate_scalar(self.src.host_scalars[name], call.scalars)
+                values.append(int(v) if isinstance(v, bool) else v)
+        return values
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def default_config(interpret: bool, d: int, e: int) -> dict:
+    """Tile sizes before any tuning: small tiles in the interpreter (speed, and more
+    tile boundaries exercised), FlashAttention-like ones on a GPU."""
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    wide = max(d, e) > 128
+    return {"BLOCK_M": 128 if not wide else 64, "BLOCK_N": 64 if not wide else 32,
+            "num_warps": 8 if max(d, e) >= 128 else 4, "num_stages": 2 if wide else 3}

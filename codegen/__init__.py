@@ -1,0 +1,1 @@
+"""Code generation: Triton source from kernel plans (installed as `attncc.codegen`)."""

@@ -1,0 +1,353 @@
+"""Triton source for the row-streaming skeleton: a FlashAttention-style forward kernel.
+
+One program owns one query tile of one (batch, head): it loads its queries once
+(scaled), walks the key tiles the mask allows, and keeps an online softmax in fp32
+(running max and sum, in base 2). Key tiles come in two kinds: *full* tiles, where
+every (query, key) pair is allowed and no predicate is evaluated, and *partial*
+tiles, where the spec's mask runs per element. Which tiles are which comes from
+the sympy mask analysis (loop bounds computed in the kernel) or, for masks that
+depend on tensors or are not affine, from a runtime block map: per query tile, a
+list of key tiles with the full ones first.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+import sympy
+
+from attncc import ir
+from attncc.codegen.tile_expr import TileEmitter, Val
+from attncc.passes.mask_analysis import to_triton
+from attncc.passes.row_stream import RowStreamPlan
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class KernelSource:
+    """Generated source plus everything the launcher needs to call it."""
+
+    name: str
+    source: str
+    tensor_inputs: list[str]          # input names passed as pointers, in order
+    scalar_args: list[str]            # dims, params and host-evaluated scalars, in order
+    host_scalars: dict[str, ir.Node]  # name -> scalar expression evaluated at launch
+    mask_mode: str                    # "none", "affine" or "block_map"
+    extra_kernels: dict[str, str] = field(default_factory=dict)
+
+
+def _indent(lines, n=1):
+    pad = "    " * n
+    return [pad + ln if ln else ln for ln in lines]
+
+
+def _free_names(lines: list[str], bound: set[str]) -> list[str]:
+    """Names a block of code reads but does not assign (the inner function's arguments)."""
+    tree = ast.parse("\n".join(lines) or "pass")
+    assigned, used = set(bound), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if isinstance(node.ctx, ast.Store):
+                assigned.add(node.id)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in assigned \
+                and node.id not in used and node.id not in ("tl", "float", "triton"):
+            used.append(node.id)
+    return sorted(used)
+
+
+class RowStreamCodegen:
+    """Fills the row-streaming skeleton with the expressions of one plan."""
+
+    def __init__(self, plan: RowStreamPlan, name: str):
+        self.plan = plan
+        self.name = name
+        p = plan
+        env = {p.i: Val("offs_m[:, None]", frozenset("m"), ir.INT),
+               p.j: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
+        for ix in p.outer:
+            env[ix] = Val(f"idx_{ix}", frozenset(), ir.INT)
+        self.em = TileEmitter(p.program, env)
+        self.em.in_bounds = {p.i: "offs_m", p.j: "offs_n"}
+
+    # ------------------------------------------------------------------ pieces
+    def operand_offset(self, op, what: str) -> str:
+        """Base offset of a q/k/v tile: the outer arguments times their strides."""
+        parts = []
+        for k, arg in op.outer_args():
+            val = self.em.emit(arg)
+            if val.const == 0:
+                continue
+            parts.append(f"{val.code} * {op.input.name}_s{k}")
+        self.em.tensors[op.input.name] = op.input
+        return " + ".join(parts) if parts else "0"
+
+    def score_lines(self) -> tuple[list[str], str]:
+        """Per-tile code computing the score `s` (in base-2 units) from `qk`."""
+        p, em = self.plan, self.em
+        em.body = []
+        qk = Val("qk", frozenset("mn"), ir.FLOAT)
+        if p.qk_factors:
+            extra = [em.emit(f) for f in p.qk_factors]
+            qk = em.assign("qk * " + " * ".join(f.code for f in extra), frozenset("mn"), ir.FLOAT, p.qk)
+        em.bind(p.qk, qk)
+        s = em.emit(p.score)
+        lines = list(em.body)
+        if p.has_score_mods:
+            lines.append(f"s = {s.code} * {LOG2E}  # to base-2 units for exp2")
+        else:
+            lines.append("s = qk  # scale and log2(e) are folded into q")
+        return lines, s.code
+
+    def mask_lines(self) -> list[str]:
+        """Per-tile code for partial tiles: evaluate the spec's masks per element."""
+        p, em = self.plan, self.em
+        em.body = []
+        preds = [em.emit(m.pred) for m in p.masks]
+        lines = list(em.body)
+        allowed = " & ".join(f"({v.code})" for v in preds) if preds else None
+        cond = "(offs_n[None, :] < n_cols)" + (f" & {allowed}" if allowed else "")
+        lines.append(f"s = tl.where({cond}, s, float('-inf'))")
+        return lines
+
+    # ------------------------------------------------------------------ kernel text
+    def generate(self) -> KernelSource:
+        p, em = self.plan, self.em
+        q_off = self.operand_offset(p.q, "q")
+        k_off = self.operand_offset(p.k, "k")
+        v_off = self.operand_offset(p.v, "v")
+        score, _ = self.score_lines()
+        masked = self.mask_lines()
+        range_lines = self.range_lines()
+        prologue = list(em.prologue)
+
+        qn, kn, vn = p.q.input.name, p.k.input.name, p.v.input.name
+        tile_body = [
+            "offs_n = start_n + tl.arange(0, BLOCK_N)",
+            "if MASKED:",
+            f"    k = tl.load(k_tile + start_n * {kn}_s{p.k.row}, "
+            f"mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), other=0.0)",
+            "else:",
+            f"    k = tl.load(k_tile + start_n * {kn}_s{p.k.row}, mask=offs_d[:, None] < n_feat, other=0.0)",
+            "qk = tl.dot(q, k, input_precision=PRECISION)",
+            *score,
+            "if MASKED:",
+            *_indent(masked),
+            "# online softmax: running max m_i and sum l_i per query row (base 2)",
+            "m_new = tl.maximum(m_i, tl.max(s, 1))",
+            "m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no allowed key yet",
+            "p = tl.exp2(s - m_safe[:, None])",
+            "alpha = tl.exp2(m_i - m_safe)",
+            "l_i = l_i * alpha + tl.sum(p, 1)",
+            "if MASKED:",
+            f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, "
+            f"mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
+            "else:",
+            f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, mask=offs_e[None, :] < n_vfeat, other=0.0)",
+            "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
+            "m_i = m_new",
+        ]
+        constexprs = ["MASKED", "BLOCK_N", "PRECISION"]
+        inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
+        inner_args = [a for a in inner_args if a not in ("acc", "m_i", "l_i", "start_n")]
+        sig_tile = ", ".join(["acc", "m_i", "l_i", "start_n", *inner_args]) + \
+            ", MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr"
+        call_args = ", ".join(["acc", "m_i", "l_i", "start_n", *inner_args])
+
+        tensors = list(em.tensors)
+        scalar_args = self.scalar_arg_names()
+        pointer_args = [f"{t}_ptr" for t in tensors] + ["o_ptr", "lse_ptr"]
+        stride_args = [f"{t}_s{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
+        dim_args = [f"{t}_d{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
+        out_axes = p.output.axes
+        o_strides = [f"o_s{k}" for k in range(len(out_axes))]
+        lse_axes = tuple(ix for ix in p.softmax.arg.indices if ix != p.j)
+        lse_strides = [f"lse_s{k}" for k in range(len(lse_axes))]
+        outer_sizes = [f"size_{ix}" for ix in p.outer]
+        args = (pointer_args + stride_args + dim_args + o_strides + lse_strides + outer_sizes
+                + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalar_args)
+        kernel_sig = ", ".join(args) + (", BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
+                                        "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
+                                        "STORE_LSE: tl.constexpr, PRECISION: tl.constexpr")
+
+        decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
+        for ix in reversed(p.outer):
+            decode.append(f"idx_{ix} = pid_o % size_{ix}")
+            decode.append(f"pid_o = pid_o // size_{ix}")
+
+        def axis_offset(axes, strides, row_code, feat_code=None):
+            parts = []
+            for ax, st in zip(axes, strides):
+                if ax == p.i:
+                    parts.append(f"{row_code} * {st}")
+                elif ax == p.e and feat_code is not None:
+                    parts.append(f"{feat_code} * {st}")
+                else:
+                    parts.append(f"idx_{ax} * {st}")
+            return " + ".join(parts)
+
+        src = [
+            '"""Generated by attncc from ' + p.program.source.filename + ': do not edit; regenerate instead.',
+            "",
+            "Skeleton: row streaming (online softmax over key tiles), mask mode: " + self.mask_mode() + ".",
+            '"""',
+            "import triton",
+            "import triton.language as tl",
+            "",
+            "",
+            "@triton.jit",
+            f"def {self.name}_tile({sig_tile}):",
+            '    """One key tile: scores, modifications, (masks), and the online-softmax update."""',
+            *_indent(tile_body),
+            "    return acc, m_i, l_i",
+            "",
+            "",
+            "@triton.jit",
+            f"def {self.name}_fwd({kernel_sig}):",
+            "    pid_m = tl.program_id(0)",
+            *_indent(decode),
+            "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+            "    offs_d = tl.arange(0, BLOCK_D)",
+            "    offs_e = tl.arange(0, BLOCK_E)",
+            "    # values that do not change along the key loop",
+            *_indent(prologue),
+            f"    q_ptrs = {qn}_ptr + {q_off} + offs_m[:, None] * {qn}_s{p.q.row} + offs_d[None, :] * {qn}_s{p.q.feature}",
+            "    q = tl.load(q_ptrs, mask=(offs_m[:, None] < n_rows) & (offs_d[None, :] < n_feat), other=0.0)",
+            "    q = (q * qk_scale).to(q_ptrs.dtype.element_ty)  # fold the score scale into q once",
+            f"    k_tile = {kn}_ptr + {k_off} + offs_d[:, None] * {kn}_s{p.k.feature} + tl.arange(0, BLOCK_N)[None, :] * {kn}_s{p.k.row}",
+            f"    v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}",
+            "    m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)",
+            "    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)",
+            "    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)",
+            *_indent(range_lines(call_args)),
+            "    # epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
+            "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
+            "    out = acc / l_safe[:, None]",
+            f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, 'offs_m[:, None]', 'offs_e[None, :]')}",
+            "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), "
+            "mask=(offs_m[:, None] < n_rows) & (offs_e[None, :] < n_vfeat))",
+            "    if STORE_LSE:",
+            f"        lse = tl.where(l_i == 0.0, float('-inf'), m_i / {LOG2E} + tl.log(l_safe))",
+            f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, 'offs_m')}, lse, mask=offs_m < n_rows)",
+            "",
+        ]
+        return KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
+                            self.mask_mode())
+
+    def scalar_arg_names(self) -> list[str]:
+        """Every dim and param by name (bounds and guards refer to them), then the
+        host-evaluated constants, then the q scale."""
+        prog = self.plan.program
+        names = list(prog.dims) + list(prog.params)
+        names += [n for n in self.em.host_scalars if n not in names]
+        return names + ["qk_scale"]
+
+    def mask_mode(self) -> str:
+        if self.plan.mask_plan is None:
+            return "none"
+        return "block_map" if self.plan.needs_block_map else "affine"
+
+    # ------------------------------------------------------------------ key-tile ranges
+    def range_lines(self):
+        mode = self.mask_mode()
+        if mode == "none":
+            return lambda call: ["# no mask: every key tile is full except a ragged last one",
+                                 "n_full = (n_cols // BLOCK_N) * BLOCK_N",
+                                 *self.loop("0", "n_full", False, call),
+                                 *self.loop("n_full", "n_cols", True, call)]
+        if mode == "block_map":
+            return self.block_map_ranges
+        return self.affine_ranges
+
+    def loop(self, lo, hi, masked, call):
+        kind = "partial tiles: per-element mask" if masked else "full tiles: no mask"
+        return [f"for start_n in range({lo}, {hi}, BLOCK_N):  # {kind}",
+                f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
+                "PRECISION=PRECISION)"]
+
+    def affine_ranges(self, call):
+        """Loop bounds from the sympy mask plan: per conjunct of the mask's DNF, the key
+        range of this query tile and, inside it, the range of full tiles."""
+        plan = self.plan.mask_plan
+        lines = ["# key-tile ranges derived symbolically from the mask (attncc.passes.mask_analysis)",
+                 "i0 = pid_m * BLOCK_M",
+                 "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1"]
+        for name, node in self.plan.mask_symbols.items():
+            lines.append(f"{name} = {self.em.emit(node).code}")
+        conj = plan.conjuncts
+        if not conj:
+            return lines + ["# the mask allows nothing: no key tile is visited"]
+        if len(conj) > 2:  # visit the hull, masking every tile
+            lo = sympy.Min(*(c.lo for c in conj))
+            hi = sympy.Max(*(c.hi for c in conj))
+            return lines + [f"lo = ({to_triton(lo)} // BLOCK_N) * BLOCK_N",
+                            f"hi = {to_triton(hi)} + 1", *self.loop("lo", "hi", True, call)]
+        prev = None
+        for n, c in enumerate(conj):
+            lines += self.conjunct_bounds(n, c, plan)
+            if prev is None:
+                lines += self.piece(f"lo{n}", f"hi{n}", n, call)
+            else:  # the part of this range the previous one did not visit
+                lines += [f"cut_lo = tl.minimum(hi{n}, lo{prev})", f"cut_hi = tl.maximum(lo{n}, end{prev})"]
+                lines += self.piece(f"lo{n}", "cut_lo", n, call)
+                lines += self.piece("cut_hi", f"hi{n}", n, call)
+            prev = n
+        return lines
+
+    def conjunct_bounds(self, n, c, plan):
+        i0, i1 = plan.i0, plan.i1
+        ok = [f"({guard_code(g)})" for g in c.guards]
+        ok.append(f"({to_triton(sympy.Max(i0, c.row_lo))} <= {to_triton(sympy.Min(i1, c.row_hi))})")
+        full_ok = ok + [f"({to_triton(c.row_lo)} <= i0)", f"(i1 <= {to_triton(c.row_hi)})"]
+        lines = [f"# conjunct {n}: " + " and ".join(f"{p.a}*i + {p.b}*j >= {p.rhs}" for p in c.planes)
+                 + ("; opaque: " + ", ".join(str(o) for o in c.opaque) if c.opaque else ""),
+                 f"ok{n} = " + " & ".join(ok),
+                 f"lo{n} = ({to_triton(c.lo)} // BLOCK_N) * BLOCK_N",
+                 f"hi{n} = tl.where(ok{n}, {to_triton(c.hi)} + 1, lo{n})",
+                 f"end{n} = tl.cdiv(hi{n}, BLOCK_N) * BLOCK_N"]
+        if c.opaque:
+            lines += [f"flo{n} = lo{n}", f"fhi{n} = lo{n}  # opaque atoms: no tile is known to be full"]
+        else:
+            lines += [f"full_ok{n} = " + " & ".join(full_ok),
+                      f"flo{n} = tl.cdiv({to_triton(c.flo)}, BLOCK_N) * BLOCK_N",
+                      f"fhi{n} = tl.minimum((({to_triton(c.fhi)} + 1) // BLOCK_N) * BLOCK_N, "
+                      "(n_cols // BLOCK_N) * BLOCK_N)",
+                      f"fhi{n} = tl.where(full_ok{n}, fhi{n}, flo{n})"]
+        return lines
+
+    def piece(self, lo, hi, n, call):
+        """Visit [lo, hi): partial tiles before the full range, full tiles, partial after."""
+        return [f"fs = tl.minimum(tl.maximum(flo{n}, {lo}), tl.maximum({hi}, {lo}))",
+                f"fe = tl.minimum(tl.maximum(fhi{n}, fs), tl.maximum({hi}, {lo}))",
+                *self.loop(lo, "fs", True, call),
+                *self.loop("fs", "fe", False, call),
+                *self.loop("fe", hi, True, call)]
+
+    def block_map_ranges(self, call):
+        return ["# key tiles listed by the runtime block map: full tiles first, then partial ones",
+                "list_base = kv_list_ptr + (idx_list * n_qtiles + pid_m) * n_ktiles",
+                "n_full_tiles = tl.load(kv_full_ptr + idx_list * n_qtiles + pid_m)",
+                "n_tiles = tl.load(kv_count_ptr + idx_list * n_qtiles + pid_m)",
+                "for t in range(0, n_full_tiles):",
+                "    start_n = tl.load(list_base + t) * BLOCK_N",
+                f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)",
+                "for t in range(n_full_tiles, n_tiles):",
+                "    start_n = tl.load(list_base + t) * BLOCK_N",
+                f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)"]
+
+
+def guard_code(g) -> str:
+    """Triton code for a guard (a condition on scalars only)."""
+    if isinstance(g, sympy.Symbol):
+        return f"({g.name} != 0)"
+    if isinstance(g, sympy.Not):
+        return f"({guard_code(g.args[0])} == 0)"
+    if isinstance(g, (sympy.And, sympy.Or)):
+        op = " & " if isinstance(g, sympy.And) else " | "
+        return "(" + op.join(guard_code(a) for a in g.args) + ")"
+    if isinstance(g, sympy.core.relational.Relational):
+        return f"({to_triton(g.lhs)} {g.rel_op} {to_triton(g.rhs)})"
+    if g in (sympy.true, sympy.false):
+        return str(bool(g))
+    raise TypeError(f"cannot print guard {g}")
