@@ -23,6 +23,7 @@ from . import ir
 from .binding import BoundCall
 from .errors import BackendError
 from .reference import evaluate_scalar
+from attncc.codegen import block_map
 from attncc.codegen.row_stream import LOG2E, KernelSource
 
 _MODULES: dict[tuple[str, bool], object] = {}
@@ -90,10 +91,11 @@ def pow2(n: int, least: int = 16) -> int:
 class RowStreamLauncher:
     """Launches a row-streaming kernel for one bound call."""
 
-    def __init__(self, plan, src: KernelSource, block_maps=None):
+    def __init__(self, plan, src: KernelSource):
         self.plan = plan
         self.src = src
-        self.block_maps = block_maps
+        self.block_maps: dict = {}
+        self.last_block_map = None
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None):
         interpret = check_device(call)
@@ -127,7 +129,9 @@ class RowStreamLauncher:
         args += list(o.stride()) + list(lse.stride())
         args += [sizes[ix] for ix in p.outer]
         args += [n_rows, n_cols, n_feat, n_vfeat]
-        args += self.scalar_values(call)
+        if self.src.mask_mode == "block_map":
+            args += self.block_map_lists(call, cfg, sizes, module, interpret)
+        args += self.scalar_values(call, self.src.scalar_args, self.src.host_scalars)
         grid = (triton_cdiv(n_rows, cfg["BLOCK_M"]), math.prod(sizes[ix] for ix in p.outer))
         with _interpreter(interpret):
             self.launch(kernel, grid, args, cfg, n_feat, n_vfeat, return_lse, interpret)
@@ -148,9 +152,42 @@ class RowStreamLauncher:
             out[ix] = int(ext.xreplace({s: subs[s.name] for s in ext.free_symbols}))
         return out
 
-    def scalar_values(self, call: BoundCall) -> list:
+    def block_map_lists(self, call: BoundCall, cfg, sizes, module, interpret) -> list:
+        """Per-query-tile lists of key tiles from the runtime block map, cached while
+        the tensors the mask reads, the scalars and the tile sizes stay the same."""
+        bm = self.src.block_map
+        p = self.plan
+        outer = block_map.map_outer(p)
+        n_q = triton_cdiv(sizes[p.i], cfg["BLOCK_M"])
+        n_k = triton_cdiv(sizes[p.j], cfg["BLOCK_N"])
+        scalars = self.scalar_values(call, bm.scalar_args, bm.host_scalars)
+        tensors = [call.tensors[n] for n in bm.tensor_inputs]
+        key = (cfg["BLOCK_M"], cfg["BLOCK_N"], tuple(sorted(sizes.items())), tuple(scalars), str(call.device),
+               tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in tensors))
+        cached = self.block_maps.get(key)
+        if cached is None:
+            lists = math.prod(sizes[ix] for ix in outer)
+            state = torch.empty((lists, n_q, n_k), dtype=torch.int8, device=call.device)
+            args = [*tensors, state]
+            for t in tensors:
+                args += list(t.stride())
+            for t in tensors:
+                args += list(t.shape)
+            args += [sizes[ix] for ix in outer] + [sizes[p.i], sizes[p.j], n_q, n_k] + scalars
+            with _interpreter(interpret):
+                getattr(module, f"{self.src.name}_classify")[(n_q, n_k, lists)](
+                    *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+            cached = (*block_map.tile_lists(state), state)
+            if len(self.block_maps) >= 8:
+                self.block_maps.pop(next(iter(self.block_maps)))
+            self.block_maps[key] = cached
+        kv_list, kv_full, kv_count, _ = cached
+        self.last_block_map = cached
+        return [kv_list, kv_full, kv_count, n_q, n_k]
+
+    def scalar_values(self, call: BoundCall, names, host_scalars) -> list:
         values = []
-        for name in self.src.scalar_args:
+        for name in names:
             if name == "qk_scale":
                 scale = math.prod(evaluate_scalar(f, call.scalars) for f in self.plan.scale)
                 values.append(float(scale) * (1.0 if self.plan.has_score_mods else LOG2E))
@@ -158,7 +195,7 @@ class RowStreamLauncher:
                 v = call.scalars[name]
                 values.append(int(v) if isinstance(v, bool) else v)
             else:
-                v = evaluate_scalar(self.src.host_scalars[name], call.scalars)
+                v = evaluate_scalar(host_scalars[name], call.scalars)
                 values.append(int(v) if isinstance(v, bool) else v)
         return values
 

@@ -12,11 +12,12 @@ list of key tiles with the full ones first.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
 
 from attncc import ir
+from attncc.codegen import block_map
 from attncc.codegen.tile_expr import TileEmitter, Val
 from attncc.passes.mask_analysis import to_triton
 from attncc.passes.row_stream import RowStreamPlan
@@ -34,7 +35,7 @@ class KernelSource:
     scalar_args: list[str]            # dims, params and host-evaluated scalars, in order
     host_scalars: dict[str, ir.Node]  # name -> scalar expression evaluated at launch
     mask_mode: str                    # "none", "affine" or "block_map"
-    extra_kernels: dict[str, str] = field(default_factory=dict)
+    block_map: "block_map.BlockMapSource | None" = None
 
 
 def _indent(lines, n=1):
@@ -165,8 +166,10 @@ class RowStreamCodegen:
         lse_axes = tuple(ix for ix in p.softmax.arg.indices if ix != p.j)
         lse_strides = [f"lse_s{k}" for k in range(len(lse_axes))]
         outer_sizes = [f"size_{ix}" for ix in p.outer]
+        map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
+            if self.mask_mode() == "block_map" else []
         args = (pointer_args + stride_args + dim_args + o_strides + lse_strides + outer_sizes
-                + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalar_args)
+                + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + map_args + scalar_args)
         kernel_sig = ", ".join(args) + (", BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
                                         "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
                                         "STORE_LSE: tl.constexpr, PRECISION: tl.constexpr")
@@ -232,8 +235,13 @@ class RowStreamCodegen:
             f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, 'offs_m')}, lse, mask=offs_m < n_rows)",
             "",
         ]
-        return KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
-                            self.mask_mode())
+        result = KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
+                              self.mask_mode())
+        if self.mask_mode() == "block_map":
+            text, map_tensors, map_hosts, map_scalars = block_map.generate(p, self.name)
+            result.source += "\n\n" + text + "\n"
+            result.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
+        return result
 
     def scalar_arg_names(self) -> list[str]:
         """Every dim and param by name (bounds and guards refer to them), then the
@@ -325,7 +333,10 @@ class RowStreamCodegen:
                 *self.loop("fe", hi, True, call)]
 
     def block_map_ranges(self, call):
+        outer = block_map.map_outer(self.plan)
+        flat = " + ".join(f"idx_{ix} * {block_map._stride(outer, k)}" for k, ix in enumerate(outer)) or "0"
         return ["# key tiles listed by the runtime block map: full tiles first, then partial ones",
+                f"idx_list = {flat}",
                 "list_base = kv_list_ptr + (idx_list * n_qtiles + pid_m) * n_ktiles",
                 "n_full_tiles = tl.load(kv_full_ptr + idx_list * n_qtiles + pid_m)",
                 "n_tiles = tl.load(kv_count_ptr + idx_list * n_qtiles + pid_m)",

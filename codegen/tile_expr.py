@@ -170,7 +170,7 @@ class TileEmitter:
         if op in ("//", "%"):
             code = self.integer_division(op, node, c)
         elif op == "**":
-            code = f"tl.exp2(tl.log2({c[0]}) * {c[1]})"
+            code = self.power(args[0], args[1])
         elif op in _INFIX:
             code = f"({c[0]} {_INFIX[op]} {c[1]})"
         elif op in _BINARY:
@@ -185,6 +185,16 @@ class TileEmitter:
         else:
             raise Unsupported(f"operation '{op}' in a tile kernel")
         return self.assign(code, axes, node.dtype, node)
+
+    @staticmethod
+    def power(base: Val, exponent: Val) -> str:
+        """Small integer powers multiply out (exact for negative bases); others go
+        through exp2/log2, which needs a positive base (decays, scales)."""
+        n = exponent.const
+        if isinstance(n, int) and 0 <= abs(n) <= 4:
+            product = " * ".join([base.code] * abs(n)) if n else "1.0"
+            return f"({product})" if n >= 0 else f"(1.0 / ({product}))"
+        return f"tl.exp2(tl.log2({base.code}) * {exponent.code})"
 
     def integer_division(self, op, node: ir.Map, c) -> str:
         """Python's flooring `//` and `%`; Triton truncates, which differs only for

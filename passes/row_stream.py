@@ -201,7 +201,8 @@ class _MaskToSympy:
     def opaque_of(self, node: ir.Node):
         name = self.opaque.setdefault(node, f"opaque{len(self.opaque)}")
         args = [sympy.Symbol(ix, integer=True) for ix in node.indices if ix in (self.i, self.j)]
-        return sympy.Function(name)(*args) if args else sympy.Symbol(name)
+        value = sympy.Function(name)(*args) if args else sympy.Symbol(name)
+        return sympy.Eq(value, 1) if node.dtype == ir.BOOL else value
 
 
 def analyse_masks(program: ir.Program, masks, i, j, outer):
