@@ -13,8 +13,9 @@ from .frontend import lower
 from .reference import Reference
 from .syntax import parse
 from attncc.passes.infer import infer_extents
+from attncc.passes.row_stream import NotRowStreamable, plan_row_stream
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "triton", "reference")
 
 
 def load(spec: str | Path) -> ir.Program:
@@ -52,11 +53,13 @@ def lse_output(program: ir.Program) -> ir.Output:
 class Kernel:
     """A compiled spec. Call it with keyword arguments; `backend` says what actually runs."""
 
-    def __init__(self, program: ir.Program, backend: str, reference_block: int = 256):
+    def __init__(self, program: ir.Program, backend: str, reference_block: int = 256, generated=None):
         self.program = program
         self.name = program.name
         self.backend = backend
         self.reference_block = reference_block
+        self.generated = generated  # the Triton kernel (plan, source, launcher) when backend == "triton"
+        self.last_run: dict | None = None  # what the latest call actually ran
         self._lse: ir.Output | None = None
         self.__signature__ = self.signature
 
@@ -104,8 +107,14 @@ class Kernel:
             raise ArgumentError(f"{self.name}() takes keyword arguments only "
                                 f"({', '.join(self.program.inputs)}, ...)")
         call = bind(self.program, kwargs)
-        extra = [self.lse()] if return_lse else []
-        results = Reference(self.program, call.tensors, call.scalars, self.reference_block).run(extra)
+        if self.backend == "triton":
+            results = self.generated.launcher(call, bool(return_lse))
+            self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
+                             "source": str(self.generated.path)}
+        else:
+            extra = [self.lse()] if return_lse else []
+            results = Reference(self.program, call.tensors, call.scalars, self.reference_block).run(extra)
+            self.last_run = {"backend": "reference"}
         results = [self._cast(r, call) for r in results]
         return results[0] if len(results) == 1 else tuple(results)
 
@@ -122,13 +131,44 @@ class Kernel:
 def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 256) -> Kernel:
     """Compile a spec (a path to a `.attn` file or its source text) into a callable `Kernel`.
 
-    backend: "auto" picks the best backend available ("reference" until generated
-    kernels exist); "reference" runs the PyTorch reference executor. Asking for a
-    backend that cannot run raises `BackendError` instead of substituting another.
+    backend: "triton" generates a fused Triton kernel (CUDA tensors run compiled; CPU
+    tensors run the same kernel in Triton's interpreter, slowly: that is for tests);
+    "reference" runs the PyTorch reference executor; "auto" picks "triton" when a GPU
+    is present and the spec can be generated, else "reference". Asking for a backend
+    that cannot run raises `BackendError` instead of substituting another.
     reference_block: how many entries of the streamed index the reference executor
     processes at once (its memory is proportional to it).
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
     program = load(spec)
-    return Kernel(program, "reference" if backend == "auto" else backend, reference_block)
+    if backend == "reference" or (backend == "auto" and not torch.cuda.is_available()):
+        return Kernel(program, "reference", reference_block)
+    try:
+        generated = generate(program)
+    except NotRowStreamable as why:
+        if backend == "auto":
+            return Kernel(program, "reference", reference_block)
+        raise BackendError(f"{program.source.filename}: the triton backend cannot generate '{program.name}' "
+                           f"yet: {why}; backend='reference' runs it") from None
+    return Kernel(program, "triton", reference_block, generated)
+
+
+class Generated:
+    """A generated kernel: its plan, its source (saved under the cache dir) and its launcher."""
+
+    def __init__(self, program: ir.Program):
+        from attncc.codegen.row_stream import RowStreamCodegen
+        from .runtime import RowStreamLauncher, source_path
+
+        if len(program.outputs) > 1:
+            raise NotRowStreamable("several outputs are not generated yet")
+        self.plan = plan_row_stream(program)
+        self.source = RowStreamCodegen(self.plan, program.name).generate()
+        self.path = source_path(self.source)
+        self.launcher = RowStreamLauncher(self.plan, self.source)
+
+
+def generate(program: ir.Program) -> Generated:
+    """Plan and generate the Triton kernel of a program (raises `NotRowStreamable`)."""
+    return Generated(program)
