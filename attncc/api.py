@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import networkx as nx
 import torch
 
 from . import ir
@@ -37,8 +38,7 @@ def read_spec(spec: str | Path) -> tuple[str, str]:
 def lse_output(program: ir.Program) -> ir.Output:
     """The log-sum-exp side output of the softmax that feeds the first output."""
     first = program.outputs[0]
-    ancestors = program.graph.subgraph(
-        __import__("networkx").ancestors(program.graph, first.node) | {first.node})
+    ancestors = nx.ancestors(program.graph, first.node) | {first.node}
     softmaxes = [n for n in ancestors if isinstance(n, ir.Normalize) and n.op == "softmax"
                  and n.axis not in first.node.indices]
     if len(softmaxes) != 1:

@@ -96,8 +96,11 @@ class RowStreamLauncher:
         self.src = src
         self.block_maps: dict = {}
         self.last_block_map = None
+        self.last_tile_counts = None
 
-    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None):
+    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
+        """Run the kernel; with `count_tiles` the kernel counts the key tiles it visits
+        into `self.last_tile_counts` = {"full": ..., "partial": ...} (summed over programs)."""
         interpret = check_device(call)
         p = self.plan
         if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32)
@@ -121,7 +124,8 @@ class RowStreamLauncher:
         args = []
         for name in self.src.tensor_inputs:
             args.append(call.tensors[name])
-        args += [o, lse]
+        counts = torch.zeros(2, dtype=torch.int32, device=device)
+        args += [o, lse, counts]
         for name in self.src.tensor_inputs:
             args += list(call.tensors[name].stride())
         for name in self.src.tensor_inputs:
@@ -134,14 +138,13 @@ class RowStreamLauncher:
         args += self.scalar_values(call, self.src.scalar_args, self.src.host_scalars)
         grid = (triton_cdiv(n_rows, cfg["BLOCK_M"]), math.prod(sizes[ix] for ix in p.outer))
         with _interpreter(interpret):
-            self.launch(kernel, grid, args, cfg, n_feat, n_vfeat, return_lse, interpret)
+            kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
+                         BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse, COUNT_TILES=count_tiles,
+                         PRECISION="ieee",
+                         **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
+        if count_tiles:
+            self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
         return [o, lse] if return_lse else [o]
-
-    @staticmethod
-    def launch(kernel, grid, args, cfg, n_feat, n_vfeat, return_lse, interpret):
-        kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
-                     BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse, PRECISION="ieee",
-                     **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
 
     def sizes(self, call: BoundCall) -> dict[str, int]:
         subs = {}

@@ -158,7 +158,7 @@ class RowStreamCodegen:
 
         tensors = list(em.tensors)
         scalar_args = self.scalar_arg_names()
-        pointer_args = [f"{t}_ptr" for t in tensors] + ["o_ptr", "lse_ptr"]
+        pointer_args = [f"{t}_ptr" for t in tensors] + ["o_ptr", "lse_ptr", "count_ptr"]
         stride_args = [f"{t}_s{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
         dim_args = [f"{t}_d{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
         out_axes = p.output.axes
@@ -172,7 +172,8 @@ class RowStreamCodegen:
                 + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + map_args + scalar_args)
         kernel_sig = ", ".join(args) + (", BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
                                         "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
-                                        "STORE_LSE: tl.constexpr, PRECISION: tl.constexpr")
+                                        "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
+                                        "PRECISION: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -270,9 +271,14 @@ class RowStreamCodegen:
 
     def loop(self, lo, hi, masked, call):
         kind = "partial tiles: per-element mask" if masked else "full tiles: no mask"
-        return [f"for start_n in range({lo}, {hi}, BLOCK_N):  # {kind}",
-                f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
-                "PRECISION=PRECISION)"]
+        return [f"for start_n in range({lo}, {hi}, BLOCK_N):  # {kind}", *self.visit(masked, call)]
+
+    def visit(self, masked, call):
+        """One key tile; with COUNT_TILES the kernel also counts what it visits (work accounting)."""
+        return [f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
+                "PRECISION=PRECISION)",
+                "    if COUNT_TILES:",
+                f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]
 
     def affine_ranges(self, call):
         """Loop bounds from the sympy mask plan: per conjunct of the mask's DNF, the key
@@ -342,10 +348,10 @@ class RowStreamCodegen:
                 "n_tiles = tl.load(kv_count_ptr + idx_list * n_qtiles + pid_m)",
                 "for t in range(0, n_full_tiles):",
                 "    start_n = tl.load(list_base + t) * BLOCK_N",
-                f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)",
+                *self.visit(False, call),
                 "for t in range(n_full_tiles, n_tiles):",
                 "    start_n = tl.load(list_base + t) * BLOCK_N",
-                f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)"]
+                *self.visit(True, call)]
 
 
 def guard_code(g) -> str:
