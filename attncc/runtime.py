@@ -22,7 +22,7 @@ import torch
 from . import ir
 from .binding import BoundCall
 from .errors import BackendError
-from .reference import evaluate_scalar
+from .reference import align, evaluate_scalar
 from attncc.codegen import block_map
 from attncc.codegen.row_stream import LOG2E, KernelSource
 
@@ -97,6 +97,7 @@ class RowStreamLauncher:
         self.block_maps: dict = {}
         self.last_block_map = None
         self.last_tile_counts = None
+        self.last_splits = 1
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
         """Run the kernel; with `count_tiles` the kernel counts the key tiles it visits
@@ -117,10 +118,22 @@ class RowStreamLauncher:
         cfg = dict(default_config(interpret, n_feat, n_vfeat))
         cfg.update(config or {})
         device = call.device
-        o = torch.empty([sizes[ax] for ax in p.output.axes], dtype=call.out_dtype, device=device)
+        combos = math.prod(sizes[ix] for ix in p.outer)
+        n_qt = triton_cdiv(n_rows, cfg["BLOCK_M"])
+        splits = cfg.get("SPLIT_KV") or choose_splits(n_rows, n_cols, combos * n_qt, cfg, device)
+        split_len = triton_cdiv(triton_cdiv(n_cols, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        splits = triton_cdiv(n_cols, split_len) if n_cols else 1
         lse_axes = tuple(ix for ix in p.softmax.arg.indices if ix != p.j)
-        lse = torch.empty([sizes[ax] for ax in lse_axes] if return_lse else [1] * len(lse_axes),
-                          dtype=torch.float32, device=device)
+        out_shape = [sizes[ax] for ax in p.output.axes]
+        lse_shape = [sizes[ax] for ax in lse_axes]
+        if splits > 1:  # partial results per split, in fp32, merged below
+            o_all = torch.empty([splits, *out_shape], dtype=torch.float32, device=device)
+            lse_all = torch.empty([splits, *lse_shape], dtype=torch.float32, device=device)
+            o, lse = o_all[0], lse_all[0]
+        else:
+            o = torch.empty(out_shape, dtype=call.out_dtype, device=device)
+            lse = torch.empty(lse_shape if return_lse else [1] * len(lse_axes), dtype=torch.float32,
+                              device=device)
         args = []
         for name in self.src.tensor_inputs:
             args.append(call.tensors[name])
@@ -132,28 +145,29 @@ class RowStreamLauncher:
             args += list(call.tensors[name].shape)
         args += list(o.stride()) + list(lse.stride())
         args += [sizes[ix] for ix in p.outer]
-        args += [n_rows, n_cols, n_feat, n_vfeat]
+        args += [n_rows, n_cols, n_feat, n_vfeat, split_len if splits > 1 else max(n_cols, 1) + cfg["BLOCK_N"],
+                 o_all.stride(0) if splits > 1 else 0, lse_all.stride(0) if splits > 1 else 0]
         if self.src.mask_mode == "block_map":
             args += self.block_map_lists(call, cfg, sizes, module, interpret)
         args += self.scalar_values(call, self.src.scalar_args, self.src.host_scalars)
-        grid = (triton_cdiv(n_rows, cfg["BLOCK_M"]), math.prod(sizes[ix] for ix in p.outer))
+        grid = (n_qt * splits, combos)
         with _interpreter(interpret):
             kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
-                         BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse, COUNT_TILES=count_tiles,
-                         PRECISION="ieee",
+                         BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse or splits > 1, COUNT_TILES=count_tiles,
+                         SPLIT=splits > 1, PRECISION="ieee",
                          **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
         if count_tiles:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
+        self.last_splits = splits
+        if splits > 1:
+            o, lse = merge_splits(o_all, lse_all, p.output.axes, lse_axes)
+            o = o.to(call.out_dtype)
         return [o, lse] if return_lse else [o]
 
     def sizes(self, call: BoundCall) -> dict[str, int]:
-        subs = {}
-        for name, value in call.scalars.items():
-            subs[name] = value
-        out = {}
-        for ix, ext in self.plan.program.extent.items():
-            out[ix] = int(ext.xreplace({s: subs[s.name] for s in ext.free_symbols}))
-        return out
+        """Every index extent for this call's dims and params."""
+        return {ix: int(ext.xreplace({s: call.scalars[s.name] for s in ext.free_symbols}))
+                for ix, ext in self.plan.program.extent.items()}
 
     def block_map_lists(self, call: BoundCall, cfg, sizes, module, interpret) -> list:
         """Per-query-tile lists of key tiles from the runtime block map, cached while
@@ -201,6 +215,31 @@ class RowStreamLauncher:
                 v = evaluate_scalar(host_scalars[name], call.scalars)
                 values.append(int(v) if isinstance(v, bool) else v)
         return values
+
+
+def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, o_axes=None, lse_axes=None):
+    """Merge split-KV partial results (dim 0 = split): each split's normalised output
+    weighs in by exp(lse_split - lse), lse being the log-sum-exp over splits. Splits that
+    saw no allowed key (lse = -inf) weigh 0; rows with no key at all stay 0, lse -inf.
+    `o_axes`/`lse_axes` name the axes when the output layout is not lse's plus one."""
+    lse = torch.logsumexp(lse_parts, dim=0)
+    weight = torch.exp(lse_parts - torch.where(torch.isfinite(lse), lse, 0.0))
+    weight = torch.where(torch.isfinite(lse_parts), weight, 0.0)
+    if o_axes is None:
+        weight = weight.unsqueeze(-1)
+    else:
+        weight = align(weight, ("split", *lse_axes), ("split", *o_axes))
+    return (weight * o_parts).sum(dim=0), lse
+
+
+def choose_splits(n_rows: int, n_cols: int, programs: int, cfg: dict, device) -> int:
+    """Split the keys (flash-decoding) when few query tiles leave the GPU idle: enough
+    splits to give every SM a couple of programs, never below 4 key tiles per split."""
+    if device.type != "cuda" or n_rows > 16:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton_cdiv(n_cols, cfg["BLOCK_N"])
+    return max(1, min(triton_cdiv(2 * sms, max(programs, 1)), tiles // 4))
 
 
 def triton_cdiv(a: int, b: int) -> int:

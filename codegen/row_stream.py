@@ -169,11 +169,12 @@ class RowStreamCodegen:
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
             if self.mask_mode() == "block_map" else []
         args = (pointer_args + stride_args + dim_args + o_strides + lse_strides + outer_sizes
-                + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + map_args + scalar_args)
+                + ["n_rows", "n_cols", "n_feat", "n_vfeat", "split_len", "o_split_stride", "lse_split_stride"]
+                + map_args + scalar_args)
         kernel_sig = ", ".join(args) + (", BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
                                         "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
                                         "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
-                                        "PRECISION: tl.constexpr")
+                                        "SPLIT: tl.constexpr, PRECISION: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -209,7 +210,11 @@ class RowStreamCodegen:
             "",
             "@triton.jit",
             f"def {self.name}_fwd({kernel_sig}):",
-            "    pid_m = tl.program_id(0)",
+            "    # grid axis 0: query tiles, times key splits when decoding (split-KV)",
+            "    n_qt = tl.cdiv(n_rows, BLOCK_M)",
+            "    pid_m = tl.program_id(0) % n_qt",
+            "    split_lo = (tl.program_id(0) // n_qt) * split_len",
+            "    split_hi = split_lo + split_len",
             *_indent(decode),
             "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
             "    offs_d = tl.arange(0, BLOCK_D)",
@@ -226,6 +231,9 @@ class RowStreamCodegen:
             "    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)",
             *_indent(range_lines(call_args)),
             "    # epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
+            "    if SPLIT:  # a partial result per key split, merged by log-sum-exp afterwards",
+            "        o_ptr += (tl.program_id(0) // n_qt) * o_split_stride",
+            "        lse_ptr += (tl.program_id(0) // n_qt) * lse_split_stride",
             "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
             "    out = acc / l_safe[:, None]",
             f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, 'offs_m[:, None]', 'offs_e[None, :]')}",
@@ -271,7 +279,8 @@ class RowStreamCodegen:
 
     def loop(self, lo, hi, masked, call):
         kind = "partial tiles: per-element mask" if masked else "full tiles: no mask"
-        return [f"for start_n in range({lo}, {hi}, BLOCK_N):  # {kind}", *self.visit(masked, call)]
+        return [f"for start_n in range(tl.maximum({lo}, split_lo), tl.minimum({hi}, split_hi), BLOCK_N):"
+                f"  # {kind}", *self.visit(masked, call)]
 
     def visit(self, masked, call):
         """One key tile; with COUNT_TILES the kernel also counts what it visits (work accounting)."""
@@ -348,10 +357,12 @@ class RowStreamCodegen:
                 "n_tiles = tl.load(kv_count_ptr + idx_list * n_qtiles + pid_m)",
                 "for t in range(0, n_full_tiles):",
                 "    start_n = tl.load(list_base + t) * BLOCK_N",
-                *self.visit(False, call),
+                "    if (start_n >= split_lo) & (start_n < split_hi):",
+                *_indent(self.visit(False, call)),
                 "for t in range(n_full_tiles, n_tiles):",
                 "    start_n = tl.load(list_base + t) * BLOCK_N",
-                *self.visit(True, call)]
+                "    if (start_n >= split_lo) & (start_n < split_hi):",
+                *_indent(self.visit(True, call))]
 
 
 def guard_code(g) -> str:
