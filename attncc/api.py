@@ -158,13 +158,13 @@ class Generated:
     """A generated kernel: its plan, its source (saved under the cache dir) and its launcher."""
 
     def __init__(self, program: ir.Program):
-        from attncc.codegen.row_stream import RowStreamCodegen
+        from attncc.codegen.row_stream import generate_module
         from .runtime import RowStreamLauncher, source_path
 
         if len(program.outputs) > 1:
             raise NotRowStreamable("several outputs are not generated yet")
         self.plan = plan_row_stream(program)
-        self.source = RowStreamCodegen(self.plan, program.name).generate()
+        self.source = generate_module(self.plan, program.name)
         self.path = source_path(self.source)
         self.launcher = RowStreamLauncher(self.plan, self.source)
 

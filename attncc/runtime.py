@@ -98,6 +98,7 @@ class RowStreamLauncher:
         self.last_block_map = None
         self.last_tile_counts = None
         self.last_splits = 1
+        self.last_group = 1
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
         """Run the kernel; with `count_tiles` the kernel counts the key tiles it visits
@@ -109,7 +110,6 @@ class RowStreamLauncher:
             raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
                                "use backend='reference' for float64")
         module = load_module(self.src, interpret)
-        kernel = getattr(module, f"{self.src.name}_fwd")
         sizes = self.sizes(call)
         n_rows, n_cols = sizes[p.i], sizes[p.j]
         n_feat, n_vfeat = sizes[p.d], sizes[p.e]
@@ -117,9 +117,13 @@ class RowStreamLauncher:
             raise BackendError(f"head dims up to 256 are supported, got {n_feat} and {n_vfeat}")
         cfg = dict(default_config(interpret, n_feat, n_vfeat))
         cfg.update(config or {})
+        group = self.pack_group(call, cfg, n_rows)
+        variant = self.src.packed if group > 1 else self.src
+        kernel = getattr(module, f"{variant.name}_fwd")
         device = call.device
-        combos = math.prod(sizes[ix] for ix in p.outer)
-        n_qt = triton_cdiv(n_rows, cfg["BLOCK_M"])
+        outer_sizes = [sizes[ix] // group if group > 1 and ix == p.group[0] else sizes[ix] for ix in p.outer]
+        combos = math.prod(outer_sizes)
+        n_qt = triton_cdiv(n_rows * group, cfg["BLOCK_M"])
         splits = cfg.get("SPLIT_KV") or choose_splits(n_rows, n_cols, combos * n_qt, cfg, device)
         split_len = triton_cdiv(triton_cdiv(n_cols, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
         splits = triton_cdiv(n_cols, split_len) if n_cols else 1
@@ -135,21 +139,23 @@ class RowStreamLauncher:
             lse = torch.empty(lse_shape if return_lse else [1] * len(lse_axes), dtype=torch.float32,
                               device=device)
         args = []
-        for name in self.src.tensor_inputs:
+        for name in variant.tensor_inputs:
             args.append(call.tensors[name])
         counts = torch.zeros(2, dtype=torch.int32, device=device)
         args += [o, lse, counts]
-        for name in self.src.tensor_inputs:
+        for name in variant.tensor_inputs:
             args += list(call.tensors[name].stride())
-        for name in self.src.tensor_inputs:
+        for name in variant.tensor_inputs:
             args += list(call.tensors[name].shape)
         args += list(o.stride()) + list(lse.stride())
-        args += [sizes[ix] for ix in p.outer]
+        args += outer_sizes
         args += [n_rows, n_cols, n_feat, n_vfeat, split_len if splits > 1 else max(n_cols, 1) + cfg["BLOCK_N"],
                  o_all.stride(0) if splits > 1 else 0, lse_all.stride(0) if splits > 1 else 0]
+        if group > 1:
+            args.append(group)
         if self.src.mask_mode == "block_map":
-            args += self.block_map_lists(call, cfg, sizes, module, interpret)
-        args += self.scalar_values(call, self.src.scalar_args, self.src.host_scalars)
+            args += self.block_map_lists(call, cfg["BLOCK_M"] // group, cfg["BLOCK_N"], sizes, module, interpret)
+        args += self.scalar_values(call, variant.scalar_args, variant.host_scalars)
         grid = (n_qt * splits, combos)
         with _interpreter(interpret):
             kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
@@ -158,28 +164,42 @@ class RowStreamLauncher:
                          **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
         if count_tiles:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
-        self.last_splits = splits
+        self.last_splits, self.last_group = splits, group
         if splits > 1:
             o, lse = merge_splits(o_all, lse_all, p.output.axes, lse_axes)
             o = o.to(call.out_dtype)
         return [o, lse] if return_lse else [o]
+
+    def pack_group(self, call: BoundCall, cfg: dict, n_rows: int) -> int:
+        """Heads per K/V head packed into one tile (1: no packing). By default packing is
+        used for few queries (decoding), where one head's rows would leave tiles empty."""
+        if self.plan.group is None:
+            if cfg.get("GQA_PACK"):
+                raise BackendError("GQA_PACK needs a spec whose query heads share K/V heads")
+            return 1
+        group = int(evaluate_scalar(self.plan.group[1], call.scalars))
+        usable = group > 1 and group & (group - 1) == 0 and group <= cfg["BLOCK_M"]
+        wanted = cfg.get("GQA_PACK", n_rows * group <= cfg["BLOCK_M"])
+        if wanted and not usable and cfg.get("GQA_PACK"):
+            raise BackendError(f"GQA packing needs a power-of-two group no larger than BLOCK_M, got {group}")
+        return group if wanted and usable else 1
 
     def sizes(self, call: BoundCall) -> dict[str, int]:
         """Every index extent for this call's dims and params."""
         return {ix: int(ext.xreplace({s: call.scalars[s.name] for s in ext.free_symbols}))
                 for ix, ext in self.plan.program.extent.items()}
 
-    def block_map_lists(self, call: BoundCall, cfg, sizes, module, interpret) -> list:
+    def block_map_lists(self, call: BoundCall, block_m, block_n, sizes, module, interpret) -> list:
         """Per-query-tile lists of key tiles from the runtime block map, cached while
         the tensors the mask reads, the scalars and the tile sizes stay the same."""
         bm = self.src.block_map
         p = self.plan
         outer = block_map.map_outer(p)
-        n_q = triton_cdiv(sizes[p.i], cfg["BLOCK_M"])
-        n_k = triton_cdiv(sizes[p.j], cfg["BLOCK_N"])
+        n_q = triton_cdiv(sizes[p.i], block_m)
+        n_k = triton_cdiv(sizes[p.j], block_n)
         scalars = self.scalar_values(call, bm.scalar_args, bm.host_scalars)
         tensors = [call.tensors[n] for n in bm.tensor_inputs]
-        key = (cfg["BLOCK_M"], cfg["BLOCK_N"], tuple(sorted(sizes.items())), tuple(scalars), str(call.device),
+        key = (block_m, block_n, tuple(sorted(sizes.items())), tuple(scalars), str(call.device),
                tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in tensors))
         cached = self.block_maps.get(key)
         if cached is None:
@@ -193,7 +213,7 @@ class RowStreamLauncher:
             args += [sizes[ix] for ix in outer] + [sizes[p.i], sizes[p.j], n_q, n_k] + scalars
             with _interpreter(interpret):
                 getattr(module, f"{self.src.name}_classify")[(n_q, n_k, lists)](
-                    *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                    *args, BLOCK_M=block_m, BLOCK_N=block_n)
             cached = (*block_map.tile_lists(state), state)
             if len(self.block_maps) >= 8:
                 self.block_maps.pop(next(iter(self.block_maps)))

@@ -36,6 +36,7 @@ class KernelSource:
     host_scalars: dict[str, ir.Node]  # name -> scalar expression evaluated at launch
     mask_mode: str                    # "none", "affine" or "block_map"
     block_map: "block_map.BlockMapSource | None" = None
+    packed: "KernelSource | None" = None  # the GQA-packed variant, in the same module
 
 
 def _indent(lines, n=1):
@@ -61,23 +62,32 @@ def _free_names(lines: list[str], bound: set[str]) -> list[str]:
 class RowStreamCodegen:
     """Fills the row-streaming skeleton with the expressions of one plan."""
 
-    def __init__(self, plan: RowStreamPlan, name: str):
+    def __init__(self, plan: RowStreamPlan, name: str, packed: bool = False):
+        """`packed`: the GQA variant, where a tile's rows are (query, head) pairs of the
+        query heads sharing one K/V head, so each K/V tile is loaded once for all of them."""
         self.plan = plan
-        self.name = name
+        self.packed = packed
+        self.name = name + ("_packed" if packed else "")
         p = plan
-        env = {p.i: Val("offs_m[:, None]", frozenset("m"), ir.INT),
+        self.row = "i_rows" if packed else "offs_m"
+        env = {p.i: Val(f"{self.row}[:, None]", frozenset("m"), ir.INT),
                p.j: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
         for ix in p.outer:
             env[ix] = Val(f"idx_{ix}", frozenset(), ir.INT)
+        self.kv_env = dict(env)
+        if packed:
+            h = p.group[0]
+            env[h] = Val("h_rows[:, None]", frozenset("m"), ir.INT)
+            self.kv_env[h] = Val(f"(grp_{h} * group)", frozenset(), ir.INT)
         self.em = TileEmitter(p.program, env)
-        self.em.in_bounds = {p.i: "offs_m", p.j: "offs_n"}
+        self.em.in_bounds = {p.i: self.row, p.j: "offs_n"}
 
     # ------------------------------------------------------------------ pieces
-    def operand_offset(self, op, what: str) -> str:
+    def operand_offset(self, op, env=None) -> str:
         """Base offset of a q/k/v tile: the outer arguments times their strides."""
         parts = []
         for k, arg in op.outer_args():
-            val = self.em.emit(arg)
+            val = self.em.emit(arg, env)
             if val.const == 0:
                 continue
             parts.append(f"{val.code} * {op.input.name}_s{k}")
@@ -115,9 +125,9 @@ class RowStreamCodegen:
     # ------------------------------------------------------------------ kernel text
     def generate(self) -> KernelSource:
         p, em = self.plan, self.em
-        q_off = self.operand_offset(p.q, "q")
-        k_off = self.operand_offset(p.k, "k")
-        v_off = self.operand_offset(p.v, "v")
+        q_off = self.operand_offset(p.q)
+        k_off = self.operand_offset(p.k, self.kv_env)
+        v_off = self.operand_offset(p.v, self.kv_env)
         score, _ = self.score_lines()
         masked = self.mask_lines()
         range_lines = self.range_lines()
@@ -170,7 +180,7 @@ class RowStreamCodegen:
             if self.mask_mode() == "block_map" else []
         args = (pointer_args + stride_args + dim_args + o_strides + lse_strides + outer_sizes
                 + ["n_rows", "n_cols", "n_feat", "n_vfeat", "split_len", "o_split_stride", "lse_split_stride"]
-                + map_args + scalar_args)
+                + (["group"] if self.packed else []) + map_args + scalar_args)
         kernel_sig = ", ".join(args) + (", BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
                                         "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
                                         "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
@@ -178,29 +188,32 @@ class RowStreamCodegen:
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
-            decode.append(f"idx_{ix} = pid_o % size_{ix}")
+            var = f"grp_{ix}" if self.packed and ix == p.group[0] else f"idx_{ix}"
+            decode.append(f"{var} = pid_o % size_{ix}")
             decode.append(f"pid_o = pid_o // size_{ix}")
+        if self.packed:
+            h = p.group[0]
+            rows = ["# GQA packing: row r of the tile is query r // group of head grp * group + r % group",
+                    "i_rows = offs_m // group",
+                    f"h_rows = grp_{h} * group + offs_m % group",
+                    "row_ok = offs_m < n_rows * group"]
+        else:
+            rows = ["row_ok = offs_m < n_rows"]
+        row, h_name = self.row, p.group[0] if self.packed else None
 
-        def axis_offset(axes, strides, row_code, feat_code=None):
+        def axis_offset(axes, strides, column: bool):
             parts = []
             for ax, st in zip(axes, strides):
-                if ax == p.i:
-                    parts.append(f"{row_code} * {st}")
-                elif ax == p.e and feat_code is not None:
-                    parts.append(f"{feat_code} * {st}")
+                if ax == p.i or ax == h_name:
+                    code = row if ax == p.i else "h_rows"
+                    parts.append(f"{code}[:, None] * {st}" if column else f"{code} * {st}")
+                elif ax == p.e and column:
+                    parts.append(f"offs_e[None, :] * {st}")
                 else:
                     parts.append(f"idx_{ax} * {st}")
             return " + ".join(parts)
 
         src = [
-            '"""Generated by attncc from ' + p.program.source.filename + ': do not edit; regenerate instead.',
-            "",
-            "Skeleton: row streaming (online softmax over key tiles), mask mode: " + self.mask_mode() + ".",
-            '"""',
-            "import triton",
-            "import triton.language as tl",
-            "",
-            "",
             "@triton.jit",
             f"def {self.name}_tile({sig_tile}):",
             '    """One key tile: scores, modifications, (masks), and the online-softmax update."""',
@@ -211,7 +224,7 @@ class RowStreamCodegen:
             "@triton.jit",
             f"def {self.name}_fwd({kernel_sig}):",
             "    # grid axis 0: query tiles, times key splits when decoding (split-KV)",
-            "    n_qt = tl.cdiv(n_rows, BLOCK_M)",
+            f"    n_qt = tl.cdiv(n_rows{' * group' if self.packed else ''}, BLOCK_M)",
             "    pid_m = tl.program_id(0) % n_qt",
             "    split_lo = (tl.program_id(0) // n_qt) * split_len",
             "    split_hi = split_lo + split_len",
@@ -219,10 +232,11 @@ class RowStreamCodegen:
             "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
             "    offs_d = tl.arange(0, BLOCK_D)",
             "    offs_e = tl.arange(0, BLOCK_E)",
+            *_indent(rows),
             "    # values that do not change along the key loop",
             *_indent(prologue),
-            f"    q_ptrs = {qn}_ptr + {q_off} + offs_m[:, None] * {qn}_s{p.q.row} + offs_d[None, :] * {qn}_s{p.q.feature}",
-            "    q = tl.load(q_ptrs, mask=(offs_m[:, None] < n_rows) & (offs_d[None, :] < n_feat), other=0.0)",
+            f"    q_ptrs = {qn}_ptr + {q_off} + {row}[:, None] * {qn}_s{p.q.row} + offs_d[None, :] * {qn}_s{p.q.feature}",
+            "    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
             "    q = (q * qk_scale).to(q_ptrs.dtype.element_ty)  # fold the score scale into q once",
             f"    k_tile = {kn}_ptr + {k_off} + offs_d[:, None] * {kn}_s{p.k.feature} + tl.arange(0, BLOCK_N)[None, :] * {kn}_s{p.k.row}",
             f"    v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}",
@@ -236,21 +250,15 @@ class RowStreamCodegen:
             "        lse_ptr += (tl.program_id(0) // n_qt) * lse_split_stride",
             "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
             "    out = acc / l_safe[:, None]",
-            f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, 'offs_m[:, None]', 'offs_e[None, :]')}",
-            "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), "
-            "mask=(offs_m[:, None] < n_rows) & (offs_e[None, :] < n_vfeat))",
+            f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, True)}",
+            "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat))",
             "    if STORE_LSE:",
             f"        lse = tl.where(l_i == 0.0, float('-inf'), m_i / {LOG2E} + tl.log(l_safe))",
-            f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, 'offs_m')}, lse, mask=offs_m < n_rows)",
+            f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, False)}, lse, mask=row_ok)",
             "",
         ]
-        result = KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
-                              self.mask_mode())
-        if self.mask_mode() == "block_map":
-            text, map_tensors, map_hosts, map_scalars = block_map.generate(p, self.name)
-            result.source += "\n\n" + text + "\n"
-            result.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
-        return result
+        return KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
+                            self.mask_mode())
 
     def scalar_arg_names(self) -> list[str]:
         """Every dim and param by name (bounds and guards refer to them), then the
@@ -294,8 +302,10 @@ class RowStreamCodegen:
         range of this query tile and, inside it, the range of full tiles."""
         plan = self.plan.mask_plan
         lines = ["# key-tile ranges derived symbolically from the mask (attncc.passes.mask_analysis)",
-                 "i0 = pid_m * BLOCK_M",
-                 "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1"]
+                 *(["i0 = (pid_m * BLOCK_M) // group",
+                     "i1 = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, n_rows - 1)"] if self.packed else
+                   ["i0 = pid_m * BLOCK_M",
+                    "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1"])]
         for name, node in self.plan.mask_symbols.items():
             lines.append(f"{name} = {self.em.emit(node).code}")
         conj = plan.conjuncts
@@ -363,6 +373,26 @@ class RowStreamCodegen:
                 "    start_n = tl.load(list_base + t) * BLOCK_N",
                 "    if (start_n >= split_lo) & (start_n < split_hi):",
                 *_indent(self.visit(True, call))]
+
+
+def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
+    """The module of one spec: the row-streaming kernel, its GQA-packed variant when
+    query heads share K/V heads, and the block-map classifier when masks need one."""
+    main = RowStreamCodegen(plan, name).generate()
+    parts = [main.source]
+    if plan.group is not None:
+        main.packed = RowStreamCodegen(plan, name, packed=True).generate()
+        parts.append(main.packed.source)
+    if main.mask_mode == "block_map":
+        text, map_tensors, map_hosts, map_scalars = block_map.generate(plan, name)
+        parts.append(text)
+        main.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
+    header = ['"""Generated by attncc from ' + plan.program.source.filename
+              + ": do not edit; regenerate instead.", "",
+              "Skeleton: row streaming (online softmax over key tiles); mask mode: " + main.mask_mode + ".",
+              '"""', "import triton", "import triton.language as tl", "", ""]
+    main.source = "\n".join(header) + "\n\n\n".join(parts) + "\n"
+    return main
 
 
 def guard_code(g) -> str:

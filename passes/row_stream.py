@@ -61,6 +61,7 @@ class RowStreamPlan:
     masks: list[ir.Mask]
     mask_plan: MaskPlan | None
     mask_symbols: dict        # sympy symbol name -> IR node it stands for (loaded scalars)
+    group: tuple[str, ir.Node] | None = None  # GQA: (head index, heads per K/V head)
 
     @property
     def has_score_mods(self) -> bool:
@@ -138,7 +139,21 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
     mask_plan, symbols = analyse_masks(program, masks, i, j, outer)
     return RowStreamPlan(program, out, i, j, d, e, outer, q, k, v, qk, scale, qk_factors, score, sm,
-                         masks, mask_plan, symbols)
+                         masks, mask_plan, symbols, _gqa_group(q, k, v, masks))
+
+
+def _gqa_group(q: Operand, k: Operand, v: Operand, masks):
+    """Grouped-query attention: query head `h` reads K/V head `h // R` (R a scalar). Such
+    heads can share one program, packed into the rows of a tile, loading K/V once."""
+    for pos, arg in q.outer_args():
+        if not isinstance(arg, ir.Index) or any(arg.name in m.pred.indices for m in masks):
+            continue
+        h = arg.name
+        ks = [a for op in (k, v) for _, a in op.outer_args() if h in a.indices]
+        if len(ks) == 2 and all(isinstance(a, ir.Map) and a.op == "//" and _bare(a.args[0], h)
+                                and a.args[1].is_scalar for a in ks):
+            return h, ks[0].args[1]
+    return None
 
 
 def _small(program: ir.Program) -> set[str]:
