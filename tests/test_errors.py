@@ -700,7 +700,7 @@ def test_require_that_divides_by_zero():
 
 
 def test_unknown_backend():
-    with pytest.raises(BackendError, match=r"unknown backend 'cuda'; available: auto, reference"):
+    with pytest.raises(BackendError, match=r"unknown backend 'cuda'; available: auto, triton, reference"):
         attncc.compile(EXAMPLES_DIR / "dense.attn", backend="cuda")
 
 
