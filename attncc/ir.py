@@ -214,6 +214,12 @@ class Program:
     def shape(self, node: Node) -> tuple[sympy.Expr, ...]:
         return tuple(self.extent[ix] for ix in node.indices)
 
+    def sizes(self, scalars: dict) -> dict[str, int]:
+        """Every index extent for the given dims and params (symbols match by name,
+        whatever assumptions sympy attached to them)."""
+        return {ix: int(e.xreplace({s: scalars[s.name] for s in e.free_symbols}))
+                for ix, e in self.extent.items()}
+
 
 def reduced_axes(node: Node) -> tuple[str, ...]:
     """The axes along which a node combines entries (where masks take effect)."""

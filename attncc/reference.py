@@ -69,10 +69,7 @@ class Reference:
         floats = [t for t in tensors.values() if t.is_floating_point()]
         self.fdtype = torch.float64 if any(t.dtype == torch.float64 for t in floats) else torch.float32
         self.device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-        subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in scalars.items()}
-        subs.update({sympy.Symbol(k, integer=True): v for k, v in scalars.items()})
-        subs.update({sympy.Symbol(k, real=True): v for k, v in scalars.items()})
-        self.size = {ix: int(e.xreplace(subs)) for ix, e in program.extent.items()}
+        self.size = program.sizes(scalars)
         self.chunk_index = self.pick_chunk_index()
         self.block = max(1, block)
         self.shared: dict[ir.Node, torch.Tensor] = {}

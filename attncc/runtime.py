@@ -110,7 +110,7 @@ class RowStreamLauncher:
             raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
                                "use backend='reference' for float64")
         module = load_module(self.src, interpret)
-        sizes = self.sizes(call)
+        sizes = self.plan.program.sizes(call.scalars)
         n_rows, n_cols = sizes[p.i], sizes[p.j]
         n_feat, n_vfeat = sizes[p.d], sizes[p.e]
         if max(n_feat, n_vfeat) > 256:
@@ -183,11 +183,6 @@ class RowStreamLauncher:
         if wanted and not usable and cfg.get("GQA_PACK"):
             raise BackendError(f"GQA packing needs a power-of-two group no larger than BLOCK_M, got {group}")
         return group if wanted and usable else 1
-
-    def sizes(self, call: BoundCall) -> dict[str, int]:
-        """Every index extent for this call's dims and params."""
-        return {ix: int(ext.xreplace({s: call.scalars[s.name] for s in ext.free_symbols}))
-                for ix, ext in self.plan.program.extent.items()}
 
     def block_map_lists(self, call: BoundCall, block_m, block_n, sizes, module, interpret) -> list:
         """Per-query-tile lists of key tiles from the runtime block map, cached while
