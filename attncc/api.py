@@ -13,7 +13,9 @@ from .errors import ArgumentError, BackendError, SpecError
 from .frontend import lower
 from .reference import Reference
 from .syntax import parse
+from attncc.autotune.cache import TuningCache, tuning_key
 from attncc.passes.infer import infer_extents
+from attncc.codegen.tile_expr import Unsupported
 from attncc.passes.row_stream import NotRowStreamable, plan_row_stream
 
 BACKENDS = ("auto", "triton", "reference")
@@ -61,6 +63,8 @@ class Kernel:
         self.generated = generated  # the Triton kernel (plan, source, launcher) when backend == "triton"
         self.last_run: dict | None = None  # what the latest call actually ran
         self._lse: ir.Output | None = None
+        self.tuning_cache: TuningCache | None = None  # where calls find tuned configs (None: the user cache)
+        self._configs: dict = {}  # tuning key -> tuned config or None: the cache file is read once per key
         self.__signature__ = self.signature
 
     # ------------------------------------------------------------------ introspection
@@ -108,7 +112,7 @@ class Kernel:
                                 f"({', '.join(self.program.inputs)}, ...)")
         call = bind(self.program, kwargs)
         if self.backend == "triton":
-            results = self.generated.launcher(call, bool(return_lse))
+            results = self.generated.launcher(call, bool(return_lse), config=self.tuned_config(call))
             self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
                              "source": str(self.generated.path)}
         else:
@@ -117,6 +121,51 @@ class Kernel:
             self.last_run = {"backend": "reference"}
         results = [self._cast(r, call) for r in results]
         return results[0] if len(results) == 1 else tuple(results)
+
+    def tuned_config(self, call) -> dict | None:
+        """The tuned config for a bound call's key, or None (the launcher's heuristic)."""
+        key = tuning_key(self.program, call)
+        if key not in self._configs:
+            self.tuning_cache = self.tuning_cache or TuningCache()
+            entry = self.tuning_cache.get(key)
+            self._configs[key] = entry and entry["config"]
+        return self._configs[key]
+
+    def tune(self, *, trials: int = 30, timeout_s: float | None = None, cache=None, objective=None,
+             progress=None, **example_inputs):
+        """Search tile sizes, warps, stages (and key splits for few queries) for calls
+        shaped like `example_inputs`; store the best config in the tuning cache, where
+        every later call in the same bucket (same spec, dims rounded up to powers of two
+        above 16, int params, dtype, GPU, Triton version) finds it. See docs/autotune.md.
+
+        trials / timeout_s: the budget, whichever ends first. cache: a path or a
+        `TuningCache` (default: the user cache, `$ATTNCC_CACHE_DIR/tuning.json`);
+        a cache given here becomes `self.tuning_cache`, the one later calls read.
+        objective: `objective(config) -> seconds` instead of timing launches with CUDA
+        events (tests inject a deterministic cost; without one the inputs must be on a
+        GPU). progress: `progress(trial, result_so_far)` after each trial.
+        Returns the `TuneResult` (best config, its time, every trial); raises
+        `BackendError` when no config ran.
+        """
+        from attncc.autotune import measure, space, tuner
+
+        if self.backend != "triton":
+            raise BackendError(f"only the triton backend has configs to tune, not '{self.backend}'")
+        call = bind(self.program, example_inputs)
+        launcher = self.generated.launcher
+        objective = objective or measure.launch_objective(launcher, call)
+        configs = space.launcher_space(launcher, call, space.device_shared_memory(call.device))
+        result = tuner.tune(objective, configs, trials=trials, timeout_s=timeout_s, progress=progress)
+        if result.best is None:
+            reasons = "; ".join(sorted({t.reason for t in result.trials if t.reason}))
+            raise BackendError(f"no config of '{self.name}' ran: {reasons}")
+        store = cache if isinstance(cache, TuningCache) else TuningCache(cache)
+        if cache is not None:  # the cache a kernel tunes into is the one its calls read
+            self.tuning_cache, self._configs = store, {}
+        key = tuning_key(self.program, call)
+        store.put(key, result.cache_entry())
+        self._configs[key] = result.best_config
+        return result
 
     def lse(self) -> ir.Output:
         if self._lse is None:
@@ -146,7 +195,7 @@ def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 2
         return Kernel(program, "reference", reference_block)
     try:
         generated = generate(program)
-    except NotRowStreamable as why:
+    except (NotRowStreamable, Unsupported) as why:
         if backend == "auto":
             return Kernel(program, "reference", reference_block)
         raise BackendError(f"{program.source.filename}: the triton backend cannot generate '{program.name}' "

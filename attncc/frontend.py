@@ -383,6 +383,8 @@ class Frontend:
             if x.dtype != ir.BOOL:
                 raise self.error("'not' needs a boolean", e.operand.loc, "a comparison")
             return self.node_map("not", (x,), ir.BOOL, e.loc)
+        if x.dtype == ir.BOOL:
+            raise self.error("'-' on a boolean", e.loc, "a number (use `not` to negate a condition)")
         if isinstance(x, ir.Const):
             return ir.Const(value=-x.value, dtype=x.dtype, loc=e.loc)
         return self.node_map("neg", (x,), x.dtype, e.loc)

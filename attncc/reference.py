@@ -157,16 +157,31 @@ class Reference:
     def eval_access(self, node: ir.Access):
         if isinstance(node.array, ir.Input):
             array = self.value(node.array)
+        elif self.reads_in_place(node):
+            return self.constant_slice(node)
         else:
             array = align(self.full(node.array), node.array.indices, node.axes)
         if not node.args:
             return array.reshape(())
         args = [align(self.value(a), a.indices, node.indices) for a in node.args]
-        try:
-            return array[tuple(args)]
-        except IndexError as err:
-            raise IndexError(f"index out of range in the access at line {node.loc.line if node.loc else '?'}"
-                             f" of the spec: {err}") from None
+        for k, a in enumerate(args):
+            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= array.shape[k]):
+                bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
+                raise IndexError(f"index {bad} is out of range for dim {k} (size {array.shape[k]}) in the access "
+                                 f"at line {node.loc.line if node.loc else '?'} of the spec")
+        return array[tuple(args)]
+
+    @staticmethod
+    def reads_in_place(node: ir.Access) -> bool:
+        """`l[b,i,j,0]`: every argument is the axis's own index or a constant, so the
+        tensor can be read in the current stream block instead of rebuilt whole."""
+        return all((isinstance(a, ir.Index) and a.name == ax) or isinstance(a, ir.Const)
+                   for a, ax in zip(node.args, node.axes))
+
+    def constant_slice(self, node: ir.Access):
+        t = align(self.value(node.array), node.array.indices, node.axes)
+        index = tuple(a.value if isinstance(a, ir.Const) else slice(None) for a in node.args)
+        return t[index]
 
     # ------------------------------------------------------------------ elementwise
     def eval_map(self, node: ir.Map):
@@ -205,7 +220,15 @@ class Reference:
         terms = [(self.value(f), f.indices) for f in node.factors]
         valid = self.valid(node, space)
         if valid is not None:
-            terms.append((valid, space))
+            masked = {ix for m in self.p.masks_on(node) for ix in m.pred.indices}
+            cover = next((k for k, (_, ixs) in enumerate(terms) if masked <= set(ixs)), None)
+            if cover is None:
+                terms.append((valid, space))
+            else:  # absent entries are zeroed, not multiplied by 0 (an inf there would give nan)
+                t, ixs = terms[cover]
+                kept = tuple(ix for ix in space if ix in ixs)  # other axes of `valid` are broadcast (size 1)
+                keep = align(valid.reshape([valid.shape[space.index(ix)] for ix in kept]), kept, ixs)
+                terms[cover] = (torch.where(keep, t, torch.zeros((), dtype=t.dtype)), ixs)
         if node.dtype != ir.FLOAT:  # integer einsum is not supported everywhere: multiply and sum
             prod = math.prod(align(t, ixs, space) for t, ixs in terms)
             dims = [space.index(ix) for ix in space if ix not in node.indices]
@@ -283,7 +306,7 @@ class Reference:
                                       f"{node.loc.line if node.loc else '?'}) is not supported yet")
         size = int(self.value(b.size))
         nblocks = self.size[b.name]
-        out_shape = [nblocks if ix == b.name else self.size[ix] for ix in node.indices]
+        out_shape = [nblocks if ix == b.name else self.size_in_chunk(ix) for ix in node.indices]
         acc = torch.zeros(out_shape, dtype=self.fdtype, device=self.device)
         if node.op == "amax":
             acc.fill_(-math.inf)

@@ -161,6 +161,7 @@ class RowStreamLauncher:
             kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
                          BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse or splits > 1, COUNT_TILES=count_tiles,
                          SPLIT=splits > 1, PRECISION="ieee",
+                         UPCAST_DOT=interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16,
                          **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
         if count_tiles:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}

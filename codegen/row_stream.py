@@ -141,6 +141,8 @@ class RowStreamCodegen:
             f"mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), other=0.0)",
             "else:",
             f"    k = tl.load(k_tile + start_n * {kn}_s{p.k.row}, mask=offs_d[:, None] < n_feat, other=0.0)",
+            "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
+            "    k = k.to(tl.float32)",
             "qk = tl.dot(q, k, input_precision=PRECISION)",
             *score,
             "if MASKED:",
@@ -156,14 +158,16 @@ class RowStreamCodegen:
             f"mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
             "else:",
             f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, mask=offs_e[None, :] < n_vfeat, other=0.0)",
+            "if UPCAST_DOT:",
+            "    v = v.to(tl.float32)",
             "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
             "m_i = m_new",
         ]
-        constexprs = ["MASKED", "BLOCK_N", "PRECISION"]
+        constexprs = ["MASKED", "BLOCK_N", "PRECISION", "UPCAST_DOT"]
         inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
         inner_args = [a for a in inner_args if a not in ("acc", "m_i", "l_i", "start_n")]
         sig_tile = ", ".join(["acc", "m_i", "l_i", "start_n", *inner_args]) + \
-            ", MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr"
+            ", MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr"
         call_args = ", ".join(["acc", "m_i", "l_i", "start_n", *inner_args])
 
         tensors = list(em.tensors)
@@ -184,7 +188,8 @@ class RowStreamCodegen:
         kernel_sig = ", ".join(args) + (", BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
                                         "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
                                         "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
-                                        "SPLIT: tl.constexpr, PRECISION: tl.constexpr")
+                                        "SPLIT: tl.constexpr, PRECISION: tl.constexpr, "
+                                        "UPCAST_DOT: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -237,7 +242,9 @@ class RowStreamCodegen:
             *_indent(prologue),
             f"    q_ptrs = {qn}_ptr + {q_off} + {row}[:, None] * {qn}_s{p.q.row} + offs_d[None, :] * {qn}_s{p.q.feature}",
             "    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
-            "    q = (q * qk_scale).to(q_ptrs.dtype.element_ty)  # fold the score scale into q once",
+            "    q = (q.to(tl.float32) * qk_scale).to(q_ptrs.dtype.element_ty)  # fold the score scale into q once",
+            "    if UPCAST_DOT:",
+            "        q = q.to(tl.float32)",
             f"    k_tile = {kn}_ptr + {k_off} + offs_d[:, None] * {kn}_s{p.k.feature} + tl.arange(0, BLOCK_N)[None, :] * {kn}_s{p.k.row}",
             f"    v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}",
             "    m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)",
@@ -293,7 +300,7 @@ class RowStreamCodegen:
     def visit(self, masked, call):
         """One key tile; with COUNT_TILES the kernel also counts what it visits (work accounting)."""
         return [f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
-                "PRECISION=PRECISION)",
+                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)",
                 "    if COUNT_TILES:",
                 f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]
 

@@ -298,6 +298,14 @@ def test_arithmetic_on_boolean():
     assert "where(" in err.expected
 
 
+def test_minus_on_boolean():
+    text = GOOD.replace("k[b,h,j,d]\n", "k[b,h,j,d] * -(j <= i)\n")
+    err = spec_error(text)
+    assert err.message == "'-' on a boolean"
+    assert where(err) == pos(text, "-(j <= i)")
+    assert "not" in err.expected
+
+
 # ----------------------------------------------------------------------------- let, param, require
 def test_let_depending_on_an_index():
     text = HEAD + "  let R = i + 1\n" + SCORES + SOFTMAX + VALUES + "}\n"

@@ -87,3 +87,26 @@ def test_streaming_keeps_memory_bounded():
     finally:
         ref.torch.einsum = real_einsum
     assert max(sizes) <= 1 * 2 * 16 * 200
+
+
+def test_masked_infinities_do_not_leak_into_sums():
+    """lightning's lam ** (i - j) overflows where j > i; those pairs are masked and must
+    contribute nothing (not inf * 0 = nan)."""
+    kwargs = make_inputs("lightning", B=1, H=2, N=300, dtype=torch.float32)
+    kwargs["lam"] = torch.full((2,), 0.5)
+    out = attncc.compile("examples/lightning.attn", reference_block=64)(**kwargs)
+    assert torch.isfinite(out).all()
+
+
+def test_streaming_over_heads_with_a_block_reduction():
+    kwargs = make_inputs("agent", B=1, H=4, N=32)
+    got = attncc.compile("examples/agent.attn", reference_block=2)(**kwargs)
+    torch.testing.assert_close(got, DENSE["agent"](**kwargs), rtol=1e-9, atol=1e-10)
+
+
+def test_negative_gather_index_is_an_error_not_a_wraparound():
+    kwargs = make_inputs("label_table")
+    kwargs["label_q"] = kwargs["label_q"].clone()
+    kwargs["label_q"][0, 3] = -1
+    with pytest.raises(IndexError, match=r"index -1 is out of range .* line 7"):
+        attncc.compile("examples/label_table.attn")(**kwargs)

@@ -58,11 +58,12 @@ def test_generated_kernel_edge_shapes(name, shape):
     torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["causal", "document"])
-def test_half_precision(name):
-    kwargs = inputs(name, dtype=torch.float16)
+@pytest.mark.parametrize("name,dtype", [("causal", torch.float16), ("document", torch.float16),
+                                        ("alibi", torch.bfloat16), ("gqa_causal", torch.bfloat16)])
+def test_half_precision(name, dtype):
+    kwargs = inputs(name, dtype=dtype)
     o = run_triton(name, kwargs, return_lse=False)
-    assert o.dtype == torch.float16
+    assert o.dtype == dtype
     wide = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
     torch.testing.assert_close(o.float(), reference(name, wide, return_lse=False), rtol=2e-2, atol=2e-2)
 
