@@ -1,0 +1,118 @@
+"""`attncc tune`: autotune a spec for one shape on this GPU and store the best config.
+
+Registered by `attncc.cli` through `add_parser(subparsers)`; `run(args)` returns the
+exit status (0 tuned, 2 an error, including having no CUDA device to time on).
+"""
+from __future__ import annotations
+
+import sys
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .api import compile as compile_spec
+from .autotune.cache import TuningCache
+from .autotune.measure import NoDeviceError, require_cuda
+from .autotune.tuner import TuneResult
+from .check import DTYPES
+from .random_inputs import random_arguments
+
+DESCRIPTION = """\
+Search the launch configs of a spec's Triton kernel (tile sizes BLOCK_M x BLOCK_N,
+warps, pipeline stages, and key splits when there are at most 16 queries) for one
+shape on this GPU, with an optuna TPE search timed by CUDA events. The untuned
+default is measured first; configs whose first run is over 3x the best so far are
+cut short; configs that fail to compile or launch are recorded and skipped.
+
+The best config is stored in the tuning cache (default: $ATTNCC_CACHE_DIR/tuning.json,
+else ~/.cache/attncc/tuning.json) under the spec's content hash, the shape bucket
+(dims above 16 rounded up to a power of two), dtype, GPU and Triton version. Every
+later call of the kernel in that bucket, from any process, runs with it.
+
+Inputs are random, shaped by --shape and --param as in `attncc check`. Needs a CUDA
+device: timings in the interpreter mean nothing, so without one it exits with 2."""
+
+EXAMPLES = """\
+  attncc tune causal --shape B=4,H=16,N=4096,M=4096,D=128,E=128
+  attncc tune examples/sliding_window.attn --shape B=1,H=32,N=8192,M=8192,D=64,E=64 \\
+      --param window=512 --trials 60
+  attncc tune causal --shape B=64,H=32,N=1,M=8192,D=128,E=128 --timeout 120   (decoding: key splits)
+  attncc tune my_variant.attn --shape N=2048,M=2048 --dtype float16 --cache ./tuning.json
+"""
+
+TOP = 8
+
+
+def add_parser(subparsers):
+    from .cli import _subparser  # here, not above: attncc.cli imports this module
+
+    p = _subparser(subparsers, "tune", "autotune a spec's kernel for a shape on this GPU",
+                   DESCRIPTION, EXAMPLES)
+    p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
+    p.add_argument("--shape", action="append", metavar="DIM=SIZE,...",
+                   help="the dims to tune for, e.g. --shape B=4,H=16,N=4096,M=4096,D=128,E=128 (repeatable)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE,...",
+                   help="set params, e.g. --param window=512 (repeatable)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="input dtype (default: bfloat16)")
+    p.add_argument("--trials", type=int, default=30, help="configs to measure at most (default: 30)")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--cache", metavar="PATH", help="tuning cache file (default: the user cache)")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args, console: Console | None = None) -> int:
+    from .cli import _assignments, resolve_spec
+
+    console = console or Console(highlight=False)
+    spec = resolve_spec(args.spec)
+    try:
+        require_cuda()
+    except NoDeviceError as err:
+        print(f"attncc tune: error: {err}; `attncc check {args.spec}` tests the kernel in the "
+              "interpreter instead", file=sys.stderr)
+        return 2
+    kernel = compile_spec(spec, backend="triton")
+    inputs = random_arguments(kernel.program, _assignments(args.shape, int),
+                              _assignments(args.param, str), dtype=DTYPES[args.dtype], device="cuda")
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"tuning {kernel.name}", total=args.trials, best="-")
+
+        def progress(trial, result: TuneResult):
+            bar.update(task, completed=len(result.trials), best=_time(result.best_time))
+
+        result = kernel.tune(trials=args.trials, timeout_s=args.timeout, cache=args.cache,
+                             progress=progress, **inputs)
+    console.print(result_table(result))
+    pruned = sum(t.status == "pruned" for t in result.trials)
+    failed = [t for t in result.trials if t.status == "failed"]
+    console.print(f"{len(result.trials)} configs in {result.elapsed_s:.1f} s ({pruned} cut short, "
+                  f"{len(failed)} failed); stored in {TuningCache(args.cache).path}", soft_wrap=True)
+    for t in failed[:3]:
+        console.print(f"[dim]failed {_config(t.config)}: {t.reason}[/]", soft_wrap=True)
+    return 0
+
+
+def result_table(result: TuneResult, n: int = TOP) -> Table:
+    """The fastest configs with their median times and speed-ups over the default."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="fastest configs", title_justify="left")
+    names = list(result.best_config or {})
+    for column in ("#", *names, "time", "vs default"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for rank, t in enumerate(result.top(n), 1):
+        speedup = f"{result.default_time / t.time:.2f}x" if result.default_time else "-"
+        mark = " (default)" if t.config == result.default else ""
+        table.add_row(str(rank), *(str(t.config[k]) for k in names), _time(t.time), speedup + mark)
+    return table
+
+
+def _time(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.1f} us"
+
+
+def _config(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
