@@ -111,12 +111,12 @@ class Kernel:
             raise ArgumentError(f"{self.name}() takes keyword arguments only "
                                 f"({', '.join(self.program.inputs)}, ...)")
         call = bind(self.program, kwargs)
+        extra = [self.lse()] if return_lse else []  # the same error on every backend when there is none
         if self.backend == "triton":
             results = self.generated.launcher(call, bool(return_lse), config=self.tuned_config(call))
             self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
                              "source": str(self.generated.path)}
         else:
-            extra = [self.lse()] if return_lse else []
             results = Reference(self.program, call.tensors, call.scalars, self.reference_block).run(extra)
             self.last_run = {"backend": "reference"}
         results = [self._cast(r, call) for r in results]

@@ -105,8 +105,8 @@ class RowStreamLauncher:
         into `self.last_tile_counts` = {"full": ..., "partial": ...} (summed over programs)."""
         interpret = check_device(call)
         p = self.plan
-        if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-               for n, t in call.tensors.items() if n in (p.q.input.name, p.k.input.name, p.v.input.name)):
+        operands = {p.v.input.name} | {op.input.name for t in p.terms for op in (t.q, t.k)}
+        if any(call.tensors[n].dtype not in (torch.float16, torch.bfloat16, torch.float32) for n in operands):
             raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
                                "use backend='reference' for float64")
         module = load_module(self.src, interpret)
@@ -124,10 +124,14 @@ class RowStreamLauncher:
         outer_sizes = [sizes[ix] // group if group > 1 and ix == p.group[0] else sizes[ix] for ix in p.outer]
         combos = math.prod(outer_sizes)
         n_qt = triton_cdiv(n_rows * group, cfg["BLOCK_M"])
+        if return_lse and not p.has_lse:
+            raise BackendError("return_lse needs a single softmax over the keys")
         splits = cfg.get("SPLIT_KV") or choose_splits(n_rows, n_cols, combos * n_qt, cfg, device)
+        if not p.has_lse:  # partial results merge by LSE, which only a single softmax has
+            splits = 1
         split_len = triton_cdiv(triton_cdiv(n_cols, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
         splits = triton_cdiv(n_cols, split_len) if n_cols else 1
-        lse_axes = tuple(ix for ix in p.softmax.arg.indices if ix != p.j)
+        lse_axes = p.lse_axes
         out_shape = [sizes[ax] for ax in p.output.axes]
         lse_shape = [sizes[ax] for ax in lse_axes]
         if splits > 1:  # partial results per split, in fp32, merged below
@@ -221,9 +225,10 @@ class RowStreamLauncher:
     def scalar_values(self, call: BoundCall, names, host_scalars) -> list:
         values = []
         for name in names:
-            if name == "qk_scale":
-                scale = math.prod(evaluate_scalar(f, call.scalars) for f in self.plan.scale)
-                values.append(float(scale) * (1.0 if self.plan.has_score_mods else LOG2E))
+            if name.startswith("qk_scale"):
+                term = self.plan.terms[int(name[len("qk_scale"):] or 0)]
+                scale = math.prod(evaluate_scalar(f, call.scalars) for f in term.scale)
+                values.append(float(scale) * (LOG2E if term.folds_log2e else 1.0))
             elif name in call.scalars:
                 v = call.scalars[name]
                 values.append(int(v) if isinstance(v, bool) else v)

@@ -94,81 +94,195 @@ class RowStreamCodegen:
         self.em.tensors[op.input.name] = op.input
         return " + ".join(parts) if parts else "0"
 
-    def score_lines(self) -> tuple[list[str], str]:
-        """Per-tile code computing the score `s` (in base-2 units) from `qk`."""
-        p, em = self.plan, self.em
+    # ------------------------------------------------------------------ per-term names
+    def sfx(self, t: int) -> str:
+        """Suffix of a term's variables: none for the common single-term kernel."""
+        return "" if len(self.plan.terms) == 1 else str(t)
+
+    def state(self, t: int) -> list[str]:
+        """The loop-carried state of a term: an accumulator, plus max and sum for softmaxes."""
+        x = self.sfx(t)
+        if self.plan.terms[t].kind == "pointwise":
+            return [f"acc{x}"]
+        return [f"acc{x}", f"m_i{x}", f"l_i{x}"]
+
+    def states(self) -> list[str]:
+        return [v for t in range(len(self.plan.terms)) for v in self.state(t)]
+
+    # ------------------------------------------------------------------ tile body
+    def score_lines(self, t: int) -> list[str]:
+        """Per-tile code of a term's weights: the score `s` in base-2 units for softmaxes,
+        the weight `p` itself for pointwise terms."""
+        term, em, x = self.plan.terms[t], self.em, self.sfx(t)
         em.body = []
-        qk = Val("qk", frozenset("mn"), ir.FLOAT)
-        if p.qk_factors:
-            extra = [em.emit(f) for f in p.qk_factors]
-            qk = em.assign("qk * " + " * ".join(f.code for f in extra), frozenset("mn"), ir.FLOAT, p.qk)
-        em.bind(p.qk, qk)
-        s = em.emit(p.score)
+        qk = Val(f"qk{x}", frozenset("mn"), ir.FLOAT)
+        if term.qk_factors:
+            extra = [em.emit(f) for f in term.qk_factors]
+            qk = em.assign(f"qk{x} * " + " * ".join(f.code for f in extra), frozenset("mn"), ir.FLOAT, term.qk)
+        em.bind(term.qk, qk)
+        s = em.emit(term.score)
         lines = list(em.body)
-        if p.has_score_mods:
-            lines.append(f"s = {s.code} * {LOG2E}  # to base-2 units for exp2")
+        if term.kind == "pointwise":
+            lines.append(f"p{x} = {s.code}  # an elementwise weight: no normaliser")
+        elif term.folds_log2e:
+            lines.append(f"s{x} = qk{x}  # scale and log2(e) are folded into q")
         else:
-            lines.append("s = qk  # scale and log2(e) are folded into q")
-        return lines, s.code
+            lines.append(f"s{x} = {s.code} * {LOG2E}  # to base-2 units for exp2")
+        return lines
 
     def mask_lines(self) -> list[str]:
-        """Per-tile code for partial tiles: evaluate the spec's masks per element."""
+        """Per-tile code for partial tiles: the spec's masks per element, applied to every term."""
         p, em = self.plan, self.em
         em.body = []
         preds = [em.emit(m.pred) for m in p.masks]
         lines = list(em.body)
-        allowed = " & ".join(f"({v.code})" for v in preds) if preds else None
-        cond = "(offs_n[None, :] < n_cols)" + (f" & {allowed}" if allowed else "")
-        lines.append(f"s = tl.where({cond}, s, float('-inf'))")
+        allowed = " & ".join(f"({v.code})" for v in preds)
+        lines.append("allowed = (offs_n[None, :] < n_cols)" + (f" & {allowed}" if allowed else ""))
+        for t, term in enumerate(p.terms):
+            x = self.sfx(t)
+            if term.kind == "pointwise":
+                lines.append(f"p{x} = tl.where(allowed, p{x}, 0.0)")
+            else:
+                lines.append(f"s{x} = tl.where(allowed, s{x}, float('-inf'))")
         return lines
+
+    def key_loads(self) -> tuple[list[str], dict[str, str]]:
+        """Load each distinct key tensor's tile once per key tile."""
+        lines, names = [], {}
+        for term in self.plan.terms:
+            k = term.k
+            if k.input.name in names:
+                continue
+            var = f"k_{k.input.name}" if len(self.plan.terms) > 1 else "k"
+            names[k.input.name] = var
+            ptr = f"k_tile_{k.input.name} + start_n * {k.input.name}_s{k.row}"
+            lines += ["if MASKED:",
+                      f"    {var} = tl.load({ptr}, mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), "
+                      "other=0.0)",
+                      "else:",
+                      f"    {var} = tl.load({ptr}, mask=offs_d[:, None] < n_feat, other=0.0)",
+                      "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
+                      f"    {var} = {var}.to(tl.float32)"]
+        return lines, names
+
+    def update_lines(self, t: int) -> list[str]:
+        """The accumulator update of a term (online softmax, or a plain sum)."""
+        term, x = self.plan.terms[t], self.sfx(t)
+        if term.kind == "pointwise":
+            return [f"acc{x} += tl.dot(p{x}.to(v.dtype), v, input_precision=PRECISION)"]
+        return [f"# online softmax: running max m_i{x} and sum l_i{x} per query row (base 2)",
+                f"m_new = tl.maximum(m_i{x}, tl.max(s{x}, 1))",
+                "m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no allowed key yet",
+                f"p = tl.exp2(s{x} - m_safe[:, None])",
+                f"alpha = tl.exp2(m_i{x} - m_safe)",
+                f"l_i{x} = l_i{x} * alpha + tl.sum(p, 1)",
+                f"acc{x} = acc{x} * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
+                f"m_i{x} = m_new"]
+
+    def tile_body(self) -> list[str]:
+        p = self.plan
+        loads, knames = self.key_loads()
+        body = ["offs_n = start_n + tl.arange(0, BLOCK_N)", *loads]
+        for t, term in enumerate(p.terms):
+            x = self.sfx(t)
+            body.append(f"qk{x} = tl.dot(q{x}, {knames[term.k.input.name]}, input_precision=PRECISION)")
+            body += self.score_lines(t)
+        body += ["if MASKED:", *_indent(self.mask_lines())]
+        vn = p.v.input.name
+        body += ["if MASKED:",
+                 f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, "
+                 "mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
+                 "else:",
+                 f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, mask=offs_e[None, :] < n_vfeat, other=0.0)",
+                 "if UPCAST_DOT:",
+                 "    v = v.to(tl.float32)"]
+        for t in range(len(p.terms)):
+            body += self.update_lines(t)
+        return body
+
+    # ------------------------------------------------------------------ prologue and epilogue
+    def query_loads(self, row: str) -> list[str]:
+        """Each term's queries, loaded once and scaled (the scale folded into q), and the
+        base pointers of each distinct key tensor."""
+        lines = []
+        for t, term in enumerate(self.plan.terms):
+            x, qn = self.sfx(t), term.q.input.name
+            off = self.operand_offset(term.q)
+            lines += [f"q_ptrs{x} = {qn}_ptr + {off} + {row}[:, None] * {qn}_s{term.q.row} "
+                      f"+ offs_d[None, :] * {qn}_s{term.q.feature}",
+                      f"q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
+                      f"q{x} = (q{x}.to(tl.float32) * qk_scale{x}).to(q_ptrs{x}.dtype.element_ty)"
+                      "  # fold the score scale into q once",
+                      "if UPCAST_DOT:",
+                      f"    q{x} = q{x}.to(tl.float32)"]
+        seen = set()
+        for term in self.plan.terms:
+            k = term.k
+            if k.input.name in seen:
+                continue
+            seen.add(k.input.name)
+            off = self.operand_offset(k, self.kv_env)
+            lines.append(f"k_tile_{k.input.name} = {k.input.name}_ptr + {off} + offs_d[:, None] * "
+                         f"{k.input.name}_s{k.feature} + tl.arange(0, BLOCK_N)[None, :] * {k.input.name}_s{k.row}")
+        return lines
+
+    def initial_state(self) -> list[str]:
+        lines = []
+        for t, term in enumerate(self.plan.terms):
+            x = self.sfx(t)
+            lines.append(f"acc{x} = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)")
+            if term.kind == "softmax":
+                lines += [f"m_i{x} = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)",
+                          f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)"]
+            elif term.kind == "softmax1":
+                lines += [f"m_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)"
+                          "  # softmax1: a virtual key with logit 0 (and value 0)",
+                          f"l_i{x} = tl.full([BLOCK_M], 1.0, dtype=tl.float32)"]
+        return lines
+
+    def combine_lines(self) -> list[str]:
+        """The output: each term normalised and weighed by its coefficient, then summed."""
+        lines, parts = [], []
+        for t, term in enumerate(self.plan.terms):
+            x = self.sfx(t)
+            if term.kind == "pointwise":
+                part = f"acc{x}"
+            else:
+                lines.append(f"l_safe{x} = tl.where(l_i{x} == 0.0, 1.0, l_i{x})")
+                part = f"acc{x} / l_safe{x}[:, None]"
+            if term.coef is not None:
+                self.em.body = []
+                coef = self.em.emit(term.coef)
+                lines += self.em.body
+                part = f"{coef.code} * ({part})"
+            parts.append(part)
+        return lines + ["out = " + " + ".join(parts)]
+
+    def scalar_arg_names(self) -> list[str]:
+        """Every dim and param by name (bounds and guards refer to them), then the
+        host-evaluated constants, then the q scale of each term."""
+        prog = self.plan.program
+        names = list(prog.dims) + list(prog.params)
+        names += [n for n in self.em.host_scalars if n not in names]
+        return names + [f"qk_scale{self.sfx(t)}" for t in range(len(self.plan.terms))]
 
     # ------------------------------------------------------------------ kernel text
     def generate(self) -> KernelSource:
         p, em = self.plan, self.em
-        q_off = self.operand_offset(p.q)
-        k_off = self.operand_offset(p.k, self.kv_env)
         v_off = self.operand_offset(p.v, self.kv_env)
-        score, _ = self.score_lines()
-        masked = self.mask_lines()
+        queries = self.query_loads(self.row)
+        tile_body = self.tile_body()
+        combine = self.combine_lines()
         range_lines = self.range_lines()
         prologue = list(em.prologue)
-
-        qn, kn, vn = p.q.input.name, p.k.input.name, p.v.input.name
-        tile_body = [
-            "offs_n = start_n + tl.arange(0, BLOCK_N)",
-            "if MASKED:",
-            f"    k = tl.load(k_tile + start_n * {kn}_s{p.k.row}, "
-            f"mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), other=0.0)",
-            "else:",
-            f"    k = tl.load(k_tile + start_n * {kn}_s{p.k.row}, mask=offs_d[:, None] < n_feat, other=0.0)",
-            "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
-            "    k = k.to(tl.float32)",
-            "qk = tl.dot(q, k, input_precision=PRECISION)",
-            *score,
-            "if MASKED:",
-            *_indent(masked),
-            "# online softmax: running max m_i and sum l_i per query row (base 2)",
-            "m_new = tl.maximum(m_i, tl.max(s, 1))",
-            "m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no allowed key yet",
-            "p = tl.exp2(s - m_safe[:, None])",
-            "alpha = tl.exp2(m_i - m_safe)",
-            "l_i = l_i * alpha + tl.sum(p, 1)",
-            "if MASKED:",
-            f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, "
-            f"mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
-            "else:",
-            f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, mask=offs_e[None, :] < n_vfeat, other=0.0)",
-            "if UPCAST_DOT:",
-            "    v = v.to(tl.float32)",
-            "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
-            "m_i = m_new",
-        ]
+        state = self.states()
+        vn = p.v.input.name
         constexprs = ["MASKED", "BLOCK_N", "PRECISION", "UPCAST_DOT"]
         inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
-        inner_args = [a for a in inner_args if a not in ("acc", "m_i", "l_i", "start_n")]
-        sig_tile = ", ".join(["acc", "m_i", "l_i", "start_n", *inner_args]) + \
+        inner_args = [a for a in inner_args if a not in (*state, "start_n")]
+        sig_tile = ", ".join([*state, "start_n", *inner_args]) + \
             ", MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr"
-        call_args = ", ".join(["acc", "m_i", "l_i", "start_n", *inner_args])
+        call_args = ", ".join([*state, "start_n", *inner_args])
 
         tensors = list(em.tensors)
         scalar_args = self.scalar_arg_names()
@@ -177,7 +291,7 @@ class RowStreamCodegen:
         dim_args = [f"{t}_d{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
         out_axes = p.output.axes
         o_strides = [f"o_s{k}" for k in range(len(out_axes))]
-        lse_axes = tuple(ix for ix in p.softmax.arg.indices if ix != p.j)
+        lse_axes = p.lse_axes
         lse_strides = [f"lse_s{k}" for k in range(len(lse_axes))]
         outer_sizes = [f"size_{ix}" for ix in p.outer]
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
@@ -221,9 +335,9 @@ class RowStreamCodegen:
         src = [
             "@triton.jit",
             f"def {self.name}_tile({sig_tile}):",
-            '    """One key tile: scores, modifications, (masks), and the online-softmax update."""',
+            '    """One key tile: scores, modifications, (masks), and the accumulator updates."""',
             *_indent(tile_body),
-            "    return acc, m_i, l_i",
+            "    return " + ", ".join(state),
             "",
             "",
             "@triton.jit",
@@ -240,40 +354,25 @@ class RowStreamCodegen:
             *_indent(rows),
             "    # values that do not change along the key loop",
             *_indent(prologue),
-            f"    q_ptrs = {qn}_ptr + {q_off} + {row}[:, None] * {qn}_s{p.q.row} + offs_d[None, :] * {qn}_s{p.q.feature}",
-            "    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
-            "    q = (q.to(tl.float32) * qk_scale).to(q_ptrs.dtype.element_ty)  # fold the score scale into q once",
-            "    if UPCAST_DOT:",
-            "        q = q.to(tl.float32)",
-            f"    k_tile = {kn}_ptr + {k_off} + offs_d[:, None] * {kn}_s{p.k.feature} + tl.arange(0, BLOCK_N)[None, :] * {kn}_s{p.k.row}",
+            *_indent(queries),
             f"    v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}",
-            "    m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)",
-            "    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)",
-            "    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)",
+            *_indent(self.initial_state()),
             *_indent(range_lines(call_args)),
             "    # epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
             "    if SPLIT:  # a partial result per key split, merged by log-sum-exp afterwards",
             "        o_ptr += (tl.program_id(0) // n_qt) * o_split_stride",
             "        lse_ptr += (tl.program_id(0) // n_qt) * lse_split_stride",
-            "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
-            "    out = acc / l_safe[:, None]",
+            *_indent(combine),
             f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, True)}",
             "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat))",
-            "    if STORE_LSE:",
-            f"        lse = tl.where(l_i == 0.0, float('-inf'), m_i / {LOG2E} + tl.log(l_safe))",
-            f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, False)}, lse, mask=row_ok)",
+            *(["    if STORE_LSE:",
+               f"        lse = tl.where(l_i == 0.0, float('-inf'), m_i / {LOG2E} + tl.log(l_safe))",
+               f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, False)}, lse, mask=row_ok)"]
+              if p.has_lse else []),
             "",
         ]
         return KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
                             self.mask_mode())
-
-    def scalar_arg_names(self) -> list[str]:
-        """Every dim and param by name (bounds and guards refer to them), then the
-        host-evaluated constants, then the q scale."""
-        prog = self.plan.program
-        names = list(prog.dims) + list(prog.params)
-        names += [n for n in self.em.host_scalars if n not in names]
-        return names + ["qk_scale"]
 
     def mask_mode(self) -> str:
         if self.plan.mask_plan is None:
@@ -299,7 +398,7 @@ class RowStreamCodegen:
 
     def visit(self, masked, call):
         """One key tile; with COUNT_TILES the kernel also counts what it visits (work accounting)."""
-        return [f"    acc, m_i, l_i = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
+        return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
                 "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)",
                 "    if COUNT_TILES:",
                 f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]

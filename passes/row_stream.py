@@ -42,6 +42,31 @@ class Operand:
 
 
 @dataclass
+class Term:
+    """One weight matrix of the output: `coef * norm_j(score)` contracted with the values.
+    `kind` is "softmax" (online max and sum), "softmax1" (the same with a virtual zero
+    logit) or "pointwise" (an elementwise weight such as a sigmoid: no normaliser)."""
+
+    kind: str
+    coef: ir.Node | None      # a factor that does not depend on the key index (None: 1)
+    score: ir.Node            # the normaliser's argument, or the pointwise weight itself
+    qk: ir.Contract           # its Q K^T contraction
+    q: Operand
+    k: Operand
+    scale: tuple[ir.Node, ...]       # scalar factors of Q K^T, folded into Q
+    qk_factors: tuple[ir.Node, ...]  # non-scalar extra factors of Q K^T (e.g. decays)
+
+    @property
+    def has_score_mods(self) -> bool:
+        return self.score is not self.qk or bool(self.qk_factors)
+
+    @property
+    def folds_log2e(self) -> bool:
+        """Plain softmax scores can carry log2(e) in the q scale and feed exp2 directly."""
+        return self.kind != "pointwise" and not self.has_score_mods
+
+
+@dataclass
 class RowStreamPlan:
     program: ir.Program
     output: ir.Output
@@ -50,22 +75,42 @@ class RowStreamPlan:
     d: str                    # the Q K^T contraction index
     e: str                    # the value feature index
     outer: tuple[str, ...]    # indices of the grid besides query tiles (batch, head)
-    q: Operand
-    k: Operand
+    terms: list[Term]         # the weight matrices summed into the output
     v: Operand
-    qk: ir.Contract           # the score contraction
-    scale: tuple[ir.Node, ...]     # scalar factors of Q K^T, folded into Q
-    qk_factors: tuple[ir.Node, ...]  # non-scalar extra factors of Q K^T (e.g. decays)
-    score: ir.Node            # S: the softmax argument (Q K^T plus modifications)
-    softmax: ir.Normalize
     masks: list[ir.Mask]
     mask_plan: MaskPlan | None
     mask_symbols: dict        # sympy symbol name -> IR node it stands for (loaded scalars)
     group: tuple[str, ir.Node] | None = None  # GQA: (head index, heads per K/V head)
 
+    # the first term's pieces, for the common single-softmax case
+    @property
+    def q(self) -> Operand:
+        return self.terms[0].q
+
+    @property
+    def k(self) -> Operand:
+        return self.terms[0].k
+
+    @property
+    def scale(self):
+        return self.terms[0].scale
+
+    @property
+    def score(self) -> ir.Node:
+        return self.terms[0].score
+
     @property
     def has_score_mods(self) -> bool:
-        return self.score is not self.qk or bool(self.qk_factors)
+        return self.terms[0].has_score_mods
+
+    @property
+    def lse_axes(self) -> tuple[str, ...]:
+        return tuple(ix for ix in self.score.indices if ix != self.j)
+
+    @property
+    def has_lse(self) -> bool:
+        """The log-sum-exp side output exists for a single plain softmax."""
+        return len(self.terms) == 1 and self.terms[0].kind == "softmax" and self.terms[0].coef is None
 
     @property
     def needs_block_map(self) -> bool:
@@ -92,23 +137,51 @@ def _operand(access: ir.Node, row: str, feature: str, role: str) -> Operand:
     return op
 
 
-def plan_row_stream(program: ir.Program) -> RowStreamPlan:
-    """Match the first output against `softmax_j(S) @ V` and analyse the masks."""
-    out = program.outputs[0]
-    pv = out.node
-    if not isinstance(pv, ir.Contract) or len(pv.factors) != 2 or len(pv.summed) != 1:
-        raise NotRowStreamable("the output is not a single contraction of probabilities with values")
-    j = pv.summed[0]
-    sm = next((f for f in pv.factors if isinstance(f, ir.Normalize)), None)
-    if sm is None or sm.op != "softmax" or sm.axis != j:
-        raise NotRowStreamable(f"the output does not contract a softmax over '{j}' with values")
-    v_access = next(f for f in pv.factors if f is not sm)
-    e_candidates = [ix for ix in v_access.indices if ix not in sm.indices]
-    if len(e_candidates) != 1:
-        raise NotRowStreamable("the values must have exactly one feature index")
-    e = e_candidates[0]
-    v = _operand(v_access, j, e, "the values")
-    score = sm.arg
+def _times(coef: ir.Node | None, factor: ir.Node) -> ir.Node:
+    if coef is None:
+        return factor
+    return ir.Map(op="*", args=(coef, factor), indices=ir.union_indices((coef, factor)), dtype=ir.FLOAT)
+
+
+def _minus_one() -> ir.Node:
+    return ir.Const(value=-1.0, dtype=ir.FLOAT)
+
+
+def _weight_terms(node: ir.Node, j: str, coef=None) -> list[tuple[str, ir.Node | None, ir.Node]]:
+    """Split the weights contracted with the values into (kind, coefficient, score) terms:
+    `softmax(s1, j) - lam * softmax(s2, j)` gives two softmax terms, `sigmoid(s + bias)` one
+    pointwise term."""
+    if isinstance(node, ir.Normalize):
+        if node.axis != j:
+            raise NotRowStreamable(f"a {node.op} along '{node.axis}', not along the keys '{j}'")
+        return [(node.op, coef, node.arg)]
+    if isinstance(node, ir.Map) and node.op in ("+", "-"):
+        right = _times(coef, _minus_one()) if node.op == "-" else coef
+        return _weight_terms(node.args[0], j, coef) + _weight_terms(node.args[1], j, right)
+    if isinstance(node, ir.Map) and node.op == "neg":
+        return _weight_terms(node.args[0], j, _times(coef, _minus_one()))
+    if isinstance(node, ir.Map) and node.op == "*":
+        a, b = node.args
+        for c, t in ((a, b), (b, a)):
+            if j not in c.indices and not _has_normalize(c):
+                return _weight_terms(t, j, _times(coef, c))
+    if j in node.indices and not _has_normalize(node):
+        return [("pointwise", coef, node)]
+    raise NotRowStreamable("the weights are not a sum of softmaxes and elementwise terms over the keys")
+
+
+def _has_normalize(node: ir.Node) -> bool:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (ir.Normalize, ir.Select, ir.Reduce)):
+            return True
+        stack.extend(n.operands())
+    return False
+
+
+def _term(program, kind, coef, score, j, i_hint=None) -> tuple[Term, str, str]:
+    """A term's Q K^T contraction and operands; returns the term, its query index and d."""
     contracts = [n for n in _score_nodes(program, score) if isinstance(n, ir.Contract)
                  and len(n.summed) == 1 and j in n.indices and n.summed[0] not in _small(program)]
     if len(contracts) != 1:
@@ -122,29 +195,74 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     q_access = next((f for f in tiles if f is not k_access), None)
     rows = [ix for ix in (q_access.indices if q_access is not None else ())
             if ix != d and k_access is not None and ix not in k_access.indices]
-    i = rows[0] if len(rows) == 1 else None
-    if k_access is None or i is None or i not in out.axes:
+    if k_access is None or len(rows) != 1 or (i_hint is not None and rows[0] != i_hint):
         raise NotRowStreamable("cannot tell queries from keys in Q K^T")
-    q = _operand(q_access, i, d, "the queries")
-    k = _operand(k_access, j, d, "the keys")
+    i = rows[0]
     extra = [f for f in qk.factors if f not in tiles]
-    scale = tuple(f for f in extra if f.is_scalar)
-    qk_factors = tuple(f for f in extra if not f.is_scalar)
+    term = Term(kind, coef, score, qk, _operand(q_access, i, d, "the queries"),
+                _operand(k_access, j, d, "the keys"),
+                tuple(f for f in extra if f.is_scalar), tuple(f for f in extra if not f.is_scalar))
+    return term, i, d
+
+
+def plan_row_stream(program: ir.Program) -> RowStreamPlan:
+    """Match the first output against `sum_k coef_k * norm_k(S_k) @ V` and analyse the masks."""
+    out = program.outputs[0]
+    pv = out.node
+    if not isinstance(pv, ir.Contract) or len(pv.factors) != 2 or len(pv.summed) != 1:
+        raise NotRowStreamable("the output is not a single contraction of weights with values over one index")
+    j = pv.summed[0]
+    v_access = next((f for f in pv.factors if isinstance(f, ir.Access) and isinstance(f.array, ir.Input)
+                     and _has_direct(f, j)), None)
+    if v_access is None:
+        raise NotRowStreamable("the output does not contract weights with an input value tensor")
+    weights = next(f for f in pv.factors if f is not v_access)
+    raw_terms = _weight_terms(weights, j)
+    if len(raw_terms) > 2:
+        raise NotRowStreamable("more than two weight terms")
+    terms, i, d = [], None, None
+    for kind, coef, score in raw_terms:
+        term, i, d_term = _term(program, kind, coef, score, j, i)
+        if d is not None and program.extent[d_term] != program.extent[d]:
+            raise NotRowStreamable("the terms' Q K^T contract over different extents")
+        d = d or d_term
+        terms.append(term)
+    e_candidates = [ix for ix in v_access.indices if ix not in weights.indices]
+    if len(e_candidates) != 1:
+        raise NotRowStreamable("the values must have exactly one feature index")
+    e = e_candidates[0]
+    v = _operand(v_access, j, e, "the values")
+    if i not in out.axes:
+        raise NotRowStreamable("the output is not indexed by the queries")
     outer = tuple(ix for ix in out.axes if ix not in (i, e))
-    if set(out.axes) != {i, e, *outer} or set(score.indices) - {i, j, *outer}:
-        raise NotRowStreamable("the scores have indices that the output does not keep")
-    masks = program.masks_on(sm)
+    for t in terms:
+        if set(t.score.indices) - {i, j, *outer} or (t.coef is not None and set(t.coef.indices) - {i, *outer}):
+            raise NotRowStreamable("the scores have indices that the output does not keep")
+    masks = list(dict.fromkeys(m for node in (pv, *(t.score for t in terms)) for m in _masks_of(program, node, pv)))
     for m in masks:
         if set(m.pred.indices) - {i, j, *outer}:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
     mask_plan, symbols = analyse_masks(program, masks, i, j, outer)
-    return RowStreamPlan(program, out, i, j, d, e, outer, q, k, v, qk, scale, qk_factors, score, sm,
-                         masks, mask_plan, symbols, _gqa_group(q, k, v, masks))
+    return RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
+                         _gqa_group(terms, v, masks))
 
 
-def _gqa_group(q: Operand, k: Operand, v: Operand, masks):
+def _has_direct(access: ir.Access, ix: str) -> bool:
+    return any(_bare(a, ix) for a in access.args)
+
+
+def _masks_of(program, node, pv):
+    """The masks that restrict the keys of the output's contraction (and its normalisers)."""
+    users = [pv] + [n for n in _score_nodes(program, node) if isinstance(n, ir.Normalize)]
+    return [m for u in users for m in program.masks_on(u)]
+
+
+def _gqa_group(terms: list[Term], v: Operand, masks):
     """Grouped-query attention: query head `h` reads K/V head `h // R` (R a scalar). Such
     heads can share one program, packed into the rows of a tile, loading K/V once."""
+    q, k = terms[0].q, terms[0].k
+    if len(terms) > 1:
+        return None
     for pos, arg in q.outer_args():
         if not isinstance(arg, ir.Index) or any(arg.name in m.pred.indices for m in masks):
             continue

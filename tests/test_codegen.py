@@ -11,7 +11,7 @@ def test_dense_kernel_has_no_mask_code_and_folds_the_scale():
     src = source("dense")
     assert src.mask_mode == "none"
     assert "scale and log2(e) are folded into q" in src.source
-    assert "if MASKED:" in src.source and "tl.where((offs_n[None, :] < n_cols), s" in src.source
+    assert "if MASKED:" in src.source and "allowed = (offs_n[None, :] < n_cols)\n" in src.source
     assert "_classify" not in src.source
 
 
