@@ -26,7 +26,6 @@ CONSTANTS = {"inf": (float("inf"), ir.FLOAT), "pi": (3.141592653589793, ir.FLOAT
 FUNCTION_HELP = ("elementwise: " + ", ".join(sorted(UNARY | BINARY | {"clamp", "where"}))
                  + "; reductions: " + ", ".join(sorted(REDUCTIONS))
                  + "; normalisations: softmax, softmax1; selections: " + ", ".join(SELECTIONS))
-ARITH = {"+", "-", "*", "/", "//", "%", "**"}
 COMPARE = {"==", "!=", "<", "<=", ">", ">="}
 
 

@@ -45,7 +45,7 @@ def generate(plan: RowStreamPlan, name: str):
     for ix in outer:
         env[ix] = Val(f"idx_{ix}", frozenset(), ir.INT)
     em = TileEmitter(plan.program, env)
-    em.in_bounds = {plan.i: "offs_m", plan.j: "offs_n"}
+    em.in_bounds = {plan.i, plan.j}
     preds = [em.emit(m.pred) for m in plan.masks]
     tensors = list(em.tensors)
     scalars = list(plan.program.dims) + list(plan.program.params)

@@ -80,7 +80,7 @@ class RowStreamCodegen:
             env[h] = Val("h_rows[:, None]", frozenset("m"), ir.INT)
             self.kv_env[h] = Val(f"(grp_{h} * group)", frozenset(), ir.INT)
         self.em = TileEmitter(p.program, env)
-        self.em.in_bounds = {p.i: self.row, p.j: "offs_n"}
+        self.em.in_bounds = {p.i, p.j}
 
     # ------------------------------------------------------------------ pieces
     def operand_offset(self, op, env=None) -> str:

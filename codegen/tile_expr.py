@@ -68,7 +68,7 @@ class TileEmitter:
     body: list[str] = field(default_factory=list)
     host_scalars: dict[str, ir.Node] = field(default_factory=dict)
     tensors: dict[str, ir.Input] = field(default_factory=dict)
-    in_bounds: dict[str, str] = field(default_factory=dict)  # index name -> bound check code
+    in_bounds: set[str] = field(default_factory=set)  # tile indices that run past the tensor (padding)
     memo: dict = field(default_factory=dict)
     counter: int = 0
     last_line: dict = field(default_factory=lambda: {"prologue": None, "body": None})
@@ -140,7 +140,7 @@ class TileEmitter:
             if a.const == 0:
                 continue
             offsets.append(f"{a.code} * {array.name}_s{k}")
-            if a.axes and not self.provably_in_range(arg, array.dims[k]):
+            if a.axes and not self.provably_in_range(arg):
                 checks.append(f"({a.code} >= 0) & ({a.code} < {array.name}_d{k})")
         pointer = f"{array.name}_ptr" + "".join(f" + {o}" for o in offsets)
         if checks:
@@ -153,7 +153,7 @@ class TileEmitter:
             code = f"({code} != 0)"
         return self.assign(code, axes, array.dtype, node, hint="ld")
 
-    def provably_in_range(self, arg: ir.Node, dim) -> bool:
+    def provably_in_range(self, arg: ir.Node) -> bool:
         """Bare query/key indices stay in range except on padded rows and columns, which
         the kernel masks anyway; other index expressions are checked."""
         return False if not isinstance(arg, ir.Index) else arg.name not in self.in_bounds
