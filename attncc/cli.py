@@ -1,4 +1,4 @@
-"""The `attncc` command line: browse the example gallery, inspect stages, check kernels.
+"""The `attncc` command line: browse the example gallery, inspect stages, check and export kernels.
 
 Each subcommand is a small function of parsed arguments that returns an exit status:
 0 success, 1 a check found a mismatch, 2 the spec or the call was wrong (reported
@@ -7,37 +7,54 @@ without a traceback: spec errors already point at file, line and column).
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
+import textwrap
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from rich import box
 from rich.console import Console
+from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__
 from .api import BACKENDS, load, read_spec
+from .api import compile as compile_spec
 from .check import DTYPES, check
 from .errors import ArgumentError, BackendError, ShapeError, SpecError
+from .plan_report import format_plan
 from .printer import format_ast, format_ir
 from .syntax import parse
 
 
-def _show_ast(spec: str) -> str:
+def _show_ast(spec: str, args) -> str:
     return format_ast(parse(*read_spec(spec)))
 
 
-def _show_ir(spec: str) -> str:
+def _show_ir(spec: str, args) -> str:
     return format_ir(load(spec))
 
 
-# Stage name -> a function from a spec path to its text form. Later stages register here.
-STAGES: dict[str, Callable[[str], str]] = {"ast": _show_ast, "ir": _show_ir}
+def _show_plan(spec: str, args) -> str:
+    return format_plan(compile_spec(spec, "triton"), _assignments(args.shape, int), _assignments(args.param, str),
+                       args.block_m or PLAN_TILE, args.block_n or PLAN_TILE)
 
-_USER_ERRORS = (SpecError, ArgumentError, ShapeError, BackendError, FileNotFoundError, ValueError)
+
+def _show_triton(spec: str, args) -> str:
+    return compile_spec(spec, "triton").generated.source.source
+
+
+# Stage name -> a function from a spec path and the parsed options to its text form.
+STAGES: dict[str, Callable[[str, argparse.Namespace], str]] = {
+    "ast": _show_ast, "ir": _show_ir, "plan": _show_plan, "triton": _show_triton}
+PLAN_OPTIONS = ("shape", "param", "block_m", "block_n")  # options of `show` that only the plan uses
+PLAN_TILE = 64  # the plan's work table: default BLOCK_M and BLOCK_N
+
+_USER_ERRORS = (SpecError, ArgumentError, ShapeError, FileNotFoundError, ValueError)
 
 
 # ----------------------------------------------------------------------------- the gallery
@@ -110,13 +127,95 @@ def cmd_list(args, console: Console) -> int:
 
 
 def cmd_show(args, console: Console) -> int:
-    text = Text(STAGES[args.stage](resolve_spec(args.spec)).rstrip("\n"))
+    misplaced = [o for o in PLAN_OPTIONS if getattr(args, o) is not None]
+    if misplaced and args.stage != "plan":
+        names = ", ".join("--" + o.replace("_", "-") for o in misplaced)
+        raise ValueError(f"{names}: only --stage plan takes these (they size its work table)")
+    source = STAGES[args.stage](resolve_spec(args.spec), args)
+    if args.stage == "triton":
+        if console.is_terminal:
+            console.print(Syntax(source, "python", theme="ansi_dark", word_wrap=False))
+        else:  # byte for byte, to save or diff
+            console.file.write(source)
+        return 0
+    text = Text(source.rstrip("\n"))
     text.highlight_regex(r"%\d+", "cyan")
     text.highlight_regex(r"#\d+", "magenta")
     text.highlight_regex(r"(?m)#( line)? .*$|#$", "dim")
-    text.highlight_regex(r"(?m)^\S.*:$", "bold")
+    text.highlight_regex(r"(?m)^\S.*:$|^[a-z]+:", "bold")
     console.print(text, soft_wrap=True)
     return 0
+
+
+def cmd_compile(args, console: Console) -> int:
+    spec = Path(resolve_spec(args.spec))
+    name = compile_spec(spec, "triton").name  # fails before anything is written
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    copy = out / f"{name}.attn"
+    copy.write_text(spec.read_text())
+    # Generated from the copy's absolute path, as the module does: the source names its spec.
+    kernel = compile_spec(copy.resolve(), "triton")
+    triton_file, module_file = out / f"{name}_triton.py", out / f"{name}.py"
+    triton_file.write_text(kernel.generated.source.source)
+    module_file.write_text(_module_text(kernel, textwrap.fill(describe(copy.read_text(), width=10**4), 88)))
+    copied = "" if copy.resolve() == spec.resolve() else f" (a copy of {_relative(spec)})"
+    written = [(copy, f"the spec{copied}"),
+               (triton_file, f"the generated Triton source (mask mode {kernel.generated.source.mask_mode})"),
+               (module_file, f"a module: `from {name} import {name}`, then "
+                             f"{name}({', '.join(f'{n}=...' for n in kernel.program.inputs)})")]
+    width = max(len(str(path)) for path, _ in written)
+    for path, what in written:
+        console.print(f"wrote {str(path):<{width}}  {what}", markup=False, soft_wrap=True)
+    return 0
+
+
+_MODULE = '''"""{name}: the kernel of {name}.attn, written by `attncc compile` (attncc {version}).
+
+{description}
+
+    from {name} import {name}
+    {outputs} = {name}({call})
+
+CUDA tensors run the compiled Triton kernel, CPU tensors the same kernel in Triton's
+interpreter (slow: for tests); return_lse=True also returns the log-sum-exp. `kernel`
+is the attncc.Kernel behind it (signature, plan, generated source).
+
+On import, attncc compiles {name}.attn (next to this file) again and compares the Triton
+source with {name}_triton.py, the source saved by `attncc compile`: a warning says when
+they differ, i.e. when the installed attncc generates other code than the one that wrote
+this folder. `attncc compile {name}.attn -o .` here refreshes the saved copy.
+"""
+import warnings
+from pathlib import Path
+
+import attncc
+
+_HERE = Path(__file__).resolve().parent
+kernel = attncc.compile(_HERE / "{name}.attn", backend="triton")
+
+if kernel.generated.source.source != (_HERE / "{name}_triton.py").read_text():
+    warnings.warn(f"{name}: attncc {{attncc.__version__}} generates a different Triton source than "
+                  f"{name}_triton.py, saved by attncc {version}; run `attncc compile {name}.attn -o .` "
+                  f"in {{_HERE}} to refresh it", stacklevel=2)
+
+
+def {name}(**kwargs):
+    """{name}({signature}): runs `kernel`."""
+    return kernel(**kwargs)
+
+
+{name}.__signature__ = kernel.signature
+'''
+
+
+def _module_text(kernel, description: str) -> str:
+    """The importable module `attncc compile` writes next to the spec and the source."""
+    inputs = list(kernel.program.inputs)
+    params = [f"{n}={v!r}" if v is not inspect.Parameter.empty else n for n, v in kernel.params.items()]
+    return _MODULE.format(name=kernel.name, version=__version__, description=description,
+                          outputs=", ".join(kernel.outputs), call=", ".join(f"{n}={n}" for n in inputs),
+                          signature=", ".join(["*", *inputs, *params, "return_lse=False"]))
 
 
 def cmd_check(args, console: Console) -> int:
@@ -169,16 +268,33 @@ def _subparser(subparsers, name: str, summary: str, description: str, examples: 
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _size_options(p, what: str):
+    """--shape and --param, shared by `check` and `show --stage plan`."""
+    p.add_argument("--shape", action="append", metavar="DIM=SIZE,...",
+                   help=f"fix dims {what}, e.g. --shape B=1,N=128 (repeatable)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE,...",
+                   help="set params, e.g. --param window=8 (repeatable; needed for params "
+                        "without a default)")
+
+
+def _tile(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a tile size is a positive integer, got '{text}'")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attncc", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="attncc compiles declarative attention specs (.attn files: a cascade of\n"
-                    "einsums with masks, score modifications and normalisations) into kernels,\n"
-                    "and checks them against a reference executor.",
+                    "einsums with masks, score modifications and normalisations) into fused\n"
+                    "Triton kernels, and checks them against a reference executor.",
         epilog="examples:\n"
-               "  attncc list                                  the example gallery\n"
-               "  attncc show --stage ir examples/causal.attn  the IR of a spec\n"
-               "  attncc check causal                          a kernel vs the reference\n\n"
+               "  attncc list                                    the example gallery\n"
+               "  attncc show --stage ir examples/causal.attn    the IR of a spec\n"
+               "  attncc show --stage plan causal                how its kernel is planned\n"
+               "  attncc check causal                            its kernel vs the reference\n"
+               "  attncc compile causal -o kernels/              an importable kernel module\n\n"
                "run `attncc COMMAND --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"attncc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -186,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "list", "list the example specs with a one-line description",
                    "List the .attn specs of the example gallery installed with attncc (or of\n"
                    "a folder) with the first sentence of each spec's leading comment. A name\n"
-                   "from this list can stand for the file in `show` and `check`.",
+                   "from this list can stand for the file in `show`, `check` and `compile`.",
                    "  attncc list\n  attncc list --dir my_specs/\n")
     p.add_argument("--dir", help="list the .attn files of this folder instead of the gallery")
     p.set_defaults(run=cmd_list)
@@ -196,12 +312,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "Print a spec as the compiler sees it at one stage, with the spec's line\n"
                    "numbers: `ast` is the parsed syntax tree, one line per statement; `ir` is\n"
                    "the dataflow graph, one numbered node per line in topological order, with\n"
-                   "its indices, dtype, masks and the source line it comes from.",
+                   "its indices, dtype, masks and the source line it comes from.\n"
+                   "`plan` is how the Triton backend maps the spec onto its row-streaming\n"
+                   "kernel: the tensors playing Q, K and V, the query, key, feature and grid\n"
+                   "indices, the folded scale, the score modifications, the mask analysis\n"
+                   "(symbolic key ranges per query tile, or a runtime block map) and a work\n"
+                   "table: key tiles visited against a dense kernel and against the minimum,\n"
+                   "for sizes from --shape/--param (small defaults otherwise) and tiles of\n"
+                   "--block-m x --block-n. `triton` is the generated Triton source.\n"
+                   "Specs the Triton backend cannot generate have no plan or triton stage:\n"
+                   "the reason is printed and the exit status is 2.",
                    "  attncc show examples/causal.attn              (the IR)\n"
                    "  attncc show --stage ast examples/alibi.attn\n"
-                   "  attncc show --stage ir permuted_blocks        (a gallery name)\n")
+                   "  attncc show --stage ir permuted_blocks        (a gallery name)\n"
+                   "  attncc show --stage plan document\n"
+                   "  attncc show --stage plan sliding_window --shape N=1024 --param window=128 \\\n"
+                   "              --block-m 128 --block-n 64\n"
+                   "  attncc show --stage triton causal > causal_triton.py\n")
     p.add_argument("--stage", choices=list(STAGES), default="ir", help="which stage (default: ir)")
     p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
+    _size_options(p, "for the plan's work table")
+    p.add_argument("--block-m", type=_tile, metavar="ROWS",
+                   help=f"query rows per tile in the plan's work table (default: {PLAN_TILE})")
+    p.add_argument("--block-n", type=_tile, metavar="KEYS",
+                   help=f"keys per tile in the plan's work table (default: {PLAN_TILE})")
     p.set_defaults(run=cmd_show)
 
     p = _subparser(sub, "check", "run a kernel and the reference on random inputs and compare",
@@ -209,23 +343,49 @@ def build_parser() -> argparse.ArgumentParser:
                    "and print the largest absolute and relative error of every output (and of\n"
                    "the log-sum-exp when the spec has one softmax over keys). Sizes default to\n"
                    "B=2 H=4 N=37 M=45 D=16 E=12 G=2, others 3, adjusted to the spec's requires.\n"
+                   "The default backend is triton: the generated kernel, compiled on a GPU or run\n"
+                   "in Triton's interpreter on the CPU (slow: keep sizes small there). Specs it\n"
+                   "cannot generate yet are reported (exit 2); --backend reference checks them.\n"
                    "Exit status: 0 all outputs match, 1 a mismatch, 2 an error in the spec or call.",
                    "  attncc check examples/causal.attn\n"
-                   "  attncc check sliding_window --shape N=128,M=128 --param window=16 --dtype float64\n"
-                   "  attncc check neighborhood_2d --param height=6,width=7 --seed 3\n")
+                   "  attncc check sliding_window --shape N=128,M=128 --param window=16 --dtype float16\n"
+                   "  attncc check neighborhood_2d --param height=6,width=7 --seed 3\n"
+                   "  attncc check query_softmax --backend reference --dtype float64\n")
     p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="backend to check (default: auto, the best one available)")
-    p.add_argument("--shape", action="append", metavar="DIM=SIZE,...",
-                   help="fix dims, e.g. --shape B=1,N=128 (repeatable)")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE,...",
-                   help="set params, e.g. --param window=8 (repeatable; needed for params "
-                        "without a default)")
+    p.add_argument("--backend", choices=BACKENDS, default="triton",
+                   help="backend to check (default: triton; auto: triton on a GPU when the spec "
+                        "can be generated, else reference)")
+    _size_options(p, "of the random inputs")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="input dtype (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default: 0)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(run=cmd_check)
+
+    p = _subparser(sub, "compile", "write a spec's Triton kernel and an importable module to a folder",
+                   "Generate the Triton kernel of a spec and write three files to DIR, named after\n"
+                   "the attention (`attention NAME(...)`):\n"
+                   "  NAME.attn       a copy of the spec\n"
+                   "  NAME_triton.py  the generated Triton source, to read and diff\n"
+                   "  NAME.py         a module: `from NAME import NAME`, then NAME(q=..., k=..., ...)\n"
+                   "The module compiles NAME.attn with the installed attncc when imported and\n"
+                   "warns if the source it gets differs from NAME_triton.py (another attncc\n"
+                   "version). Specs the Triton backend cannot generate are reported (exit 2).",
+                   "  attncc compile examples/causal.attn -o kernels/\n"
+                   "  attncc compile document -o kernels/            (a gallery name)\n"
+                   "  cd kernels && python -c 'from causal import causal; help(causal)'\n")
+    p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
+    p.add_argument("-o", "--output", metavar="DIR", required=True,
+                   help="folder to write to (created if missing; files of the same name are replaced)")
+    p.set_defaults(run=cmd_compile)
     return parser
+
+
+# What to try when the Triton backend cannot run a spec, per subcommand.
+_BACKEND_HINTS = {
+    "check": "--backend reference checks the spec on the reference executor",
+    "show": "--stage ast and --stage ir show any spec; `attncc check --backend reference` runs it",
+    "compile": "`attncc check --backend reference` runs the spec on the reference executor",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args, console)
     except SpecError as err:
         print(err.render(), file=sys.stderr)
+    except BackendError as err:
+        hint = _BACKEND_HINTS.get(args.command)
+        print(f"attncc {args.command}: error: {err}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
     except _USER_ERRORS as err:
         print(f"attncc {args.command}: error: {err}", file=sys.stderr)
     return 2

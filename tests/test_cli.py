@@ -1,12 +1,27 @@
-"""The `attncc` command line, run in-process: gallery, stages, checks, errors and help."""
+"""The `attncc` command line, run in-process: gallery, stages, plans, checks, compiled
+modules, errors and help."""
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
+import attncc
 from attncc.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.attn"))
+# What the triton backend generates: checked with it (in the interpreter on a CPU, at the
+# small default sizes); the other examples are checked on the reference.
+# lightning is generated too, but its random decays lam[h] are normal samples: negative ones
+# make the kernel's exp2(log2(lam) * n) power NaN where the reference's `**` is finite.
+TRITON = ["alibi", "causal", "channel", "criss_cross", "dense", "differential", "document", "epipolar",
+          "gqa_causal", "key_padding", "label_table", "neighborhood_2d", "prefix_lm", "relative_bias",
+          "sigmoid", "sink_window", "sliding_window", "softcap", "softmax_one"]
 # Params that grid examples need (no defaults); N is then solved from their requires.
 REQUIRED_PARAMS = {
     "neighborhood_2d": ["--param", "height=6,width=7"],
@@ -19,6 +34,11 @@ def run(capsys, *argv):
     rc = main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def flat(text: str) -> str:
+    """Text with its line wrapping undone, to find a sentence however it is wrapped."""
+    return " ".join(text.split())
 
 
 def test_gallery_lists_every_example(capsys):
@@ -68,7 +88,7 @@ def test_check_reports_syntax_errors_with_position_and_caret(capsys, tmp_path):
 
 
 def test_check_explains_a_requirement_it_cannot_meet(capsys):
-    rc, _, err = run(capsys, "check", "agent", "--shape", "N=37")
+    rc, _, err = run(capsys, "check", "agent", "--backend", "reference", "--shape", "N=37")
     assert rc == 2 and "N % agents == 0" in err and "--shape" in err
 
 
@@ -78,11 +98,24 @@ def test_check_asks_for_params_without_default(capsys):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_check_every_example_with_the_reference(capsys, name):
-    argv = ["check", str(EXAMPLES / f"{name}.attn"), "--backend", "reference",
-            *REQUIRED_PARAMS.get(name, [])]
+def test_check_every_example(capsys, name):
+    backend = "triton" if name in TRITON else "reference"
+    argv = ["check", str(EXAMPLES / f"{name}.attn"), "--backend", backend, *REQUIRED_PARAMS.get(name, [])]
     rc, out, err = run(capsys, *argv)
     assert rc == 0, out + err
+    assert f"backend {backend}" in out
+
+
+def test_check_defaults_to_the_triton_kernel(capsys):
+    rc, out, _ = run(capsys, "check", "causal", "--shape", "B=1,H=2")
+    assert rc == 0 and "backend triton" in out and "PASS" in out
+
+
+def test_check_says_when_triton_cannot_generate_a_spec(capsys):
+    rc, out, err = run(capsys, "check", "query_softmax")
+    assert rc == 2 and out == ""
+    assert "the triton backend cannot generate 'query_softmax'" in err
+    assert "hint: --backend reference" in err and "Traceback" not in err
 
 
 def test_check_in_low_precision_compares_to_an_accurate_reference(capsys):
@@ -90,7 +123,148 @@ def test_check_in_low_precision_compares_to_an_accurate_reference(capsys):
     assert rc == 0 and "bfloat16" in out
 
 
-@pytest.mark.parametrize("argv", [[], ["list"], ["show"], ["check"]])
+# ----------------------------------------------------------------------------- show --stage plan
+
+def test_plan_of_causal_names_roles_scale_bounds_and_work(capsys):
+    rc, out, _ = run(capsys, "show", "--stage", "plan", str(EXAMPLES / "causal.attn"),
+                     "--shape", "N=200,M=300", "--block-m", "32", "--block-n", "32")
+    assert rc == 0
+    for line in ["skeleton: row streaming",
+                 "  queries  q[b, h, i, d]  rows i, features d",
+                 "  outer          b, h  B, H  one program per combination: grid axis 1",
+                 "weights: 1 term, each `coefficient * weight(score)` times the values, summed",
+                 "  term 0: softmax along j: an online softmax (running max and sum per query row)",
+                 "    Q K^T over d; the scale D ** -0.5 is folded into the queries once (times log2(e), for exp2)",
+                 "    modifications: none",
+                 "    line 7: p = softmax(s, j)",
+                 "  log-sum-exp output (return_lse): yes",
+                 "masks: mode affine",
+                 "    line 6: mask j <= i + (M - N)",
+                 "  conjunct 0: i - j >= -M + N",
+                 "    rows        Max(0, -M + N) .. N - 1",
+                 "    lo .. hi    0 .. Min(M - 1, M - N + Min(i1, N - 1))",
+                 "    flo .. fhi  0 .. Min(M - 1, M - N + i0)",
+                 "work: B=2 H=4 N=200 D=16 M=300 E=12",
+                 "  tiles 32x32 (BLOCK_M x BLOCK_N), summed over 8 (b, h) combination(s)",
+                 "  dense  minimum  full  visited  visited/minimum  visited/dense",
+                 # 7 query tiles x 10 key tiles x 8 (b, h); causal keeps 55 of 70 per (b, h)
+                 "    560      440   336      440             1.00           0.79"]:
+        assert line in out.splitlines(), line
+
+
+def test_plan_of_document_explains_its_block_map(capsys):
+    rc, out, _ = run(capsys, "show", "--stage", "plan", "document", "--shape", "N=64", "--block-m", "16",
+                     "--block-n", "16")
+    assert rc == 0
+    assert "masks: mode block_map" in out
+    assert "  opaque0 = doc[b, i]\n  opaque1 = doc[b, j]" in out
+    assert "    opaque      Eq(opaque0(i), opaque1(j))" in out
+    assert "runtime block map is built (one per (b))" in flat(out)
+    work = out.splitlines()[out.splitlines().index("  dense  minimum  full  visited  visited/minimum  "
+                                                   "visited/dense") + 1].split()
+    assert work[0] == "128" and work[1] == work[3] and work[4] == "1.00"  # 4x4 tiles x 8; visited = minimum
+
+
+def test_plan_shows_score_modifications_and_loaded_scalars(capsys):
+    rc, out, _ = run(capsys, "show", "--stage", "plan", "alibi")
+    assert rc == 0 and "    modifications, computed per tile before the masks:\n" \
+                       "      line 5: s += slopes[h] * (j - i - (M - N))" in out
+    rc, out, _ = run(capsys, "show", "--stage", "plan", "prefix_lm")
+    assert rc == 0 and "  mask_scalar0 = prefix[b]  (loaded once per program)" in out
+    assert "    guards      1 - mask_scalar0 <= 0" in out
+
+
+def test_plan_text_does_not_depend_on_the_hash_seed():
+    """The mask analysis orders its DNF by hash; the report must still be a stable snapshot."""
+    code = "from attncc.plan_report import format_plan; import attncc; " \
+           "print(format_plan(attncc.compile('examples/sink_window.attn', backend='triton')))"
+    texts = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=EXAMPLES.parent, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+             for seed in ("1", "2")}  # seeds that order sink_window's DNF differently
+    assert len(texts) == 1
+
+
+def test_plan_of_a_sum_of_softmaxes_lists_each_term(capsys):
+    rc, out, _ = run(capsys, "show", "--stage", "plan", "differential")
+    assert rc == 0
+    assert "  queries (term 1)  q2[b, h, i, d]  rows i, features d" in out
+    assert "  term 1: softmax along j" in out and "    coefficient: -1.0 * lam" in out
+    assert "  log-sum-exp output (return_lse): no, it needs one plain softmax" in out
+
+
+def test_plan_without_params_for_the_work_table_still_prints_the_plan(capsys):
+    rc, out, _ = run(capsys, "show", "--stage", "plan", "neighborhood_2d")
+    assert rc == 0 and "masks: mode block_map" in out
+    assert "work: not counted with the default sizes" in out and "--param height=VALUE" in flat(out)
+    rc, out, _ = run(capsys, "show", "--stage", "plan", "neighborhood_2d", "--param", "height=8,width=8")
+    assert rc == 0 and "work: B=2 H=4 N=64" in out
+
+
+def test_plan_of_a_spec_triton_cannot_generate_exits_2(capsys):
+    rc, out, err = run(capsys, "show", "--stage", "plan", "query_softmax")
+    assert rc == 2 and out == ""
+    assert "the triton backend cannot generate 'query_softmax' yet: " in err
+    assert "hint: --stage ast and --stage ir show any spec" in err
+
+
+@pytest.mark.parametrize("argv", [["--block-m", "32"], ["--shape", "N=64"]])
+def test_plan_options_belong_to_the_plan_stage(capsys, argv):
+    rc, _, err = run(capsys, "show", "--stage", "ir", "causal", *argv)
+    assert rc == 2 and "only --stage plan takes" in err
+
+
+def test_show_triton_prints_the_generated_source(capsys):
+    rc, out, _ = run(capsys, "show", "--stage", "triton", str(EXAMPLES / "document.attn"))
+    assert rc == 0
+    kernel = attncc.compile(EXAMPLES / "document.attn", backend="triton")
+    assert out == kernel.generated.source.source
+
+
+# ----------------------------------------------------------------------------- compile
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(f"exported_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compile_writes_an_importable_module_that_matches_the_reference(capsys, tmp_path):
+    rc, out, _ = run(capsys, "compile", str(EXAMPLES / "softcap.attn"), "-o", str(tmp_path / "k"))
+    assert rc == 0
+    folder = tmp_path / "k"
+    assert sorted(p.name for p in folder.iterdir()) == ["softcap.attn", "softcap.py", "softcap_triton.py"]
+    assert f"wrote {folder / 'softcap.py'}" in out
+    assert (folder / "softcap.attn").read_text() == (EXAMPLES / "softcap.attn").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the saved source is what attncc generates
+        module = _import(folder / "softcap.py")
+    assert module.__doc__.startswith("softcap: the kernel of softcap.attn")
+    assert (folder / "softcap_triton.py").read_text() == module.kernel.generated.source.source
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 48, 16, generator=g), \
+        torch.randn(1, 2, 48, 8, generator=g)
+    got = module.softcap(q=q, k=k, v=v, cap=5.0)
+    assert module.kernel.last_run["backend"] == "triton"
+    want = attncc.compile(EXAMPLES / "softcap.attn", backend="reference")(q=q, k=k, v=v, cap=5.0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_module_warns_when_the_saved_source_is_stale(capsys, tmp_path):
+    assert run(capsys, "compile", "causal", "-o", str(tmp_path))[0] == 0
+    saved = tmp_path / "causal_triton.py"
+    saved.write_text(saved.read_text() + "# edited\n")
+    with pytest.warns(UserWarning, match="generates a different Triton source than causal_triton.py"):
+        _import(tmp_path / "causal.py")
+
+
+def test_compile_of_a_spec_triton_cannot_generate_writes_nothing(capsys, tmp_path):
+    rc, _, err = run(capsys, "compile", "reversed", "-o", str(tmp_path / "k"))
+    assert rc == 2 and "cannot generate 'reversed'" in err and "--backend reference" in err
+    assert not (tmp_path / "k").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["list"], ["show"], ["check"], ["compile"]])
 def test_help_teaches_with_examples(capsys, argv):
     with pytest.raises(SystemExit) as exit:
         main([*argv, "--help"])
