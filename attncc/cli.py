@@ -21,7 +21,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, cli_tune
 from .api import BACKENDS, load, read_spec
 from .api import compile as compile_spec
 from .check import DTYPES, check
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  attncc show --stage ir examples/causal.attn    the IR of a spec\n"
                "  attncc show --stage plan causal                how its kernel is planned\n"
                "  attncc check causal                            its kernel vs the reference\n"
-               "  attncc compile causal -o kernels/              an importable kernel module\n\n"
+               "  attncc compile causal -o kernels/              an importable kernel module\n"
+               "  attncc tune causal --shape N=4096,M=4096       tile sizes for this GPU\n\n"
                "run `attncc COMMAND --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"attncc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="DIR", required=True,
                    help="folder to write to (created if missing; files of the same name are replaced)")
     p.set_defaults(run=cmd_compile)
+
+    cli_tune.add_parser(sub)  # `attncc tune`: defined next to the autotuner
     return parser
 
 
