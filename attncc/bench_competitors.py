@@ -1,0 +1,106 @@
+"""The PyTorch implementations attncc is timed against, each built as a zero-argument
+callable over one call's inputs (so that building, mask creation and compilation stay
+outside the timed region):
+
+- `sdpa:<backend>`: `scaled_dot_product_attention` pinned to one backend (flash,
+  efficient, cudnn, math), for the variants it expresses (dense, causal aligned
+  bottom-right, GQA);
+- `flex`: `torch.compile(flex_attention)` with a block mask built on the device;
+- `eager`: the materialising composition of `attncc.bench_mods.eager_attention`;
+- `compiled`: `torch.compile` of that composition.
+
+Without compilation (CPU smoke runs) `flex` runs eagerly and `compiled` is skipped.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from .bench_mods import Formulation, eager_attention
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+COMPETITORS = ("attncc", "sdpa", "flex", "eager", "compiled")
+
+
+class Skip(Exception):
+    """A competitor that cannot run this variant or shape; the message says why."""
+
+
+def expand(names) -> list[str]:
+    """Competitor names with `sdpa` standing for one entry per SDPA backend."""
+    out = []
+    for name in sorted(names, key=lambda n: n != "attncc"):  # attncc first: the others are compared with it
+        if name == "sdpa":
+            out += [f"sdpa:{b}" for b in SDPA_BACKENDS]
+        elif name in COMPETITORS or name.removeprefix("sdpa:") in SDPA_BACKENDS:
+            out.append(name)
+        else:
+            raise ValueError(f"unknown competitor '{name}'; choose from {', '.join(COMPETITORS)} "
+                             f"or sdpa:{'|'.join(SDPA_BACKENDS)}")
+    return out
+
+
+def build(name: str, args: dict, scalars: dict, formulation: Formulation | None, compile: bool) -> Callable:
+    """A callable running competitor `name` on the call's inputs (raises Skip)."""
+    if formulation is None:
+        raise Skip("no PyTorch formulation of this spec (attncc.bench_mods.FORMULATIONS)")
+    q, k, v = args["q"], args["k"], args["v"]
+    if name.startswith("sdpa:"):
+        return _sdpa(SDPA_BACKENDS[name.removeprefix("sdpa:")], q, k, v, formulation.sdpa)
+    mods = formulation.build({n: t for n, t in args.items() if torch.is_tensor(t)}, scalars)
+    if name == "flex":
+        return _flex(q, k, v, mods, compile)
+    if name == "eager":
+        return lambda: eager_attention(q, k, v, mods)
+    if not compile:
+        raise Skip("torch.compile is not run in smoke mode")
+    compiled = torch.compile(eager_attention)
+    return lambda: compiled(q, k, v, mods)
+
+
+def _sdpa(backend: SDPBackend, q, k, v, form: str | None) -> Callable:
+    if form is None:
+        raise Skip("scaled_dot_product_attention expresses dense and causal masks only")
+    n, m = q.shape[2], k.shape[2]
+    causal = form == "causal"
+    # Bottom-right causal: is_causal where N == M; otherwise an explicit mask (which the
+    # flash backend declines; torch's causal_lower_right would import triton, upsetting
+    # the CPU interpreter of smoke runs, and is not taken by flash either).
+    bottom_right = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n) if causal and n != m else None
+    options = {"attn_mask": bottom_right, "is_causal": causal and n == m, "enable_gqa": k.shape[1] != q.shape[1]}
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, **options)
+
+    with warnings.catch_warnings(record=True) as caught:  # the backend says why it declines
+        warnings.simplefilter("always")
+        try:
+            run()
+        except RuntimeError as err:
+            reasons = [str(w.message).strip() for w in caught] or [str(err).partition("\n")[0]]
+            raise Skip("; ".join(dict.fromkeys(reasons))) from None
+    return run
+
+
+def _flex(q, k, v, mods, compile: bool) -> Callable:
+    block_mask = None
+    if mods.mask_mod is not None:  # no example's mask depends on the head
+        block_mask = create_block_mask(mods.mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    options = dict(score_mod=mods.score_mod, block_mask=block_mask, scale=q.shape[-1] ** -0.5,
+                   enable_gqa=k.shape[1] != q.shape[1])
+    if compile:
+        compiled = torch.compile(flex_attention)
+        return lambda: compiled(q, k, v, **options)
+
+    def run_eagerly():
+        with warnings.catch_warnings():  # eager flex warns that it is slow; smoke runs know
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return flex_attention(q, k, v, **options)
+    return run_eagerly
