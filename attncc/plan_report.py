@@ -22,7 +22,7 @@ from .random_inputs import random_arguments
 from .runtime import default_config
 from .work import mask_tile_work
 from attncc.codegen.block_map import map_outer
-from attncc.passes.row_stream import RowStreamPlan, _MaskToSympy
+from attncc.passes.row_stream import RowStreamPlan
 
 _LEAVES = (ir.Const, ir.Index, ir.Scalar, ir.Input)
 _WIDTH = 92
@@ -214,13 +214,8 @@ class _PlanText:
         return f"<{type(node).__name__} on line {node.loc.line}>" if node.loc else f"<{type(node).__name__}>"
 
     def opaque_names(self) -> dict[str, str]:
-        """What the analysis' opaque functions (`opaque0(i)`) stand for. The plan keeps no
-        record of them, so the masks are converted again (deterministically: same names)."""
-        p = self.plan
-        convert = _MaskToSympy(self.program, p.i, p.j, p.outer)
-        for m in p.masks:
-            convert(m.pred)
-        return {name: self.text(node) for node, name in convert.opaque.items()}
+        """What the analysis' opaque functions (`opaque0(i)`) stand for."""
+        return {name: self.text(node) for name, node in self.plan.opaque.items()}
 
     def computing(self, nodes) -> set[ir.Node]:
         """The non-leaf nodes that compute `nodes` (themselves included); param defaults,

@@ -188,13 +188,18 @@ class TileEmitter:
 
     @staticmethod
     def power(base: Val, exponent: Val) -> str:
-        """Small integer powers multiply out (exact for negative bases); others go
-        through exp2/log2, which needs a positive base (decays, scales)."""
+        """Small constant integer powers multiply out; other integer powers (decays
+        `lam ** (i - j)`) go through exp2/log2 of |base| with the sign of an odd power and
+        x ** 0 == 1; real powers need a positive base, as in Python."""
         n = exponent.const
+        b, e = base.code, exponent.code
         if isinstance(n, int) and 0 <= abs(n) <= 4:
-            product = " * ".join([base.code] * abs(n)) if n else "1.0"
+            product = " * ".join([b] * abs(n)) if n else "1.0"
             return f"({product})" if n >= 0 else f"(1.0 / ({product}))"
-        return f"tl.exp2(tl.log2({base.code}) * {exponent.code})"
+        if exponent.dtype == ir.INT:
+            sign = f"tl.where({e} % 2 != 0, tl.where({b} < 0, -1.0, 1.0), 1.0)"
+            return f"tl.where({e} == 0, 1.0, {sign} * tl.exp2(tl.log2(tl.abs({b})) * {e}))"
+        return f"tl.exp2(tl.log2({b}) * {e})"
 
     def integer_division(self, op, node: ir.Map, c) -> str:
         """Python's flooring `//` and `%`; Triton truncates, which differs only for

@@ -190,7 +190,16 @@ class _Normaliser:
         if dnf == sp.false:
             return []
         terms = dnf.args if isinstance(dnf, sp.Or) else (dnf,)
-        return [[self.resolve(lit) for lit in sp.And.make_args(term) if lit != sp.true] for term in terms]
+        ordered = sorted((sorted((lit for lit in sp.And.make_args(term) if lit != sp.true), key=self.order)
+                          for term in terms), key=lambda lits: [self.order(lit) for lit in lits])
+        return [[self.resolve(lit) for lit in lits] for lits in ordered]
+
+    @staticmethod
+    def order(lit: sp.Basic) -> tuple[int, bool]:
+        """Literals in the order they were made: sympy orders Dummy symbols by hash, which
+        changes between runs, and generated code (and its cache key) must not."""
+        negated = isinstance(lit, sp.Not)
+        return ((lit.args[0] if negated else lit).dummy_index, negated)
 
     def resolve(self, lit: sp.Basic):
         if isinstance(lit, sp.Not):

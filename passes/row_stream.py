@@ -10,7 +10,7 @@ block map. When the spec does not fit, `NotRowStreamable` says which part does n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import sympy
@@ -81,6 +81,7 @@ class RowStreamPlan:
     mask_plan: MaskPlan | None
     mask_symbols: dict        # sympy symbol name -> IR node it stands for (loaded scalars)
     group: tuple[str, ir.Node] | None = None  # GQA: (head index, heads per K/V head)
+    opaque: dict = field(default_factory=dict)  # opaque function name -> IR node it stands for
 
     # the first term's pieces, for the common single-softmax case
     @property
@@ -242,9 +243,9 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     for m in masks:
         if set(m.pred.indices) - {i, j, *outer}:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
-    mask_plan, symbols = analyse_masks(program, masks, i, j, outer)
+    mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, outer)
     return RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
-                         _gqa_group(terms, v, masks))
+                         _gqa_group(terms, v, masks), opaque)
 
 
 def _has_direct(access: ir.Access, ix: str) -> bool:
@@ -339,12 +340,14 @@ class _MaskToSympy:
 
 
 def analyse_masks(program: ir.Program, masks, i, j, outer):
-    """The sympy mask plan of the conjunction of `masks` (None without masks)."""
+    """The sympy mask plan of the conjunction of `masks` (None without masks), the loaded
+    scalars and the opaque functions it names."""
     if not masks:
-        return None, {}
+        return None, {}, {}
     convert = _MaskToSympy(program, i, j, outer)
     pred = sympy.And(*(convert(m.pred) for m in masks))
     n, m = program.extent[i], program.extent[j]
     if not (n.is_Symbol and m.is_Symbol):
         raise NotRowStreamable("query and key extents must be dims")
-    return analyse_mask(pred, i, j, n=str(n), m=str(m)), convert.symbols
+    opaque = {name: node for node, name in convert.opaque.items()}
+    return analyse_mask(pred, i, j, n=str(n), m=str(m)), convert.symbols, opaque
