@@ -21,7 +21,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, cli_tune
+from . import __version__, cli_bench, cli_tune
 from .api import BACKENDS, load, read_spec
 from .api import compile as compile_spec
 from .check import DTYPES, check
@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  attncc show --stage plan causal                how its kernel is planned\n"
                "  attncc check causal                            its kernel vs the reference\n"
                "  attncc compile causal -o kernels/              an importable kernel module\n"
-               "  attncc tune causal --shape N=4096,M=4096       tile sizes for this GPU\n\n"
+               "  attncc tune causal --shape N=4096,M=4096       tile sizes for this GPU\n"
+               "  attncc bench causal --shape N=4096,M=4096      beside SDPA and FlexAttention\n\n"
                "run `attncc COMMAND --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"attncc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_compile)
 
     cli_tune.add_parser(sub)  # `attncc tune`: defined next to the autotuner
+    cli_bench.add_parser(sub)  # `attncc bench`: defined next to the benchmark harness
     return parser
 
 

@@ -61,6 +61,20 @@ def _interpreter(on: bool):
             os.environ["TRITON_INTERPRET"] = old
 
 
+def check_interpreter_ready():
+    """Triton's interpreter needs Triton's own library functions (`tl.cdiv`, `tl.max`, ...)
+    decorated in interpreter mode, which happens only when `TRITON_INTERPRET=1` is set
+    before triton is first imported. Say so instead of failing deep inside a kernel."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    if type(tl.cdiv) is JITFunction:
+        raise BackendError("running generated kernels on CPU tensors needs Triton's interpreter, and triton was "
+                           "imported before it could be set up: set TRITON_INTERPRET=1 in the environment "
+                           "before Python starts (or import attncc and run a kernel before anything imports "
+                           "triton), or pass CUDA tensors")
+
+
 def load_module(src: KernelSource, interpret: bool):
     path = source_path(src)
     key = (str(path), interpret)
@@ -70,6 +84,8 @@ def load_module(src: KernelSource, interpret: bool):
         module = importlib.util.module_from_spec(spec)
         with _interpreter(interpret):
             spec.loader.exec_module(module)
+            if interpret:
+                check_interpreter_ready()
         sys.modules[name] = module
         _MODULES[key] = module
     return _MODULES[key]

@@ -101,3 +101,21 @@ def test_float64_is_refused_by_the_triton_backend():
     kernel = attncc.compile("examples/dense.attn", backend="triton")
     with pytest.raises(attncc.BackendError, match="float64"):
         kernel(**inputs("dense", dtype=torch.float64))
+
+
+def test_clear_error_when_triton_was_imported_outside_the_interpreter():
+    """Without TRITON_INTERPRET=1 at start-up, importing triton first breaks its interpreter;
+    attncc says what to do instead of failing deep inside the kernel."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import triton, torch, attncc\n"
+            "q = torch.randn(1, 1, 8, 16)\n"
+            "try:\n"
+            "    attncc.compile('examples/dense.attn', backend='triton')(q=q, k=q, v=q)\n"
+            "except attncc.BackendError as err:\n"
+            "    print('BackendError:', err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "BackendError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
