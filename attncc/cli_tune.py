@@ -46,15 +46,12 @@ TOP = 8
 
 
 def add_parser(subparsers):
-    from .cli import _subparser  # here, not above: attncc.cli imports this module
+    from .cli import _size_options, _subparser  # here, not above: attncc.cli imports this module
 
     p = _subparser(subparsers, "tune", "autotune a spec's kernel for a shape on this GPU",
                    DESCRIPTION, EXAMPLES)
     p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
-    p.add_argument("--shape", action="append", metavar="DIM=SIZE,...",
-                   help="the dims to tune for, e.g. --shape B=4,H=16,N=4096,M=4096,D=128,E=128 (repeatable)")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE,...",
-                   help="set params, e.g. --param window=512 (repeatable)")
+    _size_options(p, "to tune for")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="input dtype (default: bfloat16)")
     p.add_argument("--trials", type=int, default=30, help="configs to measure at most (default: 30)")
     p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
