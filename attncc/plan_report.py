@@ -19,13 +19,14 @@ from . import ir
 from .binding import bind
 from .printer import _ASSIGNMENT, _INFIX, _IrPrinter, _columns, _leaf
 from .random_inputs import random_arguments
-from .runtime import default_config
+from .runtime import default_config, split_count
 from .work import mask_tile_work
 from attncc.codegen.block_map import map_outer
 from attncc.passes.row_stream import RowStreamPlan
 
 _LEAVES = (ir.Const, ir.Index, ir.Scalar, ir.Input)
 _WIDTH = 92
+_H100_SMS = 132  # the SM count the decoding note assumes (the plan is printed without a GPU)
 
 _KINDS = {
     "softmax": "softmax along {j}: an online softmax (running max and sum per query row)",
@@ -173,6 +174,11 @@ class _PlanText:
         gpu, interp = (default_config(on, size[p.d], size[p.e]) for on in (False, True))
         header = ["dense", "minimum", "full", "visited", "visited/minimum", "visited/dense"]
         cells = [w.dense, w.minimum, w.full, w.visited, _ratio(w.visited, w.minimum), _ratio(w.visited, w.dense)]
+        programs = math.prod(size[ix] for ix in p.outer) * -(-size[p.i] // gpu["BLOCK_M"])
+        splits = split_count(size[p.i], size[p.j], programs, gpu["BLOCK_N"], _H100_SMS) if p.has_lse else 1
+        decoding = (_wrap(f"decoding: {size[p.i]} queries and {size[p.j]} keys: on a GPU with {_H100_SMS} SMs "
+                          f"(an H100) the keys are split into {splits} parts run in parallel and merged by "
+                          "log-sum-exp (split-KV)") if splits > 1 else [])
         return [f"work: {bound}",
                 f"  tiles {block_m}x{block_n} (BLOCK_M x BLOCK_N), summed over "
                 f"{math.prod(size[ix] for ix in p.outer)} ({', '.join(p.outer)}) combination(s)",
@@ -181,7 +187,7 @@ class _PlanText:
                        "with an allowed entry; full = those with every entry allowed; visited = those "
                        f"the kernel walks. Launches default to {gpu['BLOCK_M']}x{gpu['BLOCK_N']} tiles on "
                        f"a GPU for these head dims, {interp['BLOCK_M']}x{interp['BLOCK_N']} in the "
-                       "interpreter")]
+                       "interpreter"), *decoding]
 
     # ------------------------------------------------------------------------- helpers
     def statement_names(self) -> dict[ir.Node, str]:

@@ -270,12 +270,19 @@ def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, o_axes=None, ls
 
 
 def choose_splits(n_rows: int, n_cols: int, programs: int, cfg: dict, device) -> int:
-    """Split the keys (flash-decoding) when few query tiles leave the GPU idle: enough
-    splits to give every SM a couple of programs, never below 4 key tiles per split."""
-    if device.type != "cuda" or n_rows > 16:
+    """The split-KV decision for a launch (1 off a GPU)."""
+    if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton_cdiv(n_cols, cfg["BLOCK_N"])
+    return split_count(n_rows, n_cols, programs, cfg["BLOCK_N"], sms)
+
+
+def split_count(n_rows: int, n_cols: int, programs: int, block_n: int, sms: int) -> int:
+    """Split the keys (flash-decoding) when few queries (at most 16) leave the GPU idle:
+    enough splits to give every SM a couple of programs, never below 4 key tiles per split."""
+    if n_rows > 16:
+        return 1
+    tiles = triton_cdiv(n_cols, block_n)
     return max(1, min(triton_cdiv(2 * sms, max(programs, 1)), tiles // 4))
 
 
