@@ -134,6 +134,8 @@ class RowStreamLauncher:
         cfg = dict(default_config(interpret, n_feat, n_vfeat))
         cfg.update(config or {})
         group = self.pack_group(call, cfg, n_rows)
+        if "BLOCK_M" not in (config or {}):  # few queries (decoding): no tile rows to waste
+            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], pow2(n_rows * group))
         variant = self.src.packed if group > 1 else self.src
         kernel = getattr(module, f"{variant.name}_fwd")
         device = call.device
