@@ -9,6 +9,7 @@ small shapes only.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import math
@@ -22,7 +23,7 @@ import torch
 from . import ir
 from .binding import BoundCall
 from .errors import BackendError
-from .reference import align, evaluate_scalar
+from .reference import Reference, align, evaluate_scalar
 from attncc.codegen import block_map
 from attncc.codegen.row_stream import LOG2E, KernelSource
 
@@ -120,6 +121,7 @@ class RowStreamLauncher:
         """Run the kernel; with `count_tiles` the kernel counts the key tiles it visits
         into `self.last_tile_counts` = {"full": ..., "partial": ...} (summed over programs)."""
         interpret = check_device(call)
+        call = self.with_precomputed(call)
         p = self.plan
         operands = {p.v.input.name} | {op.input.name for t in p.terms for op in (t.q, t.k)}
         if any(call.tensors[n].dtype not in (torch.float16, torch.bfloat16, torch.float32) for n in operands):
@@ -192,6 +194,19 @@ class RowStreamLauncher:
             o, lse = merge_splits(o_all, lse_all, p.output.axes, lse_axes)
             o = o.to(call.out_dtype)
         return [o, lse] if return_lse else [o]
+
+    def with_precomputed(self, call: BoundCall) -> BoundCall:
+        """The call with the plan's precomputed intermediates added as tensors, computed by
+        the reference executor (torch ops) on the call's device, in the inputs' float type."""
+        pre = self.plan.precomputed
+        if pre is None or not pre.inputs:
+            return call
+        ref = Reference(self.plan.program, call.tensors, call.scalars)
+        tensors = dict(call.tensors)
+        for node, synthetic in pre.inputs.items():
+            t = align(ref.full(node), node.indices, pre.axes[node]).contiguous()
+            tensors[synthetic.name] = t.to(call.out_dtype) if t.is_floating_point() else t
+        return dataclasses.replace(call, tensors=tensors)
 
     def pack_group(self, call: BoundCall, cfg: dict, n_rows: int) -> int:
         """Heads per K/V head packed into one tile (1: no packing). By default packing is

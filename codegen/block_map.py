@@ -46,6 +46,7 @@ def generate(plan: RowStreamPlan, name: str):
         env[ix] = Val(f"idx_{ix}", frozenset(), ir.INT)
     em = TileEmitter(plan.program, env)
     em.in_bounds = {plan.i, plan.j}
+    em.materialized = dict(plan.precomputed.inputs) if plan.precomputed else {}
     preds = [em.emit(m.pred) for m in plan.masks]
     tensors = list(em.tensors)
     scalars = list(plan.program.dims) + list(plan.program.params)

@@ -82,6 +82,7 @@ class RowStreamCodegen:
             self.kv_env[h] = Val(f"(grp_{h} * group)", frozenset(), ir.INT)
         self.em = TileEmitter(p.program, env)
         self.em.in_bounds = {p.i, p.j}
+        self.em.materialized = dict(p.precomputed.inputs) if p.precomputed else {}
 
     # ------------------------------------------------------------------ pieces
     def operand_offset(self, op, env=None) -> str:

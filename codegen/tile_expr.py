@@ -69,6 +69,7 @@ class TileEmitter:
     host_scalars: dict[str, ir.Node] = field(default_factory=dict)
     tensors: dict[str, ir.Input] = field(default_factory=dict)
     in_bounds: set[str] = field(default_factory=set)  # tile indices that run past the tensor (padding)
+    materialized: dict = field(default_factory=dict)  # node -> ir.Input: computed before the launch
     memo: dict = field(default_factory=dict)
     counter: int = 0
     last_line: dict = field(default_factory=lambda: {"prologue": None, "body": None})
@@ -96,6 +97,10 @@ class TileEmitter:
 
     # ------------------------------------------------------------------ dispatch
     def _emit(self, node, env) -> Val:
+        if node in self.materialized:  # read what was computed before the launch
+            array = self.materialized[node]
+            args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices)
+            return self.load(array, args, env, node)
         if not (set(node.indices) & set(env)) and not isinstance(node, ir.Input) and node.indices == ():
             return self.host_scalar(node)
         method = getattr(self, "emit_" + type(node).__name__.lower(), None)
@@ -125,16 +130,21 @@ class TileEmitter:
         return env[node.name]
 
     def emit_access(self, node: ir.Access, env) -> Val:
+        if node.array in self.materialized:
+            return self.load(self.materialized[node.array], node.args, env, node)
         if not isinstance(node.array, ir.Input):
             # a defined tensor read at other indices: re-emit it with its axes renamed
             inner = dict(env)
             for axis, arg in zip(node.axes, node.args):
                 inner[axis] = self.emit(arg, env)
             return self.emit(node.array, inner)
-        array = node.array
+        return self.load(node.array, node.args, env, node)
+
+    def load(self, array: ir.Input, args, env, node: ir.Node) -> Val:
+        """A (gathered) read of an input tensor, bounds-masked where indices can run out."""
         self.tensors[array.name] = array
         offsets, checks, axes = [], [], set()
-        for k, arg in enumerate(node.args):
+        for k, arg in enumerate(args):
             a = self.emit(arg, env)
             axes |= a.axes
             if a.const == 0:

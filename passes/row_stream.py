@@ -82,6 +82,7 @@ class RowStreamPlan:
     mask_symbols: dict        # sympy symbol name -> IR node it stands for (loaded scalars)
     group: tuple[str, ir.Node] | None = None  # GQA: (head index, heads per K/V head)
     opaque: dict = field(default_factory=dict)  # opaque function name -> IR node it stands for
+    precomputed: Precomputed | None = None  # intermediates computed before the launch
 
     # the first term's pieces, for the common single-softmax case
     @property
@@ -122,9 +123,41 @@ def _bare(arg: ir.Node, name: str) -> bool:
     return isinstance(arg, ir.Index) and arg.name == name
 
 
-def _operand(access: ir.Node, row: str, feature: str, role: str) -> Operand:
-    if not (isinstance(access, ir.Access) and isinstance(access.array, ir.Input)):
-        raise NotRowStreamable(f"{role} must be read directly from an input tensor")
+class Precomputed:
+    """Intermediates the kernel reads as tensors, computed before each launch by the
+    reference executor's torch ops on the same device: selections over blocks
+    (topk_blocks' kept blocks), gathered or pooled operands (permuted keys, agent tokens).
+    They never span both the query and the key index, so they stay small."""
+
+    def __init__(self, program: ir.Program):
+        self.program = program
+        self.inputs: dict[ir.Node, ir.Input] = {}
+        self.axes: dict[ir.Node, tuple[str, ...]] = {}
+
+    def input_for(self, node: ir.Node, axes: tuple[str, ...]) -> ir.Input:
+        if node not in self.inputs:
+            self.inputs[node] = ir.Input(name=f"pre{len(self.inputs)}", dtype=node.dtype, loc=node.loc,
+                                         dims=tuple(self.program.extent[ix] for ix in axes))
+            self.axes[node] = axes
+        return self.inputs[node]
+
+    def operand_access(self, node: ir.Node) -> ir.Access:
+        """A q/k/v operand that is not a plain input read, as a read of a precomputed tensor."""
+        if isinstance(node, ir.Access) and not isinstance(node.array, ir.Input) and \
+                all(isinstance(a, ir.Index) for a in node.args):
+            array = self.input_for(node.array, node.axes)
+            return ir.Access(array=array, args=node.args, indices=node.indices, dtype=node.dtype, loc=node.loc)
+        array = self.input_for(node, node.indices)
+        args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices)
+        return ir.Access(array=array, args=args, indices=node.indices, dtype=node.dtype, loc=node.loc)
+
+
+def _operand(access: ir.Node, row: str, feature: str, role: str, pre: Precomputed) -> Operand:
+    plain = isinstance(access, ir.Access) and isinstance(access.array, ir.Input)
+    if not plain or not (_has_direct(access, row) and _has_direct(access, feature)):
+        if not {row, feature} <= set(access.indices):
+            raise NotRowStreamable(f"{role} are not indexed by '{row}' and '{feature}'")
+        access = pre.operand_access(access)
     rows = [k for k, a in enumerate(access.args) if _bare(a, row)]
     feats = [k for k, a in enumerate(access.args) if _bare(a, feature)]
     if len(rows) != 1 or len(feats) != 1:
@@ -181,7 +214,7 @@ def _has_normalize(node: ir.Node) -> bool:
     return False
 
 
-def _term(program, kind, coef, score, j, i_hint=None) -> tuple[Term, str, str]:
+def _term(program, kind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple[Term, str, str]:
     """A term's Q K^T contraction and operands; returns the term, its query index and d."""
     contracts = [n for n in _score_nodes(program, score) if isinstance(n, ir.Contract)
                  and len(n.summed) == 1 and j in n.indices and n.summed[0] not in _small(program)]
@@ -200,8 +233,8 @@ def _term(program, kind, coef, score, j, i_hint=None) -> tuple[Term, str, str]:
         raise NotRowStreamable("cannot tell queries from keys in Q K^T")
     i = rows[0]
     extra = [f for f in qk.factors if f not in tiles]
-    term = Term(kind, coef, score, qk, _operand(q_access, i, d, "the queries"),
-                _operand(k_access, j, d, "the keys"),
+    term = Term(kind, coef, score, qk, _operand(q_access, i, d, "the queries", pre),
+                _operand(k_access, j, d, "the keys", pre),
                 tuple(f for f in extra if f.is_scalar), tuple(f for f in extra if not f.is_scalar))
     return term, i, d
 
@@ -213,17 +246,18 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     if not isinstance(pv, ir.Contract) or len(pv.factors) != 2 or len(pv.summed) != 1:
         raise NotRowStreamable("the output is not a single contraction of weights with values over one index")
     j = pv.summed[0]
-    v_access = next((f for f in pv.factors if isinstance(f, ir.Access) and isinstance(f.array, ir.Input)
-                     and _has_direct(f, j)), None)
-    if v_access is None:
-        raise NotRowStreamable("the output does not contract weights with an input value tensor")
-    weights = next(f for f in pv.factors if f is not v_access)
+    weights = next((f for f in pv.factors if _has_normalize(f)), None) or \
+        next((f for f in pv.factors if any(_is_qk(n, program, j) for n in _score_nodes(program, f))), None)
+    if weights is None:
+        raise NotRowStreamable("the output does not contract attention weights with values")
+    v_access = next(f for f in pv.factors if f is not weights)
+    pre = Precomputed(program)
     raw_terms = _weight_terms(weights, j)
     if len(raw_terms) > 2:
         raise NotRowStreamable("more than two weight terms")
     terms, i, d = [], None, None
     for kind, coef, score in raw_terms:
-        term, i, d_term = _term(program, kind, coef, score, j, i)
+        term, i, d_term = _term(program, kind, coef, score, j, pre, i)
         if d is not None and program.extent[d_term] != program.extent[d]:
             raise NotRowStreamable("the terms' Q K^T contract over different extents")
         d = d or d_term
@@ -232,7 +266,7 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     if len(e_candidates) != 1:
         raise NotRowStreamable("the values must have exactly one feature index")
     e = e_candidates[0]
-    v = _operand(v_access, j, e, "the values")
+    v = _operand(v_access, j, e, "the values", pre)
     if i not in out.axes:
         raise NotRowStreamable("the output is not indexed by the queries")
     outer = tuple(ix for ix in out.axes if ix not in (i, e))
@@ -243,9 +277,55 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     for m in masks:
         if set(m.pred.indices) - {i, j, *outer}:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
+    for node in [*(t.score for t in terms), *(t.coef for t in terms if t.coef is not None),
+                 *(m.pred for m in masks)]:
+        _scan_for_precompute(node, {t.qk for t in terms}, pre, i, j)
     mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, outer)
     return RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
-                         _gqa_group(terms, v, masks), opaque)
+                         _gqa_group(terms, v, masks), opaque, pre)
+
+
+def _is_qk(node: ir.Node, program: ir.Program, j: str) -> bool:
+    return isinstance(node, ir.Contract) and len(node.summed) == 1 and j in node.indices \
+        and node.summed[0] not in _small(program)
+
+
+def _inline(node: ir.Node, program: ir.Program) -> bool:
+    """Whether a tile kernel computes this node itself (elementwise math, reads,
+    sums over tiny constant axes) rather than reading it precomputed."""
+    if isinstance(node, (ir.Index, ir.Const, ir.Scalar, ir.Input)):
+        return True
+    if isinstance(node, ir.Access):
+        return all(_inline(a, program) for a in node.args) and \
+            (isinstance(node.array, ir.Input) or _inline(node.array, program))
+    if isinstance(node, ir.Map):
+        return all(_inline(a, program) for a in node.args)
+    if isinstance(node, ir.Contract):
+        return set(node.summed) <= _small(program) and all(_inline(f, program) for f in node.factors)
+    return False
+
+
+def _scan_for_precompute(node, stop, pre: Precomputed, i, j):
+    """Mark what a score, coefficient or mask reads but a tile cannot compute (selections,
+    pooled blocks) as precomputed; such values must not span both query and key."""
+    program = pre.program
+    if node in stop or node.is_scalar or _inline(node, program):
+        if isinstance(node, (ir.Map, ir.Access)) and node not in stop:
+            for op in node.operands():
+                _scan_for_precompute(op, stop, pre, i, j)
+        return
+    if isinstance(node, ir.Map):
+        for op in node.args:
+            _scan_for_precompute(op, stop, pre, i, j)
+        return
+    target, axes = (node.array, node.axes) if isinstance(node, ir.Access) else (node, node.indices)
+    if isinstance(node, ir.Access):
+        for a in node.args:
+            _scan_for_precompute(a, stop, pre, i, j)
+    if {i, j} <= set(target.indices):
+        raise NotRowStreamable(f"line {target.loc.line if target.loc else '?'} needs a whole score-sized "
+                               "intermediate before the attention")
+    pre.input_for(target, axes)
 
 
 def _has_direct(access: ir.Access, ix: str) -> bool:
