@@ -141,7 +141,7 @@ class _Bench:
         """Timing and error of one competitor, or why it did not run."""
         try:
             fn = (lambda: self.kernel(**args)) if name == "attncc" else \
-                build(name, args, scalars, self.formulation, self.compile)
+                build(name, args, scalars, self.formulation, self.compile, self.kernel.program)
             out, timing = measure(fn, self.device, self.warmup, self.reps)
             error = float((out.float() - want.float()).abs().max())
             return {"status": "ok", **timing, "max_abs_err": finite(error)}

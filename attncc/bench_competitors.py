@@ -6,7 +6,9 @@ outside the timed region):
   efficient, cudnn, math), for the variants it expresses (dense, causal aligned
   bottom-right, GQA);
 - `flex`: `torch.compile(flex_attention)` with a block mask built on the device;
-- `eager`: the materialising composition of `attncc.bench_mods.eager_attention`;
+- `eager`: the materialising composition of `attncc.bench_mods.eager_attention`, or for
+  specs without a FlexAttention formulation the spec's own cascade of torch ops with every
+  intermediate materialised;
 - `compiled`: `torch.compile` of that composition.
 
 Without compilation (CPU smoke runs) `flex` runs eagerly and `compiled` is skipped.
@@ -46,9 +48,14 @@ def expand(names) -> list[str]:
     return out
 
 
-def build(name: str, args: dict, scalars: dict, formulation: Formulation | None, compile: bool) -> Callable:
+def build(name: str, args: dict, scalars: dict, formulation: Formulation | None, compile: bool,
+          program=None) -> Callable:
     """A callable running competitor `name` on the call's inputs (raises Skip)."""
     if formulation is None:
+        if name == "compiled" and not compile:
+            raise Skip("torch.compile is not run in smoke mode")
+        if name in ("eager", "compiled") and program is not None:
+            return _ir_composition(program, args, scalars, name == "compiled")
         raise Skip("no PyTorch formulation of this spec (attncc.bench_mods.FORMULATIONS)")
     q, k, v = args["q"], args["k"], args["v"]
     if name.startswith("sdpa:"):
@@ -62,6 +69,24 @@ def build(name: str, args: dict, scalars: dict, formulation: Formulation | None,
         raise Skip("torch.compile is not run in smoke mode")
     compiled = torch.compile(eager_attention)
     return lambda: compiled(q, k, v, mods)
+
+
+def _ir_composition(program, args: dict, scalars: dict, compile: bool) -> Callable:
+    """For specs FlexAttention cannot express, the eager PyTorch composition is the spec's own
+    cascade of torch ops (einsum, softmax, where, ...) with every intermediate materialised:
+    the reference executor with one block spanning the whole streamed index."""
+    from .reference import Reference
+
+    tensors = {n: t for n, t in args.items() if torch.is_tensor(t)}
+    ref = Reference(program, tensors, scalars, block=1 << 30)
+
+    def run():
+        ref.shared, ref.local = {}, {}
+        return ref.run()[0]
+
+    if not compile:
+        return run
+    return torch.compile(run)
 
 
 def _sdpa(backend: SDPBackend, q, k, v, form: str | None) -> Callable:
