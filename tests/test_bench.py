@@ -188,3 +188,17 @@ def test_suite_smoke(tmp_path):
     result = json.loads(out.read_text())["variants"]["document"]["results"][0]
     assert result["competitors"]["flex"]["max_abs_err"] < 0.05  # bfloat16
     assert out.with_suffix(".png").exists()
+
+
+def test_specs_without_flex_formulation_get_their_own_torch_composition():
+    """differential has no FlexAttention form: its eager competitor is the spec's own cascade of
+    torch ops, fully materialised, and it computes the same thing as the reference."""
+    from oracles.inputs import make_inputs
+
+    kernel = attncc.compile("examples/differential.attn", backend="reference")
+    args = make_inputs("differential", B=1, H=2, N=20, dtype=torch.float32)
+    scalars = bind(kernel.program, args).scalars
+    eager = build("eager", args, scalars, None, False, kernel.program)
+    torch.testing.assert_close(eager(), kernel(**args))
+    with pytest.raises(Skip):
+        build("flex", args, scalars, None, False, kernel.program)
