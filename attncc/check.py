@@ -1,7 +1,7 @@
 """`attncc check`: a compiled kernel against the reference executor on random inputs.
 
-The reference runs on the same inputs, upcast to at least float32, so a low-precision
-kernel is judged against an accurate answer rather than against its own rounding.
+The reference runs on the same inputs upcast to float64, so a kernel is judged against an
+accurate answer rather than against a computation with the same rounding as its own.
 """
 from __future__ import annotations
 
@@ -71,8 +71,7 @@ def check(spec_path: str | Path, backend: str = "auto", shape: dict[str, int] | 
         with_lse = False
     names = kernel.outputs + (["lse"] if with_lse else [])
     got = _as_tuple(kernel(**args, return_lse=with_lse))
-    upcast = {k: v.float() if torch.is_tensor(v) and v.dtype in (torch.float16, torch.bfloat16) else v
-              for k, v in args.items()}
+    upcast = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()}
     want = _as_tuple(oracle(**upcast, return_lse=with_lse))
     report = CheckReport(str(spec_path), kernel.name, kernel.backend, backend, dtype, seed,
                          bind(kernel.program, args).scalars)

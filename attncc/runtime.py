@@ -172,7 +172,7 @@ class RowStreamLauncher:
         for name in variant.tensor_inputs:
             args += list(call.tensors[name].shape)
         args += list(o.stride()) + list(lse.stride())
-        args += outer_sizes
+        args += outer_sizes + [sizes[ix] for ix in p.summed_outer]
         args += [n_rows, n_cols, n_feat, n_vfeat, split_len if splits > 1 else max(n_cols, 1) + cfg["BLOCK_N"],
                  o_all.stride(0) if splits > 1 else 0, lse_all.stride(0) if splits > 1 else 0]
         if group > 1:

@@ -73,7 +73,7 @@ class RowStreamCodegen:
         self.row = "i_rows" if packed else "offs_m"
         env = {p.i: Val(f"{self.row}[:, None]", frozenset("m"), ir.INT),
                p.j: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
-        for ix in p.outer:
+        for ix in (*p.outer, *p.summed_outer):
             env[ix] = Val(f"idx_{ix}", frozenset(), ir.INT)
         self.kv_env = dict(env)
         if packed:
@@ -105,7 +105,7 @@ class RowStreamCodegen:
         """The loop-carried state of a term: an accumulator, plus max and sum for softmaxes."""
         x = self.sfx(t)
         if self.plan.terms[t].kind == "pointwise":
-            return [f"acc{x}"]
+            return [f"acc{x}", f"l_i{x}"] if self.plan.row_sum else [f"acc{x}"]
         return [f"acc{x}", f"m_i{x}", f"l_i{x}"]
 
     def states(self) -> list[str]:
@@ -171,7 +171,8 @@ class RowStreamCodegen:
         """The accumulator update of a term (online softmax, or a plain sum)."""
         term, x = self.plan.terms[t], self.sfx(t)
         if term.kind == "pointwise":
-            return [f"acc{x} += tl.dot(p{x}.to(v.dtype), v, input_precision=PRECISION)"]
+            row_sum = [f"l_i{x} += tl.sum(p{x}, 1)  # the row sums the output is divided by"] if self.plan.row_sum else []
+            return [*row_sum, f"acc{x} += tl.dot(p{x}.to(v.dtype), v, input_precision=PRECISION)"]
         return [f"# online softmax: running max m_i{x} and sum l_i{x} per query row (base 2)",
                 f"m_new = tl.maximum(m_i{x}, tl.max(s{x}, 1))",
                 "m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no allowed key yet",
@@ -233,6 +234,8 @@ class RowStreamCodegen:
         for t, term in enumerate(self.plan.terms):
             x = self.sfx(t)
             lines.append(f"acc{x} = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)")
+            if term.kind == "pointwise" and self.plan.row_sum:
+                lines.append(f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)")
             if term.kind == "softmax":
                 lines += [f"m_i{x} = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)",
                           f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)"]
@@ -248,7 +251,7 @@ class RowStreamCodegen:
         for t, term in enumerate(self.plan.terms):
             x = self.sfx(t)
             if term.kind == "pointwise":
-                part = f"acc{x}"
+                part = f"acc{x} / tl.where(row_ok, l_i{x}, 1.0)[:, None]" if self.plan.row_sum else f"acc{x}"
             else:
                 lines.append(f"l_safe{x} = tl.where(l_i{x} == 0.0, 1.0, l_i{x})")
                 part = f"acc{x} / l_safe{x}[:, None]"
@@ -259,6 +262,20 @@ class RowStreamCodegen:
                 part = f"{coef.code} * ({part})"
             parts.append(part)
         return lines + ["out = " + " + ".join(parts)]
+
+    def summed_outer_loop(self, body: list[str]) -> list[str]:
+        """The per-program work, once per value of the indices the output sums over
+        (heads in mixture-of-heads); a head whose weights vanish on the whole tile is skipped."""
+        p = self.plan
+        if not p.summed_outer:
+            return _indent(body)
+        lines = ["out_sum = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)"]
+        depth = 0
+        for ix in p.summed_outer:
+            lines.append("    " * depth + f"for idx_{ix} in range(0, size_{ix}):  # summed by the output")
+            depth += 1
+        lines += _indent(body, depth) + ["    " * depth + "out_sum += out"]
+        return _indent(lines + ["out = out_sum"])
 
     def scalar_arg_names(self) -> list[str]:
         """Every dim and param by name (bounds and guards refer to them), then the
@@ -295,7 +312,7 @@ class RowStreamCodegen:
         o_strides = [f"o_s{k}" for k in range(len(out_axes))]
         lse_axes = p.lse_axes
         lse_strides = [f"lse_s{k}" for k in range(len(lse_axes))]
-        outer_sizes = [f"size_{ix}" for ix in p.outer]
+        outer_sizes = [f"size_{ix}" for ix in (*p.outer, *p.summed_outer)]
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
             if self.mask_mode() == "block_map" else []
         args = (pointer_args + stride_args + dim_args + o_strides + lse_strides + outer_sizes
@@ -354,17 +371,19 @@ class RowStreamCodegen:
             "    offs_d = tl.arange(0, BLOCK_D)",
             "    offs_e = tl.arange(0, BLOCK_E)",
             *_indent(rows),
-            "    # values that do not change along the key loop",
-            *_indent(prologue),
-            *_indent(queries),
-            f"    v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}",
-            *_indent(self.initial_state()),
-            *_indent(range_lines(call_args)),
-            "    # epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
+            *self.summed_outer_loop([
+                "# values that do not change along the key loop",
+                *prologue,
+                *queries,
+                f"v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} "
+                f"+ offs_e[None, :] * {vn}_s{p.v.feature}",
+                *self.initial_state(),
+                *range_lines(call_args),
+                "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
+                *combine]),
             "    if SPLIT:  # a partial result per key split, merged by log-sum-exp afterwards",
             "        o_ptr += (tl.program_id(0) // n_qt) * o_split_stride",
             "        lse_ptr += (tl.program_id(0) // n_qt) * lse_split_stride",
-            *_indent(combine),
             f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, True)}",
             "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat))",
             *(["    if STORE_LSE:",
@@ -445,7 +464,7 @@ class RowStreamCodegen:
                  + ("; opaque: " + ", ".join(str(o) for o in c.opaque) if c.opaque else ""),
                  f"ok{n} = " + " & ".join(ok),
                  f"lo{n} = " + _tile_start(c.lo, "floor"),
-                 f"hi{n} = tl.where(ok{n}, {to_triton(c.hi)} + 1, lo{n})",
+                 f"hi{n} = tl.where(ok{n} != 0, {to_triton(c.hi)} + 1, lo{n})",
                  f"end{n} = tl.cdiv(hi{n}, BLOCK_N) * BLOCK_N"]
         if c.opaque:
             lines += [f"flo{n} = lo{n}", f"fhi{n} = lo{n}  # opaque atoms: no tile is known to be full"]
@@ -454,7 +473,7 @@ class RowStreamCodegen:
                       f"flo{n} = " + _tile_start(c.flo, "ceil"),
                       f"fhi{n} = tl.minimum((({to_triton(c.fhi)} + 1) // BLOCK_N) * BLOCK_N, "
                       "(n_cols // BLOCK_N) * BLOCK_N)",
-                      f"fhi{n} = tl.where(full_ok{n}, fhi{n}, flo{n})"]
+                      f"fhi{n} = tl.where(full_ok{n} != 0, fhi{n}, flo{n})"]
         return lines
 
     def piece(self, lo, hi, n, call):

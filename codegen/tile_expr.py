@@ -116,11 +116,12 @@ class TileEmitter:
             code = repr(bool(value)) if node.dtype == ir.BOOL else repr(value)
             return Val(code, frozenset(), node.dtype, value)
         if isinstance(node, ir.Scalar):
-            self.host_scalars[node.name] = node
-            return Val(node.name, frozenset(), node.dtype)
-        name = f"c{len(self.host_scalars)}"
+            name = node.name
+        else:
+            name = f"c{len(self.host_scalars)}"
         self.host_scalars[name] = node
-        return Val(name, frozenset(), node.dtype)
+        # booleans arrive as integers: compare, so that they combine with tiles as booleans
+        return Val(f"({name} != 0)" if node.dtype == ir.BOOL else name, frozenset(), node.dtype)
 
     # ------------------------------------------------------------------ leaves
     def emit_index(self, node: ir.Index, env) -> Val:

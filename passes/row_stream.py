@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import networkx as nx
 import sympy
 
 from attncc import ir
@@ -83,6 +82,8 @@ class RowStreamPlan:
     group: tuple[str, ir.Node] | None = None  # GQA: (head index, heads per K/V head)
     opaque: dict = field(default_factory=dict)  # opaque function name -> IR node it stands for
     precomputed: Precomputed | None = None  # intermediates computed before the launch
+    summed_outer: tuple[str, ...] = ()  # indices summed in the epilogue (heads in mixture-of-heads)
+    row_sum: bool = False     # divide by the row sums of the (pointwise) weights
 
     # the first term's pieces, for the common single-softmax case
     @property
@@ -107,12 +108,13 @@ class RowStreamPlan:
 
     @property
     def lse_axes(self) -> tuple[str, ...]:
-        return tuple(ix for ix in self.score.indices if ix != self.j)
+        return tuple(ix for ix in self.score.indices if ix != self.j and ix not in self.summed_outer)
 
     @property
     def has_lse(self) -> bool:
         """The log-sum-exp side output exists for a single plain softmax."""
-        return len(self.terms) == 1 and self.terms[0].kind == "softmax" and self.terms[0].coef is None
+        return len(self.terms) == 1 and self.terms[0].kind == "softmax" and self.terms[0].coef is None \
+            and not self.summed_outer
 
     @property
     def needs_block_map(self) -> bool:
@@ -181,6 +183,24 @@ def _minus_one() -> ir.Node:
     return ir.Const(value=-1.0, dtype=ir.FLOAT)
 
 
+def _off_axis_normalisers(node: ir.Node, j: str) -> ir.Node:
+    """A softmax along another axis than the streamed one (over queries, or the rows of
+    reversed attention) is `exp(s - lse)` with `lse` its log-sum-exp along that axis: a
+    pointwise weight once `lse` is precomputed (a statistics pass before the kernel)."""
+    if isinstance(node, ir.Normalize) and node.axis != j and node.op == "softmax":
+        x = node.arg
+        rest = tuple(ix for ix in x.indices if ix != node.axis)
+        lse = ir.Reduce(op="logsumexp", arg=x, axes=(node.axis,), indices=rest, dtype=ir.FLOAT, loc=node.loc)
+        diff = ir.Map(op="-", args=(x, lse), indices=x.indices, dtype=ir.FLOAT, loc=node.loc)
+        return ir.Map(op="exp", args=(diff,), indices=x.indices, dtype=ir.FLOAT, loc=node.loc)
+    if isinstance(node, ir.Map):
+        args = tuple(_off_axis_normalisers(a, j) for a in node.args)
+        if any(a is not b for a, b in zip(args, node.args)):
+            ordered = sorted(args, key=lambda a: -len(a.indices))
+            return ir.Map(op=node.op, args=args, indices=ir.union_indices(ordered), dtype=node.dtype, loc=node.loc)
+    return node
+
+
 def _weight_terms(node: ir.Node, j: str, coef=None) -> list[tuple[str, ir.Node | None, ir.Node]]:
     """Split the weights contracted with the values into (kind, coefficient, score) terms:
     `softmax(s1, j) - lam * softmax(s2, j)` gives two softmax terms, `sigmoid(s + bias)` one
@@ -197,7 +217,7 @@ def _weight_terms(node: ir.Node, j: str, coef=None) -> list[tuple[str, ir.Node |
     if isinstance(node, ir.Map) and node.op == "*":
         a, b = node.args
         for c, t in ((a, b), (b, a)):
-            if j not in c.indices and not _has_normalize(c):
+            if j not in c.indices:  # a coefficient per row or per head (precomputed if need be)
                 return _weight_terms(t, j, _times(coef, c))
     if j in node.indices and not _has_normalize(node):
         return [("pointwise", coef, node)]
@@ -205,13 +225,7 @@ def _weight_terms(node: ir.Node, j: str, coef=None) -> list[tuple[str, ir.Node |
 
 
 def _has_normalize(node: ir.Node) -> bool:
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, (ir.Normalize, ir.Select, ir.Reduce)):
-            return True
-        stack.extend(n.operands())
-    return False
+    return any(isinstance(n, ir.Normalize) for n in _score_nodes(None, node))
 
 
 def _term(program, kind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple[Term, str, str]:
@@ -240,17 +254,21 @@ def _term(program, kind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple
 
 
 def plan_row_stream(program: ir.Program) -> RowStreamPlan:
-    """Match the first output against `sum_k coef_k * norm_k(S_k) @ V` and analyse the masks."""
+    """Match the first output against `sum_k coef_k * norm_k(S_k) @ V` (possibly divided by
+    the row sums of a pointwise weight, possibly summed over heads) and analyse the masks."""
     out = program.outputs[0]
-    pv = out.node
-    if not isinstance(pv, ir.Contract) or len(pv.factors) != 2 or len(pv.summed) != 1:
-        raise NotRowStreamable("the output is not a single contraction of weights with values over one index")
-    j = pv.summed[0]
-    weights = next((f for f in pv.factors if _has_normalize(f)), None) or \
-        next((f for f in pv.factors if any(_is_qk(n, program, j) for n in _score_nodes(program, f))), None)
-    if weights is None:
-        raise NotRowStreamable("the output does not contract attention weights with values")
-    v_access = next(f for f in pv.factors if f is not weights)
+    pv, row_sum = _divided_by_row_sum(out.node)
+    if not isinstance(pv, ir.Contract):
+        raise NotRowStreamable("the output is not a contraction of weights with values")
+    j, qk = _streamed_index(program, pv, out)
+    v_access, e = _values(pv, out, qk)
+    factors = [f for f in pv.factors if f is not v_access]
+    weights = factors[0]
+    for f in factors[1:]:
+        weights = _times(weights, f)
+    weights = _off_axis_normalisers(weights, j)
+    if row_sum is not None and not (row_sum.arg in factors and len(factors) == 1):
+        raise NotRowStreamable("the output divides by the row sums of something other than its weights")
     pre = Precomputed(program)
     raw_terms = _weight_terms(weights, j)
     if len(raw_terms) > 2:
@@ -262,27 +280,65 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
             raise NotRowStreamable("the terms' Q K^T contract over different extents")
         d = d or d_term
         terms.append(term)
-    e_candidates = [ix for ix in v_access.indices if ix not in weights.indices]
-    if len(e_candidates) != 1:
-        raise NotRowStreamable("the values must have exactly one feature index")
-    e = e_candidates[0]
     v = _operand(v_access, j, e, "the values", pre)
     if i not in out.axes:
         raise NotRowStreamable("the output is not indexed by the queries")
+    if row_sum is not None and (len(terms) != 1 or terms[0].kind != "pointwise"):
+        raise NotRowStreamable("a row-sum normaliser needs one pointwise weight")
     outer = tuple(ix for ix in out.axes if ix not in (i, e))
+    summed_outer = tuple(ix for ix in pv.summed if ix != j)
     for t in terms:
-        if set(t.score.indices) - {i, j, *outer} or (t.coef is not None and set(t.coef.indices) - {i, *outer}):
+        if set(t.score.indices) - {i, j, *outer, *summed_outer} or \
+                (t.coef is not None and set(t.coef.indices) - {i, *outer, *summed_outer}):
             raise NotRowStreamable("the scores have indices that the output does not keep")
     masks = list(dict.fromkeys(m for node in (pv, *(t.score for t in terms)) for m in _masks_of(program, node, pv)))
     for m in masks:
-        if set(m.pred.indices) - {i, j, *outer}:
+        if set(m.pred.indices) - {i, j, *outer, *summed_outer}:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
     for node in [*(t.score for t in terms), *(t.coef for t in terms if t.coef is not None),
                  *(m.pred for m in masks)]:
         _scan_for_precompute(node, {t.qk for t in terms}, pre, i, j)
-    mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, outer)
+    mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, (*outer, *summed_outer))
+    group = None if summed_outer else _gqa_group(terms, v, masks)
     return RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
-                         _gqa_group(terms, v, masks), opaque, pre)
+                         group, opaque, pre, summed_outer, row_sum is not None)
+
+
+def _divided_by_row_sum(node: ir.Node):
+    """`num[b,h,i,e] / den[b,h,i]` with `den = sum(w, j)`: normalised linear attention."""
+    if isinstance(node, ir.Map) and node.op == "/" and isinstance(node.args[1], ir.Reduce) \
+            and node.args[1].op == "sum" and node.args[1].block is None and len(node.args[1].axes) == 1:
+        return node.args[0], node.args[1]
+    return node, None
+
+
+def _streamed_index(program: ir.Program, pv: ir.Contract, out: ir.Output) -> tuple[str, ir.Contract]:
+    """The summed index the kernel streams over, and its Q K^T: the index is on the key
+    side only (heads, summed in mixture-of-heads, sit on both sides), and the query side
+    carries an output index (the rows)."""
+    for ix in pv.summed:
+        for f in pv.factors:
+            for n in _score_nodes(program, f):
+                if not _is_qk(n, program, ix):
+                    continue
+                tiles = [t for t in n.factors if n.summed[0] in t.indices]
+                keys = [t for t in tiles if ix in t.indices]
+                if len(tiles) == 2 and len(keys) == 1:
+                    query = next(t for t in tiles if t is not keys[0])
+                    if any(r in out.axes for r in query.indices if r not in keys[0].indices):
+                        return ix, n
+    raise NotRowStreamable("the output does not contract attention weights (no Q K^T) with values")
+
+
+def _values(pv: ir.Contract, out: ir.Output, qk: ir.Contract) -> tuple[ir.Node, str]:
+    """The value factor: the one carrying an output index that no other factor has and
+    that the scores do not have (the value feature)."""
+    for f in pv.factors:
+        others = set().union(*(g.indices for g in pv.factors if g is not f))
+        own = [ix for ix in f.indices if ix in out.axes and ix not in others and ix not in qk.indices]
+        if len(own) == 1:
+            return f, own[0]
+    raise NotRowStreamable("the values must have exactly one feature index")
 
 
 def _is_qk(node: ir.Node, program: ir.Program, j: str) -> bool:
@@ -360,8 +416,16 @@ def _small(program: ir.Program) -> set[str]:
     return {ix for ix, ext in program.extent.items() if ext.is_Integer and int(ext) <= 16}
 
 
-def _score_nodes(program: ir.Program, score: ir.Node):
-    return nx.ancestors(program.graph, score) | {score}
+def _score_nodes(program: ir.Program, score: ir.Node) -> set[ir.Node]:
+    """A node and everything it is computed from (the planner builds nodes that the
+    program's graph does not hold, so this walks operands)."""
+    seen, stack = set(), [score]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.operands())
+    return seen
 
 
 # ---------------------------------------------------------------------- masks

@@ -1,0 +1,40 @@
+"""The last four gallery examples as generated kernels: a softmax over another axis than the
+streamed one becomes exp(s - lse) with the log-sum-exp precomputed (softmax over queries,
+reversed attention), a weighted sum over heads runs a head loop in the epilogue
+(mixture-of-heads), and normalised linear attention divides by row sums kept in the kernel."""
+import pytest
+import torch
+
+import attncc
+from oracles.inputs import SQUARE, make_inputs
+
+
+@pytest.mark.parametrize("name,causal", [("query_softmax", None), ("reversed", None), ("moh", None),
+                                         ("linear_elu", False), ("linear_elu", True)])
+def test_generated_kernel_matches_reference(name, causal):
+    kwargs = make_inputs(name, B=2, H=4, N=37, M=None if name in SQUARE else 45, D=24, E=12,
+                         dtype=torch.float32)
+    if causal is not None:
+        kwargs["causal"] = causal
+    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
+    out = kernel(**kwargs)
+    assert kernel.last_run["backend"] == "triton"
+    want = attncc.compile(f"examples/{name}.attn", backend="reference")(**kwargs)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_plans():
+    plans = {n: attncc.compile(f"examples/{n}.attn", backend="triton").generated.plan
+             for n in ("query_softmax", "reversed", "moh", "linear_elu")}
+    assert plans["moh"].summed_outer == ("h",) and plans["moh"].outer == ("b",)
+    assert plans["reversed"].i == "j" and plans["reversed"].j == "i", "reversed streams over the children i"
+    assert plans["linear_elu"].row_sum
+    for name in ("query_softmax", "reversed"):
+        assert plans[name].terms[0].kind == "pointwise" and plans[name].precomputed.inputs
+
+
+def test_every_gallery_example_generates():
+    from oracles.inputs import EXAMPLES
+
+    for name in EXAMPLES:
+        assert attncc.compile(f"examples/{name}.attn", backend="triton").backend == "triton", name
