@@ -80,6 +80,7 @@ class RowStreamCodegen:
             h = p.group[0]
             env[h] = Val("h_rows[:, None]", frozenset("m"), ir.INT)
             self.kv_env[h] = Val(f"(grp_{h} * group)", frozenset(), ir.INT)
+        self.coefs: list[str] = []  # the code of each term's coefficient (after combine_lines)
         self.em = TileEmitter(p.program, env)
         self.em.in_bounds = {p.i, p.j}
         self.em.materialized = dict(p.precomputed.inputs) if p.precomputed else {}
@@ -260,8 +261,17 @@ class RowStreamCodegen:
                 coef = self.em.emit(term.coef)
                 lines += self.em.body
                 part = f"{coef.code} * ({part})"
+                self.coefs.append(coef.code)
             parts.append(part)
         return lines + ["out = " + " + ".join(parts)]
+
+    def skip_dead_heads(self, lines: list[str]) -> list[str]:
+        """With a sum over heads, a head whose coefficients are 0 on every row of the tile
+        (not chosen by a mixture-of-heads router) needs no key loop at all."""
+        if not (self.plan.summed_outer and len(self.coefs) == len(self.plan.terms)):
+            return lines
+        live = " | ".join(f"(tl.max(tl.abs({c})) != 0)" for c in self.coefs)
+        return [f"if {live}:  # some row of the tile weighs this head", *_indent(lines)]
 
     def summed_outer_loop(self, body: list[str]) -> list[str]:
         """The per-program work, once per value of the indices the output sums over
@@ -378,7 +388,7 @@ class RowStreamCodegen:
                 f"v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} "
                 f"+ offs_e[None, :] * {vn}_s{p.v.feature}",
                 *self.initial_state(),
-                *range_lines(call_args),
+                *self.skip_dead_heads(range_lines(call_args)),
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
                 *combine]),
             "    if SPLIT:  # a partial result per key split, merged by log-sum-exp afterwards",

@@ -38,3 +38,19 @@ def test_every_gallery_example_generates():
 
     for name in EXAMPLES:
         assert attncc.compile(f"examples/{name}.attn", backend="triton").backend == "triton", name
+
+
+def test_heads_the_router_does_not_choose_are_skipped():
+    """moh with every token routed to head 0 only: the kernel walks head 0's tiles alone."""
+    kwargs = make_inputs("moh", B=1, H=4, N=32, D=16, E=8, dtype=torch.float32)
+    kwargs["router"] = torch.zeros_like(kwargs["router"])
+    kwargs["router"][..., 0] = 10.0
+    kwargs["topk"] = 1
+    kernel = attncc.compile("examples/moh.attn", backend="triton")
+    launcher = kernel.generated.launcher
+    out = launcher(attncc.binding.bind(kernel.program, kwargs), False, {"BLOCK_M": 16, "BLOCK_N": 16},
+                   count_tiles=True)[0]
+    counts = launcher.last_tile_counts
+    assert counts["full"] + counts["partial"] == 3  # causal 32x32 in 16x16 tiles, one head
+    want = attncc.compile("examples/moh.attn", backend="reference")(**kwargs)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
