@@ -133,11 +133,13 @@ class RowStreamLauncher:
         n_feat, n_vfeat = sizes[p.d], sizes[p.e]
         if max(n_feat, n_vfeat) > 256:
             raise BackendError(f"head dims up to 256 are supported, got {n_feat} and {n_vfeat}")
-        cfg = dict(default_config(interpret, n_feat, n_vfeat))
+        cfg = dict(default_config(interpret, n_feat, n_vfeat, len(p.terms)))
         cfg.update(config or {})
         group = self.pack_group(call, cfg, n_rows)
         if "BLOCK_M" not in (config or {}):  # few queries (decoding): no tile rows to waste
             cfg["BLOCK_M"] = min(cfg["BLOCK_M"], pow2(n_rows * group))
+            if cfg["BLOCK_M"] < 64 and "num_warps" not in (config or {}):
+                cfg["num_warps"] = 4
         variant = self.src.packed if group > 1 else self.src
         kernel = getattr(module, f"{variant.name}_fwd")
         device = call.device
@@ -186,6 +188,7 @@ class RowStreamLauncher:
                          BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse or splits > 1, COUNT_TILES=count_tiles,
                          SPLIT=splits > 1, PRECISION="ieee",
                          UPCAST_DOT=interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16,
+                         EVEN_D=pow2(n_feat) == n_feat, EVEN_E=pow2(n_vfeat) == n_vfeat,
                          **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
         if count_tiles:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
@@ -307,11 +310,15 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def default_config(interpret: bool, d: int, e: int) -> dict:
+def default_config(interpret: bool, d: int, e: int, accumulators: int = 1) -> dict:
     """Tile sizes before any tuning: small tiles in the interpreter (speed, and more
-    tile boundaries exercised), FlashAttention-like ones on a GPU."""
+    tile boundaries exercised), FlashAttention-like ones on a GPU. Checked by compiling for
+    sm_90 with Triton 3.6 (ptxas, no GPU needed): 128x64 tiles with 8 warps fit the
+    registers for one accumulator at head dim 128; two accumulators (differential
+    attention) or head dims above 128 need the smaller 64x32 tiles not to spill, and 4 warps
+    spill at head dim 64 where 8 do not."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    wide = max(d, e) > 128
+    wide = max(d, e) > 128 or (accumulators > 1 and max(d, e) > 64)
     return {"BLOCK_M": 128 if not wide else 64, "BLOCK_N": 64 if not wide else 32,
-            "num_warps": 8 if max(d, e) >= 128 else 4, "num_stages": 2 if wide else 3}
+            "num_warps": 8, "num_stages": 2 if wide else 3}

@@ -158,10 +158,15 @@ class RowStreamCodegen:
                 continue
             var = f"k_{k.input.name}" if len(self.plan.terms) > 1 else "k"
             names[k.input.name] = var
-            ptr = f"k_tile_{k.input.name} + start_n * {k.input.name}_s{k.row}"
+            kn = k.input.name
+            # pointers built per tile from a scalar base: a pointer tile held across the loop
+            # would cost BLOCK_D * BLOCK_N registers' worth of 64-bit addresses (and spills)
+            ptr = f"k_base_{kn} + offs_d[:, None] * {kn}_s{k.feature} + offs_n[None, :] * {kn}_s{k.row}"
             lines += ["if MASKED:",
                       f"    {var} = tl.load({ptr}, mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), "
                       "other=0.0)",
+                      "elif EVEN_D:  # no padded features: full tiles load without any mask",
+                      f"    {var} = tl.load({ptr})",
                       "else:",
                       f"    {var} = tl.load({ptr}, mask=offs_d[:, None] < n_feat, other=0.0)",
                       "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
@@ -193,11 +198,13 @@ class RowStreamCodegen:
             body += self.score_lines(t)
         body += ["if MASKED:", *_indent(self.mask_lines())]
         vn = p.v.input.name
+        v_ptr = f"v_base + offs_n[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}"
         body += ["if MASKED:",
-                 f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, "
-                 "mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
+                 f"    v = tl.load({v_ptr}, mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
+                 "elif EVEN_E:",
+                 f"    v = tl.load({v_ptr})",
                  "else:",
-                 f"    v = tl.load(v_tile + start_n * {vn}_s{p.v.row}, mask=offs_e[None, :] < n_vfeat, other=0.0)",
+                 f"    v = tl.load({v_ptr}, mask=offs_e[None, :] < n_vfeat, other=0.0)",
                  "if UPCAST_DOT:",
                  "    v = v.to(tl.float32)"]
         for t in range(len(p.terms)):
@@ -226,8 +233,7 @@ class RowStreamCodegen:
                 continue
             seen.add(k.input.name)
             off = self.operand_offset(k, self.kv_env)
-            lines.append(f"k_tile_{k.input.name} = {k.input.name}_ptr + {off} + offs_d[:, None] * "
-                         f"{k.input.name}_s{k.feature} + tl.arange(0, BLOCK_N)[None, :] * {k.input.name}_s{k.row}")
+            lines.append(f"k_base_{k.input.name} = {k.input.name}_ptr + {off}")
         return lines
 
     def initial_state(self) -> list[str]:
@@ -306,11 +312,12 @@ class RowStreamCodegen:
         prologue = list(em.prologue)
         state = self.states()
         vn = p.v.input.name
-        constexprs = ["MASKED", "BLOCK_N", "PRECISION", "UPCAST_DOT"]
+        constexprs = ["MASKED", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E"]
         inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
         inner_args = [a for a in inner_args if a not in (*state, "start_n")]
         sig_tile = ", ".join([*state, "start_n", *inner_args]) + \
-            ", MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr"
+            ", MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, " \
+            "EVEN_D: tl.constexpr, EVEN_E: tl.constexpr"
         call_args = ", ".join([*state, "start_n", *inner_args])
 
         tensors = list(em.tensors)
@@ -332,7 +339,7 @@ class RowStreamCodegen:
                                         "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
                                         "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
                                         "SPLIT: tl.constexpr, PRECISION: tl.constexpr, "
-                                        "UPCAST_DOT: tl.constexpr")
+                                        "UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_E: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -385,8 +392,7 @@ class RowStreamCodegen:
                 "# values that do not change along the key loop",
                 *prologue,
                 *queries,
-                f"v_tile = {vn}_ptr + {v_off} + tl.arange(0, BLOCK_N)[:, None] * {vn}_s{p.v.row} "
-                f"+ offs_e[None, :] * {vn}_s{p.v.feature}",
+                f"v_base = {vn}_ptr + {v_off}",
                 *self.initial_state(),
                 *self.skip_dead_heads(range_lines(call_args)),
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
@@ -430,7 +436,7 @@ class RowStreamCodegen:
     def visit(self, masked, call):
         """One key tile; with COUNT_TILES the kernel also counts what it visits (work accounting)."""
         return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
-                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)",
+                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, EVEN_D=EVEN_D, EVEN_E=EVEN_E)",
                 "    if COUNT_TILES:",
                 f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]
 
