@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import sympy
-
 from attncc import ir
-from attncc.passes.infer import to_sympy
-from attncc.passes.mask_analysis import MaskPlan, analyse_mask
+from attncc.passes.mask_analysis import MaskPlan
+from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
+from attncc.passes.precompute import Precomputed, TooLarge, scan_for_precompute, small_indices
 
 
 class NotRowStreamable(Exception):
@@ -125,35 +124,6 @@ def _bare(arg: ir.Node, name: str) -> bool:
     return isinstance(arg, ir.Index) and arg.name == name
 
 
-class Precomputed:
-    """Intermediates the kernel reads as tensors, computed before each launch by the
-    reference executor's torch ops on the same device: selections over blocks
-    (topk_blocks' kept blocks), gathered or pooled operands (permuted keys, agent tokens).
-    They never span both the query and the key index, so they stay small."""
-
-    def __init__(self, program: ir.Program):
-        self.program = program
-        self.inputs: dict[ir.Node, ir.Input] = {}
-        self.axes: dict[ir.Node, tuple[str, ...]] = {}
-
-    def input_for(self, node: ir.Node, axes: tuple[str, ...]) -> ir.Input:
-        if node not in self.inputs:
-            self.inputs[node] = ir.Input(name=f"pre{len(self.inputs)}", dtype=node.dtype, loc=node.loc,
-                                         dims=tuple(self.program.extent[ix] for ix in axes))
-            self.axes[node] = axes
-        return self.inputs[node]
-
-    def operand_access(self, node: ir.Node) -> ir.Access:
-        """A q/k/v operand that is not a plain input read, as a read of a precomputed tensor."""
-        if isinstance(node, ir.Access) and not isinstance(node.array, ir.Input) and \
-                all(isinstance(a, ir.Index) for a in node.args):
-            array = self.input_for(node.array, node.axes)
-            return ir.Access(array=array, args=node.args, indices=node.indices, dtype=node.dtype, loc=node.loc)
-        array = self.input_for(node, node.indices)
-        args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices)
-        return ir.Access(array=array, args=args, indices=node.indices, dtype=node.dtype, loc=node.loc)
-
-
 def _operand(access: ir.Node, row: str, feature: str, role: str, pre: Precomputed) -> Operand:
     plain = isinstance(access, ir.Access) and isinstance(access.array, ir.Input)
     if not plain or not (_has_direct(access, row) and _has_direct(access, feature)):
@@ -231,7 +201,7 @@ def _has_normalize(node: ir.Node) -> bool:
 def _term(program, kind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple[Term, str, str]:
     """A term's Q K^T contraction and operands; returns the term, its query index and d."""
     contracts = [n for n in _score_nodes(program, score) if isinstance(n, ir.Contract)
-                 and len(n.summed) == 1 and j in n.indices and n.summed[0] not in _small(program)]
+                 and len(n.summed) == 1 and j in n.indices and n.summed[0] not in small_indices(program)]
     if len(contracts) != 1:
         raise NotRowStreamable(f"the scores need exactly one Q K^T contraction, found {len(contracts)}")
     qk = contracts[0]
@@ -295,10 +265,13 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     for m in masks:
         if set(m.pred.indices) - {i, j, *outer, *summed_outer}:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
-    for node in [*(t.score for t in terms), *(t.coef for t in terms if t.coef is not None),
-                 *(m.pred for m in masks)]:
-        _scan_for_precompute(node, {t.qk for t in terms}, pre, i, j)
-    mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, (*outer, *summed_outer))
+    try:
+        for node in [*(t.score for t in terms), *(t.coef for t in terms if t.coef is not None),
+                     *(m.pred for m in masks)]:
+            scan_for_precompute(node, {t.qk for t in terms}, pre, i, j)
+        mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, (*outer, *summed_outer))
+    except (TooLarge, NotAffineExtents) as why:
+        raise NotRowStreamable(str(why)) from None
     group = None if summed_outer else _gqa_group(terms, v, masks)
     return RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
                          group, opaque, pre, summed_outer, row_sum is not None)
@@ -343,45 +316,7 @@ def _values(pv: ir.Contract, out: ir.Output, qk: ir.Contract) -> tuple[ir.Node, 
 
 def _is_qk(node: ir.Node, program: ir.Program, j: str) -> bool:
     return isinstance(node, ir.Contract) and len(node.summed) == 1 and j in node.indices \
-        and node.summed[0] not in _small(program)
-
-
-def _inline(node: ir.Node, program: ir.Program) -> bool:
-    """Whether a tile kernel computes this node itself (elementwise math, reads,
-    sums over tiny constant axes) rather than reading it precomputed."""
-    if isinstance(node, (ir.Index, ir.Const, ir.Scalar, ir.Input)):
-        return True
-    if isinstance(node, ir.Access):
-        return all(_inline(a, program) for a in node.args) and \
-            (isinstance(node.array, ir.Input) or _inline(node.array, program))
-    if isinstance(node, ir.Map):
-        return all(_inline(a, program) for a in node.args)
-    if isinstance(node, ir.Contract):
-        return set(node.summed) <= _small(program) and all(_inline(f, program) for f in node.factors)
-    return False
-
-
-def _scan_for_precompute(node, stop, pre: Precomputed, i, j):
-    """Mark what a score, coefficient or mask reads but a tile cannot compute (selections,
-    pooled blocks) as precomputed; such values must not span both query and key."""
-    program = pre.program
-    if node in stop or node.is_scalar or _inline(node, program):
-        if isinstance(node, (ir.Map, ir.Access)) and node not in stop:
-            for op in node.operands():
-                _scan_for_precompute(op, stop, pre, i, j)
-        return
-    if isinstance(node, ir.Map):
-        for op in node.args:
-            _scan_for_precompute(op, stop, pre, i, j)
-        return
-    target, axes = (node.array, node.axes) if isinstance(node, ir.Access) else (node, node.indices)
-    if isinstance(node, ir.Access):
-        for a in node.args:
-            _scan_for_precompute(a, stop, pre, i, j)
-    if {i, j} <= set(target.indices):
-        raise NotRowStreamable(f"line {target.loc.line if target.loc else '?'} needs a whole score-sized "
-                               "intermediate before the attention")
-    pre.input_for(target, axes)
+        and node.summed[0] not in small_indices(program)
 
 
 def _has_direct(access: ir.Access, ix: str) -> bool:
@@ -411,11 +346,6 @@ def _gqa_group(terms: list[Term], v: Operand, masks):
     return None
 
 
-def _small(program: ir.Program) -> set[str]:
-    """Indices with a small constant extent (unrolled inside tiles, never streamed)."""
-    return {ix for ix, ext in program.extent.items() if ext.is_Integer and int(ext) <= 16}
-
-
 def _score_nodes(program: ir.Program, score: ir.Node) -> set[ir.Node]:
     """A node and everything it is computed from (the planner builds nodes that the
     program's graph does not hold, so this walks operands)."""
@@ -426,72 +356,3 @@ def _score_nodes(program: ir.Program, score: ir.Node) -> set[ir.Node]:
             seen.add(node)
             stack.extend(node.operands())
     return seen
-
-
-# ---------------------------------------------------------------------- masks
-_SYMPY_BOOL = {"and": sympy.And, "or": sympy.Or, "not": sympy.Not, "==": sympy.Eq, "!=": sympy.Ne,
-               "<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge}
-_SYMPY_INT = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-              "min": sympy.Min, "max": sympy.Max, "neg": lambda a: -a, "abs": sympy.Abs,
-              "clamp": lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi),
-              "//": lambda a, b: sympy.floor(a / b), "%": sympy.Mod}
-
-
-class _MaskToSympy:
-    """Mask predicates as sympy: integer arithmetic of the tile indices and scalars
-    stays symbolic; a read that depends only on the outer indices (`prefix[b]`)
-    becomes a symbol the kernel loads once; everything else is an opaque function."""
-
-    def __init__(self, program, i, j, outer):
-        self.program, self.i, self.j, self.outer = program, i, j, set(outer)
-        self.symbols: dict[str, ir.Node] = {}
-        self.opaque: dict[ir.Node, str] = {}
-
-    def __call__(self, node: ir.Node):
-        if isinstance(node, ir.Index):
-            if node.name in (self.i, self.j):
-                return sympy.Symbol(node.name, integer=True)
-            return self.loaded(node)
-        if isinstance(node, (ir.Scalar, ir.Const)) or (node.is_scalar and not isinstance(node, ir.Access)):
-            if node.dtype == ir.FLOAT and not isinstance(node, ir.Const):
-                return self.opaque_of(node)
-            try:
-                return to_sympy(node)
-            except NotImplementedError:
-                return self.opaque_of(node)
-        if isinstance(node, ir.Map) and node.op in _SYMPY_BOOL:
-            return _SYMPY_BOOL[node.op](*(self(a) for a in node.args))
-        if isinstance(node, ir.Map) and node.op in _SYMPY_INT and node.dtype == ir.INT:
-            return _SYMPY_INT[node.op](*(self(a) for a in node.args))
-        if not ({self.i, self.j} & set(node.indices)) and node.dtype != ir.FLOAT:
-            return self.loaded(node)
-        return self.opaque_of(node)
-
-    def loaded(self, node: ir.Node):
-        """A value fixed for the whole program (depends on batch/head only)."""
-        name = f"mask_scalar{len(self.symbols)}"
-        for known, n in self.symbols.items():
-            if n is node:
-                return sympy.Symbol(known, integer=True)
-        self.symbols[name] = node
-        return sympy.Symbol(name, integer=True) if node.dtype == ir.INT else sympy.Symbol(name)
-
-    def opaque_of(self, node: ir.Node):
-        name = self.opaque.setdefault(node, f"opaque{len(self.opaque)}")
-        args = [sympy.Symbol(ix, integer=True) for ix in node.indices if ix in (self.i, self.j)]
-        value = sympy.Function(name)(*args) if args else sympy.Symbol(name)
-        return sympy.Eq(value, 1) if node.dtype == ir.BOOL else value
-
-
-def analyse_masks(program: ir.Program, masks, i, j, outer):
-    """The sympy mask plan of the conjunction of `masks` (None without masks), the loaded
-    scalars and the opaque functions it names."""
-    if not masks:
-        return None, {}, {}
-    convert = _MaskToSympy(program, i, j, outer)
-    pred = sympy.And(*(convert(m.pred) for m in masks))
-    n, m = program.extent[i], program.extent[j]
-    if not (n.is_Symbol and m.is_Symbol):
-        raise NotRowStreamable("query and key extents must be dims")
-    opaque = {name: node for node, name in convert.opaque.items()}
-    return analyse_mask(pred, i, j, n=str(n), m=str(m)), convert.symbols, opaque
