@@ -72,7 +72,7 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
                     raise ShapeError(f"argument '{name}' must have size {dim} in dim {k}, got shape "
                                      f"{tuple(t.shape)}")
                 continue
-            key = str(dim)
+            key = dim.name
             if key in scalars and scalars[key] != size:
                 raise ShapeError(f"argument '{name}' has {key} = {size} (dim {k} of shape {tuple(t.shape)}) "
                                  f"but '{bound_by[key]}' has {key} = {scalars[key]}")

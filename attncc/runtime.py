@@ -112,6 +112,7 @@ class RowStreamLauncher:
         self.plan = plan
         self.src = src
         self.block_maps: dict = {}
+        self.modules: dict[bool, object] = {}  # compiled / interpreted module, loaded once
         self.last_block_map = None
         self.last_tile_counts = None
         self.last_splits = 1
@@ -127,7 +128,7 @@ class RowStreamLauncher:
         if any(call.tensors[n].dtype not in (torch.float16, torch.bfloat16, torch.float32) for n in operands):
             raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
                                "use backend='reference' for float64")
-        module = load_module(self.src, interpret)
+        module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
         sizes = self.plan.program.sizes(call.scalars)
         n_rows, n_cols = sizes[p.i], sizes[p.j]
         n_feat, n_vfeat = sizes[p.d], sizes[p.e]
