@@ -32,12 +32,6 @@ class TileWork:
     block_m: int
     block_n: int
 
-    def as_dict(self) -> dict:
-        return {"dense": self.dense, "minimum": self.minimum, "full": self.full, "visited": self.visited,
-                "block_m": self.block_m, "block_n": self.block_n,
-                "visited_over_minimum": self.visited / self.minimum if self.minimum else None,
-                "visited_over_dense": self.visited / self.dense if self.dense else None}
-
 
 def tile_states(plan: RowStreamPlan, call: BoundCall, block_m: int, block_n: int) -> np.ndarray:
     """Brute-force tile states (0 empty, 1 partial, 2 full) per outer combination:
