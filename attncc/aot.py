@@ -39,6 +39,8 @@ def _argument_types(kernel) -> tuple[dict, dict]:
               **{i.name: i for i in (plan.precomputed.inputs.values() if plan.precomputed else ())}}
     hosts = {**src.host_scalars, **(src.packed.host_scalars if src.packed else {}),
              **(src.block_map.host_scalars if src.block_map else {})}
+    for _, stats in src.statistics.values():
+        hosts.update(stats.host_scalars)
     scalars = {name: node.dtype for name, node in hosts.items()}
     scalars.update({n: s.dtype for n, s in kernel.program.params.items()})
     return inputs, scalars
@@ -63,8 +65,8 @@ def signature(fn, kernel, constexprs: dict) -> dict:
 
 
 def compile_kernels(kernel, d: int, e: int, config: dict, arch: int = 90) -> dict:
-    """Every kernel of a compiled spec's module (main, GQA-packed variant, block-map
-    classifier) compiled for `sm_<arch>` with bf16 inputs and the given tile config."""
+    """Every kernel of a compiled spec's module (main, GQA-packed variant, statistics passes,
+    block-map classifier) compiled for `sm_<arch>` with bf16 inputs and the given tile config."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -77,6 +79,8 @@ def compile_kernels(kernel, d: int, e: int, config: dict, arch: int = 90) -> dic
     targets = {f"{src.name}_fwd": main}
     if src.packed is not None:
         targets[f"{src.packed.name}_fwd"] = main
+    for _, stats in src.statistics.values():
+        targets[f"{stats.name}_fwd"] = main
     if src.block_map is not None:
         targets[f"{src.name}_classify"] = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
     options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}

@@ -108,9 +108,13 @@ def pow2(n: int, least: int = 16) -> int:
 class RowStreamLauncher:
     """Launches a row-streaming kernel for one bound call."""
 
-    def __init__(self, plan, src: KernelSource):
+    def __init__(self, plan, src: KernelSource, module_src: KernelSource | None = None):
+        """`module_src`: the module holding this kernel, when it is not the kernel's own (the
+        statistics passes live in the module of the attention kernel that reads them)."""
         self.plan = plan
         self.src = src
+        self.module_src = module_src or src
+        self.statistics: dict = {}  # precomputed node -> launcher of its statistics pass
         self.block_maps: dict = {}
         self.modules: dict[bool, object] = {}  # compiled / interpreted module, loaded once
         self.last_block_map = None
@@ -124,14 +128,15 @@ class RowStreamLauncher:
         interpret = check_device(call)
         call = self.with_precomputed(call)
         p = self.plan
-        operands = {p.v.input.name} | {op.input.name for t in p.terms for op in (t.q, t.k)}
+        operands = {op.input.name for t in p.terms for op in (t.q, t.k)} | ({p.v.input.name} if p.v else set())
         if any(call.tensors[n].dtype not in (torch.float16, torch.bfloat16, torch.float32) for n in operands):
             raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
                                "use backend='reference' for float64")
-        module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
+        module = self.modules.get(interpret) or self.modules.setdefault(interpret,
+                                                                        load_module(self.module_src, interpret))
         sizes = self.plan.program.sizes(call.scalars)
         n_rows, n_cols = sizes[p.i], sizes[p.j]
-        n_feat, n_vfeat = sizes[p.d], sizes[p.e]
+        n_feat, n_vfeat = sizes[p.d], sizes[p.e] if p.e else 1
         if max(n_feat, n_vfeat) > 256:
             raise BackendError(f"head dims up to 256 are supported, got {n_feat} and {n_vfeat}")
         cfg = dict(default_config(interpret, n_feat, n_vfeat, len(p.terms)))
@@ -150,7 +155,7 @@ class RowStreamLauncher:
         if return_lse and not p.has_lse:
             raise BackendError("return_lse needs a single softmax over the keys")
         splits = cfg.get("SPLIT_KV") or choose_splits(n_rows, n_cols, combos * n_qt, cfg, device)
-        if not p.has_lse:  # partial results merge by LSE, which only a single softmax has
+        if not p.has_lse or p.statistics_only:  # partial results merge by LSE, with values
             splits = 1
         split_len = triton_cdiv(triton_cdiv(n_cols, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
         splits = triton_cdiv(n_cols, split_len) if n_cols else 1
@@ -161,8 +166,9 @@ class RowStreamLauncher:
             o_all = torch.empty([splits, *out_shape], dtype=torch.float32, device=device)
             lse_all = torch.empty([splits, *lse_shape], dtype=torch.float32, device=device)
             o, lse = o_all[0], lse_all[0]
-        else:
-            o = torch.empty(out_shape, dtype=call.out_dtype, device=device)
+        else:  # a statistics pass writes no output: a placeholder keeps the signature
+            o = torch.empty([1] * len(out_shape) if p.statistics_only else out_shape, dtype=call.out_dtype,
+                            device=device)
             lse = torch.empty(lse_shape if return_lse else [1] * len(lse_axes), dtype=torch.float32,
                               device=device)
         args = []
@@ -208,9 +214,19 @@ class RowStreamLauncher:
         ref = Reference(self.plan.program, call.tensors, call.scalars)
         tensors = dict(call.tensors)
         for node, synthetic in pre.inputs.items():
-            t = align(ref.full(node), node.indices, pre.axes[node]).contiguous()
+            if node in self.src.statistics:  # a generated statistics pass (log-sum-exp)
+                value = self.statistics_launcher(node)(call, True)[-1]
+            else:
+                value = ref.full(node)
+            t = align(value, node.indices, pre.axes[node]).contiguous()
             tensors[synthetic.name] = t.to(call.out_dtype) if t.is_floating_point() else t
         return dataclasses.replace(call, tensors=tensors)
+
+    def statistics_launcher(self, node) -> "RowStreamLauncher":
+        if node not in self.statistics:
+            plan, src = self.src.statistics[node]
+            self.statistics[node] = RowStreamLauncher(plan, src, self.module_src)
+        return self.statistics[node]
 
     def pack_group(self, call: BoundCall, cfg: dict, n_rows: int) -> int:
         """Heads per K/V head packed into one tile (1: no packing). By default packing is

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 
@@ -38,6 +38,7 @@ class KernelSource:
     mask_mode: str                    # "none", "affine" or "block_map"
     block_map: "block_map.BlockMapSource | None" = None
     packed: "KernelSource | None" = None  # the GQA-packed variant, in the same module
+    statistics: dict = field(default_factory=dict)  # node -> (plan, source) of its statistics pass
 
 
 def _indent(lines, n=1):
@@ -105,6 +106,8 @@ class RowStreamCodegen:
     def state(self, t: int) -> list[str]:
         """The loop-carried state of a term: an accumulator, plus max and sum for softmaxes."""
         x = self.sfx(t)
+        if self.plan.statistics_only:
+            return [f"m_i{x}", f"l_i{x}"]
         if self.plan.terms[t].kind == "pointwise":
             return [f"acc{x}", f"l_i{x}"] if self.plan.row_sum else [f"acc{x}"]
         return [f"acc{x}", f"m_i{x}", f"l_i{x}"]
@@ -185,7 +188,8 @@ class RowStreamCodegen:
                 f"p = tl.exp2(s{x} - m_safe[:, None])",
                 f"alpha = tl.exp2(m_i{x} - m_safe)",
                 f"l_i{x} = l_i{x} * alpha + tl.sum(p, 1)",
-                f"acc{x} = acc{x} * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
+                *([] if self.plan.statistics_only else
+                  [f"acc{x} = acc{x} * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)"]),
                 f"m_i{x} = m_new"]
 
     def tile_body(self) -> list[str]:
@@ -197,6 +201,8 @@ class RowStreamCodegen:
             body.append(f"qk{x} = tl.dot(q{x}, {knames[term.k.input.name]}, input_precision=PRECISION)")
             body += self.score_lines(t)
         body += ["if MASKED:", *_indent(self.mask_lines())]
+        if p.statistics_only:  # the statistics pass: log-sum-exp only, no values
+            return body + self.update_lines(0)
         vn = p.v.input.name
         v_ptr = f"v_base + offs_n[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}"
         body += ["if MASKED:",
@@ -240,7 +246,8 @@ class RowStreamCodegen:
         lines = []
         for t, term in enumerate(self.plan.terms):
             x = self.sfx(t)
-            lines.append(f"acc{x} = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)")
+            if not self.plan.statistics_only:
+                lines.append(f"acc{x} = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)")
             if term.kind == "pointwise" and self.plan.row_sum:
                 lines.append(f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)")
             if term.kind == "softmax":
@@ -254,6 +261,8 @@ class RowStreamCodegen:
 
     def combine_lines(self) -> list[str]:
         """The output: each term normalised and weighed by its coefficient, then summed."""
+        if self.plan.statistics_only:
+            return ["l_safe = tl.where(l_i == 0.0, 1.0, l_i)"]
         lines, parts = [], []
         for t, term in enumerate(self.plan.terms):
             x = self.sfx(t)
@@ -304,14 +313,14 @@ class RowStreamCodegen:
     # ------------------------------------------------------------------ kernel text
     def generate(self) -> KernelSource:
         p, em = self.plan, self.em
-        v_off = self.operand_offset(p.v, self.kv_env)
+        v_off = self.operand_offset(p.v, self.kv_env) if p.v else None
         queries = self.query_loads(self.row)
         tile_body = self.tile_body()
         combine = self.combine_lines()
         range_lines = self.range_lines()
         prologue = list(em.prologue)
         state = self.states()
-        vn = p.v.input.name
+        vn = p.v.input.name if p.v else None
         constexprs = ["MASKED", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E"]
         inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
         inner_args = [a for a in inner_args if a not in (*state, "start_n")]
@@ -392,7 +401,7 @@ class RowStreamCodegen:
                 "# values that do not change along the key loop",
                 *prologue,
                 *queries,
-                f"v_base = {vn}_ptr + {v_off}",
+                *([f"v_base = {vn}_ptr + {v_off}"] if p.v else []),
                 *self.initial_state(),
                 *self.skip_dead_heads(range_lines(call_args)),
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
@@ -400,8 +409,9 @@ class RowStreamCodegen:
             "    if SPLIT:  # a partial result per key split, merged by log-sum-exp afterwards",
             "        o_ptr += (tl.program_id(0) // n_qt) * o_split_stride",
             "        lse_ptr += (tl.program_id(0) // n_qt) * lse_split_stride",
-            f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, True)}",
-            "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat))",
+            *([] if p.statistics_only else
+              [f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, True)}",
+               "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat))"]),
             *(["    if STORE_LSE:",
                f"        lse = tl.where(l_i == 0.0, float('-inf'), m_i / {LOG2E} + tl.log(l_safe))",
                f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, False)}, lse, mask=row_ok)"]
@@ -530,6 +540,12 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
         text, map_tensors, map_hosts, map_scalars = block_map.generate(plan, name)
         parts.append(text)
         main.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
+    for k, (node, stats) in enumerate(plan.statistics.items()):
+        if stats.needs_block_map:  # the classifier of a statistics pass: left to the reference
+            continue
+        source = RowStreamCodegen(stats, f"{name}_stats{k}").generate()
+        parts.append(source.source)
+        main.statistics[node] = (stats, source)
     header = ['"""Generated by attncc from ' + os.path.basename(plan.program.source.filename)
               + ": do not edit; regenerate instead.", "",
               "Skeleton: row streaming (online softmax over key tiles); mask mode: " + main.mask_mode + ".",

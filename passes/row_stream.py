@@ -83,6 +83,12 @@ class RowStreamPlan:
     precomputed: Precomputed | None = None  # intermediates computed before the launch
     summed_outer: tuple[str, ...] = ()  # indices summed in the epilogue (heads in mixture-of-heads)
     row_sum: bool = False     # divide by the row sums of the (pointwise) weights
+    statistics: dict = field(default_factory=dict)  # precomputed node -> the plan of its statistics pass
+
+    @property
+    def statistics_only(self) -> bool:
+        """A plan with no values: it computes the log-sum-exp of its scores only."""
+        return self.v is None
 
     # the first term's pieces, for the common single-softmax case
     @property
@@ -273,8 +279,39 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     except (TooLarge, NotAffineExtents) as why:
         raise NotRowStreamable(str(why)) from None
     group = None if summed_outer else _gqa_group(terms, v, masks)
-    return RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
+    plan = RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
                          group, opaque, pre, summed_outer, row_sum is not None)
+    for node in pre.inputs:
+        stats = plan_statistics(program, node)
+        if stats is not None:
+            plan.statistics[node] = stats
+    return plan
+
+
+def plan_statistics(program: ir.Program, node: ir.Node) -> RowStreamPlan | None:
+    """The statistics pass of a softmax along another axis: its log-sum-exp, computed by a
+    row-streaming kernel with the normalised axis streamed and no values (the first of the
+    two passes of softmax over queries and of reversed attention). None when the statistic
+    is not a plain log-sum-exp of `Q K^T` scores (then the reference's torch ops compute it)."""
+    if not (isinstance(node, ir.Reduce) and node.op == "logsumexp" and node.block is None
+            and len(node.axes) == 1):
+        return None
+    stream = node.axes[0]
+    pre = Precomputed(program)
+    try:
+        term, row, d = _term(program, "softmax", None, node.arg, stream, pre)
+        masks = program.masks_on(node)
+        outer = tuple(ix for ix in node.indices if ix != row)
+        for n in [node.arg, *(m.pred for m in masks)]:
+            scan_for_precompute(n, {term.qk}, pre, row, stream)
+        if pre.inputs or any(set(m.pred.indices) - {row, stream, *outer} for m in masks):
+            return None
+        mask_plan, symbols, opaque = analyse_masks(program, masks, row, stream, outer)
+    except (NotRowStreamable, TooLarge, NotAffineExtents):
+        return None
+    output = ir.Output("lse", node, node.indices, tuple(program.extent[ix] for ix in node.indices), node.loc)
+    return RowStreamPlan(program, output, row, stream, d, None, outer, [term], None, masks, mask_plan, symbols,
+                         None, opaque, pre)
 
 
 def _divided_by_row_sum(node: ir.Node):

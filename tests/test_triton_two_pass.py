@@ -1,6 +1,6 @@
 """The last four gallery examples as generated kernels: a softmax over another axis than the
-streamed one becomes exp(s - lse) with the log-sum-exp precomputed (softmax over queries,
-reversed attention), a weighted sum over heads runs a head loop in the epilogue
+streamed one becomes exp(s - lse) with the log-sum-exp computed first by a generated
+statistics pass (softmax over queries, reversed attention), a weighted sum over heads runs a head loop in the epilogue
 (mixture-of-heads), and normalised linear attention divides by row sums kept in the kernel."""
 import pytest
 import torch
@@ -31,6 +31,18 @@ def test_plans():
     assert plans["linear_elu"].row_sum
     for name in ("query_softmax", "reversed"):
         assert plans[name].terms[0].kind == "pointwise" and plans[name].precomputed.inputs
+        assert len(plans[name].statistics) == 1, "the log-sum-exp comes from a generated statistics pass"
+
+
+@pytest.mark.parametrize("name", ["query_softmax", "reversed"])
+def test_statistics_pass_runs_as_a_generated_kernel(name):
+    kwargs = make_inputs(name, B=1, H=2, N=40, D=16, E=8, dtype=torch.float32)
+    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
+    out = kernel(**kwargs)
+    launcher = kernel.generated.launcher
+    assert len(launcher.statistics) == 1 and "_stats0" in next(iter(launcher.statistics.values())).src.name
+    want = attncc.compile(f"examples/{name}.attn", backend="reference")(**kwargs)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
 
 
 def test_every_gallery_example_generates():
