@@ -115,11 +115,32 @@ class _PlanText:
                 out += self.spec_lines(mods, indent=6)
             elif not t.qk_factors:
                 out.append("    modifications: none")
-            norms = [u for u in self.program.graph.successors(t.score) if isinstance(u, ir.Normalize)]
+            graph = self.program.graph
+            norms = [u for u in graph.successors(t.score) if isinstance(u, ir.Normalize)] if t.score in graph else []
             if t.kind != "pointwise" and norms:
                 out += self.spec_lines(norms, indent=4)
         lse = "yes" if p.has_lse else "no, it needs one plain softmax"
         out.append(f"  log-sum-exp output (return_lse): {lse}")
+        if p.summed_outer:
+            out += _wrap(f"  summed over {', '.join(p.summed_outer)} inside each program (a loop in the epilogue); "
+                         "an index value whose coefficient is 0 on every row of a tile skips its key loop")
+        if p.row_sum:
+            out.append("  divided by the row sums of the weights, kept next to the accumulator")
+        return out + self.precomputed()
+
+    def precomputed(self) -> list[str]:
+        """What the kernel reads but does not compute, and how it is computed first."""
+        pre = self.plan.precomputed
+        if pre is None or not pre.inputs:
+            return []
+        stats = self.kernel.generated.source.statistics
+        out = ["computed before the launch, read by the kernel as tensors:"]
+        for node, synthetic in pre.inputs.items():
+            axes = ", ".join(pre.axes[node])
+            how = (f"a generated statistics pass, {stats[node][1].name}_fwd (streams {node.axes[0]}, keeps the "
+                   "log-sum-exp only)" if node in stats else "the reference executor's torch ops")
+            what = self.text(node) if node in self.program.graph else f"the log-sum-exp of the scores along {node.axes[0]}"
+            out += _wrap(f"{synthetic.name}[{axes}] = {what}, by {how}")
         return out
 
     def masks(self) -> list[str]:
