@@ -292,3 +292,10 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
     assert exit.value.code == 0 and "attncc 0." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_of_every_example(capsys, name):
+    rc, out, err = run(capsys, "show", "--stage", "plan", name, *REQUIRED_PARAMS.get(name, []))
+    assert rc == 0, out + err
+    assert "skeleton" in out and "work:" in out
