@@ -125,3 +125,29 @@ def test_clear_error_when_triton_was_imported_outside_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "BackendError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_other_layouts_and_strided_inputs():
+    """Sequence-first layout (q[B,N,H,D]) and non-contiguous views: the kernel follows strides."""
+    spec = """attention bnhd(q[B,N,H,D], k[B,M,H,D], v[B,M,H,E]) -> o[B,N,H,E] {
+      s[b,h,i,j] = q[b,i,h,d] * k[b,j,h,d] * D ** -0.5
+      mask j <= i + (M - N)
+      p = softmax(s, j)
+      o[b,i,h,e] = p[b,h,i,j] * v[b,j,h,e]
+    }"""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 37, 16, generator=g).transpose(1, 2)  # a strided view [B, N, H, D]
+    k = torch.randn(2, 45, 3, 32, generator=g)[..., ::2]         # every other feature
+    v = torch.randn(2, 45, 3, 8, generator=g)
+    o, lse = run_spec(spec, dict(q=q, k=k, v=v))
+    ro, rlse = attncc.compile(spec, backend="reference")(q=q, k=k, v=v, return_lse=True)
+    assert o.shape == (2, 37, 3, 8)
+    torch.testing.assert_close(o, ro, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-5)
+
+
+def run_spec(spec, kwargs):
+    kernel = attncc.compile(spec, backend="triton")
+    out = kernel(**kwargs, return_lse=True)
+    assert kernel.last_run["backend"] == "triton"
+    return out
