@@ -172,9 +172,26 @@ class RowStreamCodegen:
                       f"    {var} = tl.load({ptr})",
                       "else:",
                       f"    {var} = tl.load({ptr}, mask=offs_d[:, None] < n_feat, other=0.0)",
+                      *self.feature_map(k, var, self.kv_env, self.plan.d, "offs_d[:, None]", "n_feat"),
                       "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
                       f"    {var} = {var}.to(tl.float32)"]
         return lines, names
+
+    def feature_map(self, op, value: str, env: dict, feature: str, offsets: str, extent: str) -> list[str]:
+        """An operand's elementwise feature map (`elu(q) + 1`), applied to its tile right
+        after loading; padded features are zeroed again (the map need not keep 0 at 0)."""
+        if op.transform is None:
+            return []
+        em = self.em
+        env = {**env, feature: Val(offsets, frozenset("d"), ir.INT)}
+        for read in _reads_of(op.transform, op.access):  # the textually repeated reads too
+            em.bind(read, Val(f"{value}_f32", frozenset(), ir.FLOAT), env)
+        saved, em.prologue, em.body = (em.prologue, em.body), [], []
+        mapped = em.emit(op.transform, env)
+        lines = [f"{value}_f32 = {value}.to(tl.float32)", *em.prologue, *em.body]
+        em.prologue, em.body = saved
+        return lines + [f"{value} = tl.where({offsets} < {extent}, {mapped.code}, 0.0).to({value}.dtype)"
+                        "  # feature map, padding kept at 0"]
 
     def update_lines(self, t: int) -> list[str]:
         """The accumulator update of a term (online softmax, or a plain sum)."""
@@ -211,6 +228,8 @@ class RowStreamCodegen:
                  f"    v = tl.load({v_ptr})",
                  "else:",
                  f"    v = tl.load({v_ptr}, mask=offs_e[None, :] < n_vfeat, other=0.0)",
+                 *self.feature_map(p.v, "v", {**self.kv_env, p.j: Val("offs_n[:, None]", frozenset("n"), ir.INT)},
+                                   p.e, "offs_e[None, :]", "n_vfeat"),
                  "if UPCAST_DOT:",
                  "    v = v.to(tl.float32)"]
         for t in range(len(p.terms)):
@@ -228,6 +247,7 @@ class RowStreamCodegen:
             lines += [f"q_ptrs{x} = {qn}_ptr + {off} + {row}[:, None] * {qn}_s{term.q.row} "
                       f"+ offs_d[None, :] * {qn}_s{term.q.feature}",
                       f"q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
+                      *self.feature_map(term.q, f"q{x}", self.em.env, self.plan.d, "offs_d[None, :]", "n_feat"),
                       f"q{x} = (q{x}.to(tl.float32) * qk_scale{x}).to(q_ptrs{x}.dtype.element_ty)"
                       "  # fold the score scale into q once",
                       "if UPCAST_DOT:",
@@ -552,6 +572,18 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
               '"""', "import triton", "import triton.language as tl", "", ""]
     main.source = "\n".join(header) + "\n\n\n".join(parts) + "\n"
     return main
+
+
+def _reads_of(transform: ir.Node, read: ir.Access) -> list[ir.Node]:
+    """The reads inside a feature map that read the same elements as `read`."""
+    found, stack = [], [transform]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ir.Access) and n.array is read.array and \
+                [getattr(a, "name", None) for a in n.args] == [getattr(a, "name", None) for a in read.args]:
+            found.append(n)
+        stack.extend(n.operands() if isinstance(n, ir.Map) else ())
+    return found
 
 
 def _tile_start(expr, rounding: str) -> str:

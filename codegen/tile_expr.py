@@ -259,9 +259,11 @@ class TileEmitter:
         axes = frozenset().union(*(self.emit(f, env_with_zero(env, sizes)).axes for f in node.factors))
         return self.assign(" + ".join(f"({t})" for t in terms), axes, node.dtype, node)
 
-    def bind(self, node: ir.Node, val: Val):
-        """Make `node` (over the base environment) stand for an already computed value."""
-        self.memo[(node.id, tuple((ix, self.env[ix].code) for ix in node.indices if ix in self.env))] = val
+    def bind(self, node: ir.Node, val: Val, env: dict | None = None):
+        """Make `node` (over `env`, by default the base environment) stand for an already
+        computed value."""
+        env = self.env if env is None else env
+        self.memo[(node.id, tuple((ix, env[ix].code) for ix in node.indices if ix in env))] = val
 
 
 def env_with_zero(env, sizes):

@@ -30,6 +30,7 @@ class Operand:
     access: ir.Access
     row: int
     feature: int
+    transform: ir.Node | None = None  # an elementwise feature map of the read (`elu(q) + 1`)
 
     @property
     def input(self) -> ir.Input:
@@ -130,9 +131,36 @@ def _bare(arg: ir.Node, name: str) -> bool:
     return isinstance(arg, ir.Index) and arg.name == name
 
 
+def _plain_read(node: ir.Node, row: str, feature: str) -> bool:
+    return isinstance(node, ir.Access) and isinstance(node.array, ir.Input) \
+        and _has_direct(node, row) and _has_direct(node, feature)
+
+
+def _mapped_read(node: ir.Node, row: str, feature: str) -> ir.Access | None:
+    """The one input read inside an elementwise feature map of it (`elu(q[b,h,i,d]) + 1`),
+    which tiles can apply right after loading; None for anything else."""
+    if not isinstance(node, ir.Map):
+        return None
+    reads, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ir.Map):
+            stack.extend(n.args)
+        elif _plain_read(n, row, feature) and n.indices == node.indices:
+            reads.append(n)
+        elif not n.is_scalar:
+            return None
+    same = {(id(r.array), tuple(a.name if isinstance(a, ir.Index) else id(a) for a in r.args)) for r in reads}
+    return reads[0] if len(same) == 1 else None
+
+
 def _operand(access: ir.Node, row: str, feature: str, role: str, pre: Precomputed) -> Operand:
-    plain = isinstance(access, ir.Access) and isinstance(access.array, ir.Input)
-    if not plain or not (_has_direct(access, row) and _has_direct(access, feature)):
+    read = _mapped_read(access, row, feature)
+    if read is not None:
+        op = _operand(read, row, feature, role, pre)
+        op.transform = access
+        return op
+    if not _plain_read(access, row, feature):
         if not {row, feature} <= set(access.indices):
             raise NotRowStreamable(f"{role} are not indexed by '{row}' and '{feature}'")
         access = pre.operand_access(access)

@@ -66,3 +66,27 @@ def test_heads_the_router_does_not_choose_are_skipped():
     assert counts["full"] + counts["partial"] == 3  # causal 32x32 in 16x16 tiles, one head
     want = attncc.compile("examples/moh.attn", backend="reference")(**kwargs)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_maps_are_applied_to_tiles():
+    """Elementwise feature maps of q, k and v run on the loaded tiles (no precomputed copies),
+    and keep padded features (D = 24 in 32-wide tiles) at zero."""
+    spec = """attention mapped(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]) -> o[B,H,N,E] {
+      fq[b,h,i,d] = elu(q[b,h,i,d]) + 1
+      fk[b,h,j,d] = relu(k[b,h,j,d]) * 2 + 0.5
+      fv[b,h,j,e] = v[b,h,j,e] * v[b,h,j,e]
+      s[b,h,i,j] = fq[b,h,i,d] * fk[b,h,j,d] * D ** -0.5
+      mask j <= i + (M - N)
+      p = softmax(s, j)
+      o[b,h,i,e] = p[b,h,i,j] * fv[b,h,j,e]
+    }"""
+    kernel = attncc.compile(spec, backend="triton")
+    plan = kernel.generated.plan
+    assert plan.q.transform is not None and plan.k.transform is not None and plan.v.transform is not None
+    assert not plan.precomputed.inputs
+    g = torch.Generator().manual_seed(3)
+    kwargs = dict(q=torch.randn(2, 2, 37, 24, generator=g), k=torch.randn(2, 2, 45, 24, generator=g),
+                  v=torch.randn(2, 2, 45, 12, generator=g))
+    out = kernel(**kwargs)
+    want = attncc.compile(spec, backend="reference")(**kwargs)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
