@@ -75,7 +75,7 @@ def compile_kernels(kernel, d: int, e: int, config: dict, arch: int = 90) -> dic
     module = load_module(src, interpret=False)
     main = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_D": pow2(d), "BLOCK_E": pow2(e),
             "STORE_LSE": True, "COUNT_TILES": False, "SPLIT": False, "PRECISION": "ieee", "UPCAST_DOT": False,
-            "EVEN_D": pow2(d) == d, "EVEN_E": pow2(e) == e}
+            "EVEN_D": pow2(d) == d, "EVEN_E": pow2(e) == e, "FULL_MASKED": bool(config.get("FULL_MASKED", False))}
     targets = {f"{src.name}_fwd": main}
     if src.packed is not None:
         targets[f"{src.packed.name}_fwd"] = main

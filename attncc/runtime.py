@@ -196,6 +196,7 @@ class RowStreamLauncher:
                          SPLIT=splits > 1, PRECISION="ieee",
                          UPCAST_DOT=interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16,
                          EVEN_D=pow2(n_feat) == n_feat, EVEN_E=pow2(n_vfeat) == n_vfeat,
+                         FULL_MASKED=bool(cfg.get("FULL_MASKED", False)),
                          **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
         if count_tiles:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}

@@ -1,5 +1,7 @@
-"""The configs worth trying for one launch: tile sizes, warps, pipeline stages and,
-for few queries, the number of key splits.
+"""The configs worth trying for one launch: tile sizes, warps, pipeline stages and plan
+choices: for few queries the number of key splits, for grouped heads whether to pack
+them into one tile, for masked specs whether full tiles skip the mask (the full/partial
+tile split) or every tile is masked.
 
 Configs that cannot run are pruned before any trial: those whose estimated shared
 memory exceeds the GPU's, and tiles larger than the padded extent they tile (a
@@ -50,7 +52,8 @@ class Space:
 
 
 def build_space(n_rows: int, n_cols: int, d: int, e: int, dtype: torch.dtype,
-                smem_limit: int = H100_SHARED_MEMORY, default: dict | None = None) -> Space:
+                smem_limit: int = H100_SHARED_MEMORY, default: dict | None = None,
+                plan_choices: dict | None = None) -> Space:
     """The space for `n_rows` queries, `n_cols` keys and head dims `d`, `e`. The
     default's values join the choices so that the untuned config is always a candidate
     (it is what speed-ups are measured against)."""
@@ -61,6 +64,7 @@ def build_space(n_rows: int, n_cols: int, d: int, e: int, dtype: torch.dtype,
                "num_warps": WARPS, "num_stages": STAGES}
     if n_rows <= SPLIT_MAX_ROWS:
         choices["SPLIT_KV"] = SPLITS
+    choices.update(plan_choices or {})
     if default is not None:
         default = {k: default.get(k, 1) for k in choices}  # SPLIT_KV absent means no split
         choices = {k: tuple(sorted({*v, default[k]})) for k, v in choices.items()}
@@ -76,12 +80,20 @@ def launcher_space(launcher, call, smem_limit: int = H100_SHARED_MEMORY) -> Spac
     p = launcher.plan
     sizes = p.program.sizes(call.scalars)
     n_rows, n_cols, d, e = sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e]
-    default = default_config(check_device(call), d, e)
+    default = default_config(check_device(call), d, e, len(p.terms))
+    group = launcher.pack_group(call, default, n_rows)
+    plan_choices = {}
+    if p.group is not None:
+        plan_choices["GQA_PACK"] = (False, True)
+        default["GQA_PACK"] = group > 1
+    if p.mask_plan is not None:
+        plan_choices["FULL_MASKED"] = (False, True)
+        default["FULL_MASKED"] = False
     if n_rows <= SPLIT_MAX_ROWS:  # the launcher's programs: query tiles (GQA heads packed) x outer
-        group = launcher.pack_group(call, default, n_rows)
         programs = math.prod(sizes[ix] for ix in p.outer) // group * triton_cdiv(n_rows * group, default["BLOCK_M"])
         default["SPLIT_KV"] = choose_splits(n_rows, n_cols, programs, default, call.device)
-    return build_space(n_rows, n_cols, d, e, call.tensors[p.q.input.name].dtype, smem_limit, default)
+    return build_space(n_rows, n_cols, d, e, call.tensors[p.q.input.name].dtype, smem_limit, default,
+                       plan_choices)
 
 
 def device_shared_memory(device: torch.device) -> int:

@@ -368,7 +368,8 @@ class RowStreamCodegen:
                                         "BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
                                         "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
                                         "SPLIT: tl.constexpr, PRECISION: tl.constexpr, "
-                                        "UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_E: tl.constexpr")
+                                        "UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_E: tl.constexpr, "
+                                        "FULL_MASKED: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -465,7 +466,8 @@ class RowStreamCodegen:
 
     def visit(self, masked, call):
         """One key tile; with COUNT_TILES the kernel also counts what it visits (work accounting)."""
-        return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={masked}, BLOCK_N=BLOCK_N, "
+        flag = "True" if masked else "FULL_MASKED"  # FULL_MASKED: a plan choice, full tiles masked too
+        return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={flag}, BLOCK_N=BLOCK_N, "
                 "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, EVEN_D=EVEN_D, EVEN_E=EVEN_E)",
                 "    if COUNT_TILES:",
                 f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]

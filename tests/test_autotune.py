@@ -354,3 +354,19 @@ def test_result_table_lists_the_fastest_with_speedups():
     assert header[-2:] == ["vs", "default"]
     assert rows == [["1", "64", "32", "4", "3", "1000.0", "us", "2.00x"],
                     ["2", "128", "32", "4", "3", "2000.0", "us", "1.00x", "(default)"]]
+
+
+def test_plan_choices_join_the_space():
+    """GQA packing and the full/partial tile split are tuned like tile sizes, with the
+    launcher's own choices as the default."""
+    from attncc.autotune.space import launcher_space
+    from oracles.inputs import make_inputs
+
+    kernel = attncc.compile("examples/gqa_causal.attn", backend="triton")
+    call = bind(kernel.program, make_inputs("gqa_causal", H=4, G=2, N=4, M=40, dtype=torch.float32))
+    space = launcher_space(kernel.generated.launcher, call)
+    assert space.choices["GQA_PACK"] == (False, True) and space.choices["FULL_MASKED"] == (False, True)
+    assert space.default["GQA_PACK"] is True and space.default["FULL_MASKED"] is False
+    dense = attncc.compile("examples/dense.attn", backend="triton")
+    call = bind(dense.program, make_inputs("dense", dtype=torch.float32))
+    assert "GQA_PACK" not in launcher_space(dense.generated.launcher, call).choices

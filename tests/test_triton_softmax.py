@@ -151,3 +151,15 @@ def run_spec(spec, kwargs):
     out = kernel(**kwargs, return_lse=True)
     assert kernel.last_run["backend"] == "triton"
     return out
+
+
+@pytest.mark.parametrize("name", ["causal", "document"])
+def test_full_tiles_can_be_masked_too(name):
+    """FULL_MASKED (a tuned plan choice) masks every tile; the result is the same."""
+    kwargs = inputs(name)
+    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
+    call = attncc.binding.bind(kernel.program, kwargs)
+    split = kernel.generated.launcher(call, True, {"FULL_MASKED": False})
+    masked = kernel.generated.launcher(call, True, {"FULL_MASKED": True})
+    for a, b in zip(split, masked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
