@@ -16,8 +16,9 @@ DESCRIPTION = """\
 Time the spec's generated Triton kernel and its competitors on the same inputs, in one run
 on one device: scaled_dot_product_attention with each backend (flash, efficient, cudnn,
 math) where SDPA can express the spec (dense, causal, GQA), torch.compile'd FlexAttention,
-the eager PyTorch composition (materialised scores) and its torch.compile. Competitors
-exist for the 15 softmax-family examples; for other specs only attncc runs.
+the eager PyTorch composition (materialised scores) and its torch.compile. SDPA and
+FlexAttention forms exist for the 15 softmax-family examples; for the other specs the eager
+and compiled competitors are the spec's own cascade of torch ops, fully materialised.
 
 Each row: median time of the reps (CUDA events), TFLOP/s counted as FlashAttention does
 (4*B*H*N*M*D, halved for causal masks; the same count for every competitor), attncc's
