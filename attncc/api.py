@@ -61,6 +61,7 @@ class Kernel:
         self.backend = backend
         self.reference_block = reference_block
         self.generated = generated  # the Triton kernel (plan, source, launcher) when backend == "triton"
+        self.chosen_automatically = False  # backend="auto": a call triton cannot take runs on the reference
         self.last_run: dict | None = None  # what the latest call actually ran
         self._lse: ir.Output | None = None
         self.tuning_cache: TuningCache | None = None  # where calls find tuned configs (None: the user cache)
@@ -112,13 +113,19 @@ class Kernel:
                                 f"({', '.join(self.program.inputs)}, ...)")
         call = bind(self.program, kwargs)
         extra = [self.lse()] if return_lse else []  # the same error on every backend when there is none
+        results, reason = None, None
         if self.backend == "triton":
-            results = self.generated.launcher(call, bool(return_lse), config=self.tuned_config(call))
-            self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
-                             "source": str(self.generated.path)}
-        else:
+            try:
+                results = self.generated.launcher(call, bool(return_lse), config=self.tuned_config(call))
+                self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
+                                 "source": str(self.generated.path)}
+            except BackendError as why:
+                if not self.chosen_automatically:  # triton was asked for: say why it cannot run
+                    raise
+                reason = str(why)
+        if results is None:  # the reference, and why when "auto" chose triton but this call cannot take it
             results = Reference(self.program, call.tensors, call.scalars, self.reference_block).run(extra)
-            self.last_run = {"backend": "reference"}
+            self.last_run = {"backend": "reference", **({"reason": reason} if reason else {})}
         results = [self._cast(r, call) for r in results]
         return results[0] if len(results) == 1 else tuple(results)
 
@@ -200,7 +207,9 @@ def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 2
             return Kernel(program, "reference", reference_block)
         raise BackendError(f"{program.source.filename}: the triton backend cannot generate '{program.name}' "
                            f"yet: {why}; backend='reference' runs it") from None
-    return Kernel(program, "triton", reference_block, generated)
+    kernel = Kernel(program, "triton", reference_block, generated)
+    kernel.chosen_automatically = backend == "auto"
+    return kernel
 
 
 class Generated:

@@ -163,3 +163,17 @@ def test_full_tiles_can_be_masked_too(name):
     masked = kernel.generated.launcher(call, True, {"FULL_MASKED": True})
     for a, b in zip(split, masked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_runs_calls_triton_cannot_take_on_the_reference_and_says_why():
+    """A float64 call to a kernel `auto` compiled for triton runs on the reference, and
+    `last_run` says so and why; asking for triton explicitly raises instead."""
+    kwargs = inputs("dense", dtype=torch.float64)
+    kernel = attncc.compile("examples/dense.attn", backend="triton")
+    kernel.chosen_automatically = True  # what compile(backend="auto") sets on a GPU machine
+    out = kernel(**kwargs)
+    assert kernel.last_run["backend"] == "reference" and "float64" in kernel.last_run["reason"]
+    torch.testing.assert_close(out, reference("dense", kwargs, return_lse=False))
+    kernel.chosen_automatically = False
+    with pytest.raises(attncc.BackendError, match="float64"):
+        kernel(**kwargs)
