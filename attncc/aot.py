@@ -21,7 +21,8 @@ from .runtime import load_module, pow2
 POINTERS = {ir.FLOAT: "*bf16", ir.INT: "*i64", ir.BOOL: "*i1"}
 SCALARS = {ir.FLOAT: "fp32", ir.INT: "i32", ir.BOOL: "i32"}
 FIXED_POINTERS = {"o_ptr": "*bf16", "lse_ptr": "*fp32", "count_ptr": "*i32", "kv_list_ptr": "*i32",
-                  "kv_full_ptr": "*i32", "kv_count_ptr": "*i32", "map_ptr": "*i8"}
+                  "kv_full_ptr": "*i32", "kv_count_ptr": "*i32", "map_ptr": "*i8", "state_ptr": "*fp32",
+                  "z_ptr": "*fp32"}
 
 
 @dataclass
@@ -41,6 +42,8 @@ def _argument_types(kernel) -> tuple[dict, dict]:
              **(src.block_map.host_scalars if src.block_map else {})}
     for _, stats in src.statistics.values():
         hosts.update(stats.host_scalars)
+    if src.reassociated is not None:
+        hosts.update(src.reassociated.host_scalars)
     scalars = {name: node.dtype for name, node in hosts.items()}
     scalars.update({n: s.dtype for n, s in kernel.program.params.items()})
     return inputs, scalars
@@ -71,7 +74,7 @@ def compile_kernels(kernel, d: int, e: int, config: dict, arch: int = 90) -> dic
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = kernel.generated.source
+    src, plan = kernel.generated.source, kernel.generated.plan
     module = load_module(src, interpret=False)
     main = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_D": pow2(d), "BLOCK_E": pow2(e),
             "STORE_LSE": True, "COUNT_TILES": False, "SPLIT": False, "PRECISION": "ieee", "UPCAST_DOT": False,
@@ -81,6 +84,10 @@ def compile_kernels(kernel, d: int, e: int, config: dict, arch: int = 90) -> dic
         targets[f"{src.packed.name}_fwd"] = main
     for _, stats in src.statistics.values():
         targets[f"{stats.name}_fwd"] = main
+    if src.reassociated is not None:
+        linear = {k: main[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E")} | {"ROW_SUM": plan.row_sum}
+        targets[f"{src.reassociated.name}_state"] = linear
+        targets[f"{src.reassociated.name}_apply"] = linear
     if src.block_map is not None:
         targets[f"{src.name}_classify"] = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
     options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}

@@ -26,6 +26,7 @@ from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
 from attncc.codegen import block_map
 from attncc.codegen.row_stream import LOG2E, KernelSource
+from attncc.passes import mask_analysis
 
 _MODULES: dict[tuple[str, bool], object] = {}
 
@@ -120,6 +121,7 @@ class RowStreamLauncher:
         self.last_block_map = None
         self.last_tile_counts = None
         self.last_splits = 1
+        self.last_path = None  # "row streaming" or "reassociated"
         self.last_group = 1
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
@@ -141,6 +143,9 @@ class RowStreamLauncher:
             raise BackendError(f"head dims up to 256 are supported, got {n_feat} and {n_vfeat}")
         cfg = dict(default_config(interpret, n_feat, n_vfeat, len(p.terms)))
         cfg.update(config or {})
+        if self.src.reassociated is not None and not (return_lse or count_tiles) and self.mask_free(call, sizes):
+            return [self.run_reassociated(module, call, cfg, sizes, interpret)]
+        self.last_path = "row streaming"
         group = self.pack_group(call, cfg, n_rows)
         if "BLOCK_M" not in (config or {}):  # few queries (decoding): no tile rows to waste
             cfg["BLOCK_M"] = min(cfg["BLOCK_M"], pow2(n_rows * group))
@@ -222,6 +227,39 @@ class RowStreamLauncher:
             t = align(value, node.indices, pre.axes[node]).contiguous()
             tensors[synthetic.name] = t.to(call.out_dtype) if t.is_floating_point() else t
         return dataclasses.replace(call, tensors=tensors)
+
+    def mask_free(self, call: BoundCall, sizes: dict) -> bool:
+        """Whether no mask restricts this call's pairs (no mask, or one switched off by a
+        param such as `causal=False`), so reassociated linear attention applies."""
+        mp = self.plan.mask_plan
+        if mp is None:
+            return True
+        _, active = mask_analysis._active(mp, sizes[self.plan.i], sizes[self.plan.j], call.scalars)
+        return any(not c.planes and not c.opaque for c in active)
+
+    def run_reassociated(self, module, call: BoundCall, cfg: dict, sizes: dict, interpret: bool):
+        """o = f(Q) (f(K)^T V): a state kernel per (batch, head), then an apply kernel per query tile."""
+        p, src = self.plan, self.src.reassociated
+        n_rows, n_cols, n_feat, n_vfeat = sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e]
+        block_d, block_e = pow2(n_feat), pow2(n_vfeat)
+        combos = math.prod(sizes[ix] for ix in p.outer)
+        device = call.device
+        state = torch.empty((combos, block_d, block_e), dtype=torch.float32, device=device)
+        z = torch.empty((combos, block_d), dtype=torch.float32, device=device)
+        o = torch.empty([sizes[ax] for ax in p.output.axes], dtype=call.out_dtype, device=device)
+        tensors = [call.tensors[n] for n in src.tensor_inputs]
+        common = [*tensors, state, z, *(x for t in tensors for x in t.stride()),
+                  *(x for t in tensors for x in t.shape), *(sizes[ix] for ix in p.outer),
+                  n_rows, n_cols, n_feat, n_vfeat]
+        scalars = self.scalar_values(call, src.scalar_args, src.host_scalars)
+        meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_E=block_e,
+                    ROW_SUM=p.row_sum)
+        with _interpreter(interpret):
+            getattr(module, f"{src.name}_state")[(1, combos)](*common, *scalars, **meta)
+            getattr(module, f"{src.name}_apply")[(triton_cdiv(n_rows, cfg["BLOCK_M"]), combos)](
+                *common, o, *o.stride(), *scalars, **meta)
+        self.last_path = "reassociated"
+        return o
 
     def statistics_launcher(self, node) -> "RowStreamLauncher":
         if node not in self.statistics:

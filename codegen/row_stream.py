@@ -39,6 +39,17 @@ class KernelSource:
     block_map: "block_map.BlockMapSource | None" = None
     packed: "KernelSource | None" = None  # the GQA-packed variant, in the same module
     statistics: dict = field(default_factory=dict)  # node -> (plan, source) of its statistics pass
+    reassociated: "ReassociatedSource | None" = None  # f(Q) (f(K)^T V) kernels, for mask-free calls
+
+
+@dataclass
+class ReassociatedSource:
+    """The state and apply kernels of reassociated linear attention, and their arguments."""
+
+    name: str
+    tensor_inputs: list[str]
+    scalar_args: list[str]
+    host_scalars: dict
 
 
 def _indent(lines, n=1):
@@ -562,6 +573,12 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
         text, map_tensors, map_hosts, map_scalars = block_map.generate(plan, name)
         parts.append(text)
         main.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
+    from attncc.codegen.reassociate import ReassociatedCodegen, reassociable
+
+    if reassociable(plan):
+        text, tensors, scalars, hosts = ReassociatedCodegen(plan, name).generate_text()
+        parts.append(text)
+        main.reassociated = ReassociatedSource(f"{name}_linear", tensors, scalars, hosts)
     for k, (node, stats) in enumerate(plan.statistics.items()):
         if stats.needs_block_map:  # the classifier of a statistics pass: left to the reference
             continue

@@ -90,3 +90,29 @@ def test_feature_maps_are_applied_to_tiles():
     out = kernel(**kwargs)
     want = attncc.compile(spec, backend="reference")(**kwargs)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal,path", [(False, "reassociated"), (True, "row streaming")])
+def test_linear_attention_is_reassociated_when_no_mask_applies(causal, path):
+    """Without a causal mask, f(Q) (f(K)^T V) runs (linear in N); with it, row streaming."""
+    kwargs = make_inputs("linear_elu", B=2, H=2, N=37, M=45, D=24, E=12, dtype=torch.float32)
+    kwargs["causal"] = causal
+    kernel = attncc.compile("examples/linear_elu.attn", backend="triton")
+    out = kernel(**kwargs)
+    assert kernel.generated.launcher.last_path == path
+    want = attncc.compile("examples/linear_elu.attn", backend="reference")(**kwargs)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_unnormalised_linear_attention_is_reassociated():
+    spec = """attention plain_linear(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]) -> o[B,H,N,E] {
+      a[b,h,i,j] = relu(q[b,h,i,d]) * relu(k[b,h,j,d])
+      o[b,h,i,e] = a[b,h,i,j] * v[b,h,j,e]
+    }"""
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(q=torch.randn(1, 2, 33, 16, generator=g), k=torch.randn(1, 2, 50, 16, generator=g),
+                  v=torch.randn(1, 2, 50, 8, generator=g))
+    kernel = attncc.compile(spec, backend="triton")
+    out = kernel(**kwargs)
+    assert kernel.generated.launcher.last_path == "reassociated"
+    torch.testing.assert_close(out, attncc.compile(spec, backend="reference")(**kwargs), rtol=1e-4, atol=1e-4)
