@@ -42,8 +42,9 @@ def _argument_types(kernel) -> tuple[dict, dict]:
              **(src.block_map.host_scalars if src.block_map else {})}
     for _, stats in src.statistics.values():
         hosts.update(stats.host_scalars)
-    if src.reassociated is not None:
-        hosts.update(src.reassociated.host_scalars)
+    for linear in (src.reassociated, src.chunked):
+        if linear is not None:
+            hosts.update(linear.host_scalars)
     scalars = {name: node.dtype for name, node in hosts.items()}
     scalars.update({n: s.dtype for n, s in kernel.program.params.items()})
     return inputs, scalars
@@ -84,6 +85,9 @@ def compile_kernels(kernel, d: int, e: int, config: dict, arch: int = 90) -> dic
         targets[f"{src.packed.name}_fwd"] = main
     for _, stats in src.statistics.values():
         targets[f"{stats.name}_fwd"] = main
+    if src.chunked is not None:
+        targets[src.chunked.name] = {"BLOCK_C": 64, "BLOCK_D": main["BLOCK_D"], "BLOCK_E": main["BLOCK_E"],
+                                     "ROW_SUM": plan.row_sum}
     if src.reassociated is not None:
         linear = {k: main[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E")} | {"ROW_SUM": plan.row_sum}
         targets[f"{src.reassociated.name}_state"] = linear

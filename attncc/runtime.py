@@ -121,7 +121,7 @@ class RowStreamLauncher:
         self.last_block_map = None
         self.last_tile_counts = None
         self.last_splits = 1
-        self.last_path = None  # "row streaming" or "reassociated"
+        self.last_path = None  # "row streaming", "reassociated" or "chunked"
         self.last_group = 1
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
@@ -145,6 +145,8 @@ class RowStreamLauncher:
         cfg.update(config or {})
         if self.src.reassociated is not None and not (return_lse or count_tiles) and self.mask_free(call, sizes):
             return [self.run_reassociated(module, call, cfg, sizes, interpret)]
+        if self.src.chunked is not None and not (return_lse or count_tiles) and self.causal_only(call, sizes):
+            return [self.run_chunked(module, call, sizes, interpret)]
         self.last_path = "row streaming"
         group = self.pack_group(call, cfg, n_rows)
         if "BLOCK_M" not in (config or {}):  # few queries (decoding): no tile rows to waste
@@ -236,6 +238,30 @@ class RowStreamLauncher:
             return True
         _, active = mask_analysis._active(mp, sizes[self.plan.i], sizes[self.plan.j], call.scalars)
         return any(not c.planes and not c.opaque for c in active)
+
+    def causal_only(self, call: BoundCall, sizes: dict) -> bool:
+        """Whether this call's mask is exactly `j <= i` over a square score (the chunked scan's case)."""
+        p = self.plan
+        if sizes[p.i] != sizes[p.j]:
+            return False
+        _, active = mask_analysis._active(p.mask_plan, sizes[p.i], sizes[p.j], call.scalars)
+        return len(active) == 1 and not active[0].opaque and \
+            [(h.a, h.b, h.rhs) for h in active[0].planes] == [(1, -1, 0)]
+
+    def run_chunked(self, module, call: BoundCall, sizes: dict, interpret: bool):
+        """The chunked causal scan: one program per (batch, head), chunks in order."""
+        p, src = self.plan, self.src.chunked
+        o = torch.empty([sizes[ax] for ax in p.output.axes], dtype=call.out_dtype, device=call.device)
+        tensors = [call.tensors[n] for n in src.tensor_inputs]
+        args = [*tensors, o, *(x for t in tensors for x in t.stride()), *(x for t in tensors for x in t.shape),
+                *o.stride(), *(sizes[ix] for ix in p.outer), sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e],
+                *self.scalar_values(call, src.scalar_args, src.host_scalars)]
+        with _interpreter(interpret):
+            getattr(module, src.name)[(math.prod(sizes[ix] for ix in p.outer),)](
+                *args, BLOCK_C=16 if interpret else 64, BLOCK_D=pow2(sizes[p.d]), BLOCK_E=pow2(sizes[p.e]),
+                ROW_SUM=p.row_sum)
+        self.last_path = "chunked"
+        return o
 
     def run_reassociated(self, module, call: BoundCall, cfg: dict, sizes: dict, interpret: bool):
         """o = f(Q) (f(K)^T V): a state kernel per (batch, head), then an apply kernel per query tile."""

@@ -39,12 +39,13 @@ class KernelSource:
     block_map: "block_map.BlockMapSource | None" = None
     packed: "KernelSource | None" = None  # the GQA-packed variant, in the same module
     statistics: dict = field(default_factory=dict)  # node -> (plan, source) of its statistics pass
-    reassociated: "ReassociatedSource | None" = None  # f(Q) (f(K)^T V) kernels, for mask-free calls
+    reassociated: "LinearSource | None" = None  # f(Q) (f(K)^T V) kernels, for mask-free calls
+    chunked: "LinearSource | None" = None  # the chunked causal scan, for causal calls
 
 
 @dataclass
-class ReassociatedSource:
-    """The state and apply kernels of reassociated linear attention, and their arguments."""
+class LinearSource:
+    """Kernels of the linear-attention plans (reassociated, chunked) and their arguments."""
 
     name: str
     tensor_inputs: list[str]
@@ -573,12 +574,17 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
         text, map_tensors, map_hosts, map_scalars = block_map.generate(plan, name)
         parts.append(text)
         main.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
+    from attncc.codegen.chunked import ChunkedCodegen, chunkable
     from attncc.codegen.reassociate import ReassociatedCodegen, reassociable
 
     if reassociable(plan):
         text, tensors, scalars, hosts = ReassociatedCodegen(plan, name).generate_text()
         parts.append(text)
-        main.reassociated = ReassociatedSource(f"{name}_linear", tensors, scalars, hosts)
+        main.reassociated = LinearSource(f"{name}_linear", tensors, scalars, hosts)
+    if chunkable(plan):
+        text, tensors, scalars, hosts = ChunkedCodegen(plan, name).generate_text()
+        parts.append(text)
+        main.chunked = LinearSource(f"{name}_chunked", tensors, scalars, hosts)
     for k, (node, stats) in enumerate(plan.statistics.items()):
         if stats.needs_block_map:  # the classifier of a statistics pass: left to the reference
             continue

@@ -116,3 +116,27 @@ def test_unnormalised_linear_attention_is_reassociated():
     out = kernel(**kwargs)
     assert kernel.generated.launcher.last_path == "reassociated"
     torch.testing.assert_close(out, attncc.compile(spec, backend="reference")(**kwargs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,extra", [("lightning", {}), ("lightning", {"lam": torch.tensor([-0.7, 0.9])}),
+                                        ("linear_elu", {"causal": True})])
+def test_causal_linear_attention_runs_as_a_chunked_scan(name, extra):
+    """Causal linear attention, with or without a decay (of either sign), carries a D x E
+    state across chunks: linear work in N, same result."""
+    kwargs = make_inputs(name, B=2, H=2, N=45, M=None, D=24, E=12, dtype=torch.float32)
+    kwargs.update(extra)
+    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
+    out = kernel(**kwargs)
+    assert kernel.generated.launcher.last_path == "chunked"
+    want = attncc.compile(f"examples/{name}.attn", backend="reference")(**kwargs)
+    scale = want.abs().max().clamp(min=1)
+    torch.testing.assert_close(out / scale, want / scale, rtol=1e-4, atol=1e-5)
+
+
+def test_non_square_causal_linear_attention_streams_rows():
+    kwargs = make_inputs("lightning", B=1, H=2, N=30, M=45, D=16, E=8, dtype=torch.float32)
+    kernel = attncc.compile("examples/lightning.attn", backend="triton")
+    out = kernel(**kwargs)
+    assert kernel.generated.launcher.last_path == "row streaming"
+    want = attncc.compile("examples/lightning.attn", backend="reference")(**kwargs)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
