@@ -15,6 +15,7 @@ skeleton; the row-streaming kernel of the same spec stays for calls it does not 
 from __future__ import annotations
 
 from attncc import ir
+from attncc.codegen.reassociate import linear_weight
 from attncc.codegen.row_stream import RowStreamCodegen, _indent
 from attncc.codegen.tile_expr import Val
 from attncc.passes.row_stream import RowStreamPlan
@@ -35,14 +36,10 @@ def decay_factor(plan: RowStreamPlan):
 
 
 def chunkable(plan: RowStreamPlan) -> bool:
-    """A single pointwise weight `f(q).f(k)` (times a decay `base ** (i - j)`), with masks."""
-    if len(plan.terms) != 1 or plan.summed_outer or plan.group is not None or plan.statistics_only:
-        return False
-    term = plan.terms[0]
-    plain = term.score is term.qk and term.coef is None and term.kind == "pointwise"
-    return (plain and (not term.qk_factors or decay_factor(plan) is not None) and plan.mask_plan is not None
-            and not (plan.precomputed and plan.precomputed.inputs) and not plan.needs_block_map
-            and not plan.mask_symbols)
+    """A linear-attention weight (times a decay `base ** (i - j)`) under a mask."""
+    term = linear_weight(plan)
+    return term is not None and plan.mask_plan is not None and \
+        (not term.qk_factors or decay_factor(plan) is not None)
 
 
 class ChunkedCodegen(RowStreamCodegen):

@@ -17,14 +17,23 @@ from attncc.codegen.tile_expr import Val
 from attncc.passes.row_stream import RowStreamPlan
 
 
-def reassociable(plan: RowStreamPlan) -> bool:
-    """A single unmodified pointwise weight `f(q) . f(k)`: the sum over keys can go first."""
+def linear_weight(plan: RowStreamPlan):
+    """The one term of a linear-attention plan: a single pointwise weight `f(q) . f(k)` (times
+    factors of Q K^T only), no coefficient, head sum, packing or precomputed input, and masks
+    decidable from dims and params; None otherwise."""
     if len(plan.terms) != 1 or plan.summed_outer or plan.group is not None or plan.statistics_only:
-        return False
+        return None
     term = plan.terms[0]
-    return (term.kind == "pointwise" and term.coef is None and not term.has_score_mods
-            and not (plan.precomputed and plan.precomputed.inputs) and not plan.needs_block_map
-            and not plan.mask_symbols)
+    ok = (term.kind == "pointwise" and term.coef is None and term.score is term.qk
+          and not (plan.precomputed and plan.precomputed.inputs) and not plan.needs_block_map
+          and not plan.mask_symbols)
+    return term if ok else None
+
+
+def reassociable(plan: RowStreamPlan) -> bool:
+    """The unmodified weight `f(q) . f(k)`: the sum over keys can go first."""
+    term = linear_weight(plan)
+    return term is not None and not term.qk_factors
 
 
 class ReassociatedCodegen(RowStreamCodegen):
