@@ -85,3 +85,42 @@ def test_random_spec(seed):
     want = attncc.compile(text, backend="reference")(**kwargs, return_lse=with_lse)
     for x, ref in zip(got, want if with_lse else [want]):
         torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{m}\n{text}")
+
+
+FEATURE_MAPS = ["elu({x}) + 1", "relu({x})", "{x} * {x}", "sigmoid({x})"]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_linear_spec(seed):
+    """Linear attention with random feature maps, decay, mask and normalisation: whichever plan
+    runs (reassociated, chunked scan or row streaming), it matches the reference."""
+    rng = random.Random(1000 + seed)
+    fq, fk = (rng.choice(FEATURE_MAPS) for _ in range(2))
+    decay = rng.random() < 0.5
+    masked = rng.choice(["", "  mask j <= i", "  mask i - j < 6 and j <= i"])
+    normalised = rng.random() < 0.5 and not decay
+    N = rng.choice([17, 40])
+    M = N if masked or rng.random() < 0.5 else 29
+    lines = ["attention linear_case(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]" + (", lam[H]" if decay else "")
+             + ") -> o[B,H,N,E] {",
+             f"  fq[b,h,i,d] = {fq.format(x='q[b,h,i,d]')}",
+             f"  fk[b,h,j,d] = {fk.format(x='k[b,h,j,d]')}",
+             "  a[b,h,i,j] = fq[b,h,i,d] * fk[b,h,j,d]" + (" * lam[h] ** (i - j)" if decay else ""),
+             masked,
+             "  num[b,h,i,e] = a[b,h,i,j] * v[b,h,j,e]"]
+    if normalised:
+        lines += ["  den[b,h,i] = sum(a, j)", "  o[b,h,i,e] = num[b,h,i,e] / den[b,h,i]"]
+    else:
+        lines[-1] = "  o[b,h,i,e] = a[b,h,i,j] * v[b,h,j,e]"
+    text = "\n".join(line for line in [*lines, "}"] if line.strip()) + "\n"
+    g = torch.Generator().manual_seed(seed)
+    kwargs = dict(q=torch.randn(1, 2, N, 16, generator=g) * 0.5, k=torch.randn(1, 2, M, 16, generator=g) * 0.5,
+                  v=torch.randn(1, 2, M, 8, generator=g))
+    if decay:
+        kwargs["lam"] = torch.rand(2, generator=g) * 0.5 + 0.5
+    kernel = attncc.compile(text, backend="triton")
+    got = kernel(**kwargs)
+    want = attncc.compile(text, backend="reference")(**kwargs)
+    scale = want.abs().max().clamp(min=1)
+    torch.testing.assert_close(got / scale, want / scale, rtol=1e-4, atol=1e-5,
+                               msg=lambda m: f"{m}\n{kernel.generated.launcher.last_path}\n{text}")
