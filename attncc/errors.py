@@ -36,8 +36,15 @@ class Source:
     filename: str = "<string>"
 
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
-        return lines[number - 1] if 0 < number <= len(lines) else ""
+        """Line `number` as the parser counts lines: only `\\n` ends one (lark's rule;
+        `str.splitlines` would also split at a lone CR, U+2028, form feeds ...)."""
+        lines = self.text.split("\n")
+        return lines[number - 1].removesuffix("\r") if 0 < number <= len(lines) else ""
+
+    def end(self) -> "Loc":
+        """Just past the last non-empty line, counted the same way (where EOF errors point)."""
+        lines = self.text.rstrip("\r\n").split("\n")
+        return Loc(len(lines), len(lines[-1].removesuffix("\r")) + 1)
 
 
 class SpecError(Exception):
@@ -68,7 +75,12 @@ class SpecError(Exception):
         width = 1
         if self.loc.end_line == self.loc.line and self.loc.end_column:
             width = max(1, self.loc.end_column - self.loc.column)
-        caret = " " * (self.loc.column - 1) + "^" * width
+        # Characters that would move the cursor or end the line on a terminal (CR, NUL,
+        # U+2028 ...) are shown as one visible character each, so the caret stays under its
+        # column; tabs are kept, and copied into the caret's indent.
+        text = "".join(c if c.isprintable() or c == "\t" else "\ufffd" for c in text)
+        caret = "".join("\t" if c == "\t" else " " for c in text[:self.loc.column - 1])
+        caret = caret.ljust(self.loc.column - 1) + "^" * width
         parts = [f"{filename}:{self.loc.line}:{self.loc.column}: error: {self.message}",
                  f"  {text}", f"  {caret}"]
         if self.expected:
@@ -82,6 +94,11 @@ class ArgumentError(TypeError):
 
 class ShapeError(ValueError):
     """A call passed tensors whose shapes, devices or values break the spec's contract."""
+
+
+class CacheError(OSError):
+    """A cache folder or file attncc needs cannot be created, read or written; the message
+    names it and says where the cache dir comes from (`ATTNCC_CACHE_DIR`)."""
 
 
 class BackendError(RuntimeError):

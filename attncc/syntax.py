@@ -311,8 +311,7 @@ def parse(text: str, filename: str = "<string>") -> Program:
     except lark.UnexpectedToken as err:
         tok = err.token
         if tok.type == "$END":
-            lines = text.splitlines() or [""]
-            loc = Loc(len(lines), len(lines[-1]) + 1)
+            loc = source.end()
             what = "unexpected end of file"
         else:
             loc = _tok_loc(tok)
@@ -323,7 +322,6 @@ def parse(text: str, filename: str = "<string>") -> Program:
                         Loc(err.line, err.column),
                         _describe_expected(_expected(err, err.allowed))) from None
     except lark.UnexpectedEOF as err:
-        lines = text.splitlines() or [""]
-        raise SpecError("unexpected end of file", source, Loc(len(lines), len(lines[-1]) + 1),
+        raise SpecError("unexpected end of file", source, source.end(),
                         _describe_expected(err.expected)) from None
     return _ToAst(source).transform(tree)

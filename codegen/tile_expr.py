@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from attncc import ir
+from attncc.codegen.pytext import comment
 from attncc.passes.infer import to_sympy
 
 MAX_UNROLL = 16  # largest constant extent of an index unrolled inside a tile
@@ -88,7 +89,7 @@ class TileEmitter:
         lines = self.body if place == "body" else self.prologue
         line = node.loc.line if node is not None and node.loc else None
         if line is not None and line != self.last_line[place]:
-            lines.append(f"# line {line}: {self.program.source.line(line).strip()}")
+            lines.append(comment(f"line {line}: {self.program.source.line(line).strip()}"))
             self.last_line[place] = line
         name = f"{hint}{self.counter}"
         self.counter += 1
