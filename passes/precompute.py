@@ -45,38 +45,51 @@ class Precomputed:
         return ir.Access(array=array, args=args, indices=node.indices, dtype=node.dtype, loc=node.loc)
 
 
-def inline(node: ir.Node, program: ir.Program) -> bool:
+def inline(node: ir.Node, program: ir.Program, memo: dict | None = None) -> bool:
     """Whether a tile kernel computes this node itself (elementwise math, reads,
-    sums over tiny constant axes) rather than reading it precomputed."""
+    sums over tiny constant axes) rather than reading it precomputed. `memo` (by node)
+    keeps a DAG with shared operands linear instead of exponential."""
+    memo = {} if memo is None else memo
+    if node in memo:
+        return memo[node]
     if isinstance(node, (ir.Index, ir.Const, ir.Scalar, ir.Input)):
-        return True
-    if isinstance(node, ir.Access):
-        return all(inline(a, program) for a in node.args) and \
-            (isinstance(node.array, ir.Input) or inline(node.array, program))
-    if isinstance(node, ir.Map):
-        return all(inline(a, program) for a in node.args)
-    if isinstance(node, ir.Contract):
-        return set(node.summed) <= small_indices(program) and all(inline(f, program) for f in node.factors)
-    return False
+        result = True
+    elif isinstance(node, ir.Access):
+        result = all(inline(a, program, memo) for a in node.args) and \
+            (isinstance(node.array, ir.Input) or inline(node.array, program, memo))
+    elif isinstance(node, ir.Map):
+        result = all(inline(a, program, memo) for a in node.args)
+    elif isinstance(node, ir.Contract):
+        result = set(node.summed) <= small_indices(program) and \
+            all(inline(f, program, memo) for f in node.factors)
+    else:
+        result = False
+    memo[node] = result
+    return result
 
 
-def scan_for_precompute(node, stop, pre: Precomputed, i, j):
+def scan_for_precompute(node, stop, pre: Precomputed, i, j, seen: set | None = None, memo: dict | None = None):
     """Mark what a score, coefficient or mask reads but a tile cannot compute (selections,
-    pooled blocks) as precomputed; such values must not span both query and key."""
+    pooled blocks) as precomputed; such values must not span both query and key. `seen`
+    (the nodes this scan visited) and `memo` (`inline`'s) visit each shared node once."""
     program = pre.program
-    if node in stop or node.is_scalar or inline(node, program):
+    seen, memo = (set() if seen is None else seen), ({} if memo is None else memo)
+    if node in seen:
+        return
+    seen.add(node)
+    if node in stop or node.is_scalar or inline(node, program, memo):
         if isinstance(node, (ir.Map, ir.Access)) and node not in stop:
             for op in node.operands():
-                scan_for_precompute(op, stop, pre, i, j)
+                scan_for_precompute(op, stop, pre, i, j, seen, memo)
         return
     if isinstance(node, ir.Map):
         for op in node.args:
-            scan_for_precompute(op, stop, pre, i, j)
+            scan_for_precompute(op, stop, pre, i, j, seen, memo)
         return
     target, axes = (node.array, node.axes) if isinstance(node, ir.Access) else (node, node.indices)
     if isinstance(node, ir.Access):
         for a in node.args:
-            scan_for_precompute(a, stop, pre, i, j)
+            scan_for_precompute(a, stop, pre, i, j, seen, memo)
     if {i, j} <= set(target.indices):
         raise TooLarge(f"line {target.loc.line if target.loc else '?'} needs a whole score-sized "
                        "intermediate before the attention")
