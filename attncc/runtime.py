@@ -10,17 +10,22 @@ small shapes only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import importlib.util
+import io
+import linecache
 import math
 import os
 import sys
+import threading
+import types
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from . import ir
+from . import cachefs, ir
 from .binding import BoundCall
 from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
@@ -29,24 +34,57 @@ from attncc.codegen.row_stream import LOG2E, KernelSource
 from attncc.passes import mask_analysis
 
 _MODULES: dict[tuple[str, bool], object] = {}
+_LOAD_LOCK = threading.RLock()  # one execution per module, however many threads compile the same spec
 
 
 def cache_dir() -> Path:
+    """The folder of generated kernels, created private to the user (0o700); `CacheError`
+    when it cannot be (a file in its place, no permission), naming it."""
     root = os.environ.get("ATTNCC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "attncc")
-    path = Path(root) / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attncc")
+    root = Path(root)
+    cachefs.private_dir(root)
+    return cachefs.private_dir(root / "kernels")
 
 
 def source_path(src: KernelSource) -> Path:
-    digest = hashlib.sha256(src.source.encode()).hexdigest()[:16]
-    path = cache_dir() / f"{src.name}_{digest}.py"
-    if not path.exists():
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(src.source)
-        os.replace(tmp, path)  # atomic: concurrent writers leave one complete file
+    """The saved copy of a kernel's source, `<name>_<hash>.py`, checked before use: a file
+    there whose bytes are not exactly the source (edited, truncated, appended to, a symlink,
+    a folder, ...) is replaced, with a warning. What runs is never read back from this file
+    (`load_module` executes the generated text itself); the copy is for people and tools."""
+    data = src.source.encode()
+    digest = hashlib.sha256(data).hexdigest()
+    path = cache_dir() / f"{src.name}_{digest[:16]}.py"
+    try:
+        found = cachefs.read_regular(path, len(data))
+    except OSError as err:
+        found, why = b"", f"unreadable ({err.strerror or err})"
+    else:
+        why = "its content does not match the hash in its name"
+    if found is not None and hashlib.sha256(found).hexdigest() == digest:
+        return path
+    if found is not None:
+        warnings.warn(f"attncc: the cached kernel {path} is {why}; regenerating it", stacklevel=2)
+    cachefs.write_atomic(path, data)
     return path
+
+
+class _VerifiedSource:
+    """The loader of a generated module: `get_source` answers with the text that was
+    executed, so tracebacks and `inspect` never fall back to another text on disk."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def get_source(self, name):
+        return self.text
+
+
+def _pin_source(filename: str, text: str):
+    """Make `linecache` (what `inspect.getsource`, and so Triton's `@jit`, read) hold `text`
+    for `filename`, as an entry it never refreshes from disk (no mtime)."""
+    lines = [line for line in io.StringIO(text, newline="")]  # line breaks as Python's tokenizer sees them
+    linecache.cache[filename] = (len(text), None, lines, filename)
 
 
 @contextmanager
@@ -78,19 +116,37 @@ def check_interpreter_ready():
 
 
 def load_module(src: KernelSource, interpret: bool):
+    """The module of a generated source, executed from the generated text itself (never from
+    bytes read back from the cache), under the path of its verified saved copy."""
     path = source_path(src)
     key = (str(path), interpret)
-    if key not in _MODULES:
-        name = f"attncc_generated.{path.stem}{'_interp' if interpret else ''}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
+    with _LOAD_LOCK:
+        if key not in _MODULES:
+            _MODULES[key] = _execute(src.source, path, interpret)
+    return _MODULES[key]
+
+
+def _execute(text: str, path: Path, interpret: bool):
+    name = f"attncc._generated.{path.stem}{'_interp' if interpret else ''}"
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    module.__loader__ = _VerifiedSource(text)
+    code = compile(text, str(path), "exec", dont_inherit=True)
+    _pin_source(str(path), text)
+    sys.modules[name] = module  # Triton's @jit and inspect look functions' modules up by name
+    try:
         with _interpreter(interpret):
-            spec.loader.exec_module(module)
+            exec(code, module.__dict__)
             if interpret:
                 check_interpreter_ready()
-        sys.modules[name] = module
-        _MODULES[key] = module
-    return _MODULES[key]
+                for obj in list(vars(module).values()):  # the interpreter reads a kernel's source lazily:
+                    rewrite = getattr(obj, "rewrite", None)  # read it now, while the pinned text is there
+                    if callable(rewrite) and type(obj).__name__ == "InterpretedFunction":
+                        rewrite()
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def check_device(call: BoundCall):
@@ -131,6 +187,7 @@ class RowStreamLauncher:
         call = self.with_precomputed(call)
         p = self.plan
         operands = {op.input.name for t in p.terms for op in (t.q, t.k)} | ({p.v.input.name} if p.v else set())
+        call = promote_operands(call, operands)
         if any(call.tensors[n].dtype not in (torch.float16, torch.bfloat16, torch.float32) for n in operands):
             raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
                                "use backend='reference' for float64")
@@ -354,6 +411,19 @@ class RowStreamLauncher:
                 v = evaluate_scalar(host_scalars[name], call.scalars)
                 values.append(int(v) if isinstance(v, bool) else v)
         return values
+
+
+def promote_operands(call: BoundCall, names) -> BoundCall:
+    """The call with its matrix-product operands (q, k, v and gathered stand-ins) cast to
+    one promoted float type: `tl.dot` takes operands of one type, and the reference computes
+    mixed inputs (float16 q, float32 k) as if promoted, so both backends agree. A cast
+    operand is a copy; the output keeps the dtype of the first float input."""
+    dtypes = {call.tensors[n].dtype for n in names if call.tensors[n].is_floating_point()}
+    if len(dtypes) < 2:
+        return call
+    common = functools.reduce(torch.promote_types, dtypes)
+    tensors = {n: t.to(common) if n in names and t.is_floating_point() else t for n, t in call.tensors.items()}
+    return dataclasses.replace(call, tensors=tensors)
 
 
 def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, o_axes=None, lse_axes=None):

@@ -2,10 +2,11 @@
 
 One JSON file, `tuning.json` in the user cache dir (`$ATTNCC_CACHE_DIR`, else
 `$XDG_CACHE_HOME/attncc`, else `~/.cache/attncc`). Writers take an exclusive
-`flock` on a sidecar lock file, merge their entry into what is on disk at that
+`flock` on the cache's folder, merge their entry into what is on disk at that
 moment and replace the file atomically, so concurrent tuners never lose each
-other's entries and readers never see half a file. A corrupt file is reported with
-a warning and read as empty; the next write replaces it.
+other's entries and readers never see half a file. A corrupt or unreadable file is
+reported with a warning and read as empty; the next write replaces it. Entries whose
+config is not one `attncc tune` could have written are ignored with a warning.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
+import stat
 import time
 import warnings
 from importlib import metadata
@@ -23,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from attncc import ir
+from attncc import cachefs, ir
+from attncc.errors import CacheError
 
 FORMAT = 1
 SMALL_DIM = 16  # dims up to this stay exact: tile and split choices depend on them closely
@@ -77,6 +79,37 @@ def default_path() -> Path:
     return cache_dir().parent / "tuning.json"
 
 
+# What a config may hold: key -> (type, smallest, largest, power of two?). A tuned config
+# always has the first four; an entry with anything else (another key, a float, a bool for
+# an int, a tile of 24 or 2**20) did not come from `attncc tune` and is ignored.
+CONFIG_KEYS = {"BLOCK_M": (int, 16, 256, True), "BLOCK_N": (int, 16, 256, True),
+               "num_warps": (int, 1, 32, True), "num_stages": (int, 1, 8, False),
+               "SPLIT_KV": (int, 1, 4096, False), "GQA_PACK": (bool, 0, 1, False),
+               "FULL_MASKED": (bool, 0, 1, False)}
+REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+MAX_BYTES = 64 << 20  # a tuning cache is kilobytes; more than this is not one
+
+
+def config_problem(config) -> str | None:
+    """Why `config` cannot be a launch config (None when it can)."""
+    if not isinstance(config, dict):
+        return f"the config is a {type(config).__name__}, not a mapping"
+    unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
+    if unknown:
+        return f"unknown config keys {', '.join(map(repr, unknown))}"
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        return f"missing config keys {', '.join(missing)}"
+    for name, value in config.items():
+        kind, low, high, pow2 = CONFIG_KEYS[name]
+        if type(value) is not kind:  # exactly: True is not a tile size, 16.0 is not one either
+            return f"{name} = {value!r} is not {'a bool' if kind is bool else 'an int'}"
+        if kind is int and not (low <= value <= high and (not pow2 or value & (value - 1) == 0)):
+            what = "a power of two" if pow2 else "an int"
+            return f"{name} = {value!r} is not {what} in [{low}, {high}]"
+    return None
+
+
 class TuningCache:
     """Entries by key text; each holds `config`, `time_s`, `top` (a few runners-up as
     {config, time_s}), `default_time_s`, `trials`, `timestamp` and the key's fields."""
@@ -85,40 +118,71 @@ class TuningCache:
         self.path = Path(path) if path is not None else default_path()
 
     def get(self, key: TuningKey) -> dict | None:
-        return self.entries().get(key.text)
+        """The entry of `key` when its config is valid; an invalid one is reported with a
+        warning and treated as missing (the call runs the heuristic default)."""
+        entry = self.entries().get(key.text)
+        if entry is None:
+            return None
+        why = config_problem(entry.get("config"))
+        if why is not None:
+            warnings.warn(f"ignoring the tuning cache entry for {key.text} in {self.path}: {why}; "
+                          "the next tuning run of this shape replaces it", stacklevel=2)
+            return None
+        return entry
 
     def entries(self) -> dict[str, dict]:
-        """What is on disk now (atomic replaces make a lock unnecessary for reading)."""
+        """What is on disk now (atomic replaces make a lock unnecessary for reading). A file
+        that cannot be read or is not a tuning cache (a folder or a FIFO in its place, a
+        symlink loop, no permission, not UTF-8, not JSON, nested too deeply, another format)
+        is reported with a warning and read as empty; entries that are not objects are left out."""
         try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return {}
-        try:
-            data = json.loads(text)
-            if data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+            data = self._read()
+            if data is None:
+                return {}
+            if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
                 raise ValueError(f"not a format-{FORMAT} tuning cache")
-        except (ValueError, AttributeError) as err:
-            warnings.warn(f"ignoring the corrupt tuning cache {self.path} ({err}); "
+        except (OSError, ValueError, RecursionError) as err:
+            reason = "nested too deeply" if isinstance(err, RecursionError) else \
+                (err.strerror if isinstance(err, OSError) and err.strerror else str(err))
+            warnings.warn(f"ignoring the corrupt tuning cache {self.path} ({reason}); "
                           "it will be rewritten by the next tuning run", stacklevel=2)
             return {}
-        return data["entries"]
+        return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
+
+    def _read(self):
+        """The parsed file, or None when there is none. Reads follow a symlink the user
+        put there (the path is theirs) but never block on a FIFO."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError(0, "not a regular file")
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"larger than {MAX_BYTES >> 20} MiB")
+        return json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
 
     def put(self, key: TuningKey, entry: dict) -> dict:
         """Store an entry (stamped with its key and the time) under the lock, keeping
-        every other entry on disk; a key tuned twice keeps the newer entry."""
+        every other entry on disk; a key tuned twice keeps the newer entry. The lock is an
+        exclusive `flock` on the cache's folder itself: no lock file that could be missing,
+        a folder or a symlink."""
         entry = {**entry, **key._asdict(), "shape": dict(key.shape), "timestamp": time.time()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        folder = self.path.parent
+        if not folder.is_dir():
+            cachefs.private_dir(folder)
+        try:
+            lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as err:
+            raise CacheError(f"cannot lock the tuning cache folder {cachefs.where(folder)}: "
+                             f"{err.strerror or err}") from None
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = {**self.entries(), key.text: entry}
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            data = json.dumps({"format": FORMAT, "entries": entries}, indent=1, sort_keys=True)
+            cachefs.write_atomic(self.path, data.encode())
+        finally:
+            os.close(lock)  # releases the lock
         return entry
