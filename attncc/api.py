@@ -1,7 +1,11 @@
 """The Python API: `attncc.compile(spec)` returns a `Kernel`, a callable taking keyword arguments."""
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import inspect
+import os
+import stat
 from pathlib import Path
 
 import networkx as nx
@@ -9,7 +13,7 @@ import torch
 
 from . import ir
 from .binding import bind, describe_input
-from .errors import ArgumentError, BackendError, SpecError
+from .errors import ArgumentError, BackendError, Loc, Source, SpecError
 from .frontend import lower
 from .reference import Reference
 from .syntax import parse
@@ -24,17 +28,88 @@ BACKENDS = ("auto", "triton", "reference")
 def load(spec: str | Path) -> ir.Program:
     """Parse and check a spec given as a path or as source text."""
     text, filename = read_spec(spec)
-    return infer_extents(lower(parse(text, filename)))
+    try:
+        return infer_extents(lower(parse(text, filename)))
+    except RecursionError:  # a pathological nesting depth: an error in the spec, not a crash
+        raise too_deep(text, filename) from None
+
+
+def too_deep(text: str, filename: str) -> SpecError:
+    return SpecError("the spec nests expressions too deeply to compile (Python's recursion limit)",
+                     Source(text, filename))
+
+
+MAX_SPEC_BYTES = 16 << 20  # specs are a few hundred bytes; a bigger file is not one
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 
 
 def read_spec(spec: str | Path) -> tuple[str, str]:
-    """(text, filename) of a spec that is a path (`*.attn` or an existing file) or source text."""
-    if isinstance(spec, Path) or ("\n" not in spec and (spec.endswith(".attn") or Path(spec).is_file())):
+    """(text, filename) of a spec that is a path or source text. A `Path` (any `os.PathLike`)
+    is a file. A string is a file when it names an existing file, or when it is one line
+    without a `{` (no spec lacks one) ending in `.attn`; anything else is the spec's text,
+    however long (a one-line spec is never handed to the file system as a name)."""
+    if isinstance(spec, os.PathLike):
         path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"no spec file at {path}")
-        return path.read_text(), str(path)
-    return spec, "<string>"
+    elif not isinstance(spec, str):
+        raise TypeError(f"a spec is a path or its text (a str), not {type(spec).__name__}")
+    elif "\n" not in spec and "\0" not in spec and (
+            os.path.isfile(spec) or ("{" not in spec and spec.rstrip().endswith(".attn"))):
+        path = Path(spec)  # os.path.isfile: False, not an error, for names too long or otherwise impossible
+    else:
+        return spec, "<string>"
+    return read_spec_file(path), str(path)
+
+
+def read_spec_file(path: Path) -> str:
+    """The text of a spec file, decoded by `decode_spec`; `FileNotFoundError` when there is
+    no regular file there (a folder or a FIFO is not read)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"no spec file at {path}" + (f" ({err.strerror})" if getattr(
+            err, "strerror", None) and not isinstance(err, FileNotFoundError) else "")) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(f"no spec file at {path} (not a regular file)")
+    with open(path, "rb") as f:
+        data = f.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"the file is over {MAX_SPEC_BYTES >> 20} MiB: not a spec", Source("", str(path)))
+    return decode_spec(data, str(path))
+
+
+def decode_spec(data: bytes, filename: str) -> str:
+    """The text of a spec file's bytes: UTF-8, with or without a byte-order mark; UTF-16 or
+    UTF-32 with one; UTF-16 without one when nearly every other byte is NUL (mostly ASCII text
+    saved as UTF-16). Line ends are normalised to `\\n`, as Python's text files read them. Bytes that
+    are none of these give a `SpecError` at the first undecodable byte's line and column."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return _newlines(data[len(bom):].decode(encoding))
+            except UnicodeDecodeError as err:
+                raise SpecError(f"the file starts with a {encoding} byte-order mark but is not {encoding} "
+                                f"({err.reason} at byte {err.start + len(bom)})", Source("", filename)) from None
+    if len(data) >= 2 and len(data) % 2 == 0:
+        for encoding, high in (("utf-16-le", data[1::2]), ("utf-16-be", data[0::2])):
+            if high.count(0) >= 0.9 * len(high):  # mostly ASCII, every other byte NUL: BOM-less UTF-16
+                try:
+                    return _newlines(data.decode(encoding))
+                except UnicodeDecodeError:
+                    break
+    try:
+        return _newlines(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        before = _newlines(data[:err.start].decode("utf-8"))
+        lines = before.split("\n")
+        shown = _newlines(data.decode("utf-8", errors="replace"))
+        raise SpecError(f"the file is not UTF-8 text: byte 0x{data[err.start]:02x} cannot be decoded "
+                        f"({err.reason}); save it as UTF-8", Source(shown, filename),
+                        Loc(len(lines), len(lines[-1]) + 1)) from None
+
+
+def _newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def lse_output(program: ir.Program) -> ir.Output:
@@ -111,23 +186,46 @@ class Kernel:
         if args:
             raise ArgumentError(f"{self.name}() takes keyword arguments only "
                                 f"({', '.join(self.program.inputs)}, ...)")
+        if type(return_lse).__module__ == "numpy" and getattr(return_lse, "shape", None) == ():
+            return_lse = return_lse.item()
+        if not isinstance(return_lse, bool):
+            raise ArgumentError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
         call = bind(self.program, kwargs)
-        extra = [self.lse()] if return_lse else []  # the same error on every backend when there is none
+        if return_lse:
+            self.lse()  # the same error on every backend when there is none
+        # a graph is recorded when autograd would track any input: float inputs only (ints cannot require grad)
+        graph = torch.is_grad_enabled() and any(t.requires_grad for t in call.tensors.values())
         results, reason = None, None
         if self.backend == "triton":
             try:
-                results = self.generated.launcher(call, bool(return_lse), config=self.tuned_config(call))
+                if graph:
+                    names = tuple(call.tensors)
+                    results = list(_ReferenceBackward.apply(self, call, return_lse, names, *call.tensors.values()))
+                else:
+                    results = self.run_generated(call, return_lse)
                 self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
-                                 "source": str(self.generated.path)}
+                                 "source": str(self.generated.path),
+                                 "backward": "reference" if graph else None}
             except BackendError as why:
                 if not self.chosen_automatically:  # triton was asked for: say why it cannot run
                     raise
                 reason = str(why)
         if results is None:  # the reference, and why when "auto" chose triton but this call cannot take it
-            results = Reference(self.program, call.tensors, call.scalars, self.reference_block).run(extra)
-            self.last_run = {"backend": "reference", **({"reason": reason} if reason else {})}
-        results = [self._cast(r, call) for r in results]
+            results = self.run_reference(call, return_lse)
+            self.last_run = {"backend": "reference", **({"reason": reason} if reason else {}),
+                             "backward": "reference" if graph else None}
         return results[0] if len(results) == 1 else tuple(results)
+
+    def run_generated(self, call, return_lse: bool) -> list[torch.Tensor]:
+        """The generated kernel's results, cast to the call's output dtype (no autograd graph)."""
+        results = self.generated.launcher(call, return_lse, config=self.tuned_config(call))
+        return [self._cast(r, call) for r in results]
+
+    def run_reference(self, call, return_lse: bool) -> list[torch.Tensor]:
+        """The reference executor's results (torch ops: autograd records them when inputs require grad)."""
+        extra = [self.lse()] if return_lse else []
+        results = Reference(self.program, call.tensors, call.scalars, self.reference_block).run(extra)
+        return [self._cast(r, call) for r in results]
 
     def tuned_config(self, call) -> dict | None:
         """The tuned config for a bound call's key, or None (the launcher's heuristic)."""
@@ -184,6 +282,50 @@ class Kernel:
         return t.to(call.out_dtype) if t.is_floating_point() else t
 
 
+class _ReferenceBackward(torch.autograd.Function):
+    """The generated kernel forward, differentiated by the reference executor.
+
+    There are no generated backward kernels yet. Rather than return outputs without a
+    `grad_fn` (gradients silently missing), the backward recomputes the forward on the
+    reference executor under autograd from the saved inputs and differentiates that:
+    exact gradients for every floating-point input, at the reference's speed and with its
+    autograd memory (the score-sized intermediates of every streamed block are kept until
+    the backward ends, O(B*H*N*M) floats, several copies). See docs/training.md.
+    """
+
+    @staticmethod
+    def forward(ctx, kernel, call, return_lse, names, *tensors):
+        ctx.set_materialize_grads(False)
+        # the call without its tensors: the backward takes them from the saved ones (version-checked)
+        ctx.kernel, ctx.call = kernel, dataclasses.replace(call, tensors={})
+        ctx.return_lse, ctx.names = return_lse, names
+        ctx.save_for_backward(*tensors)
+        results = kernel.run_generated(call, return_lse)
+        ctx.mark_non_differentiable(*[r for r in results if not r.is_floating_point()])
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        wanted = [k for k in range(len(tensors)) if ctx.needs_input_grad[4 + k]]
+        create_graph = torch.is_grad_enabled()  # backward(create_graph=True): grads get a graph too
+        with torch.enable_grad():
+            if create_graph:  # the saved inputs keep their history: second derivatives flow through
+                leaves = list(tensors)
+            else:
+                leaves = [t.detach().requires_grad_(k in wanted) for k, t in enumerate(tensors)]
+            call = dataclasses.replace(ctx.call, tensors=dict(zip(ctx.names, leaves)))
+            outs = ctx.kernel.run_reference(call, ctx.return_lse)
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], [leaves[k] for k in wanted],
+                                        [g for _, g in pairs], allow_unused=True,
+                                        create_graph=create_graph) if pairs else ()
+        result = [None] * len(tensors)
+        for k, g in zip(wanted, found):
+            result[k] = g
+        return (None, None, None, None, *result)
+
+
 def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 256) -> Kernel:
     """Compile a spec (a path to a `.attn` file or its source text) into a callable `Kernel`.
 
@@ -202,6 +344,8 @@ def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 2
         return Kernel(program, "reference", reference_block)
     try:
         generated = generate(program)
+    except RecursionError:
+        raise too_deep(program.source.text, program.source.filename) from None
     except (NotRowStreamable, Unsupported) as why:
         if backend == "auto":
             return Kernel(program, "reference", reference_block)

@@ -6,6 +6,9 @@ backend.
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -13,13 +16,18 @@ import torch
 
 from . import ir
 from .errors import ArgumentError, ShapeError
-from .reference import evaluate_scalar
+from .reference import _scalar_function, evaluate_scalar
 
-_DTYPE_OK = {
-    ir.FLOAT: lambda t: t.is_floating_point(),
-    ir.INT: lambda t: not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
-    ir.BOOL: lambda t: t.dtype == torch.bool,
-}
+# The element types both backends take. Other floats (float8) and unsigned ints wider than
+# 8 bits have no arithmetic in every torch op the reference uses nor loads in every kernel.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_DTYPES = {ir.FLOAT: FLOAT_DTYPES, ir.INT: INT_DTYPES, ir.BOOL: (torch.bool,)}
+
+# Int params reach generated kernels as 32-bit ints when they fit (Triton's specialisation)
+# and meet 32-bit index arithmetic there (`i + window`): 2**31 - 1 wraps around silently.
+# Bounding params by 2**30 keeps a sum of a param and an index within int32.
+INT_PARAM_LIMIT = 2 ** 30
 
 
 @dataclass
@@ -41,8 +49,10 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
     expected = list(program.inputs) + list(program.params)
     for name in kwargs:
         if name not in program.inputs and name not in program.params:
-            raise ArgumentError(f"{program.name}() got an unknown argument '{name}'; "
-                                f"it takes: {', '.join(expected)}")
+            close = difflib.get_close_matches(name, expected + ["return_lse"], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ArgumentError(f"{program.name}() got an unknown argument '{name}'{hint}; "
+                                f"it takes: {', '.join(expected)}, return_lse")
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, int | float | bool] = {}
     bound_by: dict[str, str] = {}
@@ -51,12 +61,7 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
         if name not in kwargs:
             raise ArgumentError(f"{program.name}() is missing the argument '{name}' ({describe_input(node)})")
         t = kwargs[name]
-        if not isinstance(t, torch.Tensor):
-            raise ArgumentError(f"argument '{name}' must be a torch.Tensor ({describe_input(node)}), "
-                                f"got {type(t).__name__}")
-        if not _DTYPE_OK[node.dtype](t):
-            article = "an" if node.dtype == ir.INT else "a"
-            raise ArgumentError(f"argument '{name}' must be {article} {node.dtype} tensor, got {t.dtype}")
+        _check_tensor(name, node, t)
         if device is None:
             device = t.device
         elif t.device != device:
@@ -87,35 +92,214 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
         where = f" (line {req.loc.line})" if req.loc else ""
         try:
             holds = evaluate_scalar(req.cond, scalars)
-        except ArithmeticError as err:  # `N % agents == 0` with agents = 0: the call is wrong, not attncc
+        except (ArithmeticError, ValueError) as err:  # `N % agents == 0` with agents = 0: the call is wrong, not attncc
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} cannot be evaluated "
                              f"({err}): {values}") from None
         if not holds:
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} does not hold: {values}")
+    sizes = _check_sizes(program, scalars)
+    _check_index_ranges(program, tensors, sizes)
     floats = [t for n, t in tensors.items() if t.is_floating_point()]
     out_dtype = floats[0].dtype if floats else torch.float32
     return BoundCall(tensors, scalars, device or torch.device("cpu"), out_dtype)
 
 
+def _check_tensor(name: str, node: ir.Input, t):
+    """Type, layout and device kind of one tensor argument."""
+    if not isinstance(t, torch.Tensor):
+        raise ArgumentError(f"argument '{name}' must be a torch.Tensor ({describe_input(node)}), "
+                            f"got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise ArgumentError(f"argument '{name}' must be a dense (strided) tensor, got layout {t.layout}"
+                            f"{' (nested)' if t.is_nested else ''}; convert it with .to_dense()")
+    ok = _DTYPES[node.dtype]
+    if t.dtype not in ok:
+        article = "an" if node.dtype == ir.INT else "a"
+        raise ArgumentError(f"argument '{name}' must be {article} {node.dtype} tensor "
+                            f"({', '.join(str(d).replace('torch.', '') for d in ok)}), got {t.dtype}")
+    if t.device.type == "meta":
+        raise ShapeError(f"argument '{name}' is a meta tensor: it has a shape but no data, and a kernel "
+                         "reads data (move it to the CPU or a GPU)")
+
+
+def _check_sizes(program: ir.Program, scalars: dict) -> dict[str, int]:
+    """Block sizes, the scalar expressions the kernels evaluate on the host (`D ** -0.5`)
+    and every index extent, evaluated for this call: a value the spec's arithmetic cannot
+    take (a block of 0, D = 0 under `D ** -0.5`) is the call's error, named here, instead of
+    a `ZeroDivisionError` in one backend and a `nan` or a silent 0 in the other."""
+    blocks, exprs = _host_expressions(program)
+    for node, block in blocks:
+        size = evaluate_scalar(block.size, scalars)
+        if size < 1:
+            raise ShapeError(f"{program.name}: the block size of `{node.op}(..., {block.index} by ...)`"
+                             f"{_at(node)}{_text(program, node)} must be at least 1, got {size} "
+                             f"({_values(block.size, scalars)})")
+    for node in exprs:
+        try:
+            fn, names = _scalar_function(node)
+            value = fn(*(scalars[n] for n in names))
+            bad = isinstance(value, float) and math.isnan(value)
+            why = "it is nan"
+        except (ArithmeticError, ValueError, TypeError) as err:
+            bad, why = True, str(err) or type(err).__name__
+        if bad:
+            raise ShapeError(f"{program.name}: a scalar expression{_at(node)}{_text(program, node)} "
+                             f"cannot be evaluated for this call ({why}): {_values(node, scalars)}")
+    try:
+        sizes = program.sizes(scalars)
+    except (ArithmeticError, ValueError, TypeError) as err:
+        raise ShapeError(f"{program.name}: index extents cannot be computed for this call ({err}): "
+                         f"{', '.join(f'{k} = {v}' for k, v in scalars.items())}") from None
+    for ix, n in sizes.items():
+        if n < 0:
+            raise ShapeError(f"{program.name}: index '{ix}' would have a negative extent ({n}) for this call: "
+                             f"{_values_of(program.extent[ix].free_symbols, scalars)}")
+    return sizes
+
+
+@functools.lru_cache(maxsize=64)
+def _host_expressions(program: ir.Program):
+    """(block reductions, maximal scalar-only expressions) of the nodes a call evaluates:
+    those under outputs and masks, not param defaults (used only when a param is omitted)
+    nor requires (checked on their own)."""
+    seen: set = set()
+    stack = [o.node for o in program.outputs] + [m.pred for m in program.masks]
+    order = []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        order.append(node)
+        if not isinstance(node, ir.Scalar):
+            stack.extend(node.operands())
+
+    def scalar_only(node) -> bool:
+        if isinstance(node, (ir.Scalar, ir.Const)):
+            return True
+        return isinstance(node, ir.Map) and not node.indices and all(scalar_only(a) for a in node.args)
+
+    inner = {a for n in order if scalar_only(n) and isinstance(n, ir.Map) for a in n.args}
+    exprs = []
+    for n in order:
+        if isinstance(n, ir.Map) and n not in inner and scalar_only(n):
+            try:
+                _scalar_function(n)
+            except Exception:  # no symbolic form: the kernels do not evaluate it on the host either
+                continue
+            exprs.append(n)
+    blocks = [(n, n.block) for n in order if isinstance(n, ir.Reduce) and n.block is not None]
+    return blocks, exprs
+
+
+def _check_index_ranges(program: ir.Program, tensors: dict, sizes: dict):
+    """Int tensors used as indices (`allow[label_q[b,i], ...]`, `k[b,h,perm[b,h,j],d]`) must
+    hold positions inside the indexed dim: the reference raises on them, a generated kernel
+    would read outside the tensor. One min/max per such tensor (a device sync on a GPU)."""
+    for access, k, index in _index_reads(program):
+        t = tensors[index.array.name]
+        if t.numel() == 0:
+            continue
+        if isinstance(access.array, ir.Input):
+            extent = tensors[access.array.name].shape[k]
+        else:
+            extent = sizes[access.axes[k]]
+        lo, hi = torch.aminmax(t)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= extent:
+            bad = lo if lo < 0 else hi
+            target = access.array.name if isinstance(access.array, ir.Input) else "the indexed tensor"
+            raise ShapeError(f"argument '{index.array.name}' holds the index {bad}, out of range for dim {k} "
+                             f"of '{target}' (size {extent}){_at(access)}")
+
+
+@functools.lru_cache(maxsize=64)
+def _index_reads(program: ir.Program):
+    """(access, position, int-input read) for every index argument that is a plain read of
+    an int input tensor."""
+    out = []
+    for node in program.graph.nodes:
+        if isinstance(node, ir.Access):
+            for k, a in enumerate(node.args):
+                if isinstance(a, ir.Access) and isinstance(a.array, ir.Input) and a.array.dtype == ir.INT:
+                    out.append((node, k, a))
+    return tuple(out)
+
+
+def _at(node) -> str:
+    loc = getattr(node, "loc", None)
+    return f" (line {loc.line})" if loc else ""
+
+
+def _text(program: ir.Program, node) -> str:
+    loc = getattr(node, "loc", None)
+    text = program.source.line(loc.line).strip() if loc else ""
+    return f" in `{text}`" if text else ""
+
+
+def _values(node, scalars) -> str:
+    return _values_of({n for n in _scalar_names(node)}, scalars)
+
+
+def _values_of(names, scalars) -> str:
+    names = sorted(str(getattr(n, "name", n)) for n in names)
+    return ", ".join(f"{n} = {scalars[n]}" for n in names if n in scalars) or "no dims or params"
+
+
 def _param_value(program, node: ir.Scalar, value, scalars):
+    name = node.name
     if value is None:
         if node.default is None:
-            raise ArgumentError(f"{program.name}() is missing the argument '{node.name}' ({node.dtype} param)")
-        return evaluate_scalar(node.default, scalars)
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        value = value.item()
+            raise ArgumentError(f"{program.name}() is missing the argument '{name}' ({node.dtype} param)")
+        try:
+            default = evaluate_scalar(node.default, scalars)
+        except (ArithmeticError, ValueError) as err:  # sigmoid's bias = -log(M) with M = 0
+            raise ShapeError(f"the default of param '{name}' cannot be evaluated for this call ({err}): "
+                             f"{_values(node.default, scalars)}; pass '{name}' explicitly") from None
+        return _check_param(name, node.dtype, default)
+    value = _plain_scalar(name, value)
     if node.dtype == ir.BOOL:
         if not isinstance(value, bool):
-            raise ArgumentError(f"param '{node.name}' must be a bool, got {type(value).__name__}")
+            raise ArgumentError(f"param '{name}' must be a bool, got {type(value).__name__} {value!r}")
         return value
+    kind = "an int" if node.dtype == ir.INT else "a float"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentError(f"param '{node.name}' must be {'an int' if node.dtype == ir.INT else 'a float'}, "
-                            f"got {type(value).__name__}")
+        raise ArgumentError(f"param '{name}' must be {kind}, got {type(value).__name__} {value!r}")
     if node.dtype == ir.INT:
         if not isinstance(value, numbers.Integral):
-            raise ArgumentError(f"param '{node.name}' must be an int, got {value!r}")
-        return int(value)
-    return float(value)
+            raise ArgumentError(f"param '{name}' must be an int, got {type(value).__name__} {value!r}")
+        return _check_param(name, ir.INT, int(value))
+    return _check_param(name, ir.FLOAT, float(value))
+
+
+def _plain_scalar(name: str, value):
+    """A Python number from a param value given as a number, a numpy scalar or 0-d array,
+    or a 0-d tensor. A tensor that requires grad is refused: its value would be read once as
+    a number, and its gradient silently lost."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ArgumentError(f"param '{name}' must be a number or a 0-d tensor, got a tensor of shape "
+                                f"{tuple(value.shape)}")
+        if value.requires_grad and torch.is_grad_enabled():
+            raise ArgumentError(f"param '{name}' is a tensor that requires grad, but params are not "
+                                "differentiable (the value is read as a number); declare it as an input "
+                                "tensor of the spec to differentiate it, or pass a plain number")
+        if value.device.type == "meta":
+            raise ArgumentError(f"param '{name}' is a meta tensor, which has no value")
+        return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()  # np.int64(3), np.bool_(True), np.array(2.5)
+    return value
+
+
+def _check_param(name: str, dtype: str, value):
+    if dtype == ir.INT and abs(value) > INT_PARAM_LIMIT:
+        raise ShapeError(f"param '{name}' = {value} is out of range: int params must lie within "
+                         f"+-2**30 ({INT_PARAM_LIMIT}), so kernels' 32-bit index arithmetic cannot overflow "
+                         "(a window or block longer than the sequence already means 'no limit')")
+    if dtype == ir.FLOAT and math.isnan(value):
+        raise ShapeError(f"param '{name}' is nan")
+    return value
 
 
 def _scalar_names(node: ir.Node):
