@@ -86,12 +86,16 @@ def _as_tuple(result) -> tuple[torch.Tensor, ...]:
 
 
 def _compare(name: str, x: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> OutputCheck:
-    """Errors in float64; entries that are NaN in both count as equal, NaN in one as infinitely wrong."""
+    """Errors in float64. Equal entries count as equal, infinities included (a row with no
+    allowed key has lse -inf on both sides, and -inf - -inf would be NaN); NaN in both places
+    counts as equal (NaN propagates the same way on every backend); NaN in one place, or
+    infinities of different sign, count as infinitely wrong."""
     if x.shape != ref.shape:
         return OutputCheck(name, tuple(x.shape), x.dtype, float("inf"), float("inf"), atol, rtol, False)
     a, b = x.detach().double().cpu(), ref.detach().double().cpu()
-    err = torch.where(a.isnan() & b.isnan(), 0.0, (a - b).abs().nan_to_num(nan=float("inf")))
-    scale = b.abs().nan_to_num(nan=0.0)
+    same = (a == b) | (a.isnan() & b.isnan())
+    err = torch.where(same, 0.0, (a - b).abs().nan_to_num(nan=float("inf")))
+    scale = torch.where(same, 0.0, b.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
     ok = bool((err <= atol + rtol * scale).all())
     return OutputCheck(name, tuple(x.shape), x.dtype, _max(err), _max(err / scale.clamp_min(atol)),
                        atol, rtol, ok)

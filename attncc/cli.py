@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -17,13 +18,15 @@ from typing import Callable
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__, cli_bench, cli_tune
-from .api import BACKENDS, load, read_spec
+from .api import BACKENDS, load, read_spec, read_spec_file
 from .api import compile as compile_spec
+from .codegen.pytext import docstring
 from .check import DTYPES, check
 from .errors import ArgumentError, BackendError, ShapeError, SpecError
 from .plan_report import format_plan
@@ -54,7 +57,9 @@ STAGES: dict[str, Callable[[str, argparse.Namespace], str]] = {
 PLAN_OPTIONS = ("shape", "param", "block_m", "block_n")  # options of `show` that only the plan uses
 PLAN_TILE = 64  # the plan's work table: default BLOCK_M and BLOCK_N
 
-_USER_ERRORS = (SpecError, ArgumentError, ShapeError, FileNotFoundError, ValueError)
+# Reported as `attncc COMMAND: error: ...` (exit status 2), never as a traceback. OSError covers
+# files that cannot be read or written, and `CacheError` (an unusable cache dir).
+_USER_ERRORS = (SpecError, ArgumentError, ShapeError, OSError, ValueError)
 
 
 # ----------------------------------------------------------------------------- the gallery
@@ -101,7 +106,7 @@ def _relative(path: Path) -> str:
 
 def resolve_spec(spec: str) -> str:
     """A spec argument as a path: an existing file, or the name of a gallery example."""
-    if Path(spec).is_file():
+    if os.path.isfile(spec):  # False, not an error, for a name too long or with a NUL
         return spec
     for path in example_files():
         if path.stem == spec or path.name == spec:
@@ -114,14 +119,18 @@ def resolve_spec(spec: str) -> str:
 def cmd_list(args, console: Console) -> int:
     files = example_files(args.dir)
     if not files:
-        console.print(f"no .attn files in {args.dir}")
+        console.print(f"no .attn files in {args.dir}", markup=False)
         return 2
     table = Table(title=f"{len(files)} attention specs", title_justify="left")
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
     table.add_column("path", style="dim", overflow="fold")
-    for path in files:
-        table.add_row(path.stem, Text(describe(path.read_text())), _relative(path))
+    for path in files:  # user text (names, comments, paths) as Text: never read as rich markup
+        try:
+            description = describe(read_spec_file(path))
+        except (OSError, SpecError) as err:
+            description = f"(unreadable: {err.message if isinstance(err, SpecError) else err})"
+        table.add_row(Text(path.stem), Text(description), Text(_relative(path)))
     console.print(table)
     return 0
 
@@ -150,72 +159,101 @@ def cmd_show(args, console: Console) -> int:
 def cmd_compile(args, console: Console) -> int:
     spec = Path(resolve_spec(args.spec))
     name = compile_spec(spec, "triton").name  # fails before anything is written
+    files = compiled_files(name)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    copy = out / f"{name}.attn"
-    copy.write_text(spec.read_text())
+    copy = out / files["spec"]
+    if not (copy.exists() and copy.resolve() == spec.resolve()):
+        copy.write_bytes(spec.read_bytes())  # byte for byte: the module compiles this copy
     # Generated from the copy's absolute path, as the module does: the source names its spec.
     kernel = compile_spec(copy.resolve(), "triton")
-    triton_file, module_file = out / f"{name}_triton.py", out / f"{name}.py"
-    triton_file.write_text(kernel.generated.source.source)
-    module_file.write_text(_module_text(kernel, textwrap.fill(describe(copy.read_text(), width=10**4), 88)))
+    triton_file, module_file = out / files["triton"], out / files["module"]
+    triton_file.write_text(kernel.generated.source.source, encoding="utf-8")
+    description = textwrap.fill(describe(read_spec_file(copy), width=10**4), 88)
+    module_file.write_text(_module_text(kernel, files, description), encoding="utf-8")
     copied = "" if copy.resolve() == spec.resolve() else f" (a copy of {_relative(spec)})"
+    module = files["module"].removesuffix(".py")
     written = [(copy, f"the spec{copied}"),
                (triton_file, f"the generated Triton source (mask mode {kernel.generated.source.mask_mode})"),
-               (module_file, f"a module: `from {name} import {name}`, then "
-                             f"{name}({', '.join(f'{n}=...' for n in kernel.program.inputs)})")]
+               (module_file, f"a module: `from {module} import attention`, then "
+                             f"attention({', '.join(f'{n}=...' for n in kernel.program.inputs)})")]
     width = max(len(str(path)) for path, _ in written)
     for path, what in written:
         console.print(f"wrote {str(path):<{width}}  {what}", markup=False, soft_wrap=True)
     return 0
 
 
-_MODULE = '''"""{name}: the kernel of {name}.attn, written by `attncc compile` (attncc {version}).
+MODULE_PREFIX = "attncc_"  # no module of the standard library, torch or attncc starts so
+
+
+def compiled_files(name: str) -> dict[str, str]:
+    """The names of what `attncc compile` writes for attention `name`: the module is
+    `attncc_<name>.py`, an identifier that cannot shadow another module (`kernel`, `torch`,
+    `warnings`, ...) nor be a keyword (`import`, `None`); the spec copy and the Triton source
+    (`<name>.attn`, `<name>.triton.py`) have dots in their names, so they are not importable
+    modules at all and no two specs' files collide."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # the grammar's NAME; checked, not assumed
+        raise ValueError(f"{name!r} is not a name attncc can write files for")
+    return {"spec": f"{name}.attn", "triton": f"{name}.triton.py", "module": f"{MODULE_PREFIX}{name}.py"}
+
+
+# The module `attncc compile` writes. Nothing from the spec is code in it: the docstring is
+# escaped (codegen.pytext.docstring), file names and versions are repr literals, and its own
+# names (`kernel`, `attention`, the underscored imports) are fixed.
+_MODULE = '''{docstring}
+import warnings as _warnings
+from pathlib import Path as _Path
+
+import attncc as _attncc
+
+_HERE = _Path(__file__).resolve().parent
+_SPEC, _TRITON, _WRITTEN_BY = {spec!r}, {triton!r}, {version!r}
+kernel = _attncc.compile(_HERE / _SPEC, backend="triton")
+
+if kernel.generated.source.source != (_HERE / _TRITON).read_text(encoding="utf-8"):
+    _warnings.warn(f"{{kernel.name}}: attncc {{_attncc.__version__}} generates a different Triton source than "
+                   f"{{_TRITON}}, saved by attncc {{_WRITTEN_BY}}; run `attncc compile {{_SPEC}} -o .` "
+                   f"in {{_HERE}} to refresh it", stacklevel=2)
+
+
+def attention(**kwargs):
+    """Runs `kernel`, the compiled spec: keyword arguments as in the module's docstring."""
+    return kernel(**kwargs)
+
+
+attention.__signature__ = kernel.signature
+'''
+
+_DOC = """{name}: the kernel of {spec}, written by `attncc compile` (attncc {version}).
 
 {description}
 
-    from {name} import {name}
-    {outputs} = {name}({call})
+    from {module} import attention
+    {outputs} = attention({call})
+
+attention({signature})
 
 CUDA tensors run the compiled Triton kernel, CPU tensors the same kernel in Triton's
 interpreter (slow: for tests); return_lse=True also returns the log-sum-exp. `kernel`
 is the attncc.Kernel behind it (signature, plan, generated source).
 
-On import, attncc compiles {name}.attn (next to this file) again and compares the Triton
-source with {name}_triton.py, the source saved by `attncc compile`: a warning says when
+On import, attncc compiles {spec} (next to this file) again and compares the Triton
+source with {triton}, the source saved by `attncc compile`: a warning says when
 they differ, i.e. when the installed attncc generates other code than the one that wrote
-this folder. `attncc compile {name}.attn -o .` here refreshes the saved copy.
+this folder. `attncc compile {spec} -o .` here refreshes the saved copy.
 """
-import warnings
-from pathlib import Path
-
-import attncc
-
-_HERE = Path(__file__).resolve().parent
-kernel = attncc.compile(_HERE / "{name}.attn", backend="triton")
-
-if kernel.generated.source.source != (_HERE / "{name}_triton.py").read_text():
-    warnings.warn(f"{name}: attncc {{attncc.__version__}} generates a different Triton source than "
-                  f"{name}_triton.py, saved by attncc {version}; run `attncc compile {name}.attn -o .` "
-                  f"in {{_HERE}} to refresh it", stacklevel=2)
 
 
-def {name}(**kwargs):
-    """{name}({signature}): runs `kernel`."""
-    return kernel(**kwargs)
-
-
-{name}.__signature__ = kernel.signature
-'''
-
-
-def _module_text(kernel, description: str) -> str:
+def _module_text(kernel, files: dict[str, str], description: str) -> str:
     """The importable module `attncc compile` writes next to the spec and the source."""
     inputs = list(kernel.program.inputs)
     params = [f"{n}={v!r}" if v is not inspect.Parameter.empty else n for n, v in kernel.params.items()]
-    return _MODULE.format(name=kernel.name, version=__version__, description=description,
-                          outputs=", ".join(kernel.outputs), call=", ".join(f"{n}={n}" for n in inputs),
-                          signature=", ".join(["*", *inputs, *params, "return_lse=False"]))
+    doc = _DOC.format(name=kernel.name, version=__version__, description=description, spec=files["spec"],
+                      triton=files["triton"], module=files["module"].removesuffix(".py"),
+                      outputs=", ".join(kernel.outputs), call=", ".join(f"{n}={n}" for n in inputs),
+                      signature=", ".join(["*", *inputs, *params, "return_lse=False"]))
+    return _MODULE.format(docstring=docstring(doc), spec=files["spec"], triton=files["triton"],
+                          version=__version__)
 
 
 def cmd_check(args, console: Console) -> int:
@@ -224,8 +262,8 @@ def cmd_check(args, console: Console) -> int:
                    device=args.device)
     sizes = " ".join(f"{k}={v}" for k, v in report.scalars.items())
     asked = "" if report.requested == report.backend else f" (asked: {report.requested})"
-    console.print(f"[bold]{report.name}[/]  backend [bold]{report.backend}[/]{asked}  "
-                  f"dtype {report.dtype}  seed {report.seed}  {sizes}", soft_wrap=True)
+    console.print(f"[bold]{escape(report.name)}[/]  backend [bold]{escape(report.backend)}[/]{escape(asked)}  "
+                  f"dtype {escape(report.dtype)}  seed {report.seed}  {escape(sizes)}", soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("output", "shape", "dtype", "max abs err", "max rel err", "tolerance", "result"):
         table.add_column(column, justify="right" if "err" in column else "left", no_wrap=True)
@@ -239,7 +277,7 @@ def cmd_check(args, console: Console) -> int:
                   "rel err = |x - ref| / max(|ref|, atol)[/]", soft_wrap=True)
     failed = [o.name for o in report.outputs if not o.passed]
     if failed:
-        console.print(f"[red bold]FAIL[/]: {', '.join(failed)} differ from the reference")
+        console.print(f"[red bold]FAIL[/]: {escape(', '.join(failed))} differ from the reference")
         return 1
     console.print(f"[green bold]PASS[/]: {len(report.outputs)} output(s) match the reference")
     return 0
@@ -366,15 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "compile", "write a spec's Triton kernel and an importable module to a folder",
                    "Generate the Triton kernel of a spec and write three files to DIR, named after\n"
                    "the attention (`attention NAME(...)`):\n"
-                   "  NAME.attn       a copy of the spec\n"
-                   "  NAME_triton.py  the generated Triton source, to read and diff\n"
-                   "  NAME.py         a module: `from NAME import NAME`, then NAME(q=..., k=..., ...)\n"
-                   "The module compiles NAME.attn with the installed attncc when imported and\n"
-                   "warns if the source it gets differs from NAME_triton.py (another attncc\n"
-                   "version). Specs the Triton backend cannot generate are reported (exit 2).",
+                   "  NAME.attn         a copy of the spec\n"
+                   "  NAME.triton.py    the generated Triton source, to read and diff\n"
+                   "  attncc_NAME.py    a module: `from attncc_NAME import attention`, then\n"
+                   "                    attention(q=..., k=..., ...)\n"
+                   "The module's name has a fixed prefix so that no spec name (`torch`, `kernel`,\n"
+                   "`import`) can shadow another module or fail to import. It compiles NAME.attn\n"
+                   "with the installed attncc when imported and warns if the source it gets\n"
+                   "differs from NAME.triton.py (another attncc version). Specs the Triton\n"
+                   "backend cannot generate are reported (exit 2).",
                    "  attncc compile examples/causal.attn -o kernels/\n"
                    "  attncc compile document -o kernels/            (a gallery name)\n"
-                   "  cd kernels && python -c 'from causal import causal; help(causal)'\n")
+                   "  cd kernels && python -c 'from attncc_causal import attention; help(attention)'\n")
     p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
     p.add_argument("-o", "--output", metavar="DIR", required=True,
                    help="folder to write to (created if missing; files of the same name are replaced)")
@@ -408,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendError as err:
         hint = _BACKEND_HINTS.get(args.command)
         print(f"attncc {args.command}: error: {err}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
+    except RecursionError:  # a pathological spec (deep nesting) past the checks that name it
+        print(f"attncc {args.command}: error: the spec nests too deeply to process "
+              "(Python's recursion limit)", file=sys.stderr)
     except _USER_ERRORS as err:
         print(f"attncc {args.command}: error: {err}", file=sys.stderr)
     return 2

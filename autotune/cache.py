@@ -88,6 +88,7 @@ CONFIG_KEYS = {"BLOCK_M": (int, 16, 256, True), "BLOCK_N": (int, 16, 256, True),
                "FULL_MASKED": (bool, 0, 1, False)}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 MAX_BYTES = 64 << 20  # a tuning cache is kilobytes; more than this is not one
+_MISSING = object()  # no file (a file holding `null` is a corrupt one)
 
 
 def config_problem(config) -> str | None:
@@ -137,7 +138,7 @@ class TuningCache:
         is reported with a warning and read as empty; entries that are not objects are left out."""
         try:
             data = self._read()
-            if data is None:
+            if data is _MISSING:
                 return {}
             if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
                 raise ValueError(f"not a format-{FORMAT} tuning cache")
@@ -150,12 +151,12 @@ class TuningCache:
         return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
 
     def _read(self):
-        """The parsed file, or None when there is none. Reads follow a symlink the user
+        """The parsed file, or `_MISSING` when there is none. Reads follow a symlink the user
         put there (the path is theirs) but never block on a FIFO."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            return None
+            return _MISSING
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise OSError(0, "not a regular file")
