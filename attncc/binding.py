@@ -68,6 +68,9 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
             first = next(iter(tensors))
             raise ShapeError(f"argument '{name}' is on {t.device} but '{first}' is on {device}; "
                              "all tensors must be on one device")
+        if t.device.type == "meta":
+            raise ShapeError(f"argument '{name}' is a meta tensor: it has a shape but no data, and a kernel "
+                             "reads data (move it to the CPU or a GPU)")
         if t.dim() != len(node.dims):
             raise ShapeError(f"argument '{name}' must have {len(node.dims)} dims "
                              f"[{', '.join(str(d) for d in node.dims)}], got shape {tuple(t.shape)}")
@@ -115,11 +118,8 @@ def _check_tensor(name: str, node: ir.Input, t):
     ok = _DTYPES[node.dtype]
     if t.dtype not in ok:
         article = "an" if node.dtype == ir.INT else "a"
-        raise ArgumentError(f"argument '{name}' must be {article} {node.dtype} tensor "
-                            f"({', '.join(str(d).replace('torch.', '') for d in ok)}), got {t.dtype}")
-    if t.device.type == "meta":
-        raise ShapeError(f"argument '{name}' is a meta tensor: it has a shape but no data, and a kernel "
-                         "reads data (move it to the CPU or a GPU)")
+        raise ArgumentError(f"argument '{name}' must be {article} {node.dtype} tensor, got {t.dtype} "
+                            f"(it takes {', '.join(str(d).replace('torch.', '') for d in ok)})")
 
 
 def _check_sizes(program: ir.Program, scalars: dict) -> dict[str, int]:
@@ -260,14 +260,14 @@ def _param_value(program, node: ir.Scalar, value, scalars):
     value = _plain_scalar(name, value)
     if node.dtype == ir.BOOL:
         if not isinstance(value, bool):
-            raise ArgumentError(f"param '{name}' must be a bool, got {type(value).__name__} {value!r}")
+            raise ArgumentError(f"param '{name}' must be a bool, got {type(value).__name__}")
         return value
     kind = "an int" if node.dtype == ir.INT else "a float"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentError(f"param '{name}' must be {kind}, got {type(value).__name__} {value!r}")
+        raise ArgumentError(f"param '{name}' must be {kind}, got {type(value).__name__}")
     if node.dtype == ir.INT:
         if not isinstance(value, numbers.Integral):
-            raise ArgumentError(f"param '{name}' must be an int, got {type(value).__name__} {value!r}")
+            raise ArgumentError(f"param '{name}' must be an int, got {value!r}")
         return _check_param(name, ir.INT, int(value))
     return _check_param(name, ir.FLOAT, float(value))
 
