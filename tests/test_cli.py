@@ -243,18 +243,18 @@ def test_compile_writes_an_importable_module_that_matches_the_reference(capsys, 
     rc, out, _ = run(capsys, "compile", str(EXAMPLES / "softcap.attn"), "-o", str(tmp_path / "k"))
     assert rc == 0
     folder = tmp_path / "k"
-    assert sorted(p.name for p in folder.iterdir()) == ["softcap.attn", "softcap.py", "softcap_triton.py"]
-    assert f"wrote {folder / 'softcap.py'}" in out
+    assert sorted(p.name for p in folder.iterdir()) == ["attncc_softcap.py", "softcap.attn", "softcap.triton.py"]
+    assert f"wrote {folder / 'attncc_softcap.py'}" in out
     assert (folder / "softcap.attn").read_text() == (EXAMPLES / "softcap.attn").read_text()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the saved source is what attncc generates
-        module = _import(folder / "softcap.py")
+        module = _import(folder / "attncc_softcap.py")
     assert module.__doc__.startswith("softcap: the kernel of softcap.attn")
-    assert (folder / "softcap_triton.py").read_text() == module.kernel.generated.source.source
+    assert (folder / "softcap.triton.py").read_text() == module.kernel.generated.source.source
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 48, 16, generator=g), \
         torch.randn(1, 2, 48, 8, generator=g)
-    got = module.softcap(q=q, k=k, v=v, cap=5.0)
+    got = module.attention(q=q, k=k, v=v, cap=5.0)
     assert module.kernel.last_run["backend"] == "triton"
     want = attncc.compile(EXAMPLES / "softcap.attn", backend="reference")(q=q, k=k, v=v, cap=5.0)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -262,10 +262,10 @@ def test_compile_writes_an_importable_module_that_matches_the_reference(capsys, 
 
 def test_compiled_module_warns_when_the_saved_source_is_stale(capsys, tmp_path):
     assert run(capsys, "compile", "causal", "-o", str(tmp_path))[0] == 0
-    saved = tmp_path / "causal_triton.py"
+    saved = tmp_path / "causal.triton.py"
     saved.write_text(saved.read_text() + "# edited\n")
-    with pytest.warns(UserWarning, match="generates a different Triton source than causal_triton.py"):
-        _import(tmp_path / "causal.py")
+    with pytest.warns(UserWarning, match="generates a different Triton source than causal.triton.py"):
+        _import(tmp_path / "attncc_causal.py")
 
 
 def test_compile_of_a_spec_triton_cannot_generate_writes_nothing(capsys, tmp_path, ungenerated):
