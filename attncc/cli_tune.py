@@ -9,6 +9,7 @@ import sys
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -77,7 +78,7 @@ def run(args, console: Console | None = None) -> int:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(f"tuning {kernel.name}", total=args.trials, best="-")
+        task = bar.add_task(f"tuning {escape(kernel.name)}", total=args.trials, best="-")
 
         def progress(trial, result: TuneResult):
             bar.update(task, completed=len(result.trials), best=_time(result.best_time))
@@ -88,9 +89,9 @@ def run(args, console: Console | None = None) -> int:
     pruned = sum(t.status == "pruned" for t in result.trials)
     failed = [t for t in result.trials if t.status == "failed"]
     console.print(f"{len(result.trials)} configs in {result.elapsed_s:.1f} s ({pruned} cut short, "
-                  f"{len(failed)} failed); stored in {TuningCache(args.cache).path}", soft_wrap=True)
+                  f"{len(failed)} failed); stored in {escape(str(TuningCache(args.cache).path))}", soft_wrap=True)
     for t in failed[:3]:
-        console.print(f"[dim]failed {_config(t.config)}: {t.reason}[/]", soft_wrap=True)
+        console.print(f"[dim]failed {escape(_config(t.config))}: {escape(str(t.reason))}[/]", soft_wrap=True)
     return 0
 
 
