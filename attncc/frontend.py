@@ -211,7 +211,7 @@ class Frontend:
         summed = tuple(ix for ix in value.indices if ix not in lhs)
         if not summed:
             return value, lhs
-        self.check_summed_terms(st.value, summed)
+        self.check_summed_terms(st, summed)
         factors = self.factors(st.value) if isinstance(st.value, ast.BinOp) and st.value.op == "*" else None
         if factors is not None:
             nodes = tuple(self.expr(f) for f in factors)
@@ -240,27 +240,70 @@ class Frontend:
             return self.factors(e.left) + self.factors(e.right)
         return [e]
 
-    def check_summed_terms(self, e: ast.Expr, summed):
+    def check_summed_terms(self, st: ast.Assign, summed):
         """Each additive term must carry every summed index: `sum_j (a[i,j] + b[i])` adds
-        `M * b[i]`, which is never what a spec means."""
-        terms = []
+        `M * b[i]`, which is never what a spec means. Terms are those of the right side
+        with products, quotients, negations and where/if-else branches distributed over its
+        sums, so parentheses (`(a[i,j] + b[i]) * 2`) do not hide a term."""
+        for missing, term in self.terms_lacking(st.value, frozenset(summed)):
+            ix = sorted(missing, key=summed.index)[0]
+            lhs = ",".join(st.indices)
+            raise self.error(
+                f"index '{ix}' is summed but this term does not use it (it would be added "
+                f"{ix}-extent times)", term.loc,
+                f"each sum in its own statement (e.g. `{st.name}1[{lhs}] = ...` and "
+                f"`{st.name}2[{lhs}] = ...`, then `{st.name} = {st.name}1 + {st.name}2`), "
+                "or the index on the left")
 
-        def split(x):
-            if isinstance(x, ast.BinOp) and x.op in "+-":
-                split(x.left)
-                split(x.right)
-            else:
-                terms.append(x)
+    def terms_lacking(self, e: ast.Expr, summed: frozenset):
+        """(missing summed indices, AST node to blame) for each distributed term of `e`
+        that lacks some summed index."""
+        terms = self.distributed_terms(e, summed)
+        return [(summed - ixs, blame) for ixs, blame, _ in terms if summed - ixs]
 
-        split(e)
-        if len(terms) == 1:
-            return
-        for term in terms:
-            missing = [ix for ix in summed if ix not in self.expr(term).indices]
-            if missing:
-                raise self.error(f"index '{missing[0]}' is summed but this term does not use it "
-                                 f"(it would be added {missing[0]}-extent times)", term.loc,
-                                 "the sum in its own statement, or the index on the left")
+    def distributed_terms(self, e: ast.Expr, summed: frozenset):
+        """The terms of `e` after distributing over its sums, as (the summed indices the
+        term carries, the AST node to blame, whether a sum was split to get it). Operators
+        that do not distribute (functions, powers, comparisons) are atoms carrying all
+        their indices; terms with the same indices are merged, so products of sums stay
+        small (at most 2 ** len(summed) terms)."""
+        def atom(x):
+            if isinstance(x, ast.Num) and x.value == 0:  # `where(c, x[i,j], 0)`: adding 0 is harmless
+                return [(summed, x, False)]
+            return [(frozenset(self.expr(x).indices) & summed, x, False)]
+
+        def merge(terms):
+            seen = {}
+            for ixs, blame, split in terms:
+                seen.setdefault(ixs, (ixs, blame, split))
+            return list(seen.values())
+
+        def widen(terms, extra, whole):
+            return [(ixs | extra, blame if split else whole, split) for ixs, blame, split in terms]
+
+        if isinstance(e, ast.BinOp) and e.op in ("+", "-"):
+            parts = self.distributed_terms(e.left, summed) + self.distributed_terms(e.right, summed)
+            return merge([(ixs, blame, True) for ixs, blame, _ in parts])
+        if isinstance(e, ast.BinOp) and e.op == "*":
+            left = self.distributed_terms(e.left, summed)
+            right = self.distributed_terms(e.right, summed)
+            return merge([(la | ra, lb if ls else rb if rs else e, ls or rs)
+                          for la, lb, ls in left for ra, rb, rs in right])
+        if isinstance(e, ast.BinOp) and e.op == "/":  # the numerator's sum distributes
+            denominator = frozenset(self.expr(e.right).indices) & summed
+            return widen(self.distributed_terms(e.left, summed), denominator, e)
+        if isinstance(e, ast.Unary) and e.op == "neg":
+            return widen(self.distributed_terms(e.operand, summed), frozenset(), e)
+        branches = None
+        if isinstance(e, ast.IfElse):
+            branches = (e.cond, e.then, e.other)
+        elif isinstance(e, ast.Call) and e.func == "where" and len(e.args) == 3:
+            branches = tuple(e.args)
+        if branches is not None:  # each branch is a term, selected by the condition
+            cond = frozenset(self.expr(branches[0]).indices) & summed
+            parts = self.distributed_terms(branches[1], summed) + self.distributed_terms(branches[2], summed)
+            return merge([(ixs | cond, blame, True) for ixs, blame, _ in parts])
+        return atom(e)
 
     def update(self, st: ast.Assign, previous):
         if previous is None:
@@ -305,7 +348,7 @@ class Frontend:
                     raise self.error(f"input '{e.id}' needs indices", e.loc,
                                      f"`{e.id}[{', '.join(str(d).lower() for d in node.dims)}]`")
                 return ir.Access(array=node, args=(), dtype=node.dtype, loc=e.loc)
-            return binding.node
+            return self.in_declared_order(binding, e.loc)
         if e.id in CONSTANTS:
             value, dtype = CONSTANTS[e.id]
             return ir.Const(value=value, dtype=dtype, loc=e.loc)
@@ -340,6 +383,17 @@ class Frontend:
         return ir.Access(array=array, args=tuple(args), axes=binding.axes or (), indices=indices,
                          dtype=array.dtype, loc=e.loc)
 
+    def in_declared_order(self, binding: _Tensor, loc) -> ir.Node:
+        """A defined tensor used by name carries its declared index order: after
+        `xt[c,a] = x[a,c]`, `xt` is over (c, a) even though the node computing it is over
+        (a, c). A node in another order is read through an `Access` that only permutes."""
+        node = binding.node
+        if node.indices == binding.axes:
+            return node
+        args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT, loc=loc) for ix in binding.axes)
+        return ir.Access(array=node, args=args, axes=binding.axes, indices=binding.axes,
+                         dtype=node.dtype, loc=loc)
+
     def unknown_tensor(self, name, loc):
         tensors = [n for n, b in self.env.items() if isinstance(b, _Tensor)]
         return self.error(f"unknown tensor '{name}'", loc, "one of: " + ", ".join(tensors))
@@ -365,10 +419,22 @@ class Frontend:
     def arith(self, op, left, right, loc):
         if ir.BOOL in (left.dtype, right.dtype) and op != "*":
             raise self.error(f"'{op}' on a boolean", loc, "numbers (use `where(cond, a, b)` to select)")
+        if op == "*" and ir.BOOL in (left.dtype, right.dtype):
+            return self.select_by(left, right, loc)
         dtype = ir.FLOAT if op in ("/", "**") else _promote(left.dtype, right.dtype)
         if op == "**" and left.dtype == ir.INT and right.dtype == ir.INT:
             dtype = ir.FLOAT
         return self.node_map(op, (left, right), dtype, loc)
+
+    def select_by(self, left, right, loc):
+        """`(cond) * y` is y where cond holds and 0 elsewhere, even where y is infinite or nan
+        (a product would give 0 * inf = nan): it lowers to `where(cond, y, 0)`, and a product
+        of two booleans to `and`."""
+        if left.dtype == ir.BOOL and right.dtype == ir.BOOL:
+            return self.node_map("and", (left, right), ir.BOOL, loc)
+        cond, y = (left, right) if left.dtype == ir.BOOL else (right, left)
+        zero = ir.Const(value=0.0 if y.dtype == ir.FLOAT else 0, dtype=y.dtype, loc=loc)
+        return self.node_map("where", (cond, y, zero), y.dtype, loc)
 
     def node_map(self, op, args, dtype, loc):
         """An elementwise node; its index order follows its widest operand (`where(kb == qb,

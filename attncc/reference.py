@@ -41,7 +41,7 @@ _MAP_OPS = {
     "expm1": torch.expm1, "rsqrt": torch.rsqrt, "gelu": torch.nn.functional.gelu,
     "silu": torch.nn.functional.silu, "sign": torch.sign, "min": torch.minimum, "max": torch.maximum,
     "atan2": torch.atan2, "where": torch.where,
-    "clamp": lambda x, lo, hi: torch.minimum(torch.maximum(x, lo), hi),
+    "clamp": lambda x, lo, hi: torch.clamp(x, lo, hi),
 }
 
 
@@ -113,12 +113,50 @@ class Reference:
         self.chunk, self.local = saved
         return torch.cat(parts, dim=node.indices.index(c))
 
+    def memo(self, node: ir.Node) -> dict:
+        return self.local if self.chunk_index in node.indices else self.shared
+
     def value(self, node: ir.Node) -> torch.Tensor:
-        chunked = self.chunk_index in node.indices
-        memo = self.local if chunked else self.shared
+        memo = self.memo(node)
         if node not in memo:
+            self.prefetch(node)
             memo[node] = getattr(self, "eval_" + type(node).__name__.lower())(node)
         return memo[node]
+
+    def prefetch(self, root: ir.Node):
+        """Evaluate, deepest first and with an explicit stack, the operands that `root`'s
+        evaluation reads in the current stream block: a chain of a thousand `s += ...`
+        updates is a chain of a thousand nodes, which plain recursion cannot walk."""
+        stack, entered = [root], set()
+        while stack:
+            node = stack[-1]
+            if node not in entered:
+                entered.add(node)
+                stack.extend(op for op in self.same_block_operands(node)
+                             if op not in self.memo(op) and op not in entered)
+                continue
+            stack.pop()
+            if node is not root and node not in self.memo(node):
+                self.memo(node)[node] = getattr(self, "eval_" + type(node).__name__.lower())(node)
+
+    def same_block_operands(self, node: ir.Node) -> tuple[ir.Node, ...]:
+        """The operands a node's evaluation reads through `value` in the current stream
+        block (not those it streams over, rebuilds whole, or reads in another block)."""
+        preds = tuple(m.pred for m in self.p.masks_on(node))
+        if isinstance(node, ir.Map):
+            return node.args
+        if isinstance(node, ir.Access):
+            array = node.array
+            whole = not isinstance(array, ir.Input) and not self.reads_in_place(node) \
+                and self.chunk_index in array.indices
+            return node.args if whole else (array, *node.args)
+        if isinstance(node, ir.Contract):
+            return () if self.streams(node, node.summed) else (*node.factors, *preds)
+        if isinstance(node, ir.Reduce):
+            return () if node.block is not None or self.streams(node, node.axes) else (node.arg, *preds)
+        if isinstance(node, (ir.Normalize, ir.Select)):
+            return () if node.axis == self.chunk_index else (*node.operands(), *preds)
+        return ()
 
     def over_chunks(self, node: ir.Node, combine):
         """Fold `combine(acc, chunk)` over every chunk of the chunk index, with a fresh
@@ -216,13 +254,27 @@ class Reference:
         return self.contract_once(node)
 
     def contract_once(self, node: ir.Contract):
-        """One einsum over the factors, with the applicable masks as one more factor."""
+        """One einsum over the factors. Masks and boolean factors (`(cond) * y` in a sum)
+        select rather than multiply: where they are false the product is 0, even where
+        another factor is infinite or nan. When the factors that stay multiplied hold no such
+        value this is an einsum with one factor zeroed (or a 0/1 factor); otherwise the
+        product is formed and selected entry by entry."""
         space = ir.union_indices(node.factors)
-        terms = [(self.value(f), f.indices) for f in node.factors]
+        terms, gates = [], []
+        for f in node.factors:
+            gate = f.dtype == ir.BOOL and node.dtype != ir.BOOL
+            (gates if gate else terms).append((self.value(f), f.indices))
         valid = self.valid(node, space)
+        gated = {ix for m in self.p.masks_on(node) for ix in m.pred.indices}
+        for g, ixs in gates:
+            g = align(g, ixs, space)
+            valid = g if valid is None else valid & g
+            gated |= set(ixs)
         if valid is not None:
-            masked = {ix for m in self.p.masks_on(node) for ix in m.pred.indices}
-            cover = next((k for k, (_, ixs) in enumerate(terms) if masked <= set(ixs)), None)
+            cover = next((k for k, (_, ixs) in enumerate(terms) if gated <= set(ixs)), None)
+            others = [t for k, (t, _) in enumerate(terms) if k != cover]
+            if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in others):
+                return self.contract_selected(node, space, terms, valid)
             if cover is None:
                 terms.append((valid, space))
             else:  # absent entries are zeroed, not multiplied by 0 (an inf there would give nan)
@@ -245,6 +297,15 @@ class Reference:
             specs.append("".join(letters[ix] for ix in ixs))
         out = "".join(letters[ix] for ix in node.indices)
         return torch.einsum(",".join(specs) + "->" + out, *operands)
+
+    def contract_selected(self, node: ir.Contract, space, terms, valid):
+        """The product over the whole space, 0 where `valid` is false, summed: exact for
+        infinite and nan factors, at the memory cost of the whole space (only used then)."""
+        prod = math.prod(align(t, ixs, space).to(self.fdtype) for t, ixs in terms)
+        prod = torch.where(valid, prod, torch.zeros((), dtype=self.fdtype))
+        dims = [k for k, ix in enumerate(space) if ix not in node.indices]
+        summed = prod.sum(dim=dims) if dims else prod
+        return align(summed, tuple(ix for ix in space if ix in node.indices), node.indices)
 
     def size_in_chunk(self, ix: str) -> int:
         if ix == self.chunk_index and self.chunk is not None:
@@ -300,7 +361,9 @@ class Reference:
 
     def blocked(self, node: ir.Reduce):
         """Reduce within consecutive blocks (the last may be short), accumulating by
-        block number so stream chunks need not align with blocks."""
+        block number so stream chunks need not align with blocks. `logsumexp` keeps a
+        running maximum and a rescaled sum of exponentials per block, as a streaming
+        softmax does."""
         b = node.block
         if self.p.masks_on(node):
             raise NotImplementedError(f"a mask over '{b.index}' inside a block reduction (line "
@@ -308,26 +371,44 @@ class Reference:
         size = int(self.value(b.size))
         nblocks = self.size[b.name]
         out_shape = [nblocks if ix == b.name else self.size_in_chunk(ix) for ix in node.indices]
-        acc = torch.zeros(out_shape, dtype=self.fdtype, device=self.device)
-        if node.op == "amax":
-            acc.fill_(-math.inf)
-        elif node.op == "amin":
-            acc.fill_(math.inf)
-        count = torch.zeros(nblocks, dtype=self.fdtype, device=self.device)
+        dtype = self.fdtype if node.dtype == ir.FLOAT else torch.int64
         dim = node.indices.index(b.name)
+        op = node.op
+        if op in ("amax", "logsumexp"):
+            low = -math.inf if dtype.is_floating_point else torch.iinfo(dtype).min
+            acc = torch.full(out_shape, low, dtype=dtype, device=self.device)
+        elif op == "amin":
+            high = math.inf if dtype.is_floating_point else torch.iinfo(dtype).max
+            acc = torch.full(out_shape, high, dtype=dtype, device=self.device)
+        else:
+            acc = torch.zeros(out_shape, dtype=dtype, device=self.device)
+        total = torch.zeros(out_shape, dtype=dtype, device=self.device)  # logsumexp: sum of exp(x - shift)
+        count = torch.zeros(nblocks, dtype=self.fdtype, device=self.device)
+        shape = [1] * len(out_shape)
+        shape[dim] = -1
+
+        def shift_of(m):
+            return torch.where(torch.isfinite(m), m, 0)
 
         def add(_acc, _chunk):
+            nonlocal acc, total
             x = align(self.value(node.arg), node.arg.indices,
-                      tuple(b.index if ix == b.name else ix for ix in node.indices)).to(self.fdtype)
+                      tuple(b.index if ix == b.name else ix for ix in node.indices)).to(dtype)
             pos = self.eval_index(ir.Index(name=b.index, indices=(b.index,)))
             ids = torch.div(pos, size, rounding_mode="floor")
-            if node.op in ("sum", "mean"):
+            spread = ids.reshape(shape).expand(x.shape)
+            if op in ("sum", "mean"):
                 acc.index_add_(dim, ids, x)
+            elif op in ("amax", "amin"):
+                acc.scatter_reduce_(dim, spread, x, op)
             else:
-                shape = [1] * x.dim()
-                shape[dim] = -1
-                acc.scatter_reduce_(dim, ids.reshape(shape).expand(x.shape), x,
-                                    "amax" if node.op == "amax" else "amin")
+                new = acc.scatter_reduce(dim, spread, x, "amax")  # nan propagates
+                old_shift, new_shift = shift_of(acc), shift_of(new)
+                # rescale the sums so far (none where the maximum was -inf: they are 0, and
+                # exp(0 - new_shift) could overflow)
+                total = torch.where(torch.isfinite(acc), total * torch.exp(old_shift - new_shift), 0)
+                total.scatter_add_(dim, spread, torch.exp(x - new_shift.gather(dim, spread)))
+                acc = new
             count.index_add_(0, ids, torch.ones_like(ids, dtype=self.fdtype))
             return None
 
@@ -335,11 +416,11 @@ class Reference:
             self.over_chunks(node, add)
         else:
             add(None, None)
-        if node.op == "mean":
-            shape = [1] * acc.dim()
-            shape[dim] = -1
+        if op == "mean":
             acc = acc / count.clamp(min=1).reshape(shape)
-        return acc
+        elif op == "logsumexp":  # a max of -inf, +inf or nan is the block's result as it is
+            acc = torch.where(torch.isfinite(acc), torch.log(total) + shift_of(acc), acc)
+        return acc.to(torch.bool) if node.dtype == ir.BOOL else acc
 
     # ------------------------------------------------------------------ normalisations and selections
     def eval_normalize(self, node: ir.Normalize):
@@ -358,8 +439,16 @@ class Reference:
             lse = torch.logsumexp(x, dim=dim, keepdim=True)
         if node.op == "softmax1":
             lse = torch.logaddexp(lse, torch.zeros((), dtype=self.fdtype))
-        finite = torch.isfinite(lse)
-        return torch.where(finite, torch.exp(x - torch.where(finite, lse, 0)), 0)
+        return self.normalized(x, lse)
+
+    @staticmethod
+    def normalized(x, lse):
+        """exp(x - lse), with torch.softmax's treatment of non-finite slices: a slice holding
+        a nan or a +inf is all nan (as eager torch gives), and only a slice with nothing
+        allowed (lse = -inf: every entry masked or -inf) gives 0 instead of nan."""
+        empty = lse == -math.inf
+        out = torch.exp(x - torch.where(empty, 0, lse))
+        return torch.where(torch.isnan(lse) | (lse == math.inf), math.nan, torch.where(empty, 0, out))
 
     def masked_lse(self, node: ir.Normalize, dim: int):
         x = self.value(node.arg).to(self.fdtype)
