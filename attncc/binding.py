@@ -12,6 +12,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import sympy
 import torch
 
 from . import ir
@@ -30,6 +31,11 @@ _DTYPES = {ir.FLOAT: FLOAT_DTYPES, ir.INT: INT_DTYPES, ir.BOOL: (torch.bool,)}
 INT_PARAM_LIMIT = 2 ** 30
 
 
+class IndexRangeError(ShapeError, IndexError):
+    """An int tensor argument holds an index outside the dim it indexes: a `ShapeError` like
+    every bad value of a call, and an `IndexError` like the reference executor's own check."""
+
+
 @dataclass
 class BoundCall:
     """Checked arguments: tensors by name, and every dim and param by name."""
@@ -38,6 +44,7 @@ class BoundCall:
     scalars: dict[str, int | float | bool]
     device: torch.device
     out_dtype: torch.dtype
+    sizes: dict[str, int] | None = None  # every index extent, computed (and checked) once per call
 
 
 def describe_input(node: ir.Input) -> str:
@@ -104,7 +111,7 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
     _check_index_ranges(program, tensors, sizes)
     floats = [t for n, t in tensors.items() if t.is_floating_point()]
     out_dtype = floats[0].dtype if floats else torch.float32
-    return BoundCall(tensors, scalars, device or torch.device("cpu"), out_dtype)
+    return BoundCall(tensors, scalars, device or torch.device("cpu"), out_dtype, sizes)
 
 
 def _check_tensor(name: str, node: ir.Input, t):
@@ -145,9 +152,12 @@ def _check_sizes(program: ir.Program, scalars: dict) -> dict[str, int]:
         if bad:
             raise ShapeError(f"{program.name}: a scalar expression{_at(node)}{_text(program, node)} "
                              f"cannot be evaluated for this call ({why}): {_values(node, scalars)}")
+    plain, computed = _extent_functions(program)
+    sizes = {ix: scalars[name] for ix, name in plain}
     try:
-        sizes = program.sizes(scalars)
-    except (ArithmeticError, ValueError, TypeError) as err:
+        for ix, fn, names in computed:
+            sizes[ix] = int(fn(*[scalars[n] for n in names]))
+    except (ArithmeticError, ValueError, TypeError, OverflowError) as err:
         raise ShapeError(f"{program.name}: index extents cannot be computed for this call ({err}): "
                          f"{', '.join(f'{k} = {v}' for k, v in scalars.items())}") from None
     for ix, n in sizes.items():
@@ -155,6 +165,20 @@ def _check_sizes(program: ir.Program, scalars: dict) -> dict[str, int]:
             raise ShapeError(f"{program.name}: index '{ix}' would have a negative extent ({n}) for this call: "
                              f"{_values_of(program.extent[ix].free_symbols, scalars)}")
     return sizes
+
+
+@functools.lru_cache(maxsize=64)
+def _extent_functions(program: ir.Program) -> dict:
+    """Each index extent as a compiled Python function of dims and params (`Program.sizes`
+    substitutes into sympy, about ten times slower: this runs on every call)."""
+    plain, computed = [], []
+    for ix, expr in program.extent.items():
+        if isinstance(expr, sympy.Symbol):  # most extents are a dim: a look-up
+            plain.append((ix, expr.name))
+            continue
+        symbols = sorted(expr.free_symbols, key=lambda s: s.name)
+        computed.append((ix, sympy.lambdify(symbols, expr, modules="math"), tuple(s.name for s in symbols)))
+    return tuple(plain), tuple(computed)
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,8 +233,9 @@ def _check_index_ranges(program: ir.Program, tensors: dict, sizes: dict):
         if lo < 0 or hi >= extent:
             bad = lo if lo < 0 else hi
             target = access.array.name if isinstance(access.array, ir.Input) else "the indexed tensor"
-            raise ShapeError(f"argument '{index.array.name}' holds the index {bad}, out of range for dim {k} "
-                             f"of '{target}' (size {extent}){_at(access)}")
+            line = f" in the access at line {access.loc.line} of the spec" if access.loc else ""
+            raise IndexRangeError(f"index {bad} is out of range for dim {k} of '{target}' (size {extent}){line}: "
+                                  f"argument '{index.array.name}' holds it")
 
 
 @functools.lru_cache(maxsize=64)
@@ -297,8 +322,10 @@ def _check_param(name: str, dtype: str, value):
         raise ShapeError(f"param '{name}' = {value} is out of range: int params must lie within "
                          f"+-2**30 ({INT_PARAM_LIMIT}), so kernels' 32-bit index arithmetic cannot overflow "
                          "(a window or block longer than the sequence already means 'no limit')")
-    if dtype == ir.FLOAT and math.isnan(value):
-        raise ShapeError(f"param '{name}' is nan")
+    if dtype == ir.FLOAT and not math.isfinite(value):
+        # the compiler's algebra (sympy, `real=True`) takes params as finite numbers: `cap < inf`
+        # simplifies to true, `cap * tanh(s / cap)` is nan at inf on one backend and not the other
+        raise ShapeError(f"param '{name}' is {value}: float params must be finite numbers")
     return value
 
 

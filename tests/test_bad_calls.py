@@ -131,9 +131,11 @@ def test_large_int_params_within_range_agree():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_float_params_are_refused(backend):
-    with pytest.raises(ShapeError, match="param 'cap' is nan"):
-        kernel("softcap", backend)(**qkv(), cap=float("nan"))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_non_finite_float_params_are_refused(backend, value):
+    """nan gave nan on triton and 0 on the reference; inf turned cap * tanh(s / cap) into nan."""
+    with pytest.raises(ShapeError, match="param 'cap' is .*: float params must be finite"):
+        kernel("softcap", backend)(**qkv(), cap=value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -247,14 +249,14 @@ def test_int_index_tensors_out_of_range(backend):
     kw = make_inputs("label_table", dtype=torch.float32, B=1, H=1, N=5, M=6, D=8, E=4)
     bad = kw["label_q"].clone()
     bad[0, 2] = 3
-    with pytest.raises(ShapeError, match="argument 'label_q' holds the index 3, out of range for dim 0 of 'allow'"):
+    with pytest.raises(ShapeError, match="index 3 is out of range for dim 0 of 'allow' .*line 7.*argument 'label_q'"):
         kernel("label_table", backend)(**{**kw, "label_q": bad})
     bad[0, 2] = -1
-    with pytest.raises(ShapeError, match="'label_q' holds the index -1"):
+    with pytest.raises(IndexError, match="index -1 is out of range.*'label_q'"):
         kernel("label_table", backend)(**{**kw, "label_q": bad})
     perm = torch.arange(16).repeat(1, 2, 1)
     perm[0, 0, 3] = 16
-    with pytest.raises(ShapeError, match="'perm' holds the index 16, out of range for dim 2 of 'k'"):
+    with pytest.raises(ShapeError, match="index 16 is out of range for dim 2 of 'k' .*argument 'perm'"):
         kernel("permuted_blocks", backend)(**square(), perm=perm, block=4)
 
 
