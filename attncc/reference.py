@@ -483,7 +483,7 @@ class Reference:
         rank = torch.empty_like(order).scatter_(dim, order, positions)
         amount = self.value(node.amount)
         if node.op in ("topk", "topk_mask"):
-            chosen = (rank < int(amount)) & (ranked > -math.inf)
+            chosen = (rank < int(amount)) & (ranked != -math.inf)  # nan ranks first, as in torch.topk
         else:  # topp_mask: the fewest largest entries whose sum reaches `amount`
             sorted_x = torch.gather(torch.where(allowed, x, 0), dim, order)
             before = torch.cumsum(sorted_x, dim=dim) - sorted_x

@@ -473,3 +473,16 @@ def test_chained_updates_need_no_recursion_per_update(block):
         sys.setrecursionlimit(limit)
     bias = 0.001 * 150 * (torch.arange(M)[None, :] - torch.arange(N)[:, None]).to(torch.float64)
     same(got, torch_attention(q, k, v, causal_allowed(), scores=lambda s: s + bias))
+
+
+def test_topk_ranks_nan_first_as_torch_topk_does():
+    spec = """attention t(x[A,6]) -> (o[A,6], c[A,6]) {
+      o = topk(x[a,j], 2, j)
+      c = topk_mask(x[a,j], 2, j)
+    }"""
+    x = torch.tensor([[1.0, NAN, 3.0, 2.0, -INF, 0.0], [-INF, -INF, -INF, 1.0, NAN, NAN]], dtype=torch.float64)
+    o, c = reference(spec)(x=x)
+    chosen = torch.zeros_like(c)
+    chosen.scatter_(1, torch.topk(x, 2, dim=1).indices, True)
+    assert c.tolist() == chosen.tolist()
+    same(o, torch.where(chosen, x, 0.0))
