@@ -127,6 +127,20 @@ class Program:
     source: Source = field(compare=False, repr=False)
 
 
+# ----------------------------------------------------------------------------- limits
+# Every later stage (frontend, extent inference, sympy, planner, code generation, the
+# reference executor, the printers) walks expressions recursively, so nesting is bounded
+# here, before anything recursive runs; sizes are bounded so that work stays small.
+MAX_DEPTH = 100        # operators, calls, accesses and conditionals inside one another
+MAX_DECLS = 100        # inputs plus outputs
+MAX_STATEMENTS = 1000  # statements in a body
+MAX_TEXT = 1_000_000   # characters in a spec
+INT_MAX = 2 ** 63 - 1  # integer literals (and integer constant expressions) fit in int64
+
+_EXPRESSIONS = {"number", "name", "access", "call", "blocked_axis", "binop", "comparison", "or_",
+                "and_", "not_", "neg", "ifelse"}
+
+
 # ----------------------------------------------------------------------------- parsing
 @functools.lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
@@ -306,6 +320,9 @@ def _expected(err, fallback) -> set[str]:
 def parse(text: str, filename: str = "<string>") -> Program:
     """Parse spec text into an AST; syntax errors become `SpecError` with position and caret."""
     source = Source(text, filename)
+    if len(text) > MAX_TEXT:
+        raise SpecError(f"the spec is too long: {len(text)} characters (the limit is {MAX_TEXT})", source,
+                        None, f"at most {MAX_TEXT} characters")
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedToken as err:
@@ -324,4 +341,68 @@ def parse(text: str, filename: str = "<string>") -> Program:
     except lark.UnexpectedEOF as err:
         raise SpecError("unexpected end of file", source, source.end(),
                         _describe_expected(err.expected)) from None
+    _check_limits(tree, source)
     return _ToAst(source).transform(tree)
+
+
+def _first_token(tree) -> lark.Token | None:
+    """The first token under a tree, found without recursion."""
+    while isinstance(tree, lark.Tree):
+        children = [c for c in tree.children if c is not None]
+        if not children:
+            return None
+        tree = children[0]
+    return tree
+
+
+def _tree_loc(tree) -> Loc | None:
+    if isinstance(tree, lark.Token):
+        return _tok_loc(tree)
+    loc = Loc.of(tree.meta) if not tree.meta.empty else None
+    tok = _first_token(tree)
+    return loc or (_tok_loc(tok) if tok is not None else None)
+
+
+def _check_limits(tree: lark.Tree, source: Source):
+    """Nesting depth, counts and integer literals, checked on lark's tree with an explicit
+    stack: a spec past a limit gets a located error before any recursive stage sees it."""
+    program = tree.children[0]
+    decls = [c for c in program.children if isinstance(c, lark.Tree) and c.data == "decl"]
+    outputs = next(c for c in program.children if isinstance(c, lark.Tree) and c.data in ("one_output", "many_outputs"))
+    decls += list(outputs.children)
+    if len(decls) > MAX_DECLS:
+        raise SpecError(f"too many inputs and outputs: {len(decls)} (the limit is {MAX_DECLS})", source,
+                        _tree_loc(decls[MAX_DECLS]), f"at most {MAX_DECLS} tensors in the header")
+    body = program.children[program.children.index(outputs) + 1:]
+    if len(body) > MAX_STATEMENTS:
+        raise SpecError(f"too many statements: {len(body)} (the limit is {MAX_STATEMENTS})", source,
+                        _tree_loc(body[MAX_STATEMENTS]), f"at most {MAX_STATEMENTS} statements in a body")
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, lark.Token):
+            if node.type in ("NUMBER", "INT"):
+                _check_int_literal(node, source)
+            continue
+        if node is None:
+            continue
+        if node.data in _EXPRESSIONS:
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(f"expression nested too deeply: more than {MAX_DEPTH} levels of operators, "
+                                "calls, accesses or conditionals inside one another", source, _tree_loc(node),
+                                f"at most {MAX_DEPTH} levels; name parts of it in separate statements")
+        stack.extend((child, depth) for child in reversed(node.children))
+
+
+def _check_int_literal(tok: lark.Token, source: Source):
+    """Integer literals must fit in int64: torch and Triton cannot hold more, and Python
+    refuses to convert integers of more than 4300 digits to and from text."""
+    text = str(tok)
+    if any(c in text for c in ".eE"):
+        return  # a float: too large is inf, as in Python's float('1e999')
+    digits = text.lstrip("0")
+    if len(digits) > len(str(INT_MAX)) or (digits and int(digits) > INT_MAX):
+        shown = text if len(text) <= 30 else f"{text[:12]}...{text[-6:]} ({len(text)} digits)"
+        raise SpecError(f"integer literal {shown} is out of range", source, _tok_loc(tok),
+                        f"an integer of at most {INT_MAX} (2**63 - 1), or a float such as 1e30")

@@ -11,6 +11,15 @@ import sympy
 
 from attncc import ir
 from attncc.errors import SpecError
+from attncc.syntax import INT_MAX
+
+# How many operations deep a value may be computed, counting through the statements and
+# lets it reads. Later passes walk the graph recursively; each spec expression is already
+# at most `syntax.MAX_DEPTH` deep, and this bounds chains of statements (`s += 1` repeated).
+MAX_IR_DEPTH = 200
+# `N ** 99999999`: the host would compute the exact integer power; past this magnitude of
+# constant exponent an integer base of 2 or more overflows a float (or underflows) anyway.
+MAX_INT_EXPONENT = 1024
 
 _SYMPY_BINARY = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
@@ -31,7 +40,29 @@ def symbol(name: str, dtype: str = ir.INT) -> sympy.Symbol:
 
 
 def to_sympy(node: ir.Node) -> sympy.Expr:
-    """A sympy expression of a node built from scalars, indices, constants and arithmetic."""
+    """A sympy expression of a node built from scalars, indices, constants and arithmetic.
+
+    Iterative and memoised by node: lets that reuse each other (`let a2 = a1 + a1`) form a
+    DAG, which a plain recursive walk would expand exponentially."""
+    memo: dict[ir.Node, sympy.Expr] = {}
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in memo:
+            stack.pop()
+            continue
+        if isinstance(n, ir.Map):
+            pending = [a for a in n.args if a not in memo]
+            if pending:
+                stack.extend(pending)
+                continue
+        memo[n] = _sympy_of(n, memo)
+        stack.pop()
+    return memo[node]
+
+
+def _sympy_of(node: ir.Node, memo) -> sympy.Expr:
+    """One node's sympy form, its operands already in `memo`."""
     if isinstance(node, ir.Scalar):
         if node.role == "dim":
             return sympy.Symbol(node.name, integer=True, positive=True)
@@ -41,7 +72,7 @@ def to_sympy(node: ir.Node) -> sympy.Expr:
     if isinstance(node, ir.Const):
         return sympy.sympify(node.value)
     if isinstance(node, ir.Map):
-        args = [to_sympy(a) for a in node.args]
+        args = [memo[a] for a in node.args]
         if node.op in _SYMPY_BINARY and len(args) == 2:
             return _SYMPY_BINARY[node.op](*args)
         if node.op in _SYMPY_UNARY and len(args) == 1:
@@ -80,6 +111,8 @@ def _same(a: sympy.Expr, b: sympy.Expr, subs) -> bool:
 
 def infer_extents(program: ir.Program) -> ir.Program:
     """Fill `program.extent` and check outputs against their declared dims."""
+    check_depth(program)
+    check_constants(program)
     subs = dim_equalities(program)
     origin: dict[str, str] = {}
     extent = program.extent
@@ -148,3 +181,79 @@ def _index_loc(node: ir.Node, name: str):
         if name in op.indices:
             return _index_loc(op, name)
     return node.loc
+
+
+def check_depth(program: ir.Program):
+    """Reject a graph deeper than `MAX_IR_DEPTH`, found without recursion, at the first node
+    past the limit, so that no later recursive walk can reach Python's recursion limit."""
+    depth: dict[ir.Node, int] = {}
+    for node in program.nodes():
+        depth[node] = 1 + max((depth[op] for op in node.operands()), default=0)
+        if depth[node] > MAX_IR_DEPTH:
+            raise SpecError(f"this value is computed through more than {MAX_IR_DEPTH} nested operations, "
+                            "counting through the statements and lets it reads", program.source, node.loc,
+                            f"at most {MAX_IR_DEPTH} levels; fewer chained updates of the same tensor")
+
+
+_INT_FOLD = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+    "min": min, "max": max, "neg": lambda a: -a, "abs": abs,
+    "clamp": lambda x, lo, hi: min(max(x, lo), hi), "sign": lambda a: (a > 0) - (a < 0),
+    "//": lambda a, b: a // b if b else None, "%": lambda a, b: a % b if b else None,
+}
+
+
+def check_constants(program: ir.Program):
+    """Integer constant expressions must stay in int64 (what torch and Triton hold), and
+    are decided here exactly, before sympy would compute a power like `3 ** 99999999`
+    digit by digit. Every folded intermediate is at most 64 bits, so this is cheap; a
+    power is judged by the size of its result before it is computed."""
+    value: dict[ir.Node, int] = {}
+    for node in program.nodes():
+        if isinstance(node, ir.Const) and node.dtype == ir.INT:
+            value[node] = node.value
+        elif isinstance(node, ir.Map) and node.op == "**" and node.args[1] in value \
+                and node.args[0].dtype == ir.INT and abs(value[node.args[1]]) > MAX_INT_EXPONENT:
+            raise SpecError(f"the exponent {value[node.args[1]]} of an integer is out of range", program.source,
+                            node.loc, f"an exponent between -{MAX_INT_EXPONENT} and {MAX_INT_EXPONENT} (beyond "
+                            "them an integer power of 2 or more overflows a float), or a float base")
+        elif isinstance(node, ir.Map) and node.op in ("//", "%") and node.dtype == ir.INT \
+                and _is_zero(node.args[1], value):
+            raise SpecError(f"integer '{node.op}' by zero", program.source, node.loc,
+                            "a divisor that is not 0")
+        elif isinstance(node, ir.Map) and node.args and all(a in value for a in node.args):
+            args = [value[a] for a in node.args]
+            if node.op == "**":
+                _check_power(program, node, *args)
+                continue
+            fold = _INT_FOLD.get(node.op)
+            result = fold(*args) if fold is not None and node.dtype == ir.INT else None
+            if result is None:
+                continue
+            if abs(result) > INT_MAX:
+                raise SpecError(f"this integer constant expression is out of range: its value needs more "
+                                "than 64 bits", program.source, node.loc,
+                                f"integers between -{INT_MAX} and {INT_MAX} (or a float, such as 2.0 ** 70)")
+            value[node] = result
+
+
+def _check_power(program, node, base: int, exponent: int):
+    """`base ** exponent` of two integer constants (a float in the language): sympy keeps it
+    exact, so one whose integer power needs more than 64 bits is refused before it is computed."""
+    if abs(base) >= 2 and (abs(exponent) * (abs(base).bit_length() - 1) >= 63
+                           or abs(base) ** abs(exponent) > INT_MAX):
+        raise SpecError(f"the integer power {base} ** {exponent} is out of range: it needs more than 64 bits",
+                        program.source, node.loc,
+                        "a smaller exponent, or a float base such as 2.0 (which overflows to inf)")
+
+
+def _is_zero(node: ir.Node, value: dict) -> bool:
+    """Whether a divisor is 0 for every call: a constant 0, or a scalar such as `N - N`."""
+    if node in value:
+        return value[node] == 0
+    if node.indices:
+        return False
+    try:
+        return bool(to_sympy(node).is_zero)
+    except NotImplementedError:
+        return False
