@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 
 from . import ir
+from .codegen import names
 from .runtime import load_module, pow2
 
 POINTERS = {ir.FLOAT: "*bf16", ir.INT: "*i64", ir.BOOL: "*i1"}
@@ -59,8 +60,10 @@ def signature(fn, kernel, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in FIXED_POINTERS:
             sig[name] = FIXED_POINTERS[name]
-        elif name.endswith("_ptr"):
-            sig[name] = POINTERS[inputs[name[:-4]].dtype]
+        elif (names.split(name) or ("",))[0] == "ptr":  # an input's pointer, ptr_<input>
+            sig[name] = POINTERS[inputs[names.split(name)[1]].dtype]
+        elif name.endswith("_ptr"):  # a precomputed input's (pre0_ptr for <pre0>)
+            sig[name] = POINTERS[inputs[f"<{name[:-4]}>"].dtype]
         elif name.startswith("qk_scale"):
             sig[name] = "fp32"
         else:

@@ -398,17 +398,17 @@ class RowStreamLauncher:
         return [kv_list, kv_full, kv_count, n_q, n_k]
 
     def scalar_values(self, call: BoundCall, names, host_scalars) -> list:
+        """Values of a kernel's scalar arguments: each is a node of `host_scalars` (dims and
+        params included, under their generated argument names), or a term's q scale."""
         values = []
         for name in names:
-            if name.startswith("qk_scale"):
+            node = host_scalars.get(name)
+            if node is None:  # qk_scale{t}
                 term = self.plan.terms[int(name[len("qk_scale"):] or 0)]
                 scale = math.prod(evaluate_scalar(f, call.scalars) for f in term.scale)
                 values.append(float(scale) * (LOG2E if term.folds_log2e else 1.0))
-            elif name in call.scalars:
-                v = call.scalars[name]
-                values.append(int(v) if isinstance(v, bool) else v)
             else:
-                v = evaluate_scalar(host_scalars[name], call.scalars)
+                v = evaluate_scalar(node, call.scalars)
                 values.append(int(v) if isinstance(v, bool) else v)
         return values
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from attncc import ir
+from attncc.codegen import names
 from attncc.codegen.tile_expr import TileEmitter, Val
 from attncc.passes.row_stream import RowStreamPlan
 
@@ -37,27 +38,29 @@ def map_outer(plan: RowStreamPlan) -> tuple[str, ...]:
 
 
 def generate(plan: RowStreamPlan, name: str):
-    """Source of the classification kernel `{name}_classify`, the input tensors it
-    reads, the host scalars it needs and its scalar argument names."""
+    """Source of the classification kernel `{name}_classify` (`name`: the module's kernel
+    prefix), the input tensors it reads, the host scalars it needs and its scalar argument
+    names."""
+    from attncc.codegen.row_stream import scalar_args, tensor_args
+
     env = {plan.i: Val("offs_m[:, None]", frozenset("m"), ir.INT),
            plan.j: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
     outer = map_outer(plan)
     for ix in outer:
-        env[ix] = Val(f"idx_{ix}", frozenset(), ir.INT)
+        env[ix] = Val(names.user("idx", ix), frozenset(), ir.INT)
     em = TileEmitter(plan.program, env)
     em.in_bounds = {plan.i, plan.j}
     em.materialized = dict(plan.precomputed.inputs) if plan.precomputed else {}
     preds = [em.emit(m.pred) for m in plan.masks]
     tensors = list(em.tensors)
-    scalars = list(plan.program.dims) + list(plan.program.params)
-    scalars += [n for n in em.host_scalars if n not in scalars]
-    args = ([f"{t}_ptr" for t in tensors] + ["map_ptr"]
-            + [f"{t}_s{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
-            + [f"{t}_d{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
-            + [f"size_{ix}" for ix in outer] + ["n_rows", "n_cols", "n_qtiles", "n_ktiles"] + scalars)
+    scalars = scalar_args(plan.program, em.host_scalars)
+    strides, sizes = tensor_args(em.tensors)
+    args = ([names.tensor("ptr", t) for t in tensors] + ["map_ptr"] + strides + sizes
+            + [names.user("size", ix) for ix in outer] + ["n_rows", "n_cols", "n_qtiles", "n_ktiles"] + scalars)
     decode = ["pid_o = tl.program_id(2).to(tl.int64)"]
     for ix in reversed(outer):
-        decode += [f"idx_{ix} = pid_o % size_{ix}", f"pid_o = pid_o // size_{ix}"]
+        size = names.user("size", ix)
+        decode += [f"{names.user('idx', ix)} = pid_o % {size}", f"pid_o = pid_o // {size}"]
     allowed = " & ".join(f"({p.code})" for p in preds)
     lines = [
         "@triton.jit",
@@ -78,14 +81,14 @@ def generate(plan: RowStreamPlan, name: str):
         "    state = tl.where(any_allowed == 0, 0, tl.where((all_allowed == 1) & whole, 2, 1))",
         "    tl.store(map_ptr + (pid_o_list * n_qtiles + pid_m) * n_ktiles + pid_n, state.to(tl.int8))",
     ]
-    flat = " + ".join(f"idx_{ix} * {_stride(outer, k)}" for k, ix in enumerate(outer)) or "0"
+    flat = " + ".join(f"{names.user('idx', ix)} * {_stride(outer, k)}" for k, ix in enumerate(outer)) or "0"
     lines.insert(len(lines) - 1, f"    pid_o_list = {flat}")
     return "\n".join(lines), tensors, dict(em.host_scalars), scalars
 
 
 def _stride(outer, k):
     rest = outer[k + 1:]
-    return " * ".join(f"size_{ix}" for ix in rest) or "1"
+    return " * ".join(names.user("size", ix) for ix in rest) or "1"
 
 
 def tile_lists(state: torch.Tensor):

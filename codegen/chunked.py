@@ -15,8 +15,9 @@ skeleton; the row-streaming kernel of the same spec stays for calls it does not 
 from __future__ import annotations
 
 from attncc import ir
+from attncc.codegen import names
 from attncc.codegen.reassociate import linear_weight
-from attncc.codegen.row_stream import RowStreamCodegen, _indent
+from attncc.codegen.row_stream import RowStreamCodegen, _indent, tensor_args
 from attncc.codegen.tile_expr import Val
 from attncc.passes.row_stream import RowStreamPlan
 
@@ -83,29 +84,32 @@ class ChunkedCodegen(RowStreamCodegen):
         v_map = self.feature_map(p.v, "v", v_env, p.e, "offs_e[None, :]", "n_vfeat")
         tensors = list(em.tensors)
         scalars = self.scalar_arg_names()
-        strides = [f"{t}_s{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
-        dims = [f"{t}_d{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
+        strides, dims = tensor_args(em.tensors)
         out_axes = p.output.axes
         o_strides = [f"o_s{k}" for k in range(len(out_axes))]
         o_off = " + ".join(f"rows[:, None] * {st}" if ax == p.i else f"offs_e[None, :] * {st}" if ax == p.e
-                           else f"idx_{ax} * {st}" for ax, st in zip(out_axes, o_strides))
-        args = ([f"{t}_ptr" for t in tensors] + ["o_ptr"] + strides + dims + o_strides
-                + [f"size_{ix}" for ix in p.outer] + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
+                           else f"{names.user('idx', ax)} * {st}" for ax, st in zip(out_axes, o_strides))
+        args = ([names.tensor("ptr", t) for t in tensors] + ["o_ptr"] + strides + dims + o_strides
+                + [names.user("size", ix) for ix in p.outer] + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
         decode = ["pid_o = tl.program_id(0).to(tl.int64)"]
         for ix in reversed(p.outer):
-            decode += [f"idx_{ix} = pid_o % size_{ix}", f"pid_o = pid_o // size_{ix}"]
+            size = names.user("size", ix)
+            decode += [f"{names.user('idx', ix)} = pid_o % {size}", f"pid_o = pid_o // {size}"]
         body = [
             "rows = c0 + offs_c",
             "in_seq = rows < n_rows",
-            f"q = tl.load(q_base + rows[:, None] * {qn}_s{term.q.row} + offs_d[None, :] * {qn}_s{term.q.feature}, "
+            f"q = tl.load(q_base + rows[:, None] * {names.tensor('st', qn, term.q.row)} + offs_d[None, :] * "
+            f"{names.tensor('st', qn, term.q.feature)}, "
             "mask=in_seq[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
             *q_map,
             "q = tl.where(in_seq[:, None] & (offs_d[None, :] < n_feat), q.to(tl.float32), 0.0) * qk_scale",
-            f"k = tl.load(k_base + rows[None, :] * {kn}_s{term.k.row} + offs_d[:, None] * {kn}_s{term.k.feature}, "
+            f"k = tl.load(k_base + rows[None, :] * {names.tensor('st', kn, term.k.row)} + offs_d[:, None] * "
+            f"{names.tensor('st', kn, term.k.feature)}, "
             "mask=in_seq[None, :] & (offs_d[:, None] < n_feat), other=0.0)",
             *k_map,
             "k = tl.where(in_seq[None, :] & (offs_d[:, None] < n_feat), k.to(tl.float32), 0.0)",
-            f"v = tl.load(v_base + rows[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}, "
+            f"v = tl.load(v_base + rows[:, None] * {names.tensor('st', vn, p.v.row)} + offs_e[None, :] * "
+            f"{names.tensor('st', vn, p.v.feature)}, "
             "mask=in_seq[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)",
             *v_map,
             "v = tl.where(in_seq[:, None], v.to(tl.float32), 0.0)",
@@ -136,9 +140,9 @@ class ChunkedCodegen(RowStreamCodegen):
             "    offs_d = tl.arange(0, BLOCK_D)",
             "    offs_e = tl.arange(0, BLOCK_E)",
             *_indent(list(em.prologue)),
-            f"    q_base = {qn}_ptr + {q_off}",
-            f"    k_base = {kn}_ptr + {k_off}",
-            f"    v_base = {vn}_ptr + {v_off}",
+            f"    q_base = {names.tensor('ptr', qn)} + {q_off}",
+            f"    k_base = {names.tensor('ptr', kn)} + {k_off}",
+            f"    v_base = {names.tensor('ptr', vn)} + {v_off}",
             "    S = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
             "    z = tl.zeros([BLOCK_D], dtype=tl.float32)",
             "    for c0 in range(0, n_rows, BLOCK_C):",

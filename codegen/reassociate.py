@@ -12,7 +12,8 @@ switch that is on).
 from __future__ import annotations
 
 from attncc import ir
-from attncc.codegen.row_stream import RowStreamCodegen, _indent
+from attncc.codegen import names
+from attncc.codegen.row_stream import RowStreamCodegen, _indent, tensor_args
 from attncc.codegen.tile_expr import Val
 from attncc.passes.row_stream import RowStreamPlan
 
@@ -55,28 +56,29 @@ class ReassociatedCodegen(RowStreamCodegen):
         v_map = self.feature_map(p.v, "v", v_env, p.e, "offs_e[None, :]", "n_vfeat")
         qn, q_off = term.q.input.name, self.operand_offset(term.q)
         em.prologue = []
-        queries = [f"q = tl.load({qn}_ptr + {q_off} + offs_m[:, None] * {qn}_s{term.q.row} + offs_d[None, :] * "
-                   f"{qn}_s{term.q.feature}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
+        queries = [f"q = tl.load({names.tensor('ptr', qn)} + {q_off} + offs_m[:, None] * "
+                   f"{names.tensor('st', qn, term.q.row)} + offs_d[None, :] * {names.tensor('st', qn, term.q.feature)}, "
+                   "mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
                    *self.feature_map(term.q, "q", em.env, p.d, "offs_d[None, :]", "n_feat"),
                    "q = tl.where(offs_d[None, :] < n_feat, q.to(tl.float32), 0.0) * qk_scale"]
         q_prologue = list(em.prologue)
         tensors = list(em.tensors)
         scalars = self.scalar_arg_names()
-        strides = [f"{t}_s{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
-        dims = [f"{t}_d{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
-        outer = [f"size_{ix}" for ix in p.outer]
-        common = ([f"{t}_ptr" for t in tensors] + ["state_ptr", "z_ptr"] + strides + dims + outer
+        strides, dims = tensor_args(em.tensors)
+        outer = [names.user("size", ix) for ix in p.outer]
+        common = ([names.tensor("ptr", t) for t in tensors] + ["state_ptr", "z_ptr"] + strides + dims + outer
                   + ["n_rows", "n_cols", "n_feat", "n_vfeat"])
         constexprs = "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, " \
                      "ROW_SUM: tl.constexpr"
         decode = ["pid_o = tl.program_id(1).to(tl.int64)", "combo = pid_o"]
         for ix in reversed(p.outer):
-            decode += [f"idx_{ix} = pid_o % size_{ix}", f"pid_o = pid_o // size_{ix}"]
+            size = names.user("size", ix)
+            decode += [f"{names.user('idx', ix)} = pid_o % {size}", f"pid_o = pid_o // {size}"]
         state_at = "combo * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :]"
         out_axes = p.output.axes
         o_strides = [f"o_s{k}" for k in range(len(out_axes))]
         o_off = " + ".join(f"offs_m[:, None] * {st}" if ax == p.i else f"offs_e[None, :] * {st}" if ax == p.e
-                           else f"idx_{ax} * {st}" for ax, st in zip(out_axes, o_strides))
+                           else f"{names.user('idx', ax)} * {st}" for ax, st in zip(out_axes, o_strides))
         state = [
             "@triton.jit",
             f"def {self.name}_state({', '.join(common + scalars)}, {constexprs}):",
@@ -84,19 +86,20 @@ class ReassociatedCodegen(RowStreamCodegen):
             *_indent(decode),
             "    offs_d = tl.arange(0, BLOCK_D)",
             "    offs_e = tl.arange(0, BLOCK_E)",
-            f"    k_base = {kn}_ptr + {k_off}",
-            f"    v_base = {vn}_ptr + {v_off}",
+            f"    k_base = {names.tensor('ptr', kn)} + {k_off}",
+            f"    v_base = {names.tensor('ptr', vn)} + {v_off}",
             "    S = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
             "    z = tl.zeros([BLOCK_D], dtype=tl.float32)",
             "    for start_n in range(0, n_cols, BLOCK_N):",
             "        offs_n = start_n + tl.arange(0, BLOCK_N)",
             "        k_ok = (offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat)",
-            f"        k = tl.load(k_base + offs_d[:, None] * {kn}_s{term.k.feature} + offs_n[None, :] * "
-            f"{kn}_s{term.k.row}, mask=k_ok, other=0.0)",
+            f"        k = tl.load(k_base + offs_d[:, None] * {names.tensor('st', kn, term.k.feature)} + offs_n[None, :] * "
+            f"{names.tensor('st', kn, term.k.row)}, mask=k_ok, other=0.0)",
             *_indent(k_map, 2),
             "        k = tl.where(k_ok, k.to(tl.float32), 0.0)  # padded keys and features add nothing",
             "        v_ok = (offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat)",
-            f"        v = tl.load(v_base + offs_n[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}, "
+            f"        v = tl.load(v_base + offs_n[:, None] * {names.tensor('st', vn, p.v.row)} + offs_e[None, :] * "
+            f"{names.tensor('st', vn, p.v.feature)}, "
             "mask=v_ok, other=0.0)",
             *_indent(v_map, 2),
             "        v = tl.where(v_ok, v.to(tl.float32), 0.0)",

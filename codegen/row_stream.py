@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from attncc import ir
-from attncc.codegen import block_map
+from attncc.codegen import block_map, names
 from attncc.codegen.pytext import docstring
 from attncc.codegen.tile_expr import TileEmitter, Val
 from attncc.passes.mask_analysis import to_triton
@@ -88,12 +88,12 @@ class RowStreamCodegen:
         env = {p.i: Val(f"{self.row}[:, None]", frozenset("m"), ir.INT),
                p.j: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
         for ix in (*p.outer, *p.summed_outer):
-            env[ix] = Val(f"idx_{ix}", frozenset(), ir.INT)
+            env[ix] = Val(names.user("idx", ix), frozenset(), ir.INT)
         self.kv_env = dict(env)
         if packed:
             h = p.group[0]
             env[h] = Val("h_rows[:, None]", frozenset("m"), ir.INT)
-            self.kv_env[h] = Val(f"(grp_{h} * group)", frozenset(), ir.INT)
+            self.kv_env[h] = Val(f"({names.user('grp', h)} * group)", frozenset(), ir.INT)
         self.coefs: list[str] = []  # the code of each term's coefficient (after combine_lines)
         self.em = TileEmitter(p.program, env)
         self.em.in_bounds = {p.i, p.j}
@@ -107,7 +107,7 @@ class RowStreamCodegen:
             val = self.em.emit(arg, env)
             if val.const == 0:
                 continue
-            parts.append(f"{val.code} * {op.input.name}_s{k}")
+            parts.append(f"{val.code} * {names.tensor('st', op.input.name, k)}")
         self.em.tensors[op.input.name] = op.input
         return " + ".join(parts) if parts else "0"
 
@@ -167,17 +167,18 @@ class RowStreamCodegen:
 
     def key_loads(self) -> tuple[list[str], dict[str, str]]:
         """Load each distinct key tensor's tile once per key tile."""
-        lines, names = [], {}
+        lines, tiles = [], {}
         for term in self.plan.terms:
             k = term.k
-            if k.input.name in names:
+            if k.input.name in tiles:
                 continue
-            var = f"k_{k.input.name}" if len(self.plan.terms) > 1 else "k"
-            names[k.input.name] = var
+            var = names.tensor("ktile", k.input.name) if len(self.plan.terms) > 1 else "k"
+            tiles[k.input.name] = var
             kn = k.input.name
             # pointers built per tile from a scalar base: a pointer tile held across the loop
             # would cost BLOCK_D * BLOCK_N registers' worth of 64-bit addresses (and spills)
-            ptr = f"k_base_{kn} + offs_d[:, None] * {kn}_s{k.feature} + offs_n[None, :] * {kn}_s{k.row}"
+            ptr = (f"{names.tensor('kbase', kn)} + offs_d[:, None] * {names.tensor('st', kn, k.feature)} "
+                   f"+ offs_n[None, :] * {names.tensor('st', kn, k.row)}")
             lines += ["if MASKED:",
                       f"    {var} = tl.load({ptr}, mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), "
                       "other=0.0)",
@@ -188,7 +189,7 @@ class RowStreamCodegen:
                       *self.feature_map(k, var, self.kv_env, self.plan.d, "offs_d[:, None]", "n_feat"),
                       "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
                       f"    {var} = {var}.to(tl.float32)"]
-        return lines, names
+        return lines, tiles
 
     def feature_map(self, op, value: str, env: dict, feature: str, offsets: str, extent: str) -> list[str]:
         """An operand's elementwise feature map (`elu(q) + 1`), applied to its tile right
@@ -234,7 +235,8 @@ class RowStreamCodegen:
         if p.statistics_only:  # the statistics pass: log-sum-exp only, no values
             return body + self.update_lines(0)
         vn = p.v.input.name
-        v_ptr = f"v_base + offs_n[:, None] * {vn}_s{p.v.row} + offs_e[None, :] * {vn}_s{p.v.feature}"
+        v_ptr = (f"v_base + offs_n[:, None] * {names.tensor('st', vn, p.v.row)} "
+                 f"+ offs_e[None, :] * {names.tensor('st', vn, p.v.feature)}")
         body += ["if MASKED:",
                  f"    v = tl.load({v_ptr}, mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
                  "elif EVEN_E:",
@@ -257,8 +259,8 @@ class RowStreamCodegen:
         for t, term in enumerate(self.plan.terms):
             x, qn = self.sfx(t), term.q.input.name
             off = self.operand_offset(term.q)
-            lines += [f"q_ptrs{x} = {qn}_ptr + {off} + {row}[:, None] * {qn}_s{term.q.row} "
-                      f"+ offs_d[None, :] * {qn}_s{term.q.feature}",
+            lines += [f"q_ptrs{x} = {names.tensor('ptr', qn)} + {off} + {row}[:, None] * "
+                      f"{names.tensor('st', qn, term.q.row)} + offs_d[None, :] * {names.tensor('st', qn, term.q.feature)}",
                       f"q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
                       *self.feature_map(term.q, f"q{x}", self.em.env, self.plan.d, "offs_d[None, :]", "n_feat"),
                       f"q{x} = (q{x}.to(tl.float32) * qk_scale{x}).to(q_ptrs{x}.dtype.element_ty)"
@@ -272,7 +274,7 @@ class RowStreamCodegen:
                 continue
             seen.add(k.input.name)
             off = self.operand_offset(k, self.kv_env)
-            lines.append(f"k_base_{k.input.name} = {k.input.name}_ptr + {off}")
+            lines.append(f"{names.tensor('kbase', k.input.name)} = {names.tensor('ptr', k.input.name)} + {off}")
         return lines
 
     def initial_state(self) -> list[str]:
@@ -330,18 +332,38 @@ class RowStreamCodegen:
         lines = ["out_sum = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)"]
         depth = 0
         for ix in p.summed_outer:
-            lines.append("    " * depth + f"for idx_{ix} in range(0, size_{ix}):  # summed by the output")
+            lines.append("    " * depth + f"for {names.user('idx', ix)} in range(0, {names.user('size', ix)}):"
+                         "  # summed by the output")
             depth += 1
         lines += _indent(body, depth) + ["    " * depth + "out_sum += out"]
         return _indent(lines + ["out = out_sum"])
 
     def scalar_arg_names(self) -> list[str]:
-        """Every dim and param by name (bounds and guards refer to them), then the
-        host-evaluated constants, then the q scale of each term."""
-        prog = self.plan.program
-        names = list(prog.dims) + list(prog.params)
-        names += [n for n in self.em.host_scalars if n not in names]
-        return names + [f"qk_scale{self.sfx(t)}" for t in range(len(self.plan.terms))]
+        """Every dim and param (bounds and guards refer to them), then the host-evaluated
+        constants, then the q scale of each term. Every name but the scales is a key of
+        `em.host_scalars`, whose node the launcher evaluates."""
+        return scalar_args(self.plan.program, self.em.host_scalars) + \
+            [f"qk_scale{self.sfx(t)}" for t in range(len(self.plan.terms))]
+
+    # ------------------------------------------------------------------ symbolic bounds
+    def symbols(self) -> dict[str, str]:
+        """The code of each symbol of the mask plan, by its sympy name: dims and params by
+        their user-derived argument names, the tile bounds and loaded scalars by ours."""
+        prog, codes = self.plan.program, {}
+        for node in (*prog.dims.values(), *prog.params.values()):
+            codes[node.name] = names.scalar(node)
+        codes.update({name: name for name in self.plan.mask_symbols})
+        mp = self.plan.mask_plan
+        if mp is not None:
+            codes[mp.i0.name], codes[mp.i1.name] = "i0", "i1"
+        return codes
+
+    def sym(self, expr) -> str:
+        """Triton code of an integer expression of the mask plan."""
+        return printed(expr, self.symbols())
+
+    def guard(self, g) -> str:
+        return guard_code(g, self.symbols())
 
     # ------------------------------------------------------------------ kernel text
     def generate(self) -> KernelSource:
@@ -364,14 +386,13 @@ class RowStreamCodegen:
 
         tensors = list(em.tensors)
         scalar_args = self.scalar_arg_names()
-        pointer_args = [f"{t}_ptr" for t in tensors] + ["o_ptr", "lse_ptr", "count_ptr"]
-        stride_args = [f"{t}_s{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
-        dim_args = [f"{t}_d{k}" for t in tensors for k in range(len(em.tensors[t].dims))]
+        pointer_args = [names.tensor("ptr", t) for t in tensors] + ["o_ptr", "lse_ptr", "count_ptr"]
+        stride_args, dim_args = tensor_args(em.tensors)
         out_axes = p.output.axes
         o_strides = [f"o_s{k}" for k in range(len(out_axes))]
         lse_axes = p.lse_axes
         lse_strides = [f"lse_s{k}" for k in range(len(lse_axes))]
-        outer_sizes = [f"size_{ix}" for ix in (*p.outer, *p.summed_outer)]
+        outer_sizes = [names.user("size", ix) for ix in (*p.outer, *p.summed_outer)]
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
             if self.mask_mode() == "block_map" else []
         args = (pointer_args + stride_args + dim_args + o_strides + lse_strides + outer_sizes
@@ -386,14 +407,14 @@ class RowStreamCodegen:
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
-            var = f"grp_{ix}" if self.packed and ix == p.group[0] else f"idx_{ix}"
-            decode.append(f"{var} = pid_o % size_{ix}")
-            decode.append(f"pid_o = pid_o // size_{ix}")
+            var = names.user("grp" if self.packed and ix == p.group[0] else "idx", ix)
+            decode.append(f"{var} = pid_o % {names.user('size', ix)}")
+            decode.append(f"pid_o = pid_o // {names.user('size', ix)}")
         if self.packed:
             h = p.group[0]
             rows = ["# GQA packing: row r of the tile is query r // group of head grp * group + r % group",
                     "i_rows = offs_m // group",
-                    f"h_rows = grp_{h} * group + offs_m % group",
+                    f"h_rows = {names.user('grp', h)} * group + offs_m % group",
                     "row_ok = offs_m < n_rows * group"]
         else:
             rows = ["row_ok = offs_m < n_rows"]
@@ -408,7 +429,7 @@ class RowStreamCodegen:
                 elif ax == p.e and column:
                     parts.append(f"offs_e[None, :] * {st}")
                 else:
-                    parts.append(f"idx_{ax} * {st}")
+                    parts.append(f"{names.user('idx', ax)} * {st}")
             return " + ".join(parts)
 
         src = [
@@ -435,7 +456,7 @@ class RowStreamCodegen:
                 "# values that do not change along the key loop",
                 *prologue,
                 *queries,
-                *([f"v_base = {vn}_ptr + {v_off}"] if p.v else []),
+                *([f"v_base = {names.tensor('ptr', vn)} + {v_off}"] if p.v else []),
                 *self.initial_state(),
                 *self.skip_dead_heads(range_lines(call_args)),
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
@@ -502,8 +523,8 @@ class RowStreamCodegen:
         if len(conj) > 2:  # visit the hull, masking every tile
             lo = sympy.Min(*(c.lo for c in conj))
             hi = sympy.Max(*(c.hi for c in conj))
-            return lines + [f"lo = ({to_triton(lo)} // BLOCK_N) * BLOCK_N",
-                            f"hi = {to_triton(hi)} + 1", *self.loop("lo", "hi", True, call)]
+            return lines + [f"lo = ({self.sym(lo)} // BLOCK_N) * BLOCK_N",
+                            f"hi = {self.sym(hi)} + 1", *self.loop("lo", "hi", True, call)]
         prev = None
         for n, c in enumerate(conj):
             lines += self.conjunct_bounds(n, c, plan)
@@ -518,21 +539,21 @@ class RowStreamCodegen:
 
     def conjunct_bounds(self, n, c, plan):
         i0, i1 = plan.i0, plan.i1
-        ok = [f"({guard_code(g)})" for g in c.guards]
-        ok.append(f"({to_triton(sympy.Max(i0, c.row_lo))} <= {to_triton(sympy.Min(i1, c.row_hi))})")
-        full_ok = ok + [f"({to_triton(c.row_lo)} <= i0)", f"(i1 <= {to_triton(c.row_hi)})"]
+        ok = [f"({self.guard(g)})" for g in c.guards]
+        ok.append(f"({self.sym(sympy.Max(i0, c.row_lo))} <= {self.sym(sympy.Min(i1, c.row_hi))})")
+        full_ok = ok + [f"({self.sym(c.row_lo)} <= i0)", f"(i1 <= {self.sym(c.row_hi)})"]
         lines = [f"# conjunct {n}: " + " and ".join(f"{p.a}*i + {p.b}*j >= {p.rhs}" for p in c.planes)
                  + ("; opaque: " + ", ".join(str(o) for o in c.opaque) if c.opaque else ""),
                  f"ok{n} = " + " & ".join(ok),
-                 f"lo{n} = " + _tile_start(c.lo, "floor"),
-                 f"hi{n} = tl.where(ok{n} != 0, {to_triton(c.hi)} + 1, lo{n})",
+                 f"lo{n} = " + _tile_start(self.sym(c.lo), "floor"),
+                 f"hi{n} = tl.where(ok{n} != 0, {self.sym(c.hi)} + 1, lo{n})",
                  f"end{n} = tl.cdiv(hi{n}, BLOCK_N) * BLOCK_N"]
         if c.opaque:
             lines += [f"flo{n} = lo{n}", f"fhi{n} = lo{n}  # opaque atoms: no tile is known to be full"]
         else:
             lines += [f"full_ok{n} = " + " & ".join(full_ok),
-                      f"flo{n} = " + _tile_start(c.flo, "ceil"),
-                      f"fhi{n} = tl.minimum((({to_triton(c.fhi)} + 1) // BLOCK_N) * BLOCK_N, "
+                      f"flo{n} = " + _tile_start(self.sym(c.flo), "ceil"),
+                      f"fhi{n} = tl.minimum((({self.sym(c.fhi)} + 1) // BLOCK_N) * BLOCK_N, "
                       "(n_cols // BLOCK_N) * BLOCK_N)",
                       f"fhi{n} = tl.where(full_ok{n} != 0, fhi{n}, flo{n})"]
         return lines
@@ -547,12 +568,13 @@ class RowStreamCodegen:
 
     def block_map_ranges(self, call):
         outer = block_map.map_outer(self.plan)
-        flat = " + ".join(f"idx_{ix} * {block_map._stride(outer, k)}" for k, ix in enumerate(outer)) or "0"
+        flat = " + ".join(f"{names.user('idx', ix)} * {block_map._stride(outer, k)}"
+                          for k, ix in enumerate(outer)) or "0"
         return ["# key tiles listed by the runtime block map: full tiles first, then partial ones",
-                f"idx_list = {flat}",
-                "list_base = kv_list_ptr + (idx_list * n_qtiles + pid_m) * n_ktiles",
-                "n_full_tiles = tl.load(kv_full_ptr + idx_list * n_qtiles + pid_m)",
-                "n_tiles = tl.load(kv_count_ptr + idx_list * n_qtiles + pid_m)",
+                f"map_row = {flat}  # this program's map",
+                "list_base = kv_list_ptr + (map_row * n_qtiles + pid_m) * n_ktiles",
+                "n_full_tiles = tl.load(kv_full_ptr + map_row * n_qtiles + pid_m)",
+                "n_tiles = tl.load(kv_count_ptr + map_row * n_qtiles + pid_m)",
                 "for t in range(0, n_full_tiles):",
                 "    start_n = tl.load(list_base + t) * BLOCK_N",
                 "    if (start_n >= split_lo) & (start_n < split_hi):",
@@ -565,31 +587,33 @@ class RowStreamCodegen:
 
 def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
     """The module of one spec: the row-streaming kernel, its GQA-packed variant when
-    query heads share K/V heads, and the block-map classifier when masks need one."""
-    main = RowStreamCodegen(plan, name).generate()
+    query heads share K/V heads, and the block-map classifier when masks need one. Every
+    kernel's name starts with `names.kernel(name)`, also the `name` of the result."""
+    prefix = names.kernel(name)
+    main = RowStreamCodegen(plan, prefix).generate()
     parts = [main.source]
     if plan.group is not None:
-        main.packed = RowStreamCodegen(plan, name, packed=True).generate()
+        main.packed = RowStreamCodegen(plan, prefix, packed=True).generate()
         parts.append(main.packed.source)
     if main.mask_mode == "block_map":
-        text, map_tensors, map_hosts, map_scalars = block_map.generate(plan, name)
+        text, map_tensors, map_hosts, map_scalars = block_map.generate(plan, prefix)
         parts.append(text)
         main.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
     from attncc.codegen.chunked import ChunkedCodegen, chunkable
     from attncc.codegen.reassociate import ReassociatedCodegen, reassociable
 
     if reassociable(plan):
-        text, tensors, scalars, hosts = ReassociatedCodegen(plan, name).generate_text()
+        text, tensors, scalars, hosts = ReassociatedCodegen(plan, prefix).generate_text()
         parts.append(text)
-        main.reassociated = LinearSource(f"{name}_linear", tensors, scalars, hosts)
+        main.reassociated = LinearSource(f"{prefix}_linear", tensors, scalars, hosts)
     if chunkable(plan):
-        text, tensors, scalars, hosts = ChunkedCodegen(plan, name).generate_text()
+        text, tensors, scalars, hosts = ChunkedCodegen(plan, prefix).generate_text()
         parts.append(text)
-        main.chunked = LinearSource(f"{name}_chunked", tensors, scalars, hosts)
+        main.chunked = LinearSource(f"{prefix}_chunked", tensors, scalars, hosts)
     for k, (node, stats) in enumerate(plan.statistics.items()):
         if stats.needs_block_map:  # the classifier of a statistics pass: left to the reference
             continue
-        source = RowStreamCodegen(stats, f"{name}_stats{k}").generate()
+        source = RowStreamCodegen(stats, f"{prefix}_stats{k}").generate()
         parts.append(source.source)
         main.statistics[node] = (stats, source)
     doc = (f"Generated by attncc from {os.path.basename(plan.program.source.filename)}: do not edit; "
@@ -612,9 +636,8 @@ def _reads_of(transform: ir.Node, read: ir.Access) -> list[ir.Node]:
     return found
 
 
-def _tile_start(expr, rounding: str) -> str:
-    """A key index rounded down (or up) to a tile boundary, plainly 0 when it is 0."""
-    code = to_triton(expr)
+def _tile_start(code: str, rounding: str) -> str:
+    """A key index (code) rounded down (or up) to a tile boundary, plainly 0 when it is 0."""
     if code == "0":
         return "0"
     if rounding == "floor":
@@ -622,17 +645,45 @@ def _tile_start(expr, rounding: str) -> str:
     return f"tl.cdiv({code}, BLOCK_N) * BLOCK_N"
 
 
-def guard_code(g) -> str:
+def printed(expr, codes: dict[str, str]) -> str:
+    """Triton code of a sympy integer expression whose symbols are spelled as `codes` says
+    (by sympy name): user names never reach the kernel as they are."""
+    expr = sympy.sympify(expr)
+    missing = {s.name for s in expr.free_symbols} - set(codes)
+    if missing:
+        raise ValueError(f"no code for symbols {sorted(missing)}")
+    subs = {s: sympy.Symbol(codes[s.name], **s.assumptions0) for s in expr.free_symbols}
+    return to_triton(expr.xreplace(subs))
+
+
+def guard_code(g, codes: dict[str, str]) -> str:
     """Triton code for a guard (a condition on scalars only)."""
     if isinstance(g, sympy.Symbol):
-        return f"({g.name} != 0)"
+        return f"({codes[g.name]} != 0)"
     if isinstance(g, sympy.Not):
-        return f"({guard_code(g.args[0])} == 0)"
+        return f"({guard_code(g.args[0], codes)} == 0)"
     if isinstance(g, (sympy.And, sympy.Or)):
         op = " & " if isinstance(g, sympy.And) else " | "
-        return "(" + op.join(guard_code(a) for a in g.args) + ")"
+        return "(" + op.join(guard_code(a, codes) for a in g.args) + ")"
     if isinstance(g, sympy.core.relational.Relational):
-        return f"({to_triton(g.lhs)} {g.rel_op} {to_triton(g.rhs)})"
+        return f"({printed(g.lhs, codes)} {g.rel_op} {printed(g.rhs, codes)})"
     if g in (sympy.true, sympy.false):
         return str(bool(g))
     raise TypeError(f"cannot print guard {g}")
+
+
+def scalar_args(program: ir.Program, host_scalars: dict) -> list[str]:
+    """The scalar arguments of a kernel: every dim and param (by its user-derived name),
+    then the host-evaluated expressions; all of them are added to `host_scalars`."""
+    out = []
+    for node in (*program.dims.values(), *program.params.values()):
+        host_scalars.setdefault(names.scalar(node), node)
+        out.append(names.scalar(node))
+    return out + [n for n in host_scalars if n not in out]
+
+
+def tensor_args(tensors: dict) -> tuple[list[str], list[str]]:
+    """The stride and size arguments of the input tensors a kernel reads."""
+    strides = [names.tensor("st", t, k) for t in tensors for k in range(len(tensors[t].dims))]
+    sizes = [names.tensor("sz", t, k) for t in tensors for k in range(len(tensors[t].dims))]
+    return strides, sizes

@@ -11,11 +11,13 @@ spec line it comes from, so the generated kernel reads like the spec.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy
 
 from attncc import ir
+from attncc.codegen import names
 from attncc.codegen.pytext import comment
 from attncc.passes.infer import to_sympy
 
@@ -24,16 +26,38 @@ MAX_UNROLL = 16  # largest constant extent of an index unrolled inside a tile
 _UNARY = {
     "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})", "abs": "tl.abs({0})",
     "sigmoid": "tl.sigmoid({0})", "tanh": "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)",
-    "relu": "tl.maximum({0}, 0.0)", "elu": "tl.where({0} > 0, {0}, tl.exp({0}) - 1.0)",
+    "relu": "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)", "elu": "tl.where({0} > 0, {0}, tl.exp({0}) - 1.0)",
     "sin": "tl.sin({0})", "cos": "tl.cos({0})", "floor": "tl.floor({0})", "ceil": "tl.ceil({0})",
     "log1p": "tl.log(1.0 + {0})", "expm1": "(tl.exp({0}) - 1.0)", "rsqrt": "tl.rsqrt({0})",
     "silu": "({0} * tl.sigmoid({0}))", "gelu": "(0.5 * {0} * (1.0 + tl.erf({0} * 0.7071067811865476)))",
-    "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",
+    "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, tl.where({0} == 0, 0.0, {0})))",
     "neg": "(-{0})", "not": "({0} == 0)",
 }
 _INFIX = {"+": "+", "-": "-", "*": "*", "/": "/", "==": "==", "!=": "!=", "<": "<", "<=": "<=",
           ">": ">", ">=": ">=", "and": "&", "or": "|"}
-_BINARY = {"min": "tl.minimum({0}, {1})", "max": "tl.maximum({0}, {1})"}
+# NaN propagates through min and max as in torch (Triton's default drops it on a GPU)
+_BINARY = {"min": "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+           "max": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"}
+
+
+def literal(value) -> str:
+    """Python source of a constant that Triton reads back as the same value: infinities and
+    NaN as `float(...)` calls (their repr, `inf`, is no name in a kernel)."""
+    if isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "float('nan')" if math.isnan(value) else ("float('inf')" if value > 0 else "float('-inf')")
+    return repr(value)
+
+
+def as_float(v: "Val") -> str:
+    """The code of a value as a float: integer constants become float literals, integer
+    tiles and scalars are converted (Triton's math functions take floats only)."""
+    if v.const is not None:
+        return literal(float(v.const))
+    if v.dtype == ir.FLOAT:
+        return v.code
+    return f"{v.code}.to(tl.float32)"
 
 
 class Unsupported(Exception):
@@ -113,13 +137,12 @@ class TileEmitter:
     def host_scalar(self, node: ir.Node) -> Val:
         """A value of dims, params and constants: computed on the host, passed as an argument."""
         if isinstance(node, ir.Const):
-            value = node.value
-            code = repr(bool(value)) if node.dtype == ir.BOOL else repr(value)
-            return Val(code, frozenset(), node.dtype, value)
-        if isinstance(node, ir.Scalar):
-            name = node.name
+            value = bool(node.value) if node.dtype == ir.BOOL else node.value
+            return Val(literal(value), frozenset(), node.dtype, value)
+        if isinstance(node, ir.Scalar):  # a dim or param, by its user name
+            name = names.scalar(node)
         else:
-            name = f"c{len(self.host_scalars)}"
+            name = f"host{len(self.host_scalars)}"
         self.host_scalars[name] = node
         # booleans arrive as integers: compare, so that they combine with tiles as booleans
         return Val(f"({name} != 0)" if node.dtype == ir.BOOL else name, frozenset(), node.dtype)
@@ -151,10 +174,10 @@ class TileEmitter:
             axes |= a.axes
             if a.const == 0:
                 continue
-            offsets.append(f"{a.code} * {array.name}_s{k}")
+            offsets.append(f"{a.code} * {names.tensor('st', array.name, k)}")
             if a.axes and not self.provably_in_range(arg):
-                checks.append(f"({a.code} >= 0) & ({a.code} < {array.name}_d{k})")
-        pointer = f"{array.name}_ptr" + "".join(f" + {o}" for o in offsets)
+                checks.append(f"({a.code} >= 0) & ({a.code} < {names.tensor('sz', array.name, k)})")
+        pointer = names.tensor("ptr", array.name) + "".join(f" + {o}" for o in offsets)
         if checks:
             code = f"tl.load({pointer}, mask={' & '.join(checks)}, other=0)"
         else:
@@ -180,43 +203,77 @@ class TileEmitter:
         c = [a.code for a in args]
         op = node.op
         if op in ("//", "%"):
-            code = self.integer_division(op, node, c)
+            code = self.integer_division(op, node, args)
         elif op == "**":
             code = self.power(args[0], args[1])
+        elif op == "*" and any(a.dtype == ir.BOOL for a in args):
+            code = self.select_product(args)
+        elif op == "/":  # always a true division, as in Python (integers included)
+            code = f"({as_float(args[0])} / {as_float(args[1])})"
         elif op in _INFIX:
             code = f"({c[0]} {_INFIX[op]} {c[1]})"
         elif op in _BINARY:
             code = _BINARY[op].format(*c)
         elif op == "clamp":
-            code = f"tl.minimum(tl.maximum({c[0]}, {c[1]}), {c[2]})"
+            nan = "propagate_nan=tl.PropagateNan.ALL"
+            code = f"tl.minimum(tl.maximum({c[0]}, {c[1]}, {nan}), {c[2]}, {nan})"
         elif op == "where":
             code = f"tl.where({c[0]}, {c[1]}, {c[2]})"
         elif op in _UNARY:
-            arg = c[0] if args[0].dtype == ir.FLOAT or op in ("neg", "not", "abs") else f"{c[0]}.to(tl.float32)"
+            arg = c[0] if op in ("neg", "not", "abs") else as_float(args[0])
             code = _UNARY[op].format(arg)
         else:
             raise Unsupported(f"operation '{op}' in a tile kernel")
         return self.assign(code, axes, node.dtype, node)
 
     @staticmethod
+    def select_product(args) -> str:
+        """`cond * y` is y where cond holds and 0 elsewhere, also for an infinite or NaN y
+        (a multiply would give 0 * inf = NaN): the way to write an additive mask."""
+        conds = [a for a in args if a.dtype == ir.BOOL]
+        if len(conds) == 2:
+            return f"({args[0].code} & {args[1].code})"
+        y = next(a for a in args if a.dtype != ir.BOOL)
+        zero = "0.0" if y.dtype == ir.FLOAT else "0"
+        return f"tl.where({conds[0].code}, {y.code}, {zero})"
+
+    @staticmethod
     def power(base: Val, exponent: Val) -> str:
-        """Small constant integer powers multiply out; other integer powers (decays
-        `lam ** (i - j)`) go through exp2/log2 of |base| with the sign of an odd power and
-        x ** 0 == 1; real powers need a positive base, as in Python."""
+        """`**` always gives a float, as in the language (an integer base is converted).
+        Small constant integer powers multiply out; others go through exp2/log2 of |base|,
+        with the sign of an odd integer power, NaN for a negative base to a fractional
+        power, and x ** 0 == 1, as torch.pow does."""
         n = exponent.const
-        b, e = base.code, exponent.code
-        if isinstance(n, int) and 0 <= abs(n) <= 4:
+        b = as_float(base)
+        if isinstance(n, (int, float)) and not isinstance(n, bool) and float(n).is_integer() and abs(n) <= 4:
+            n = int(n)
             product = " * ".join([b] * abs(n)) if n else "1.0"
             return f"({product})" if n >= 0 else f"(1.0 / ({product}))"
-        if exponent.dtype == ir.INT:
-            sign = f"tl.where({e} % 2 != 0, tl.where({b} < 0, -1.0, 1.0), 1.0)"
-            return f"tl.where({e} == 0, 1.0, {sign} * tl.exp2(tl.log2(tl.abs({b})) * {e}))"
-        return f"tl.exp2(tl.log2({b}) * {e})"
+        if base.const is not None and float(base.const) > 0:  # a positive constant: no sign to track
+            return f"tl.exp2({literal(math.log2(float(base.const)))} * {exponent.code})"
+        e = exponent.code
+        mag = f"tl.exp2(tl.log2(tl.abs({b})) * {e})"
+        if n is not None:  # a constant exponent: its parity is known here
+            if not float(n).is_integer():
+                return f"tl.where({b} < 0, float('nan'), {mag})"
+            return f"tl.where({b} < 0, -{mag}, {mag})" if int(n) % 2 else mag
+        if exponent.dtype != ir.FLOAT:
+            sign = f"tl.where(({e}) % 2 != 0, tl.where({b} < 0, -1.0, 1.0), 1.0)"
+            return f"tl.where({e} == 0, 1.0, {sign} * {mag})"
+        whole = f"tl.floor({e}) == {e}"
+        odd = f"tl.floor({e} * 0.5) * 2.0 != {e}"
+        signed = f"tl.where({whole}, tl.where({odd}, -{mag}, {mag}), float('nan'))"
+        return f"tl.where({e} == 0, 1.0, tl.where({b} < 0, {signed}, {mag}))"
 
-    def integer_division(self, op, node: ir.Map, c) -> str:
-        """Python's flooring `//` and `%`; Triton truncates, which differs only for
-        negative operands, so the exact form is used unless sympy proves the
-        dividend non-negative and the divisor positive."""
+    def integer_division(self, op, node: ir.Map, args) -> str:
+        """Python's (and torch's) flooring `//` and `%`; Triton truncates integers (and has
+        no `//` on floats), which differs only for negative operands, so the exact form is
+        used unless sympy proves the dividend non-negative and the divisor positive."""
+        if ir.FLOAT in (a.dtype for a in args) or node.dtype == ir.FLOAT:
+            x, y = as_float(args[0]), as_float(args[1])
+            quotient = f"tl.floor({x} / {y})"
+            return quotient if op == "//" else f"({x} - {y} * {quotient})"
+        c = [a.code for a in args]
         try:
             num, den = (to_sympy(a) for a in node.args)
             simple = bool(num.is_nonnegative) and bool(den.is_positive)
@@ -231,14 +288,25 @@ class TileEmitter:
         """Constant-fold operations on unrolled indices (`where(c == 0, ...)` for a fixed c)."""
         if node.op == "where" and args[0].const is not None:
             return args[1] if args[0].const else args[2]
+        if all(a.const is not None for a in args) and node.op == "**":
+            try:
+                value = float(args[0].const) ** args[1].const
+            except ZeroDivisionError:
+                value = math.inf
+            value = math.nan if isinstance(value, complex) else value
+            return Val(literal(value), frozenset(), node.dtype, value)
         if all(a.const is not None for a in args) and node.op in _INFIX | {"//": 0, "%": 0}:
             a, b = args[0].const, args[1].const
-            value = {"+": a + b, "-": a - b, "*": a * b, "==": a == b, "!=": a != b, "<": a < b,
-                     "<=": a <= b, ">": a > b, ">=": a >= b, "and": a and b, "or": a or b,
-                     "/": a / b if b else None, "//": a // b if b else None,
-                     "%": a % b if b else None}[node.op]
+            if node.op == "*" and (isinstance(a, bool) or isinstance(b, bool)):  # as select_product
+                cond, y = (a, b) if isinstance(a, bool) else (b, a)
+                value = (cond and y) if isinstance(y, bool) else (y if cond else type(y)(0))
+            else:
+                value = {"+": a + b, "-": a - b, "*": a * b, "==": a == b, "!=": a != b, "<": a < b,
+                         "<=": a <= b, ">": a > b, ">=": a >= b, "and": a and b, "or": a or b,
+                         "/": a / b if b else None, "//": a // b if b else None,
+                         "%": a % b if b else None}[node.op]
             if value is not None:
-                return Val(repr(value), frozenset(), node.dtype, value)
+                return Val(literal(value), frozenset(), node.dtype, value)
         return None
 
     # ------------------------------------------------------------------ small contractions

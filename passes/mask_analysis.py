@@ -19,7 +19,8 @@ index domain ``0 <= i < N``, ``0 <= j < M`` so they are finite and printable.
 
 Symbols in the plan are re-created by name with ``integer=True`` (sympy then
 knows ``ceiling(i - w + 1) == i - w + 1``); refer to them by name.  The dims
-default to ``N`` and ``M``; ``i0`` and ``i1`` are reserved for the tile bounds.
+default to ``N`` and ``M``; the tile bounds are ``plan.i0`` and ``plan.i1`` (named ``i0``
+and ``i1`` unless the predicate has symbols of these names).
 
 Tile classification counts only in-bounds points (``i < N``, ``j < M``): a tile
 that sticks out of the matrix can be FULL, the kernel masks bounds separately.
@@ -313,13 +314,14 @@ def analyse_mask(pred, i, j, n="N", m="M") -> MaskPlan:
     """Analyse ``pred`` over query index ``i`` and key index ``j``; ``n, m`` name the dims."""
     names = {str(s) for s in (i, j, n, m)}
     pred = sp.sympify(pred)
-    clash = {"i0", "i1"} & ({s.name for s in pred.free_symbols} | names)
-    if clash:
-        raise ValueError(f"symbol names {sorted(clash)} are reserved for tile bounds")
+    taken = {s.name for s in pred.free_symbols} | names
+    # the tile bounds are named i0 and i1 unless the predicate uses those names itself
+    # (a dim called i0): then a fresh name, since a user's symbol must not become a bound
+    i0, i1 = (next(b + "_" * k for k in range(len(taken) + 1) if b + "_" * k not in taken) for b in ("i0", "i1"))
     dims = {str(d): sp.Symbol(str(d), integer=True, positive=True) for d in (n, m)}
     idx = {str(s): sp.Symbol(str(s), integer=True) for s in (i, j)}
     plan = MaskPlan((), (), idx[str(i)], idx[str(j)], dims[str(n)], dims[str(m)],
-                    sp.Symbol("i0", integer=True), sp.Symbol("i1", integer=True))
+                    sp.Symbol(i0, integer=True), sp.Symbol(i1, integer=True))
     norm = _Normaliser({**dims, **idx}, plan.i, plan.j)
     terms = norm.conjuncts(norm.formula(pred))
     conjuncts = tuple(c for c in (_conjunct(t, plan) for t in terms) if c is not None)

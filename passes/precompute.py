@@ -29,7 +29,8 @@ class Precomputed:
 
     def input_for(self, node: ir.Node, axes: tuple[str, ...]) -> ir.Input:
         if node not in self.inputs:
-            self.inputs[node] = ir.Input(name=f"pre{len(self.inputs)}", dtype=node.dtype, loc=node.loc,
+            # a name no input can have: the launcher adds the value to the call's tensors
+            self.inputs[node] = ir.Input(name=f"<pre{len(self.inputs)}>", dtype=node.dtype, loc=node.loc,
                                          dims=tuple(self.program.extent[ix] for ix in axes))
             self.axes[node] = axes
         return self.inputs[node]

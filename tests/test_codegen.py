@@ -27,21 +27,21 @@ def test_causal_bounds_come_from_the_symbolic_plan():
 def test_score_modifications_carry_their_spec_lines():
     text = source("alibi").source
     assert "# line 5: s += slopes[h] * (j - i - (M - N))" in text
-    assert "tl.load(slopes_ptr + idx_h * slopes_s0)" in text, "slopes[h] is loaded once per program"
+    assert "tl.load(ptr_slopes + idx_h * st0_slopes)" in text, "slopes[h] is loaded once per program"
     assert "to base-2 units for exp2" in text
 
 
 def test_tensor_masks_use_a_runtime_block_map():
     src = source("document")
     assert src.mask_mode == "block_map" and src.block_map is not None
-    assert "def document_classify(" in src.source
+    assert "def attn_document_classify(" in src.source
     assert "full tiles first, then partial ones" in src.source
 
 
 def test_gqa_specs_also_get_a_packed_variant():
     src = source("gqa_causal")
     assert src.packed is not None
-    assert "def gqa_causal_packed_fwd(" in src.source
+    assert "def attn_gqa_causal_packed_fwd(" in src.source
     assert "i_rows = offs_m // group" in src.source
 
 
