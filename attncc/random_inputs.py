@@ -4,7 +4,9 @@ Sizes come from the user where given, from small odd defaults otherwise, and fro
 spec's `require`s where those pin a dim (`N == M`, `N == height * width`). Integer
 inputs get values their uses make meaningful: indices into the axis they index (a
 permutation when they cover it), lengths up to the index they are compared with, and
-contiguous segment ids otherwise.
+contiguous segment ids otherwise. Float inputs are standard normal, except bases of a
+power (`lam[h] ** (i - j)`, a decay), which get values in (0.5, 1]: a base above 1 raised
+to a sequence length overflows, and a negative one has no real non-integer powers.
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ def random_arguments(program: ir.Program, shape: dict[str, int] | None = None,
     sizes = {name: [_value(d, scalars) for d in node.dims] for name, node in program.inputs.items()}
     args = {}
     for name, node in program.inputs.items():
-        if node.dtype == ir.FLOAT:
+        if node.dtype == ir.FLOAT and _is_power_base(program, node):
+            t = (1.0 - 0.5 * torch.rand(sizes[name], generator=gen)).to(dtype)
+        elif node.dtype == ir.FLOAT:
             t = torch.randn(sizes[name], generator=gen).to(dtype)
         elif node.dtype == ir.BOOL:
             t = torch.rand(sizes[name], generator=gen) < 0.7
@@ -189,6 +193,11 @@ def _integers(program: ir.Program, node: ir.Input, size: list[int], scalars: dic
     segments = max(4, size[-1] // 8) if size else 4
     ids = torch.randint(segments, size, generator=gen)
     return ids.sort(dim=-1).values if size else ids
+
+
+def _is_power_base(program: ir.Program, array: ir.Input) -> bool:
+    """Whether some `x ** y` in the spec has a read of `array` as its base `x`."""
+    return any(isinstance(n, ir.Map) and n.op == "**" and _reads(n.args[0], array) for n in program.graph)
 
 
 def _reads(node: ir.Node, array: ir.Input) -> bool:

@@ -82,3 +82,14 @@ def test_clear_errors(shape, params, message):
 def test_missing_param_names_the_flag():
     with pytest.raises(ValueError, match="--param height=VALUE"):
         random_arguments(load("neighborhood_2d"))
+
+
+def test_bases_of_powers_are_decays():
+    """A float input raised to a distance (`lam[h] ** (i - j)`) gets values in (0.5, 1]:
+    standard normal values above 1 overflow over a sequence and make `check` fail on
+    rounding alone, negative ones have no real powers."""
+    program = attncc.load(str(EXAMPLES / "lightning.attn"))
+    lam = random_arguments(program, seed=0)["lam"]
+    assert bool(((lam > 0.5) & (lam <= 1.0)).all())
+    q = random_arguments(program, seed=0)["q"]
+    assert bool((q < 0).any()) and bool((q.abs() > 1).any())  # other floats stay standard normal
