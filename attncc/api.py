@@ -4,6 +4,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import inspect
+import keyword
 import os
 import stat
 from pathlib import Path
@@ -168,14 +169,25 @@ class Kernel:
 
     @property
     def signature(self) -> inspect.Signature:
-        params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=torch.Tensor)
-                  for n in self.program.inputs]
+        """Every input and param as a keyword-only parameter; names Python cannot spell as a
+        parameter (`lambda`, `None`) are passed through `**kwargs` instead (`**{"lambda": x}`)."""
+        named = [(n, torch.Tensor, inspect.Parameter.empty) for n in self.program.inputs]
         for name, default in self.params.items():
-            ann = {"int": int, "float": float, "bool": bool}[self.program.params[name].dtype]
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                            annotation=ann))
+            named.append((name, {"int": int, "float": float, "bool": bool}[self.program.params[name].dtype], default))
+        params, unspellable = [], []
+        for name, ann, default in named:
+            if keyword.iskeyword(name):
+                unspellable.append(name)
+            else:
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=ann))
         params.append(inspect.Parameter("return_lse", inspect.Parameter.KEYWORD_ONLY, default=False,
                                         annotation=bool))
+        if unspellable:
+            rest = "kwargs"
+            while rest in self.program.inputs or rest in self.program.params:
+                rest += "_"
+            params.append(inspect.Parameter(rest, inspect.Parameter.VAR_KEYWORD))
         return inspect.Signature(params)
 
     def __repr__(self):

@@ -26,6 +26,7 @@ CONSTANTS = {"inf": (float("inf"), ir.FLOAT), "pi": (3.141592653589793, ir.FLOAT
 FUNCTION_HELP = ("elementwise: " + ", ".join(sorted(UNARY | BINARY | {"clamp", "where"}))
                  + "; reductions: " + ", ".join(sorted(REDUCTIONS))
                  + "; normalisations: softmax, softmax1; selections: " + ", ".join(SELECTIONS))
+CALL_OPTIONS = {"return_lse"}  # keyword arguments a kernel call takes besides inputs and params
 COMPARE = {"==", "!=", "<", "<=", ">", ">="}
 
 
@@ -85,6 +86,7 @@ class Frontend:
     def declare_input(self, decl: ast.Decl):
         if decl.name in self.env:
             raise self.error(f"input '{decl.name}' is declared twice", decl.loc)
+        self.check_call_keyword(decl.name, decl.loc)
         dims = []
         for d in decl.dims:
             if isinstance(d, int):
@@ -126,6 +128,7 @@ class Frontend:
     # ------------------------------------------------------------------ statements
     def stmt_param(self, st: ast.Param):
         self.check_new_name(st.name, st.loc)
+        self.check_call_keyword(st.name, st.loc)
         default = None
         if st.default is not None:
             default = self.scalar_expr(st.default, f"the default of param '{st.name}'")
@@ -179,6 +182,12 @@ class Frontend:
             raise self.error(f"'{name}' is already defined", loc, "a new name")
         if name in CONSTANTS:
             raise self.error(f"'{name}' is a built-in constant", loc, "another name")
+
+    def check_call_keyword(self, name, loc):
+        """Inputs and params are keyword arguments of the kernel, beside its own options."""
+        if name in CALL_OPTIONS:
+            raise self.error(f"'{name}' is a keyword argument of every kernel call, not free for an input "
+                             "or param", loc, "another name")
 
     def check_lhs_indices(self, st: ast.Assign):
         seen = set()

@@ -15,6 +15,7 @@ import random
 import re
 import string
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,11 +23,11 @@ import torch
 import attncc
 from attncc.check import _compare, check
 from attncc.cli import main as cli_main
-from attncc.frontend import CONSTANTS, FUNCTION_HELP
+from attncc.frontend import CALL_OPTIONS, CONSTANTS, FUNCTION_HELP
 from attncc.random_inputs import random_arguments
 
 LANGUAGE_WORDS = {"attention", "param", "let", "require", "mask", "if", "else", "and", "or", "not", "by", "as",
-                  *CONSTANTS, *re.findall(r"[a-z_0-9]+", FUNCTION_HELP)}
+                  *CONSTANTS, *CALL_OPTIONS, *re.findall(r"[a-z_0-9]+", FUNCTION_HELP)}
 
 TEMPLATE = """{description}
 attention {name}({q}[{B},{H},{N},{D}], {k}[{B},{H},{M},{D}], {v}[{B},{H},{M},{E}], {sl}[{H}]) -> {o}[{B},{H},{N},{E}] {{
@@ -44,6 +45,7 @@ attention {name}({q}[{B},{H},{N},{D}], {k}[{B},{H},{M},{D}], {v}[{B},{H},{M},{E}
 SLOTS = ["name", "q", "k", "v", "sl", "o", "B", "H", "N", "M", "D", "E", "w", "c", "r", "s", "p",
          "b", "h", "i", "j", "d", "e"]
 DIM_SLOTS = ["B", "H", "N", "M", "D", "E"]
+INDEX_SLOTS = ["b", "h", "i", "j", "d", "e"]
 SIZES = [1, 2, 7, 9, 5, 6]  # B, H, N, M, D, E: N != M, D != E, N not a multiple of a tile
 
 DESCRIPTIONS = ['"""', "'''", '\\', 'a """ if __import__("os").system("exit 3") else """',
@@ -54,7 +56,8 @@ DESCRIPTIONS = ['"""', "'''", '\\', 'a """ if __import__("os").system("exit 3") 
 
 def generated_identifiers() -> set[str]:
     """Every identifier the generated module of a gallery example uses."""
-    source = attncc.compile("causal", backend="triton").generated.source.source
+    gallery = Path(attncc.__file__).resolve().parent.parent / "examples"
+    source = attncc.compile(gallery / "causal.attn", backend="triton").generated.source.source
     names = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Name):
@@ -85,7 +88,8 @@ def random_spec(rng: random.Random, pool: list[str]) -> tuple[str, dict[str, str
             else:
                 cand = rng.choice(string.ascii_letters + "_") + "".join(
                     rng.choice(string.ascii_letters + string.digits + "_") for _ in range(rng.randrange(4)))
-            if cand not in taken and cand not in LANGUAGE_WORDS:
+            index_slot = slot in INDEX_SLOTS  # index variables are the names not starting upper-case
+            if cand not in taken and cand not in LANGUAGE_WORDS and not (index_slot and cand[0].isupper()):
                 break
         taken.add(cand)
         names[slot] = cand
@@ -126,7 +130,7 @@ def test_random_names_through_check_and_compile_to_a_folder(seed, tmp_path, monk
 
     out = tmp_path / "out"
     assert cli_main(["compile", str(spec), "-o", str(out)]) == 0
-    modules = [p for p in out.glob("*.py") if not p.stem.endswith("_triton")]
+    modules = [p for p in out.glob("*.py") if not p.stem.endswith(("_triton", ".triton"))]
     assert len(modules) == 1
     for written in out.glob("*.py"):
         ast.parse(written.read_text())  # every written module parses
@@ -141,3 +145,25 @@ def test_random_names_through_check_and_compile_to_a_folder(seed, tmp_path, monk
     want = attncc.compile(text, backend="reference")(**args)
     assert _compare("o", kernel(**args), want, 1e-4, 1e-4).passed
     sys.modules.pop(f"hostile_module_{seed}", None)
+
+
+def test_python_keywords_as_input_names_are_passed_by_dict():
+    kernel = attncc.compile("""attention kw(lambda[N,D], k[M,D], v[M,E]) -> o[N,E] {
+  param None: float = 1.0
+  s[i,j] = lambda[i,d] * k[j,d] * None
+  p = softmax(s, j)
+  o[i,e] = p[i,j] * v[j,e]
+}""", backend="reference")
+    sig = kernel.signature
+    assert "k" in sig.parameters and "lambda" not in sig.parameters
+    assert any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    args = {"lambda": torch.randn(5, 4), "k": torch.randn(6, 4), "v": torch.randn(6, 3), "None": 0.5}
+    want = torch.softmax(args["lambda"] @ args["k"].T * 0.5, -1) @ args["v"]
+    torch.testing.assert_close(kernel(**args), want)
+
+
+@pytest.mark.parametrize("decl", ["return_lse[N,D]", "q[N,D]) -> o[N,D] {\n  param return_lse: bool = false\n}"])
+def test_the_call_option_return_lse_is_no_user_name(decl):
+    text = f"attention bad({decl}" if decl.startswith("q") else f"attention bad({decl}) -> o[N,D] {{\n}}"
+    with pytest.raises(attncc.SpecError, match="return_lse.*keyword argument of every kernel call"):
+        attncc.load(text)
