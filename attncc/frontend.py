@@ -267,20 +267,21 @@ class Frontend:
     def terms_lacking(self, e: ast.Expr, summed: frozenset):
         """(missing summed indices, AST node to blame) for each distributed term of `e`
         that lacks some summed index."""
-        terms = self.distributed_terms(e, summed)
+        terms, _ = self.distributed_terms(e, summed)
         return [(summed - ixs, blame) for ixs, blame, _ in terms if summed - ixs]
 
     def distributed_terms(self, e: ast.Expr, summed: frozenset):
-        """The terms of `e` after distributing over its sums, as (the summed indices the
-        term carries, the AST node to blame, whether a sum was split to get it). Operators
-        that do not distribute (functions, powers, comparisons) are atoms carrying all
-        their indices; terms with the same indices are merged, so products of sums stay
-        small (at most 2 ** len(summed) terms)."""
-        def atom(x):
-            if isinstance(x, ast.Num) and x.value == 0:  # `where(c, x[i,j], 0)`: adding 0 is harmless
-                return [(summed, x, False)]
-            return [(frozenset(self.expr(x).indices) & summed, x, False)]
+        """(terms, carried): the additive terms of `e` once products, quotients, negations
+        and where/if-else branches are distributed over the sums inside it, each as (the
+        summed indices it carries, the AST node to blame, whether a sum was split to get
+        it), and the summed indices `e` carries as a whole.
 
+        A factor that carries an index carries it into every term it multiplies, whole:
+        `(q[i,d] - mu[i]) * (q[i,d] - mu[i])` is a sum over `d` of a product that depends
+        on `d`, like `(q[i,d] - mu[i]) ** 2`, while `(x[i,c] + y[i,r]) * 2.0` adds `x` once
+        per `r`. A denominator and a where-condition carry their indices the same way.
+        Functions, powers and comparisons are single terms. A literal 0 is no term.
+        Terms with the same indices merge, so there are at most 2 ** len(summed)."""
         def merge(terms):
             seen = {}
             for ixs, blame, split in terms:
@@ -291,18 +292,18 @@ class Frontend:
             return [(ixs | extra, blame if split else whole, split) for ixs, blame, split in terms]
 
         if isinstance(e, ast.BinOp) and e.op in ("+", "-"):
-            parts = self.distributed_terms(e.left, summed) + self.distributed_terms(e.right, summed)
-            return merge([(ixs, blame, True) for ixs, blame, _ in parts])
-        if isinstance(e, ast.BinOp) and e.op == "*":
-            left = self.distributed_terms(e.left, summed)
-            right = self.distributed_terms(e.right, summed)
-            return merge([(la | ra, lb if ls else rb if rs else e, ls or rs)
-                          for la, lb, ls in left for ra, rb, rs in right])
-        if isinstance(e, ast.BinOp) and e.op == "/":  # the numerator's sum distributes
-            denominator = frozenset(self.expr(e.right).indices) & summed
-            return widen(self.distributed_terms(e.left, summed), denominator, e)
+            (lt, lc), (rt, rc) = (self.distributed_terms(x, summed) for x in (e.left, e.right))
+            return merge([(ixs, blame, True) for ixs, blame, _ in lt + rt]), lc | rc
+        if isinstance(e, ast.BinOp) and e.op in ("*", "/"):
+            (lt, lc), (rt, rc) = (self.distributed_terms(x, summed) for x in (e.left, e.right))
+            if not lt or (e.op == "*" and not rt):  # a product with a literal 0
+                return [], lc | rc
+            if e.op == "/":  # the numerator's sum distributes; the denominator stays whole
+                return merge(widen(lt, rc, e)), lc | rc
+            return merge(widen(lt, rc, e) + widen(rt, lc, e)), lc | rc
         if isinstance(e, ast.Unary) and e.op == "neg":
-            return widen(self.distributed_terms(e.operand, summed), frozenset(), e)
+            terms, carried = self.distributed_terms(e.operand, summed)
+            return widen(terms, frozenset(), e), carried
         branches = None
         if isinstance(e, ast.IfElse):
             branches = (e.cond, e.then, e.other)
@@ -310,9 +311,12 @@ class Frontend:
             branches = tuple(e.args)
         if branches is not None:  # each branch is a term, selected by the condition
             cond = frozenset(self.expr(branches[0]).indices) & summed
-            parts = self.distributed_terms(branches[1], summed) + self.distributed_terms(branches[2], summed)
-            return merge([(ixs | cond, blame, True) for ixs, blame, _ in parts])
-        return atom(e)
+            (at, ac), (bt, bc) = (self.distributed_terms(x, summed) for x in branches[1:])
+            return merge([(ixs | cond, blame, True) for ixs, blame, _ in at + bt]), cond | ac | bc
+        if isinstance(e, ast.Num) and e.value == 0:  # `where(c, x[i,j], 0)`: adding 0 is harmless
+            return [], frozenset()
+        carried = frozenset(self.expr(e).indices) & summed
+        return [(carried, e, False)], carried
 
     def update(self, st: ast.Assign, previous):
         if previous is None:

@@ -398,6 +398,8 @@ RULE_SPEC = "attention t(x[A,C], y[A,R]) -> o[A] {{\n  {}\n}}"
     ("o[i] = where(i > 0, x[i,c], y[i,r])", "x[i,c]"),
     ("o[i] = x[i,c] * y[i,r] if i > 0 else y[i,r]", "y[i,r]"),
     ("o[i] = ((x[i,c] * y[i,r]) + (1.0))", "1.0"),
+    ("o[i] = (x[i,c] * x[i,c] + y[i,r]) * x[i,c]", "x[i,c] * x[i,c]"),
+    ("o[i] = 0 * y[i,r] + x[i,c] * (y[i,r] + 2.0 * x[i,c])", "2.0 * x[i,c]"),
 ])
 def test_summed_index_rule_sees_through_parentheses_and_distributing_operators(statement, culprit):
     text = RULE_SPEC.format(statement)
@@ -446,6 +448,9 @@ def test_content_plus_positional_score_written_as_two_sums_works():
     ("o[i] = where(i > 0, x[i,c], 0.0)", lambda x, w: torch.where(torch.arange(3)[:, None] > 0, x, 0.0).sum(1)),
     ("o[i] = where(c > 1, x[i,c], 1.0)", lambda x, w: torch.where(torch.arange(4) > 1, x, 1.0).sum(1)),
     ("o[i] = exp(x[i,c] + 1.0) * (x[i,c] + w[c])", lambda x, w: (torch.exp(x + 1) * (x + w)).sum(1)),
+    # a factor that depends on c carries c into every term it multiplies, as `** 2` would
+    ("o[i] = (x[i,c] - x[i,0]) * (x[i,c] - x[i,0])", lambda x, w: ((x - x[:, :1]) ** 2).sum(1)),
+    ("o[i] = (x[i,c] + 1.0) * w[c] - 0 * x[i,0]", lambda x, w: ((x + 1) * w).sum(1)),
 ])
 def test_terms_that_all_carry_the_summed_index_are_accepted(statement, want):
     x = torch.randn(3, 4, dtype=torch.float64)
