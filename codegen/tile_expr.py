@@ -30,7 +30,7 @@ _UNARY = {
     "sin": "tl.sin({0})", "cos": "tl.cos({0})", "floor": "tl.floor({0})", "ceil": "tl.ceil({0})",
     "log1p": "tl.log(1.0 + {0})", "expm1": "(tl.exp({0}) - 1.0)", "rsqrt": "tl.rsqrt({0})",
     "silu": "({0} * tl.sigmoid({0}))", "gelu": "(0.5 * {0} * (1.0 + tl.erf({0} * 0.7071067811865476)))",
-    "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, tl.where({0} == 0, 0.0, {0})))",
+    "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",  # sign(nan) = 0, as torch.sign
     "neg": "(-{0})", "not": "({0} == 0)",
 }
 _INFIX = {"+": "+", "-": "-", "*": "*", "/": "/", "==": "==", "!=": "!=", "<": "<", "<=": "<=",
