@@ -198,10 +198,13 @@ def _host_expressions(program: ir.Program):
         if not isinstance(node, ir.Scalar):
             stack.extend(node.operands())
 
+    memo: dict = {}  # by node: lets reusing lets (`let a2 = a1 + a1`) share operands
+
     def scalar_only(node) -> bool:
-        if isinstance(node, (ir.Scalar, ir.Const)):
-            return True
-        return isinstance(node, ir.Map) and not node.indices and all(scalar_only(a) for a in node.args)
+        if node not in memo:
+            memo[node] = isinstance(node, (ir.Scalar, ir.Const)) or (
+                isinstance(node, ir.Map) and not node.indices and all(scalar_only(a) for a in node.args))
+        return memo[node]
 
     inner = {a for n in order if scalar_only(n) and isinstance(n, ir.Map) for a in n.args}
     exprs = []
