@@ -35,10 +35,22 @@ from types import SimpleNamespace
 import numpy as np
 import sympy as sp
 from sympy.core.relational import Relational
-from sympy.logic.boolalg import BooleanFunction, to_dnf
+from sympy.logic.boolalg import BooleanFunction, to_dnf, to_nnf
 from sympy.polys.polyerrors import PolynomialError
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# Bounds on the symbolic work of one mask. Expanding `and`s of `or`s into a disjunction
+# can grow exponentially (20 clauses `(a or b)` give 2**20 conjuncts), and so can splitting
+# nested `min`/`max`/`abs`; past these sizes `analyse_mask` raises `MaskTooComplex` and the
+# caller treats the mask as opaque (evaluated per element, tiles found by a block map).
+MAX_CONJUNCTS = 32
+MAX_LITERALS = 256
+
+
+class MaskTooComplex(ValueError):
+    """The mask's disjunctive normal form would exceed `MAX_CONJUNCTS` conjuncts or
+    `MAX_LITERALS` literals; a caller falls back to an opaque mask."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,9 @@ class _Normaliser:
         self.literals: dict[sp.Symbol, HalfPlane | _Guard | _Opaque] = {}
 
     def literal(self, lit) -> sp.Symbol:
+        if len(self.literals) >= MAX_LITERALS:
+            raise MaskTooComplex(f"the mask has more than {MAX_LITERALS} comparisons once min, max and abs "
+                                 "are expanded")
         sym = sp.Dummy("lit")
         self.literals[sym] = lit
         return sym
@@ -186,7 +201,11 @@ class _Normaliser:
         return combine(*(self.positive(linear.xreplace({x: u}), strict) for u in args))
 
     def conjuncts(self, formula: sp.Basic) -> list[list]:
-        """Literal lists of the DNF of ``formula``."""
+        """Literal lists of the DNF of ``formula`` (its size is bounded before it is built)."""
+        formula = to_nnf(formula, simplify=False)
+        size = _dnf_size(formula)
+        if size > MAX_CONJUNCTS:
+            raise MaskTooComplex(f"the mask expands to {size} alternatives (the limit is {MAX_CONJUNCTS})")
         dnf = to_dnf(formula, simplify=False)
         if dnf == sp.false:
             return []
@@ -206,6 +225,31 @@ class _Normaliser:
         if isinstance(lit, sp.Not):
             return self.literals[lit.args[0]].negated()
         return self.literals[lit]
+
+
+def _dnf_size(formula: sp.Basic) -> int:
+    """An upper bound on the number of conjuncts in the DNF of a negation normal form:
+    sums over `Or`, products over `And`, computed bottom-up without recursion and capped
+    just past `MAX_CONJUNCTS` so the numbers stay small."""
+    size: dict = {}
+    stack = [formula]
+    while stack:
+        e = stack[-1]
+        if e in size:
+            stack.pop()
+            continue
+        if isinstance(e, (sp.And, sp.Or)):
+            pending = [a for a in e.args if a not in size]
+            if pending:
+                stack.extend(pending)
+                continue
+            parts = [size[a] for a in e.args]
+            total = sum(parts) if isinstance(e, sp.Or) else reduce(lambda x, y: x * y, parts, 1)
+            size[e] = min(total, MAX_CONJUNCTS + 1)
+        else:
+            size[e] = 0 if e == sp.false else 1
+        stack.pop()
+    return size[formula]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import sympy
 
 from attncc import ir
 from attncc.passes.infer import to_sympy
-from attncc.passes.mask_analysis import analyse_mask
+from attncc.passes.mask_analysis import MaskTooComplex, analyse_mask
 
 
 class NotAffineExtents(ValueError):
@@ -35,8 +35,15 @@ class _MaskToSympy:
         self.program, self.i, self.j, self.outer = program, i, j, set(outer)
         self.symbols: dict[str, ir.Node] = {}
         self.opaque: dict[ir.Node, str] = {}
+        self.memo: dict[ir.Node, sympy.Basic] = {}
 
     def __call__(self, node: ir.Node):
+        """Memoised by node: a mask built from shared parts (`mk = mk and mk`) is a DAG."""
+        if node not in self.memo:
+            self.memo[node] = self.convert(node)
+        return self.memo[node]
+
+    def convert(self, node: ir.Node):
         if isinstance(node, ir.Index):
             if node.name in (self.i, self.j):
                 return sympy.Symbol(node.name, integer=True)
@@ -77,10 +84,18 @@ def analyse_masks(program: ir.Program, masks, i, j, outer):
     scalars and the opaque functions it names."""
     if not masks:
         return None, {}, {}
-    convert = _MaskToSympy(program, i, j, outer)
-    pred = sympy.And(*(convert(m.pred) for m in masks))
     n, m = program.extent[i], program.extent[j]
     if not (n.is_Symbol and m.is_Symbol):
         raise NotAffineExtents("query and key extents must be dims")
+    convert = _MaskToSympy(program, i, j, outer)
+    try:
+        plan = analyse_mask(sympy.And(*(convert(mk.pred) for mk in masks)), i, j, n=str(n), m=str(m))
+    except MaskTooComplex:
+        # Too many alternatives to bound symbolically: each mask becomes one opaque atom, so
+        # every tile is visited and masked per element, and a runtime block map skips the
+        # empty ones. Slower, never wrong.
+        convert = _MaskToSympy(program, i, j, outer)
+        plan = analyse_mask(sympy.And(*(convert.opaque_of(mk.pred) for mk in masks)), i, j,
+                            n=str(n), m=str(m))
     opaque = {name: node for node, name in convert.opaque.items()}
-    return analyse_mask(pred, i, j, n=str(n), m=str(m)), convert.symbols, opaque
+    return plan, convert.symbols, opaque
