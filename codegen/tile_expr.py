@@ -126,7 +126,7 @@ class TileEmitter:
             array = self.materialized[node]
             args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices)
             return self.load(array, args, env, node)
-        if not (set(node.indices) & set(env)) and not isinstance(node, ir.Input) and node.indices == ():
+        if node.indices == () and not isinstance(node, ir.Input) and host_evaluable(node):
             return self.host_scalar(node)
         method = getattr(self, "emit_" + type(node).__name__.lower(), None)
         if method is None:
@@ -333,6 +333,16 @@ class TileEmitter:
         computed value."""
         env = self.env if env is None else env
         self.memo[(node.id, tuple((ix, env[ix].code) for ix in node.indices if ix in env))] = val
+
+
+def host_evaluable(node: ir.Node) -> bool:
+    """Whether the launcher can evaluate a scalar node from dims and params (a sympy form);
+    other scalars (a read `w[2]`, a full reduction `sum(w[a], a)`) are loaded or precomputed."""
+    try:
+        to_sympy(node)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def env_with_zero(env, sizes):

@@ -8,6 +8,7 @@ They never span both the query and the key index, so they stay small.
 from __future__ import annotations
 
 from attncc import ir
+from attncc.codegen.tile_expr import host_evaluable
 
 
 class TooLarge(ValueError):
@@ -78,7 +79,7 @@ def scan_for_precompute(node, stop, pre: Precomputed, i, j, seen: set | None = N
     if node in seen:
         return
     seen.add(node)
-    if node in stop or node.is_scalar or inline(node, program, memo):
+    if node in stop or (node.is_scalar and host_evaluable(node)) or inline(node, program, memo):
         if isinstance(node, (ir.Map, ir.Access)) and node not in stop:
             for op in node.operands():
                 scan_for_precompute(op, stop, pre, i, j, seen, memo)
@@ -91,7 +92,8 @@ def scan_for_precompute(node, stop, pre: Precomputed, i, j, seen: set | None = N
     if isinstance(node, ir.Access):
         for a in node.args:
             scan_for_precompute(a, stop, pre, i, j, seen, memo)
-    if {i, j} <= set(target.indices):
+    bare = {a.name for a in node.args if isinstance(a, ir.Index)} if isinstance(node, ir.Access) else set()
+    if {i, j} <= set(target.indices) | bare:  # read at (i, j): a whole score, whatever its own index names
         raise TooLarge(f"line {target.loc.line if target.loc else '?'} needs a whole score-sized "
                        "intermediate before the attention")
     pre.input_for(target, axes)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attncc import ir
+from attncc.codegen.tile_expr import host_evaluable
+from attncc.passes.infer import to_sympy
 from attncc.passes.mask_analysis import MaskPlan
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
 from attncc.passes.precompute import Precomputed, TooLarge, scan_for_precompute, small_indices
@@ -154,10 +156,26 @@ def _mapped_read(node: ir.Node, row: str, feature: str) -> ir.Access | None:
     return reads[0] if len(same) == 1 else None
 
 
-def _operand(access: ir.Node, row: str, feature: str, role: str, pre: Precomputed) -> Operand:
+def _statement(program: ir.Program, node: ir.Node) -> str:
+    """`line N: <the spec's line>`, for messages that name where a node comes from."""
+    if node.loc is None:
+        return "the spec"
+    return f"line {node.loc.line}: `{program.source.line(node.loc.line).strip()}`"
+
+
+def _operand(access: ir.Node, row: str, feature: str, role: str, pre: Precomputed, other: str | None = None,
+             ) -> Operand:
+    """The tile operand of `access`: a (feature-mapped, or precomputed) read indexed by the
+    tile index `row` and `feature`, and otherwise by program-wide indices only. `other` is the
+    other tile index (the query for keys and values): a q/k/v tile depends on one tile index
+    only, so an operand that depends on both (a value chosen per (query, key) pair) is refused,
+    since its tile would be score-sized."""
+    if other is not None and other in access.indices:
+        raise NotRowStreamable(f"{role} depend on '{other}' as well as on '{row}' ({_statement(pre.program, access)}); "
+                               "the kernel reads one tile of them per key tile, shared by every query row")
     read = _mapped_read(access, row, feature)
     if read is not None:
-        op = _operand(read, row, feature, role, pre)
+        op = _operand(read, row, feature, role, pre, other)
         op.transform = access
         return op
     if not _plain_read(access, row, feature):
@@ -251,9 +269,12 @@ def _term(program, kind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple
         raise NotRowStreamable("cannot tell queries from keys in Q K^T")
     i = rows[0]
     extra = [f for f in qk.factors if f not in tiles]
-    term = Term(kind, coef, score, qk, _operand(q_access, i, d, "the queries", pre),
-                _operand(k_access, j, d, "the keys", pre),
-                tuple(f for f in extra if f.is_scalar), tuple(f for f in extra if not f.is_scalar))
+    # scalar factors the launcher can evaluate fold into the q scale; others (a full
+    # reduction `sum(w[a], a)`) stay per-tile factors, read precomputed
+    folded = [f for f in extra if f.is_scalar and host_evaluable(f)]
+    term = Term(kind, coef, score, qk, _operand(q_access, i, d, "the queries", pre, j),
+                _operand(k_access, j, d, "the keys", pre, i),
+                tuple(folded), tuple(f for f in extra if f not in folded))
     return term, i, d
 
 
@@ -284,13 +305,20 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
             raise NotRowStreamable("the terms' Q K^T contract over different extents")
         d = d or d_term
         terms.append(term)
-    v = _operand(v_access, j, e, "the values", pre)
+    v = _operand(v_access, j, e, "the values", pre, i)
     if i not in out.axes:
         raise NotRowStreamable("the output is not indexed by the queries")
+    if row_sum is not None and row_sum.axes != (j,):
+        raise NotRowStreamable(f"the output divides by a sum along '{row_sum.axes[0]}', not along the keys '{j}'")
     if row_sum is not None and (len(terms) != 1 or terms[0].kind != "pointwise"):
         raise NotRowStreamable("a row-sum normaliser needs one pointwise weight")
     outer = tuple(ix for ix in out.axes if ix not in (i, e))
     summed_outer = tuple(ix for ix in pv.summed if ix != j)
+    for op, role in [*((t.q, "the queries") for t in terms), *((t.k, "the keys") for t in terms), (v, "the values")]:
+        extra = {ix for _, a in op.outer_args() for ix in a.indices} - {*outer, *summed_outer}
+        if extra:  # an operand's base offset is one per program (or per summed head)
+            raise NotRowStreamable(f"{role} are read at '{sorted(extra)[0]}', which is no batch or head index "
+                                   f"of the program ({_statement(program, op.access)})")
     for t in terms:
         if set(t.score.indices) - {i, j, *outer, *summed_outer} or \
                 (t.coef is not None and set(t.coef.indices) - {i, *outer, *summed_outer}):
@@ -301,7 +329,7 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
     try:
         for node in [*(t.score for t in terms), *(t.coef for t in terms if t.coef is not None),
-                     *(m.pred for m in masks)]:
+                     *(f for t in terms for f in t.qk_factors), *(m.pred for m in masks)]:
             scan_for_precompute(node, {t.qk for t in terms}, pre, i, j)
         mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, (*outer, *summed_outer))
     except (TooLarge, NotAffineExtents) as why:
@@ -330,7 +358,7 @@ def plan_statistics(program: ir.Program, node: ir.Node) -> RowStreamPlan | None:
         term, row, d = _term(program, "softmax", None, node.arg, stream, pre)
         masks = program.masks_on(node)
         outer = tuple(ix for ix in node.indices if ix != row)
-        for n in [node.arg, *(m.pred for m in masks)]:
+        for n in [node.arg, *term.qk_factors, *(m.pred for m in masks)]:
             scan_for_precompute(n, {term.qk}, pre, row, stream)
         if pre.inputs or any(set(m.pred.indices) - {row, stream, *outer} for m in masks):
             return None
@@ -406,9 +434,19 @@ def _gqa_group(terms: list[Term], v: Operand, masks):
         h = arg.name
         ks = [a for op in (k, v) for _, a in op.outer_args() if h in a.indices]
         if len(ks) == 2 and all(isinstance(a, ir.Map) and a.op == "//" and _bare(a.args[0], h)
-                                and a.args[1].is_scalar for a in ks):
+                                and a.args[1].is_scalar for a in ks) and _same_scalar(ks[0].args[1], ks[1].args[1]):
             return h, ks[0].args[1]
     return None
+
+
+def _same_scalar(a: ir.Node, b: ir.Node) -> bool:
+    """Whether two scalar expressions are the same (packing K and V heads by one group size)."""
+    if a is b:
+        return True
+    try:
+        return to_sympy(a) == to_sympy(b)
+    except NotImplementedError:
+        return False
 
 
 def _score_nodes(program: ir.Program, score: ir.Node) -> set[ir.Node]:
