@@ -7,6 +7,7 @@ uses that disagree are an error unless a `require` makes the dims equal.
 """
 from __future__ import annotations
 
+import networkx as nx
 import sympy
 
 from attncc import ir
@@ -184,15 +185,39 @@ def _index_loc(node: ir.Node, name: str):
 
 
 def check_depth(program: ir.Program):
-    """Reject a graph deeper than `MAX_IR_DEPTH`, found without recursion, at the first node
-    past the limit, so that no later recursive walk can reach Python's recursion limit."""
+    """Reject a mask that depends on what it masks, and a graph deeper than `MAX_IR_DEPTH`.
+
+    A node under a mask also depends on the mask's predicate (the reference evaluates the
+    predicate to evaluate the node), so both checks run on the operand graph plus an edge
+    from each mask's predicate to each node it applies to, without recursion, so that no
+    later recursive walk can loop forever or reach Python's recursion limit."""
+    graph = program.graph.copy()
+    masked_by: dict[tuple[ir.Node, ir.Node], ir.Mask] = {}
+    for node in program.graph:
+        for m in program.masks_on(node):
+            masked_by.setdefault((m.pred, node), m)
+            graph.add_edge(m.pred, node)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        cycle = []
+    for edge in cycle:
+        m = masked_by.get(edge[:2])
+        if m is not None:
+            target = edge[1]
+            what = f"{getattr(target, 'op', type(target).__name__.lower())} along '{ir.reduced_axes(target)[0]}'"
+            line = f" at line {target.loc.line}" if target.loc else ""
+            raise SpecError(f"this mask depends on what it masks: it reads the {what}{line}, which the mask "
+                            "itself restricts", program.source, m.loc,
+                            "a mask that does not read the scores it applies to; select over other index "
+                            "names (e.g. blocks `qb`, `kb` as in examples/topk_blocks.attn)")
     depth: dict[ir.Node, int] = {}
-    for node in program.nodes():
-        depth[node] = 1 + max((depth[op] for op in node.operands()), default=0)
+    for node in nx.topological_sort(graph):
+        depth[node] = 1 + max((depth[op] for op in graph.predecessors(node)), default=0)
         if depth[node] > MAX_IR_DEPTH:
             raise SpecError(f"this value is computed through more than {MAX_IR_DEPTH} nested operations, "
-                            "counting through the statements and lets it reads", program.source, node.loc,
-                            f"at most {MAX_IR_DEPTH} levels; fewer chained updates of the same tensor")
+                            "counting through the statements, lets and masks it reads", program.source,
+                            node.loc, f"at most {MAX_IR_DEPTH} levels; fewer chained updates of the same tensor")
 
 
 _INT_FOLD = {
