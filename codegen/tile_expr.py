@@ -136,7 +136,9 @@ class TileEmitter:
 
     def host_scalar(self, node: ir.Node) -> Val:
         """A value of dims, params and constants: computed on the host, passed as an argument."""
-        if isinstance(node, ir.Const):
+        # an integer literal past int32 would be cast to the tiles' int32 and fail: such a
+        # constant goes in as an argument, which Triton types as int64
+        if isinstance(node, ir.Const) and not (node.dtype == ir.INT and not -2**31 <= node.value < 2**31):
             value = bool(node.value) if node.dtype == ir.BOOL else node.value
             return Val(literal(value), frozenset(), node.dtype, value)
         if isinstance(node, ir.Scalar):  # a dim or param, by its user name

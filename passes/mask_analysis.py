@@ -46,6 +46,9 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 # caller treats the mask as opaque (evaluated per element, tiles found by a block map).
 MAX_CONJUNCTS = 32
 MAX_LITERALS = 256
+# Tile bounds are int32 arithmetic in the kernel (and rearranging `j - C <= i` into
+# `j <= i + C` can overflow even int64): a mask with a larger constant is opaque too.
+MAX_BOUND_CONSTANT = 2 ** 30
 
 
 class MaskTooComplex(ValueError):
@@ -366,6 +369,9 @@ def analyse_mask(pred, i, j, n="N", m="M") -> MaskPlan:
     idx = {str(s): sp.Symbol(str(s), integer=True) for s in (i, j)}
     plan = MaskPlan((), (), idx[str(i)], idx[str(j)], dims[str(n)], dims[str(m)],
                     sp.Symbol(i0, integer=True), sp.Symbol(i1, integer=True))
+    big = [r for r in pred.atoms(sp.Rational) if max(abs(r.p), r.q) > MAX_BOUND_CONSTANT]
+    if big:
+        raise MaskTooComplex(f"the constant {big[0]} is too large for the kernel's int32 tile bounds")
     norm = _Normaliser({**dims, **idx}, plan.i, plan.j)
     terms = norm.conjuncts(norm.formula(pred))
     conjuncts = tuple(c for c in (_conjunct(t, plan) for t in terms) if c is not None)
