@@ -2,28 +2,186 @@
 
 Triton's wheel carries ptxas, so a kernel can be compiled down to a cubin for, say, an H100
 (sm_90) on a CPU-only machine. That checks what the permissive interpreter cannot (types of
-loop-carried values, scalar/tensor mixes, dot shapes), and `cuobjdump` then reports the
-registers and spill stack a tile configuration needs: a static view of register pressure
-before any GPU time is spent. Compilation needs a process that did not import triton in
-interpreter mode (`TRITON_INTERPRET` unset).
+loop-carried values, scalar/tensor mixes, dot shapes), and the cubin, its PTX and its SASS
+then tell the registers, spill stack, shared memory and instruction mix of a tile config:
+a static view of a kernel before any GPU time is spent. Compilation needs a process that
+did not import triton in interpreter mode (`TRITON_INTERPRET` unset).
+
+What is compiled is exactly what a launch compiles. The launcher records the launches of a
+call whose tensors are meta tensors (shapes, strides and dtypes, no data:
+`RowStreamLauncher.launches`), and each recorded launch goes through Triton's own argument
+binder (`create_function_from_signature` and `JITFunction._pack_args`, as
+`JITFunction.run` does): integer arguments equal to 1 become constants, arguments and
+pointers divisible by 16 carry `tt.divisibility`, constexprs are the launcher's. Compiling
+with every stride a plain i32 and no hints, as this module once did, gives other (worse)
+register counts than the ones that run.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+
+import torch
 
 from . import ir
-from .codegen import names
-from .runtime import load_module, pow2
+from .binding import bind
+from .errors import BackendError
+from .random_inputs import random_arguments
+from .runtime import KernelLaunch, default_config
 
-POINTERS = {ir.FLOAT: "*bf16", ir.INT: "*i64", ir.BOOL: "*i1"}
-SCALARS = {ir.FLOAT: "fp32", ir.INT: "i32", ir.BOOL: "i32"}
-FIXED_POINTERS = {"o_ptr": "*bf16", "lse_ptr": "*fp32", "count_ptr": "*i32", "kv_list_ptr": "*i32",
-                  "kv_full_ptr": "*i32", "kv_count_ptr": "*i32", "map_ptr": "*i8", "state_ptr": "*fp32",
-                  "z_ptr": "*fp32"}
+# sm_90 (H100/H200) limits used by the occupancy estimate
+SM90 = {"regs_per_sm": 65536, "smem_per_sm": 228 * 1024, "smem_per_cta": 227 * 1024, "threads_per_sm": 2048,
+        "ctas_per_sm": 32, "reg_granularity": 256, "smem_granularity": 128, "reserved_smem_per_cta": 1024}
+# the benchmark shape of the static report: B = 4, H = 16, N = M = 4096 (bf16)
+REPORT_SHAPE = {"B": 4, "H": 16, "N": 4096, "M": 4096}
+_OTHER_DIMS = {"G": 4, "W": 257}  # K/V heads of GQA specs (16 // 4), relative-position buckets
+
+
+def report_shape(program: ir.Program, plan, d: int, e: int, n: int = 4096) -> dict:
+    """The dims of the report's call: head dims d and e, n queries and keys, batch 4 and 16
+    heads, named by their role in the plan (a spec may call its dims anything)."""
+    shape = {}
+    term = plan.terms[0]
+    roles = [(term.q.input.dims[term.q.feature], d), (term.q.input.dims[term.q.row], n),
+             (term.k.input.dims[term.k.row], n)]
+    if plan.v is not None:
+        roles.append((plan.v.input.dims[plan.v.feature], e))
+    for dim, value in roles:
+        name = getattr(dim, "name", None) if getattr(dim, "is_Symbol", False) else None
+        if name in program.dims:
+            shape.setdefault(name, value)
+    for name, value in {**REPORT_SHAPE, **_OTHER_DIMS}.items():
+        if name in program.dims and name not in shape:
+            shape[name] = value
+    return shape
+
+
+def size_params(program: ir.Program, shape: dict) -> dict:
+    """Values for the int params without a default that a spec's `require`s tie to the
+    sequence length (`N == height * width`, `N == views * height * width`): a grid as
+    square as powers of two allow, 4 views; other such params get 8 (floats 1.0)."""
+    n = shape.get("N", 4096)
+    out = {}
+    missing = [name for name, node in program.params.items() if node.default is None]
+    if "views" in missing:
+        out["views"] = 4
+        n //= 4
+    height = 2 ** (int(math.log2(max(n, 1))) // 2)
+    for name in missing:
+        node = program.params[name]
+        if name in out:
+            continue
+        if name == "height":
+            out[name] = height
+        elif name == "width":
+            out[name] = max(1, n // height)
+        else:
+            out[name] = 8 if node.dtype == ir.INT else True if node.dtype == ir.BOOL else 1.0
+    return out
+
+
+def static_call(kernel, d: int, e: int, n: int = 4096, shape: dict | None = None, params: dict | None = None,
+                dtype=torch.bfloat16):
+    """A bound call of `kernel` on meta tensors (no data) at the report's shape."""
+    program, plan = kernel.program, kernel.generated.plan
+    dims = {**report_shape(program, plan, d, e, n), **(shape or {})}
+    given = {**size_params(program, dims), **(params or {})}
+    args = random_arguments(program, dims, given, dtype=dtype, device="meta")
+    return bind(program, args, data=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton's binder, as a launch runs it
+
+
+def specialise(launch: KernelLaunch, arch: int = 90):
+    """(signature, constexprs, attrs, options) of a launch, computed by Triton's own argument
+    binder for `GPUTarget("cuda", arch, 32)`: what `JITFunction.run` passes to the compiler."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime import jit
+
+    fn = launch.kernel
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = {**launch.constexprs, **launch.options}
+    kwargs["debug"] = kwargs.get("debug", getattr(fn, "debug", None)) or knobs.runtime.debug
+    binder = jit.create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    if hasattr(fn, "_pack_args"):  # Triton 3.5 and later
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    else:  # the same steps, inline in JITFunction.run in earlier versions
+        from triton._utils import find_paths_if, get_iterable_path
+
+        options = backend.parse_options(kwargs)
+        sigvals = [x[0] for x in specialization]
+        signature = {p.name: v for p, v in zip(fn.params, sigvals)}
+        paths = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+        constexprs = {path: get_iterable_path(list(bound.values()), path) for path in paths}
+        attrvals = ["" if x[0] == "constexpr" else x[1] for x in specialization]
+        paths = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+        attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in paths}
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: KernelLaunch, arch: int = 90):
+    """The compiled kernel (cubin, PTX, metadata) a launch would run on an `sm_<arch>` GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = specialise(launch, arch)
+    source = ASTSource(launch.kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+
+
+def report_launches(kernel, d: int, e: int, config: dict | None = None, n: int = 4096, shape=None,
+                    params=None) -> list[KernelLaunch]:
+    """Every distinct kernel launch of a compiled spec at the report's shape: the launches of
+    a plain call (with its statistics passes, block-map classifier or linear-attention
+    kernels), of a GQA-packed call when query heads share K/V heads, and of the row-streaming
+    kernel when plain calls take a linear-attention path. One launch per kernel function."""
+    launcher = kernel.generated.launcher
+    src = kernel.generated.source
+    call = static_call(kernel, d, e, n, shape, params)
+    config = dict(config or {})
+    runs = [(config, False)]
+    if src.packed is not None:
+        runs.append(({**config, "GQA_PACK": True}, False))
+    if src.reassociated is not None or src.chunked is not None:
+        runs.append((config, True))  # counting tiles always streams rows
+    out, seen = [], set()
+    for cfg, count in runs:
+        try:
+            recorded = launcher.launches(call, False, cfg, count_tiles=count)
+        except BackendError:
+            if "GQA_PACK" in cfg:  # a group that cannot pack (not a power of two, ...)
+                continue
+            raise
+        for k in recorded:
+            if k.kernel.__name__ not in seen:
+                seen.add(k.kernel.__name__)
+                out.append(k)
+    return out
+
+
+def compile_kernels(kernel, d: int, e: int, config: dict | None = None, arch: int = 90, n: int = 4096,
+                    shape=None, params=None) -> dict:
+    """Every kernel of a compiled spec's module that a call can launch (main, GQA-packed
+    variant, statistics passes, block-map classifier, linear-attention kernels), compiled for
+    `sm_<arch>` as a launch on bf16 inputs at the report's shape (B = 4, H = 16, N = M = n,
+    head dims d and e) with `config` (the launcher's default where not given) would."""
+    return {k.kernel.__name__: compile_launch(k, arch)
+            for k in report_launches(kernel, d, e, config, n, shape, params)}
+
+
+# ---------------------------------------------------------------------------------------------
+# what the compiled kernel is made of
 
 
 @dataclass
@@ -32,92 +190,135 @@ class Resources:
     registers: int
     spill_bytes: int
     shared_bytes: int
+    num_warps: int = 0
+    ctas_per_sm: int = 0
+    limited_by: str = ""
+    wgmma: int = 0                  # wgmma.mma_async instructions (PTX)
+    wgmma_a_shared: bool | None = None  # the QK^T wgmma's A (q) read from shared memory
+    tma_loads: int = 0              # cp.async.bulk.tensor (PTX)
+    cp_async_loads: int = 0         # cp.async (non-bulk, PTX)
+    loops: list = field(default_factory=list)  # SASS instructions per loop body, in code order
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-def _argument_types(kernel) -> tuple[dict, dict]:
-    """Input dtypes (real and precomputed) and scalar dtypes of a compiled attncc kernel."""
-    plan, src = kernel.generated.plan, kernel.generated.source
-    inputs = {**kernel.program.inputs,
-              **{i.name: i for i in (plan.precomputed.inputs.values() if plan.precomputed else ())}}
-    hosts = {**src.host_scalars, **(src.packed.host_scalars if src.packed else {}),
-             **(src.block_map.host_scalars if src.block_map else {})}
-    for _, stats in src.statistics.values():
-        hosts.update(stats.host_scalars)
-    for linear in (src.reassociated, src.chunked):
-        if linear is not None:
-            hosts.update(linear.host_scalars)
-    scalars = {name: node.dtype for name, node in hosts.items()}
-    scalars.update({n: s.dtype for n, s in kernel.program.params.items()})
-    return inputs, scalars
-
-
-def signature(fn, kernel, constexprs: dict) -> dict:
-    """Triton types of a generated kernel's arguments, as the launcher passes them (bf16 data)."""
-    inputs, scalars = _argument_types(kernel)
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in FIXED_POINTERS:
-            sig[name] = FIXED_POINTERS[name]
-        elif (names.split(name) or ("",))[0] == "ptr":  # an input's pointer, ptr_<input>
-            sig[name] = POINTERS[inputs[names.split(name)[1]].dtype]
-        elif name.endswith("_ptr"):  # a precomputed input's (pre0_ptr for <pre0>)
-            sig[name] = POINTERS[inputs[f"<{name[:-4]}>"].dtype]
-        elif name.startswith("qk_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = SCALARS.get(scalars.get(name), "i32")
-    return sig
-
-
-def compile_kernels(kernel, d: int, e: int, config: dict, arch: int = 90) -> dict:
-    """Every kernel of a compiled spec's module (main, GQA-packed variant, statistics passes,
-    block-map classifier) compiled for `sm_<arch>` with bf16 inputs and the given tile config."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    src, plan = kernel.generated.source, kernel.generated.plan
-    module = load_module(src, interpret=False)
-    main = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_D": pow2(d), "BLOCK_E": pow2(e),
-            "STORE_LSE": True, "COUNT_TILES": False, "SPLIT": False, "PRECISION": "ieee", "UPCAST_DOT": False,
-            "EVEN_D": pow2(d) == d, "EVEN_E": pow2(e) == e, "FULL_MASKED": bool(config.get("FULL_MASKED", False))}
-    targets = {f"{src.name}_fwd": main}
-    if src.packed is not None:
-        targets[f"{src.packed.name}_fwd"] = main
-    for _, stats in src.statistics.values():
-        targets[f"{stats.name}_fwd"] = main
-    if src.chunked is not None:
-        targets[src.chunked.name] = {"BLOCK_C": 64, "BLOCK_D": main["BLOCK_D"], "BLOCK_E": main["BLOCK_E"],
-                                     "ROW_SUM": plan.row_sum}
-    if src.reassociated is not None:
-        linear = {k: main[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E")} | {"ROW_SUM": plan.row_sum}
-        targets[f"{src.reassociated.name}_state"] = linear
-        targets[f"{src.reassociated.name}_apply"] = linear
-    if src.block_map is not None:
-        targets[f"{src.name}_classify"] = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
-    options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
-    out = {}
-    for name, constexprs in targets.items():
-        fn = getattr(module, name)
-        consts = {(fn.arg_names.index(c),): v for c, v in constexprs.items() if c in fn.arg_names}
-        source = ASTSource(fn=fn, signature=signature(fn, kernel, constexprs), constexprs=consts)
-        out[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    return out
-
-
-def resources(name: str, compiled) -> Resources:
-    """Registers and spill stack of a compiled kernel, read from its cubin with cuobjdump."""
+def tool(name: str) -> str:
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cuobjdump(cubin: bytes, *flags) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        report = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                                check=True).stdout
+        return subprocess.run([tool("cuobjdump"), *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def occupancy(registers: int, num_warps: int, shared_bytes: int, limits: dict = SM90) -> tuple[int, str]:
+    """CTAs per SM on sm_90 from registers per thread (allocated per warp in units of 256),
+    threads and shared memory (plus the 1 KiB the driver reserves per CTA); and the limit."""
+    g = limits["reg_granularity"]
+    regs_per_warp = -(-max(registers, 1) * 32 // g) * g
+    by_regs = limits["regs_per_sm"] // (regs_per_warp * num_warps)
+    by_threads = limits["threads_per_sm"] // (32 * num_warps)
+    sg = limits["smem_granularity"]
+    smem = -(-(shared_bytes + limits["reserved_smem_per_cta"]) // sg) * sg
+    by_smem = limits["smem_per_sm"] // smem if shared_bytes <= limits["smem_per_cta"] else 0
+    bounds = {"registers": by_regs, "threads": by_threads, "shared memory": by_smem,
+              "CTA slots": limits["ctas_per_sm"]}
+    ctas = min(bounds.values())
+    return ctas, min(bounds, key=lambda k: (bounds[k], k != "registers"))
+
+
+_WGMMA = re.compile(r"wgmma\.mma_async[^\s]*\s+(\{[^}]*\}|[^,]+),\s*(\{[^}]*\}|[^,]+),")
+
+
+def ptx_facts(ptx: str) -> dict:
+    """wgmma count, whether the first wgmma of the kernel (QK^T: the first dot in the key
+    loop) reads its A operand from shared memory (a 64-bit descriptor `%rd` rather than a
+    brace list of registers), and the kinds of asynchronous loads."""
+    wgmmas = _WGMMA.findall(ptx)
+    a_shared = None
+    if wgmmas:
+        a = wgmmas[0][1].strip()
+        a_shared = not a.startswith("{")
+    tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+    cp = len(re.findall(r"\bcp\.async\.(?:ca|cg)\.shared", ptx))
+    return {"wgmma": len(wgmmas), "wgmma_a_shared": a_shared, "tma_loads": tma, "cp_async_loads": cp}
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_TARGET = re.compile(r"`?\(\.L_x_(\d+)\)|0x([0-9a-f]+)")
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of a kernel's SASS: each backward branch (a BRA whose target lies before
+    it) closes a loop whose body is the instructions from the target to the branch. Returns
+    {start, end, instructions, wgmma} per innermost loop, in code order. Key-tile loops are
+    the ones holding HGMMA instructions; their count is a static size, not a dynamic one
+    (instructions in a loop's body, each counted once)."""
+    labels, instrs = {}, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.L_x_(\d+):", line)
+        if m:
+            labels[m.group(1)] = None  # bound to the next instruction's address
+            continue
+        m = _SASS_LINE.search(line)
+        if not m:
+            continue
+        addr, text = int(m.group(1), 16), m.group(2).strip()
+        for k, v in labels.items():
+            if v is None:
+                labels[k] = addr
+        instrs.append((addr, text))
+    loops = []
+    for addr, text in instrs:
+        op = text.split()[0] if not text.startswith("@") else text.split()[1]
+        if not op.startswith("BRA"):
+            continue
+        m = re.search(r"\.L_x_(\d+)", text)
+        target = labels.get(m.group(1)) if m else None
+        if target is None:
+            m = re.search(r"0x([0-9a-f]+)", text)
+            target = int(m.group(1), 16) if m else None
+        if target is None or target >= addr:
+            continue
+        body = [t for a, t in instrs if target <= a <= addr]
+        loops.append({"start": target, "end": addr, "instructions": len(body),
+                      "wgmma": sum("HGMMA" in t for t in body)})
+    inner = [lp for lp in loops if not any(o is not lp and lp["start"] < o["start"] and o["end"] <= lp["end"]
+                                           for o in loops)]
+    return sorted(inner, key=lambda lp: lp["start"])
+
+
+def resources(name: str, compiled, num_warps: int | None = None) -> Resources:
+    """Registers and spill stack (cuobjdump's resource usage), shared memory (Triton's
+    metadata), CTAs per SM, the wgmma A operand source and load kinds (PTX), and the key-tile
+    loops' SASS instruction counts of a compiled kernel."""
+    cubin = compiled.asm["cubin"]
+    report = _cuobjdump(cubin, "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", report)
     stack = re.search(r"STACK:(\d+)", report)
-    return Resources(name, int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1,
-                     int(compiled.metadata.shared))
+    warps = num_warps or int(getattr(compiled.metadata, "num_warps", 4))
+    shared = int(compiled.metadata.shared)
+    r = Resources(name, int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1, shared, warps)
+    r.ctas_per_sm, r.limited_by = occupancy(r.registers, warps, shared)
+    for k, v in ptx_facts(compiled.asm.get("ptx", "")).items():
+        setattr(r, k, v)
+    try:
+        sass = _cuobjdump(cubin, "-sass")
+    except (OSError, subprocess.CalledProcessError):
+        sass = ""
+    r.loops = [lp for lp in sass_loops(sass) if lp["wgmma"]]
+    first = re.search(r"HGMMA\.\S+\s+\S+,\s*(\S+?),", sass)
+    if first:  # the SASS says it plainly: `gdesc[...]` (shared memory) or a register
+        r.wgmma_a_shared = first.group(1).startswith("gdesc")
+    return r
+
+
+def default_report_config(kernel, d: int, e: int) -> dict:
+    """The launcher's GPU default config for a spec at head dims d, e."""
+    return default_config(False, d, e, len(kernel.generated.plan.terms))
