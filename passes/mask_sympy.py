@@ -79,6 +79,25 @@ class _MaskToSympy:
         return sympy.Eq(value, 1) if node.dtype == ir.BOOL else value
 
 
+# Each min, max, clamp or abs splits the symbolic analysis in cases, and sympy's own
+# Min/Max canonicalisation slows down sharply when they nest; past this many the masks
+# are treated as opaque (per-element masking and a runtime block map).
+MAX_KINKS = 8
+
+
+def _kinks(masks) -> int:
+    """The number of distinct min/max/clamp/abs nodes under the masks (no recursion)."""
+    seen, stack, count = set(), [m.pred for m in masks], 0
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        count += isinstance(node, ir.Map) and node.op in ("min", "max", "clamp", "abs")
+        stack.extend(node.operands())
+    return count
+
+
 def analyse_masks(program: ir.Program, masks, i, j, outer):
     """The sympy mask plan of the conjunction of `masks` (None without masks), the loaded
     scalars and the opaque functions it names."""
@@ -89,6 +108,8 @@ def analyse_masks(program: ir.Program, masks, i, j, outer):
         raise NotAffineExtents("query and key extents must be dims")
     convert = _MaskToSympy(program, i, j, outer)
     try:
+        if _kinks(masks) > MAX_KINKS:
+            raise MaskTooComplex(f"more than {MAX_KINKS} min, max, clamp or abs in the masks")
         plan = analyse_mask(sympy.And(*(convert(mk.pred) for mk in masks)), i, j, n=str(n), m=str(m))
     except MaskTooComplex:
         # Too many alternatives to bound symbolically: each mask becomes one opaque atom, so
