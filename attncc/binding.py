@@ -147,6 +147,8 @@ def _check_sizes(program: ir.Program, scalars: dict) -> dict[str, int]:
             value = fn(*(scalars[n] for n in names))
             bad = isinstance(value, float) and math.isnan(value)
             why = "it is nan"
+        except OverflowError:  # past the double range: inf, as torch computes it (evaluate_scalar)
+            bad = False
         except (ArithmeticError, ValueError, TypeError) as err:
             bad, why = True, str(err) or type(err).__name__
         if bad:

@@ -496,12 +496,20 @@ def evaluate_scalar(node: ir.Node, scalars: dict):
     argument) given dims and params. Each expression is turned into a Python function once:
     this runs on every call of a kernel, where sympy substitution would cost ~0.1 ms."""
     fn, names = _scalar_function(node)
-    value = fn(*(scalars[n] for n in names))
+    args = [scalars[n] for n in names]
+    try:
+        value = fn(*args)
+    except OverflowError:  # math.exp(1000): exact arithmetic instead, saturated to inf below as torch does
+        expr = to_sympy(node)
+        value = expr.xreplace({s: sympy.sympify(scalars[s.name]) for s in expr.free_symbols}).evalf()
     if node.dtype == ir.BOOL or isinstance(value, bool):
         return bool(value)
     if node.dtype == ir.INT:
         return int(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a float beyond the double range (3 ** 1000 computed exactly) is infinite
+        return math.inf if value > 0 else -math.inf
 
 
 @functools.lru_cache(maxsize=None)
