@@ -116,6 +116,15 @@ class Reference:
     def memo(self, node: ir.Node) -> dict:
         return self.local if self.chunk_index in node.indices else self.shared
 
+    def whole(self, node: ir.Node) -> torch.Tensor:
+        """`full(node)`, kept once built: a gathering or transposing read of a streamed tensor
+        needs all of it in every stream block, and rebuilding it per block would make a chain
+        of such reads (`s[i,j] = s[j,i]`, again and again) cost blocks ** length."""
+        key = ("whole", node)
+        if key not in self.shared:
+            self.shared[key] = self.full(node)
+        return self.shared[key]
+
     def value(self, node: ir.Node) -> torch.Tensor:
         memo = self.memo(node)
         if node not in memo:
@@ -199,7 +208,7 @@ class Reference:
         elif self.reads_in_place(node):
             return self.constant_slice(node)
         else:
-            array = align(self.full(node.array), node.array.indices, node.axes)
+            array = align(self.whole(node.array), node.array.indices, node.axes)
         if not node.args:
             return array.reshape(())
         args = [align(self.value(a), a.indices, node.indices) for a in node.args]

@@ -491,3 +491,17 @@ def test_topk_ranks_nan_first_as_torch_topk_does():
     chosen.scatter_(1, torch.topk(x, 2, dim=1).indices, True)
     assert c.tolist() == chosen.tolist()
     same(o, torch.where(chosen, x, 0.0))
+
+
+def test_chained_transposing_reads_build_each_tensor_once(monkeypatch):
+    """`s[b,h,i,j] = s[b,h,j,i]` reads the whole streamed `s` in every stream block; each
+    whole tensor is built once, not once per block of each reader (blocks ** chain length)."""
+    spec = causal_by("\n".join(["  s[b,h,i,j] = s[b,h,j,i] * 1.0"] * 4)).replace(
+        "-> o[B,H,N,E] {", "-> o[B,H,N,E] {\n  require N == M")
+    kernel = reference(spec, 1)
+    calls = []
+    full = Reference.full
+    monkeypatch.setattr(Reference, "full", lambda self, node: calls.append(node) or full(self, node))
+    q, k, v = qkv(m=N)
+    same(kernel(q=q, k=k, v=v), torch_attention(q, k, v))  # four transposes are none
+    assert len(calls) <= 8, len(calls)
