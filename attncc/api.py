@@ -249,18 +249,21 @@ class Kernel:
         return self._configs[key]
 
     def tune(self, *, trials: int = 30, timeout_s: float | None = None, cache=None, objective=None,
-             progress=None, **example_inputs):
+             progress=None, fresh: bool = False, **example_inputs):
         """Search tile sizes, warps, stages (and key splits for few queries) for calls
         shaped like `example_inputs`; store the best config in the tuning cache, where
         every later call in the same bucket (same spec, dims rounded up to powers of two
         above 16, int params, dtype, GPU, Triton version) finds it. See docs/autotune.md.
 
-        trials / timeout_s: the budget, whichever ends first. cache: a path or a
-        `TuningCache` (default: the user cache, `$ATTNCC_CACHE_DIR/tuning.json`);
-        a cache given here becomes `self.tuning_cache`, the one later calls read.
-        objective: `objective(config) -> seconds` instead of timing launches with CUDA
-        events (tests inject a deterministic cost; without one the inputs must be on a
-        GPU). progress: `progress(trial, result_so_far)` after each trial.
+        trials / timeout_s: the budget of new measurements, whichever ends first. The
+        trials are kept in an optuna study per key (in `tuning.journal` beside the
+        cache); tuning a key again resumes its study, measuring only configs not
+        measured yet, unless `fresh` starts it over. cache: a path or a `TuningCache`
+        (default: the user cache, `$ATTNCC_CACHE_DIR/tuning.json`); a cache given here
+        becomes `self.tuning_cache`, the one later calls read.
+        objective: `objective(config) -> seconds` instead of timing launches with
+        `triton.testing.do_bench` (tests inject a deterministic cost; without one the
+        inputs must be on a GPU). progress: `progress(trial, result_so_far)` after each trial.
         Returns the `TuneResult` (best config, its time, every trial); raises
         `BackendError` when no config ran.
         """
@@ -272,14 +275,16 @@ class Kernel:
         launcher = self.generated.launcher
         objective = objective or measure.launch_objective(launcher, call)
         configs = space.launcher_space(launcher, call, space.device_shared_memory(call.device))
-        result = tuner.tune(objective, configs, trials=trials, timeout_s=timeout_s, progress=progress)
+        store = cache if isinstance(cache, TuningCache) else TuningCache(cache)
+        key = tuning_key(self.program, call)
+        study = store.study(key, configs, fresh=fresh)
+        result = tuner.tune(objective, configs, trials=trials, timeout_s=timeout_s, progress=progress,
+                            study=study)
         if result.best is None:
             reasons = "; ".join(sorted({t.reason for t in result.trials if t.reason}))
             raise BackendError(f"no config of '{self.name}' ran: {reasons}")
-        store = cache if isinstance(cache, TuningCache) else TuningCache(cache)
         if cache is not None:  # the cache a kernel tunes into is the one its calls read
             self.tuning_cache, self._configs = store, {}
-        key = tuning_key(self.program, call)
         store.put(key, result.cache_entry())
         self._configs[key] = result.best_config
         return result

@@ -1,9 +1,11 @@
 """Timing one callable on one device: warm-up, peak memory, then the median of timed reps.
 
-On CUDA each rep sits between two CUDA events recorded back to back (no synchronisation
-between reps, so the host can run ahead as in real use) and the median is reported. On
-a CPU the same steps use the wall clock; the benchmark marks those numbers meaningless.
-Slow callables get fewer reps (at least 3) so that one measurement stays near `budget_s`.
+On CUDA the reps are timed by the autotuner's own timer (`attncc.autotune.measure.
+bench_times`, built on `triton.testing.do_bench`: the L2 cache is cleared before each
+rep, each rep sits between two CUDA events), so a benchmark and a tuning run measure a
+config the same way. On a CPU the same steps use the wall clock; the benchmark marks
+those numbers meaningless. Slow callables get fewer reps (at least 3) so that one
+measurement stays near `budget_s`.
 """
 from __future__ import annotations
 
@@ -40,14 +42,13 @@ def _peak_memory(fn: Callable, device: torch.device):
     return out, torch.cuda.max_memory_allocated(device) - before
 
 
-def _reps_cuda(fn: Callable, n: int) -> list[float]:
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
+def _reps_cuda(fn: Callable, device: torch.device, n: int, wall_ms: float) -> list[float]:
+    """Milliseconds of about `n` reps: do_bench takes a time budget, so ask for `n` calls'
+    worth of the synchronous call time (its own estimate, without the host's
+    synchronisation, may fit a few more reps in)."""
+    from attncc.autotune.measure import bench_times
+
+    return [t * 1e3 for t in bench_times(fn, device, warmup_ms=0, rep_ms=n * wall_ms)]
 
 
 def measure(fn: Callable, device: torch.device, warmup: int = 3, reps: int = 20, budget_s: float = 1.0):
@@ -57,6 +58,6 @@ def measure(fn: Callable, device: torch.device, warmup: int = 3, reps: int = 20,
     out, peak = _peak_memory(fn, device)
     wall_ms = statistics.mean(walls[1:])
     n = max(3, min(reps, int(budget_s * 1e3 / max(wall_ms, 1e-3))))
-    times = _reps_cuda(fn, n) if device.type == "cuda" else [_wall(fn, device) for _ in range(n)]
-    return out, {"ms": statistics.median(times), "reps": n, "first_call_ms": walls[0], "wall_ms": wall_ms,
+    times = _reps_cuda(fn, device, n, wall_ms) if device.type == "cuda" else [_wall(fn, device) for _ in range(n)]
+    return out, {"ms": statistics.median(times), "reps": len(times), "first_call_ms": walls[0], "wall_ms": wall_ms,
                  "peak_mem_bytes": peak}

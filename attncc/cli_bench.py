@@ -20,7 +20,8 @@ the eager PyTorch composition (materialised scores) and its torch.compile. SDPA 
 FlexAttention forms exist for the 15 softmax-family examples; for the other specs the eager
 and compiled competitors are the spec's own cascade of torch ops, fully materialised.
 
-Each row: median time of the reps (CUDA events), TFLOP/s counted as FlashAttention does
+Each row: median time of the reps (triton.testing.do_bench: CUDA events, L2 cleared before
+each rep, as `attncc tune` times configs), TFLOP/s counted as FlashAttention does
 (4*B*H*N*M*D, halved for causal masks; the same count for every competitor), attncc's
 effective TFLOP/s over the key tiles it really visits, peak memory of one call, largest
 error against the float32 reference, and how many times faster attncc is.
@@ -56,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"what to time (default: all): {', '.join(COMPETITORS)}, where sdpa means every "
                         f"backend, or one of sdpa:{{{','.join(SDPA_BACKENDS)}}}")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
-    p.add_argument("--reps", type=int, default=20, help="timed calls, fewer for slow ones (default: 20)")
+    p.add_argument("--reps", type=int, default=20, help="about this many timed calls (do_bench's time budget), fewer for slow ones (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default: 0)")
     p.add_argument("--device", help="torch device (default: cuda when available, else a cpu smoke run)")
     p.add_argument("--json", metavar="OUT.json", help="write the results document here")

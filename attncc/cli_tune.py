@@ -23,14 +23,22 @@ from .random_inputs import random_arguments
 DESCRIPTION = """\
 Search the launch configs of a spec's Triton kernel (tile sizes BLOCK_M x BLOCK_N,
 warps, pipeline stages, and key splits when there are at most 16 queries) for one
-shape on this GPU, with an optuna TPE search timed by CUDA events. The untuned
-default is measured first; configs whose first run is over 3x the best so far are
-cut short; configs that fail to compile or launch are recorded and skipped.
+shape on this GPU, with an optuna TPE search. Each config is timed by
+triton.testing.do_bench (L2 cleared before every run; the benchmarks time the same
+way). The untuned default is measured first; configs whose first run is over 3x the
+best so far are cut short; configs that fail to compile or launch are recorded and
+skipped.
 
-The best config is stored in the tuning cache (default: $ATTNCC_CACHE_DIR/tuning.json,
-else ~/.cache/attncc/tuning.json) under the spec's content hash, the shape bucket
-(dims above 16 rounded up to a power of two), dtype, GPU and Triton version. Every
-later call of the kernel in that bucket, from any process, runs with it.
+Every trial is kept in optuna's journal storage (default:
+$ATTNCC_CACHE_DIR/tuning.journal, else ~/.cache/attncc/tuning.journal; beside
+--cache PATH otherwise), one study per spec content hash, shape bucket (dims above
+16 rounded up to a power of two), dtype, GPU and Triton version. Tuning the same key again resumes its study: configs already
+measured are not measured again (--fresh starts over). `optuna-dashboard FILE.journal`
+shows the studies.
+
+The best config goes to the tuning cache index (default: $ATTNCC_CACHE_DIR/tuning.json,
+else ~/.cache/attncc/tuning.json), the only file calls read: every later call of the
+kernel in that bucket, from any process, runs with it.
 
 Inputs are random, shaped by --shape and --param as in `attncc check`. Needs a CUDA
 device: timings in the interpreter mean nothing, so without one it exits with 2."""
@@ -54,9 +62,15 @@ def add_parser(subparsers):
     p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
     _size_options(p, "to tune for")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="input dtype (default: bfloat16)")
-    p.add_argument("--trials", type=int, default=30, help="configs to measure at most (default: 30)")
+    p.add_argument("--trials", type=int, default=30,
+                   help="configs to measure in this run at most; those a resumed study measured "
+                        "before do not count (default: 30)")
     p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
-    p.add_argument("--cache", metavar="PATH", help="tuning cache file (default: the user cache)")
+    p.add_argument("--cache", metavar="PATH",
+                   help="tuning cache index file; its trials go to PATH with the suffix .journal "
+                        "(default: the user cache)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start this key's study over instead of resuming its earlier trials")
     p.set_defaults(run=run)
     return p
 
@@ -81,15 +95,20 @@ def run(args, console: Console | None = None) -> int:
         task = bar.add_task(f"tuning {escape(kernel.name)}", total=args.trials, best="-")
 
         def progress(trial, result: TuneResult):
-            bar.update(task, completed=len(result.trials), best=_time(result.best_time))
+            bar.update(task, completed=result.measured_now, best=_time(result.best_time))
 
-        result = kernel.tune(trials=args.trials, timeout_s=args.timeout, cache=args.cache,
-                             progress=progress, **inputs)
+        store = TuningCache(args.cache)
+        result = kernel.tune(trials=args.trials, timeout_s=args.timeout, cache=store,
+                             progress=progress, fresh=args.fresh, **inputs)
     console.print(result_table(result))
     pruned = sum(t.status == "pruned" for t in result.trials)
     failed = [t for t in result.trials if t.status == "failed"]
-    console.print(f"{len(result.trials)} configs in {result.elapsed_s:.1f} s ({pruned} cut short, "
-                  f"{len(failed)} failed); stored in {escape(str(TuningCache(args.cache).path))}", soft_wrap=True)
+    resumed = len(result.trials) - result.measured_now
+    earlier = f", {resumed} of them from earlier runs" if resumed else ""
+    console.print(f"{len(result.trials)} configs{earlier}; {result.measured_now} measured in {result.elapsed_s:.1f} s "
+                  f"({pruned} cut short, {len(failed)} failed); stored in {escape(str(store.path))}", soft_wrap=True)
+    if store.studies_kept:
+        console.print(f"[dim]trials: {escape(str(store.journal))} (optuna-dashboard opens it)[/]", soft_wrap=True)
     for t in failed[:3]:
         console.print(f"[dim]failed {escape(_config(t.config))}: {escape(str(t.reason))}[/]", soft_wrap=True)
     return 0

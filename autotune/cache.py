@@ -1,15 +1,22 @@
 """The persistent tuning cache: best configs per (spec, shape bucket, dtype, GPU, Triton).
 
-One JSON file, `tuning.json` in the user cache dir (`$ATTNCC_CACHE_DIR`, else
-`$XDG_CACHE_HOME/attncc`, else `~/.cache/attncc`). Writers take an exclusive
-`flock` on the cache's folder, merge their entry into what is on disk at that
-moment and replace the file atomically, so concurrent tuners never lose each
-other's entries and readers never see half a file. A corrupt or unreadable file is
-reported with a warning and read as empty; the next write replaces it. Entries whose
-config is not one `attncc tune` could have written are ignored with a warning.
+Two files in the user cache dir (`$ATTNCC_CACHE_DIR`, else `$XDG_CACHE_HOME/attncc`,
+else `~/.cache/attncc`):
+
+- `tuning.json`, the index: the best config per key, the only thing calls read (once
+  per kernel and shape bucket: one small JSON file, no optuna, no replay). Writers take
+  an exclusive `flock` on the cache's folder, merge their entry into what is on disk at
+  that moment and replace the file atomically, so concurrent tuners never lose each
+  other's entries and readers never see half a file. A corrupt or unreadable file is
+  reported with a warning and read as empty; the next write replaces it. Entries whose
+  config is not one `attncc tune` could have written are ignored with a warning.
+- `tuning.journal`, every trial, in optuna's journal storage (`studies.py`): one study
+  per key, resumed by the next tuning run of that key, readable by optuna-dashboard.
+  The index is written from the study's result after each run.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -73,6 +80,12 @@ def _triton_version() -> str:
     return metadata.version("triton")
 
 
+def journal_path(index: Path) -> Path:
+    """Where the trials of the tuning cache `index` live: `tuning.json` -> `tuning.journal`."""
+    path = index.with_name(index.stem + ".journal")
+    return path if path != index else index.with_name(index.name + ".journal")
+
+
 def default_path() -> Path:
     from attncc.runtime import cache_dir  # the generated kernels' folder; tuning sits beside it
 
@@ -113,10 +126,26 @@ def config_problem(config) -> str | None:
 
 class TuningCache:
     """Entries by key text; each holds `config`, `time_s`, `top` (a few runners-up as
-    {config, time_s}), `default_time_s`, `trials`, `timestamp` and the key's fields."""
+    {config, time_s}), `default_time_s`, `trials`, `timestamp` and the key's fields.
+    `path` is the index; the trials' journal (`journal`) sits beside it."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_path()
+        self.journal = journal_path(self.path)
+        self._studies = None  # a studies.Studies once tuning asks (it imports optuna; calls never do)
+
+    def study(self, key: TuningKey, space, seed: int = 0, fresh: bool = False):
+        """The optuna study holding the trials of `key` over `space`, to resume (or, with
+        `fresh`, to start over); in memory, with a warning, if the journal is unusable."""
+        from .studies import Studies
+
+        self._studies = self._studies or Studies(self.journal)
+        return self._studies.study(key, space, seed=seed, fresh=fresh)
+
+    @property
+    def studies_kept(self) -> bool:
+        """Whether the latest `study()` is in the journal (False: it fell back to memory)."""
+        return bool(self._studies and self._studies.persistent)
 
     def get(self, key: TuningKey) -> dict | None:
         """The entry of `key` when its config is valid; an invalid one is reported with a
@@ -171,19 +200,26 @@ class TuningCache:
         exclusive `flock` on the cache's folder itself: no lock file that could be missing,
         a folder or a symlink."""
         entry = {**entry, **key._asdict(), "shape": dict(key.shape), "timestamp": time.time()}
-        folder = self.path.parent
-        if not folder.is_dir():
-            cachefs.private_dir(folder)
-        try:
-            lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as err:
-            raise CacheError(f"cannot lock the tuning cache folder {cachefs.where(folder)}: "
-                             f"{err.strerror or err}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked_folder(self.path.parent):
             entries = {**self.entries(), key.text: entry}
             data = json.dumps({"format": FORMAT, "entries": entries}, indent=1, sort_keys=True)
             cachefs.write_atomic(self.path, data.encode())
-        finally:
-            os.close(lock)  # releases the lock
         return entry
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path):
+    """An exclusive `flock` on a cache folder (created private if missing) while the block
+    runs: no lock file that could be missing, a folder or a symlink."""
+    if not folder.is_dir():
+        cachefs.private_dir(folder)
+    try:
+        lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise CacheError(f"cannot lock the tuning cache folder {cachefs.where(folder)}: "
+                         f"{err.strerror or err}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)  # releases the lock

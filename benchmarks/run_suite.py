@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--competitors", default=",".join(COMPETITORS), help="comma-separated (default: all)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="input dtype (default: bfloat16)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
-    ap.add_argument("--reps", type=int, default=20, help="timed calls, fewer for slow ones (default: 20)")
+    ap.add_argument("--reps", type=int, default=20, help="about this many timed calls (do_bench's time budget), fewer for slow ones (default: 20)")
     ap.add_argument("--out", help="results JSON (default: benchmarks/results/<gpu>_<date>.json); "
                                   "the PNG goes beside it")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="collate these results files into --out and "

@@ -134,10 +134,15 @@ def test_space_prunes_configs_that_exceed_shared_memory():
     assert 0 < len(small.configs()) < len(large.configs())
     assert all(small.shared_memory(c) <= small.smem_limit for c in small.configs())
     heavy = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4}
-    assert small.shared_memory(heavy) == (128 * 256 + 2 * 128 * 512 * 4) * 4
+    assert small.shared_memory(heavy) == (128 * 256 + 128 * 512 * 4) * 4
     assert not small.fits(heavy) and heavy not in small.configs()
     tighter = build_space(4096, 4096, 256, 256, torch.float32, smem_limit=64 * 1024)
     assert len(tighter.configs()) < len(small.configs())
+    # what the sm_90 compile of the dense kernel uses (bf16, D = E = 128): Q + stages x (K + V)
+    d128 = build_space(4096, 4096, 128, 128, torch.bfloat16)
+    for (bm, bn, stages), shared in {(128, 64, 3): 131072, (128, 128, 2): 163840, (64, 64, 4): 147456}.items():
+        assert d128.shared_memory({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8, "num_stages": stages}) == shared
+    assert {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} in d128.configs()
 
 
 def test_space_plan_choices_follow_the_shape():
