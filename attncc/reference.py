@@ -329,7 +329,8 @@ class Reference:
                                      else self.combine(node.op, acc, self.reduce_parts(node)))
         else:
             parts = self.reduce_parts(node)
-        return self.finish(node.op, parts)
+        value = self.finish(node.op, parts)
+        return value.to(torch.bool) if node.dtype == ir.BOOL else value
 
     def reduce_parts(self, node: ir.Reduce):
         """Partial results of a reduction on the current chunk: (value, count)."""
@@ -339,8 +340,11 @@ class Reference:
         valid = self.valid(node, node.arg.indices)
         dims = [node.arg.indices.index(ix) for ix in node.axes]
         fill = {"sum": 0, "mean": 0, "amax": -math.inf, "amin": math.inf, "logsumexp": -math.inf}[node.op]
+        if not x.is_floating_point():  # an int reduction stays int: its extremes stand for -inf / inf
+            x = x.to(torch.int64)
+            fill = {-math.inf: torch.iinfo(torch.int64).min, math.inf: torch.iinfo(torch.int64).max}.get(fill, fill)
         if valid is not None:
-            x = torch.where(valid, x, torch.tensor(fill, dtype=x.dtype if x.is_floating_point() else self.fdtype))
+            x = torch.where(valid, x, torch.tensor(fill, dtype=x.dtype, device=x.device))
             count = valid.expand(x.shape).sum(dim=dims)
         else:
             count = torch.tensor(math.prod(x.shape[d] for d in dims))

@@ -505,3 +505,24 @@ def test_chained_transposing_reads_build_each_tensor_once(monkeypatch):
     q, k, v = qkv(m=N)
     same(kernel(q=q, k=k, v=v), torch_attention(q, k, v))  # four transposes are none
     assert len(calls) <= 8, len(calls)
+
+
+@pytest.mark.parametrize("block", [2, 256])
+def test_masked_integer_and_boolean_reductions_keep_their_type(block):
+    spec = """attention t(n[N,N]: int, c[N,N]: bool) -> (o[N], s[N], m[N], a[N]) {
+      mask j <= i
+      o = amax(n[i,j], j)
+      s = sum(n[i,j], j)
+      m = amin(n[i,j], i)
+      a = amax(c[i,j], j)
+    }"""
+    n = torch.randint(-5, 5, (5, 5), generator=torch.Generator().manual_seed(5))
+    c = n > 0
+    o, s, m, a = reference(spec, block)(n=n, c=c)
+    lower = causal_allowed(5, 5)
+    assert o.dtype == s.dtype == m.dtype == torch.int64 and a.dtype == torch.bool
+    big = torch.iinfo(torch.int64)
+    assert o.tolist() == n.masked_fill(~lower, big.min).amax(1).tolist()
+    assert s.tolist() == n.masked_fill(~lower, 0).sum(1).tolist()
+    assert m.tolist() == n.masked_fill(~lower, big.max).amin(0).tolist()
+    assert a.tolist() == (c & lower).any(1).tolist()
