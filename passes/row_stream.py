@@ -195,55 +195,86 @@ def _operand(access: ir.Node, row: str, feature: str, role: str, pre: Precompute
     return op
 
 
-def _times(coef: ir.Node | None, factor: ir.Node) -> ir.Node:
-    if coef is None:
-        return factor
-    return ir.Map(op="*", args=(coef, factor), indices=ir.union_indices((coef, factor)), dtype=ir.FLOAT)
-
-
 def _minus_one() -> ir.Node:
     return ir.Const(value=-1.0, dtype=ir.FLOAT)
 
 
-def _off_axis_normalisers(node: ir.Node, j: str) -> ir.Node:
+def _off_axis_normalisers(node: ir.Node, j: str, memo: dict | None = None) -> ir.Node:
     """A softmax along another axis than the streamed one (over queries, or the rows of
     reversed attention) is `exp(s - lse)` with `lse` its log-sum-exp along that axis: a
-    pointwise weight once `lse` is precomputed (a statistics pass before the kernel)."""
+    pointwise weight once `lse` is precomputed (a statistics pass before the kernel).
+    Shared operands are rewritten once (`memo`), so the rewrite stays linear in the DAG."""
+    memo = {} if memo is None else memo
+    if node in memo:
+        return memo[node]
+    result = node
     if isinstance(node, ir.Normalize) and node.axis != j and node.op == "softmax":
         x = node.arg
         rest = tuple(ix for ix in x.indices if ix != node.axis)
         lse = ir.Reduce(op="logsumexp", arg=x, axes=(node.axis,), indices=rest, dtype=ir.FLOAT, loc=node.loc)
         diff = ir.Map(op="-", args=(x, lse), indices=x.indices, dtype=ir.FLOAT, loc=node.loc)
-        return ir.Map(op="exp", args=(diff,), indices=x.indices, dtype=ir.FLOAT, loc=node.loc)
-    if isinstance(node, ir.Map):
-        args = tuple(_off_axis_normalisers(a, j) for a in node.args)
+        result = ir.Map(op="exp", args=(diff,), indices=x.indices, dtype=ir.FLOAT, loc=node.loc)
+    elif isinstance(node, ir.Map):
+        args = tuple(_off_axis_normalisers(a, j, memo) for a in node.args)
         if any(a is not b for a, b in zip(args, node.args)):
             ordered = sorted(args, key=lambda a: -len(a.indices))
-            return ir.Map(op=node.op, args=args, indices=ir.union_indices(ordered), dtype=node.dtype, loc=node.loc)
-    return node
+            result = ir.Map(op=node.op, args=args, indices=ir.union_indices(ordered), dtype=node.dtype,
+                            loc=node.loc)
+    memo[node] = result
+    return result
 
 
-def _weight_terms(node: ir.Node, j: str, coef=None) -> list[tuple[str, ir.Node | None, ir.Node]]:
+def _weight_terms(node: ir.Node, j: str, memo: dict | None = None) -> list[tuple[str, ir.Node | None, ir.Node]]:
     """Split the weights contracted with the values into (kind, coefficient, score) terms:
     `softmax(s1, j) - lam * softmax(s2, j)` gives two softmax terms, `sigmoid(s + bias)` one
-    pointwise term."""
+    pointwise term. Terms of one score merge (their coefficients add) and shared operands
+    are split once (`memo`), so `p = (p + p) * 0.5` repeated gives one term, not 2 ** n."""
+    memo = {} if memo is None else memo
+    if node in memo:
+        return memo[node]
     if isinstance(node, ir.Normalize):
         if node.axis != j:
             raise NotRowStreamable(f"a {node.op} along '{node.axis}', not along the keys '{j}'")
-        return [(node.op, coef, node.arg)]
-    if isinstance(node, ir.Map) and node.op in ("+", "-"):
-        right = _times(coef, _minus_one()) if node.op == "-" else coef
-        return _weight_terms(node.args[0], j, coef) + _weight_terms(node.args[1], j, right)
-    if isinstance(node, ir.Map) and node.op == "neg":
-        return _weight_terms(node.args[0], j, _times(coef, _minus_one()))
-    if isinstance(node, ir.Map) and node.op == "*":
+        terms = [(node.op, None, node.arg)]
+    elif isinstance(node, ir.Map) and node.op in ("+", "-"):
+        right = _weight_terms(node.args[1], j, memo)
+        if node.op == "-":
+            right = [(kind, _times(_minus_one(), c), score) for kind, c, score in right]
+        terms = _merge_terms(_weight_terms(node.args[0], j, memo) + right)
+    elif isinstance(node, ir.Map) and node.op == "neg":
+        terms = [(kind, _times(_minus_one(), c), score) for kind, c, score in _weight_terms(node.args[0], j, memo)]
+    elif isinstance(node, ir.Map) and node.op == "*" and any(j not in a.indices for a in node.args):
         a, b = node.args
-        for c, t in ((a, b), (b, a)):
-            if j not in c.indices:  # a coefficient per row or per head (precomputed if need be)
-                return _weight_terms(t, j, _times(coef, c))
-    if j in node.indices and not _has_normalize(node):
-        return [("pointwise", coef, node)]
-    raise NotRowStreamable("the weights are not a sum of softmaxes and elementwise terms over the keys")
+        c, t = (a, b) if j not in a.indices else (b, a)  # a coefficient per row or per head
+        terms = [(kind, _times(c, tc), score) for kind, tc, score in _weight_terms(t, j, memo)]
+    elif j in node.indices and not _has_normalize(node):
+        terms = [("pointwise", None, node)]
+    else:
+        raise NotRowStreamable("the weights are not a sum of softmaxes and elementwise terms over the keys")
+    memo[node] = terms
+    return terms
+
+
+def _times(coef: ir.Node | None, factor: ir.Node | None) -> ir.Node | None:
+    """`coef * factor`, where None stands for 1."""
+    if factor is None:
+        return coef
+    if coef is None:
+        return factor
+    return ir.Map(op="*", args=(coef, factor), indices=ir.union_indices((coef, factor)), dtype=ir.FLOAT)
+
+
+def _merge_terms(terms: list) -> list:
+    """One term per (kind, score), its coefficients summed (None stands for 1)."""
+    merged: dict = {}
+    for kind, coef, score in terms:
+        key = (kind, score)
+        if key not in merged:
+            merged[key] = coef
+            continue
+        a, b = (x if x is not None else ir.Const(value=1.0, dtype=ir.FLOAT) for x in (merged[key], coef))
+        merged[key] = ir.Map(op="+", args=(a, b), indices=ir.union_indices((a, b)), dtype=ir.FLOAT)
+    return [(kind, coef, score) for (kind, score), coef in merged.items()]
 
 
 def _has_normalize(node: ir.Node) -> bool:

@@ -185,8 +185,12 @@ def test_shared_subexpressions_take_linear_time():
         body("t = j - i", *["t = (t + t) // 2"] * 60, "mask t <= 0"),
         HEAD + "  let a0 = D\n  " + lets + f"param w: int = a60\n" + SCORES
         + "  s = s * a60\n  mask j <= i + w - D\n" + TAIL,
+        HEAD + SCORES + "  w = softmax(s, j)\n" + "".join(["  w = (w + w) * 0.5\n"] * 60)  # weight terms
+        + "  o[b,h,i,e] = w[b,h,i,j] * v[b,h,j,e]\n}\n",
+        HEAD + SCORES + "  w = softmax(s, i)\n" + "".join(["  w = (w + w) * 0.5\n"] * 60)  # off-axis rewrite
+        + "  o[b,h,i,e] = w[b,h,i,j] * v[b,h,j,e]\n}\n",
     ]
-    results = _run_child(specs, timeout=120)
+    results = _run_child(specs, timeout=120, run_triton=True)
     assert [r[0] for r in results] == ["ok"] * len(specs), results
 
 
