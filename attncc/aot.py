@@ -54,7 +54,7 @@ def report_shape(program: ir.Program, plan, d: int, e: int, n: int = 4096) -> di
         name = getattr(dim, "name", None) if getattr(dim, "is_Symbol", False) else None
         if name in program.dims:
             shape.setdefault(name, value)
-    for name, value in {**REPORT_SHAPE, **_OTHER_DIMS}.items():
+    for name, value in {**REPORT_SHAPE, "N": n, "M": n, **_OTHER_DIMS}.items():
         if name in program.dims and name not in shape:
             shape[name] = value
     return shape

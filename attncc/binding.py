@@ -51,8 +51,10 @@ def describe_input(node: ir.Input) -> str:
     return f"{node.dtype} tensor [{', '.join(str(d) for d in node.dims)}]"
 
 
-def bind(program: ir.Program, kwargs: dict) -> BoundCall:
-    """Check a call's keyword arguments and bind every dim and param to a value."""
+def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
+    """Check a call's keyword arguments and bind every dim and param to a value.
+    `data=False` binds tensors without data (meta tensors) for static analysis (what a
+    launch would compile, `attncc.aot`): the checks that read values are skipped."""
     expected = list(program.inputs) + list(program.params)
     for name in kwargs:
         if name not in program.inputs and name not in program.params:
@@ -75,7 +77,7 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
             first = next(iter(tensors))
             raise ShapeError(f"argument '{name}' is on {t.device} but '{first}' is on {device}; "
                              "all tensors must be on one device")
-        if t.device.type == "meta":
+        if t.device.type == "meta" and data:
             raise ShapeError(f"argument '{name}' is a meta tensor: it has a shape but no data, and a kernel "
                              "reads data (move it to the CPU or a GPU)")
         if t.dim() != len(node.dims):
@@ -108,7 +110,8 @@ def bind(program: ir.Program, kwargs: dict) -> BoundCall:
         if not holds:
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} does not hold: {values}")
     sizes = _check_sizes(program, scalars)
-    _check_index_ranges(program, tensors, sizes)
+    if data:
+        _check_index_ranges(program, tensors, sizes)
     floats = [t for n, t in tensors.items() if t.is_floating_point()]
     out_dtype = floats[0].dtype if floats else torch.float32
     return BoundCall(tensors, scalars, device or torch.device("cpu"), out_dtype, sizes)
@@ -134,7 +137,7 @@ def _check_sizes(program: ir.Program, scalars: dict) -> dict[str, int]:
     and every index extent, evaluated for this call: a value the spec's arithmetic cannot
     take (a block of 0, D = 0 under `D ** -0.5`) is the call's error, named here, instead of
     a `ZeroDivisionError` in one backend and a `nan` or a silent 0 in the other."""
-    blocks, exprs = _host_expressions(program)
+    blocks, exprs, divisors = _host_expressions(program)
     for node, block in blocks:
         size = evaluate_scalar(block.size, scalars)
         if size < 1:
@@ -154,6 +157,10 @@ def _check_sizes(program: ir.Program, scalars: dict) -> dict[str, int]:
         if bad:
             raise ShapeError(f"{program.name}: a scalar expression{_at(node)}{_text(program, node)} "
                              f"cannot be evaluated for this call ({why}): {_values(node, scalars)}")
+    for node in divisors:  # `j // (N - M)`: integer division by a call's zero has no value on any backend
+        if evaluate_scalar(node.args[1], scalars) == 0:
+            raise ShapeError(f"{program.name}: the divisor of `{node.op}`{_at(node)}{_text(program, node)} is 0 "
+                             f"for this call: {_values(node.args[1], scalars)}")
     plain, computed = _extent_functions(program)
     sizes = {ix: scalars[name] for ix, name in plain}
     try:
@@ -185,7 +192,8 @@ def _extent_functions(program: ir.Program) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _host_expressions(program: ir.Program):
-    """(block reductions, maximal scalar-only expressions) of the nodes a call evaluates:
+    """(block reductions, maximal scalar-only expressions, integer `//` and `%` by a scalar
+    divisor) of the nodes a call evaluates:
     those under outputs and masks, not param defaults (used only when a param is omitted)
     nor requires (checked on their own)."""
     seen: set = set()
@@ -218,7 +226,9 @@ def _host_expressions(program: ir.Program):
                 continue
             exprs.append(n)
     blocks = [(n, n.block) for n in order if isinstance(n, ir.Reduce) and n.block is not None]
-    return blocks, exprs
+    divisors = [n for n in order if isinstance(n, ir.Map) and n.op in ("//", "%") and n.dtype == ir.INT
+                and n.indices and scalar_only(n.args[1])]
+    return blocks, exprs, divisors
 
 
 def _check_index_ranges(program: ir.Program, tensors: dict, sizes: dict):

@@ -9,6 +9,7 @@ small shapes only.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -150,16 +151,55 @@ def _execute(text: str, path: Path, interpret: bool):
 
 
 def check_device(call: BoundCall):
+    """Whether the call runs in Triton's interpreter (CPU tensors) rather than compiled (CUDA).
+    Meta tensors are taken while launches are being recorded (`RowStreamLauncher.launches`):
+    they have the shapes, strides and dtypes a compile specialises on, and no data."""
     if call.device.type == "cuda":
         return False
     if call.device.type == "cpu":
         return True
+    if call.device.type == "meta" and _RECORDING.get() is not None:
+        return False
     raise BackendError(f"the triton backend runs on CUDA tensors (or CPU tensors in the interpreter), "
                        f"not on {call.device}")
 
 
 def pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass
+class KernelLaunch:
+    """One kernel launch exactly as the launcher makes it: the `@triton.jit` function, grid,
+    positional arguments, constexpr keyword arguments and compile options (`num_warps`,
+    `num_stages`; none in the interpreter). `run` launches it; `attncc.aot` compiles the same
+    object for a GPU this machine does not have, so a static report cannot drift from what
+    a launch compiles."""
+
+    kernel: object
+    grid: tuple
+    args: list
+    constexprs: dict
+    options: dict
+    interpret: bool
+    role: str  # "main", "packed", "stats", "classify", "linear_state", "linear_apply", "chunked"
+
+    def run(self):
+        with _interpreter(self.interpret):
+            self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+
+
+# while set, launches are appended to this list instead of run (see RowStreamLauncher.launches)
+_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("attncc_recording", default=None)
+
+
+def launch(k: KernelLaunch):
+    """Run a kernel launch, or record it when `RowStreamLauncher.launches` is collecting them."""
+    record = _RECORDING.get()
+    if record is None:
+        k.run()
+    else:
+        record.append(k)
 
 
 class RowStreamLauncher:
@@ -179,6 +219,21 @@ class RowStreamLauncher:
         self.last_splits = 1
         self.last_path = None  # "row streaming", "reassociated" or "chunked"
         self.last_group = 1
+
+    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
+                 count_tiles=False) -> list[KernelLaunch]:
+        """The kernel launches a call makes (statistics passes, block-map classifier, the
+        attention kernel or the linear-attention ones), in order, built by the very code
+        of `__call__` but not run. The call's tensors may be meta tensors (`bind(...,
+        data=False)`): what a compile specialises on is shapes, strides and dtypes. Kernels
+        whose arguments depend on data an earlier kernel computes (block-map lists) get
+        placeholders of the right shape and dtype."""
+        token = _RECORDING.set([])
+        try:
+            self(call, return_lse, config, count_tiles)
+            return _RECORDING.get()
+        finally:
+            _RECORDING.reset(token)
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
         """Run the kernel; with `count_tiles` the kernel counts the key tiles it visits
@@ -254,15 +309,16 @@ class RowStreamLauncher:
             args += self.block_map_lists(call, cfg["BLOCK_M"] // group, cfg["BLOCK_N"], sizes, module, interpret)
         args += self.scalar_values(call, variant.scalar_args, variant.host_scalars)
         grid = (n_qt * splits, combos)
-        with _interpreter(interpret):
-            kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
-                         BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse or splits > 1, COUNT_TILES=count_tiles,
-                         SPLIT=splits > 1, PRECISION="ieee",
-                         UPCAST_DOT=interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16,
-                         EVEN_D=pow2(n_feat) == n_feat, EVEN_E=pow2(n_vfeat) == n_vfeat,
-                         FULL_MASKED=bool(cfg.get("FULL_MASKED", False)),
-                         **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
-        if count_tiles:
+        constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=pow2(n_feat),
+                          BLOCK_E=pow2(n_vfeat), STORE_LSE=return_lse or splits > 1, COUNT_TILES=count_tiles,
+                          SPLIT=splits > 1, PRECISION="ieee",
+                          UPCAST_DOT=interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16,
+                          EVEN_D=pow2(n_feat) == n_feat, EVEN_E=pow2(n_vfeat) == n_vfeat,
+                          FULL_MASKED=bool(cfg.get("FULL_MASKED", False)))
+        options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        role = "packed" if group > 1 else "stats" if p.statistics_only else "main"
+        launch(KernelLaunch(kernel, grid, args, constexprs, options, interpret, role))
+        if count_tiles and _RECORDING.get() is None:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
         self.last_splits, self.last_group = splits, group
         if splits > 1:
@@ -281,6 +337,12 @@ class RowStreamLauncher:
         for node, synthetic in pre.inputs.items():
             if node in self.src.statistics:  # a generated statistics pass (log-sum-exp)
                 value = self.statistics_launcher(node)(call, True)[-1]
+            elif _RECORDING.get() is not None and call.device.type == "meta":  # no data: only its layout
+                sizes = self.plan.program.sizes(call.scalars)
+                dtype = {ir.INT: torch.int64, ir.BOOL: torch.bool}.get(synthetic.dtype, call.out_dtype)
+                tensors[synthetic.name] = torch.empty([sizes[ix] if ix in node.indices else 1
+                                                       for ix in pre.axes[node]], dtype=dtype, device=call.device)
+                continue
             else:
                 value = ref.full(node)
             t = align(value, node.indices, pre.axes[node]).contiguous()
@@ -313,10 +375,9 @@ class RowStreamLauncher:
         args = [*tensors, o, *(x for t in tensors for x in t.stride()), *(x for t in tensors for x in t.shape),
                 *o.stride(), *(sizes[ix] for ix in p.outer), sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e],
                 *self.scalar_values(call, src.scalar_args, src.host_scalars)]
-        with _interpreter(interpret):
-            getattr(module, src.name)[(math.prod(sizes[ix] for ix in p.outer),)](
-                *args, BLOCK_C=16 if interpret else 64, BLOCK_D=pow2(sizes[p.d]), BLOCK_E=pow2(sizes[p.e]),
-                ROW_SUM=p.row_sum)
+        launch(KernelLaunch(getattr(module, src.name), (math.prod(sizes[ix] for ix in p.outer),), args,
+                            dict(BLOCK_C=16 if interpret else 64, BLOCK_D=pow2(sizes[p.d]),
+                                 BLOCK_E=pow2(sizes[p.e]), ROW_SUM=p.row_sum), {}, interpret, "chunked"))
         self.last_path = "chunked"
         return o
 
@@ -337,10 +398,10 @@ class RowStreamLauncher:
         scalars = self.scalar_values(call, src.scalar_args, src.host_scalars)
         meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_E=block_e,
                     ROW_SUM=p.row_sum)
-        with _interpreter(interpret):
-            getattr(module, f"{src.name}_state")[(1, combos)](*common, *scalars, **meta)
-            getattr(module, f"{src.name}_apply")[(triton_cdiv(n_rows, cfg["BLOCK_M"]), combos)](
-                *common, o, *o.stride(), *scalars, **meta)
+        launch(KernelLaunch(getattr(module, f"{src.name}_state"), (1, combos), [*common, *scalars], meta, {},
+                            interpret, "linear_state"))
+        launch(KernelLaunch(getattr(module, f"{src.name}_apply"), (triton_cdiv(n_rows, cfg["BLOCK_M"]), combos),
+                            [*common, o, *o.stride(), *scalars], meta, {}, interpret, "linear_apply"))
         self.last_path = "reassociated"
         return o
 
@@ -376,7 +437,8 @@ class RowStreamLauncher:
         tensors = [call.tensors[n] for n in bm.tensor_inputs]
         key = (block_m, block_n, tuple(sorted(sizes.items())), tuple(scalars), str(call.device),
                tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in tensors))
-        cached = self.block_maps.get(key)
+        recording = _RECORDING.get() is not None
+        cached = None if recording else self.block_maps.get(key)  # a recording lists the classifier too
         if cached is None:
             lists = math.prod(sizes[ix] for ix in outer)
             state = torch.empty((lists, n_q, n_k), dtype=torch.int8, device=call.device)
@@ -386,10 +448,11 @@ class RowStreamLauncher:
             for t in tensors:
                 args += list(t.shape)
             args += [sizes[ix] for ix in outer] + [sizes[p.i], sizes[p.j], n_q, n_k] + scalars
-            with _interpreter(interpret):
-                getattr(module, f"{self.src.name}_classify")[(n_q, n_k, lists)](
-                    *args, BLOCK_M=block_m, BLOCK_N=block_n)
+            launch(KernelLaunch(getattr(module, f"{self.src.name}_classify"), (n_q, n_k, lists), args,
+                                dict(BLOCK_M=block_m, BLOCK_N=block_n), {}, interpret, "classify"))
             cached = (*block_map.tile_lists(state), state)
+            if recording:
+                return [*cached[:3], n_q, n_k]
             if len(self.block_maps) >= 8:
                 self.block_maps.pop(next(iter(self.block_maps)))
             self.block_maps[key] = cached
@@ -399,7 +462,8 @@ class RowStreamLauncher:
 
     def scalar_values(self, call: BoundCall, names, host_scalars) -> list:
         """Values of a kernel's scalar arguments: each is a node of `host_scalars` (dims and
-        params included, under their generated argument names), or a term's q scale."""
+        params included, under their generated argument names), or a term's score scale
+        (its scalar factors, times log2(e) for plain softmax scores)."""
         values = []
         for name in names:
             node = host_scalars.get(name)
