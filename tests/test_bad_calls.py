@@ -276,3 +276,18 @@ def test_inputs_on_different_devices_meta_and_cpu(backend):
 
 def test_no_nan_slipped_through_the_checks():
     assert not math.isnan(float(both("softcap", **qkv(), cap=1e-3).abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_division_by_a_call_time_zero_is_named(backend):
+    """`j // (N - M)` is fine for N != M and has no value for N == M: the reference raised a
+    bare ZeroDivisionError and the generated kernel returned numbers."""
+    kernel = attncc.compile("""attention t(q[N,D], k[M,D], v[M,E]) -> o[N,E] {
+  s[i,j] = q[i,d] * k[j,d]
+  mask j // (N - M) <= i
+  p = softmax(s, j)
+  o[i,e] = p[i,j] * v[j,e]
+}""", backend=backend)
+    kernel(q=torch.randn(5, 4), k=torch.randn(4, 4), v=torch.randn(4, 3))
+    with pytest.raises(ShapeError, match=r"divisor of `//` \(line 3\).* is 0 for this call: M = 5, N = 5"):
+        kernel(q=torch.randn(5, 4), k=torch.randn(5, 4), v=torch.randn(5, 3))
