@@ -1,10 +1,10 @@
 """Triton source for the row-streaming skeleton: a FlashAttention-style forward kernel.
 
-One program owns one query tile of one (batch, head): it loads its queries once
-(scaled), walks the key tiles the mask allows, and keeps an online softmax in fp32
-(running max and sum, in base 2). Key tiles come in two kinds: *full* tiles, where
-every (query, key) pair is allowed and no predicate is evaluated, and *partial*
-tiles, where the spec's mask runs per element. Which tiles are which comes from
+One program owns one query tile of one (batch, head): it loads its queries once, walks
+the key tiles the mask allows, and keeps an online softmax in fp32 (running max and sum,
+in base 2: the score scale and log2(e) multiply the fp32 scores, q stays as loaded). Key
+tiles come in two kinds: *full* tiles, where every (query, key) pair is allowed and no
+predicate is evaluated, and *partial* tiles, where the spec's mask runs per element. Which tiles are which comes from
 the sympy mask analysis (loop bounds computed in the kernel) or, for masks that
 depend on tensors or are not affine, from a runtime block map: per query tile, a
 list of key tiles with the full ones first.
@@ -22,6 +22,7 @@ from attncc.codegen import block_map, names
 from attncc.codegen.pytext import docstring
 from attncc.codegen.tile_expr import TileEmitter, Val
 from attncc.passes.mask_analysis import to_triton
+from attncc.passes.mask_sympy import code_name
 from attncc.passes.row_stream import RowStreamPlan
 
 LOG2E = 1.4426950408889634
@@ -135,16 +136,18 @@ class RowStreamCodegen:
         term, em, x = self.plan.terms[t], self.em, self.sfx(t)
         em.body = []
         qk = Val(f"qk{x}", frozenset("mn"), ir.FLOAT)
+        if term.folds_log2e:  # a plain softmax: the scores in base 2 are one multiply away
+            return [f"s{x} = qk{x} * qk_scale{x}  # the score scale and log2(e), applied to the fp32 scores"]
+        scaled = [f"qk{x} = qk{x} * qk_scale{x}  # the score's scalar factors, applied to the fp32 scores"] \
+            if term.scale else []
         if term.qk_factors:
             extra = [em.emit(f) for f in term.qk_factors]
             qk = em.assign(f"qk{x} * " + " * ".join(f.code for f in extra), frozenset("mn"), ir.FLOAT, term.qk)
         em.bind(term.qk, qk)
         s = em.emit(term.score)
-        lines = list(em.body)
+        lines = scaled + list(em.body)
         if term.kind == "pointwise":
             lines.append(f"p{x} = {s.code}  # an elementwise weight: no normaliser")
-        elif term.folds_log2e:
-            lines.append(f"s{x} = qk{x}  # scale and log2(e) are folded into q")
         else:
             lines.append(f"s{x} = {s.code} * {LOG2E}  # to base-2 units for exp2")
         return lines
@@ -253,8 +256,9 @@ class RowStreamCodegen:
 
     # ------------------------------------------------------------------ prologue and epilogue
     def query_loads(self, row: str) -> list[str]:
-        """Each term's queries, loaded once and scaled (the scale folded into q), and the
-        base pointers of each distinct key tensor."""
+        """Each term's queries, loaded once as they are (the score scale is applied to the
+        fp32 scores, so q keeps its precision and the QK^T dot can read it from shared
+        memory), and the base pointers of each distinct key tensor."""
         lines = []
         for t, term in enumerate(self.plan.terms):
             x, qn = self.sfx(t), term.q.input.name
@@ -263,8 +267,6 @@ class RowStreamCodegen:
                       f"{names.tensor('st', qn, term.q.row)} + offs_d[None, :] * {names.tensor('st', qn, term.q.feature)}",
                       f"q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
                       *self.feature_map(term.q, f"q{x}", self.em.env, self.plan.d, "offs_d[None, :]", "n_feat"),
-                      f"q{x} = (q{x}.to(tl.float32) * qk_scale{x}).to(q_ptrs{x}.dtype.element_ty)"
-                      "  # fold the score scale into q once",
                       "if UPCAST_DOT:",
                       f"    q{x} = q{x}.to(tl.float32)"]
         seen = set()
@@ -340,7 +342,7 @@ class RowStreamCodegen:
 
     def scalar_arg_names(self) -> list[str]:
         """Every dim and param (bounds and guards refer to them), then the host-evaluated
-        constants, then the q scale of each term. Every name but the scales is a key of
+        constants, then the score scale of each term. Every name but the scales is a key of
         `em.host_scalars`, whose node the launcher evaluates."""
         return scalar_args(self.plan.program, self.em.host_scalars) + \
             [f"qk_scale{self.sfx(t)}" for t in range(len(self.plan.terms))]
@@ -352,7 +354,7 @@ class RowStreamCodegen:
         prog, codes = self.plan.program, {}
         for node in (*prog.dims.values(), *prog.params.values()):
             codes[node.name] = names.scalar(node)
-        codes.update({name: name for name in self.plan.mask_symbols})
+        codes.update({name: code_name(name) for name in self.plan.mask_symbols})
         mp = self.plan.mask_plan
         if mp is not None:
             codes[mp.i0.name], codes[mp.i1.name] = "i0", "i1"
@@ -516,7 +518,7 @@ class RowStreamCodegen:
                    ["i0 = pid_m * BLOCK_M",
                     "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1"])]
         for name, node in self.plan.mask_symbols.items():
-            lines.append(f"{name} = {self.em.emit(node).code}")
+            lines.append(f"{code_name(name)} = {self.em.emit(node).code}")
         conj = plan.conjuncts
         if not conj:
             return lines + ["# the mask allows nothing: no key tile is visited"]

@@ -54,7 +54,7 @@ class Term:
     qk: ir.Contract           # its Q K^T contraction
     q: Operand
     k: Operand
-    scale: tuple[ir.Node, ...]       # scalar factors of Q K^T, folded into Q
+    scale: tuple[ir.Node, ...]       # scalar factors of Q K^T, one multiply of the fp32 scores
     qk_factors: tuple[ir.Node, ...]  # non-scalar extra factors of Q K^T (e.g. decays)
 
     @property
@@ -63,7 +63,7 @@ class Term:
 
     @property
     def folds_log2e(self) -> bool:
-        """Plain softmax scores can carry log2(e) in the q scale and feed exp2 directly."""
+        """Plain softmax scores can carry log2(e) in the score scale and feed exp2 directly."""
         return self.kind != "pointwise" and not self.has_score_mods
 
 
@@ -300,7 +300,7 @@ def _term(program, kind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple
         raise NotRowStreamable("cannot tell queries from keys in Q K^T")
     i = rows[0]
     extra = [f for f in qk.factors if f not in tiles]
-    # scalar factors the launcher can evaluate fold into the q scale; others (a full
+    # scalar factors the launcher can evaluate fold into the score scale; others (a full
     # reduction `sum(w[a], a)`) stay per-tile factors, read precomputed
     folded = [f for f in extra if f.is_scalar and host_evaluable(f)]
     term = Term(kind, coef, score, qk, _operand(q_access, i, d, "the queries", pre, j),
