@@ -14,6 +14,21 @@ from attncc.passes.infer import to_sympy
 from attncc.passes.mask_analysis import MaskTooComplex, analyse_mask
 
 
+
+GENERATED = "$"  # starts the sympy names attncc makes up: no spec name can, so none can equal a user's
+
+
+def generated_symbol(name: str) -> str:
+    """The sympy name of a symbol the analysis makes up (a loaded scalar, an opaque atom).
+    Sympy identifies symbols by name and assumptions, so a plain `mask_scalar0` would be the
+    very symbol of a user's int param `mask_scalar0`; `code_name` gives its kernel identifier."""
+    return GENERATED + name
+
+
+def code_name(symbol_name: str) -> str:
+    """The identifier generated code uses for a made-up symbol (its name without the marker)."""
+    return symbol_name.removeprefix(GENERATED)
+
 class NotAffineExtents(ValueError):
     """The query and key extents are not plain dims, which the analysis needs."""
 
@@ -65,7 +80,7 @@ class _MaskToSympy:
 
     def loaded(self, node: ir.Node):
         """A value fixed for the whole program (depends on batch/head only)."""
-        name = f"mask_scalar{len(self.symbols)}"
+        name = generated_symbol(f"mask_scalar{len(self.symbols)}")
         for known, n in self.symbols.items():
             if n is node:
                 return sympy.Symbol(known, integer=True)
@@ -73,7 +88,7 @@ class _MaskToSympy:
         return sympy.Symbol(name, integer=True) if node.dtype == ir.INT else sympy.Symbol(name)
 
     def opaque_of(self, node: ir.Node):
-        name = self.opaque.setdefault(node, f"opaque{len(self.opaque)}")
+        name = self.opaque.setdefault(node, generated_symbol(f"opaque{len(self.opaque)}"))
         args = [sympy.Symbol(ix, integer=True) for ix in node.indices if ix in (self.i, self.j)]
         value = sympy.Function(name)(*args) if args else sympy.Symbol(name)
         return sympy.Eq(value, 1) if node.dtype == ir.BOOL else value

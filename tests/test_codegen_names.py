@@ -190,3 +190,22 @@ def test_precomputed_inputs_with_generator_names():
     assert kernel.generated.plan.precomputed.inputs
     out, ref = run_both(spec, {"pre3": 1, "B": 2, "N": 45, "D": 16, "E": 12}, {"BLOCK_M": 16, "c1": 2})
     assert_matches(out, ref)
+
+
+def test_symbols_made_up_by_mask_analysis_are_not_user_names():
+    """The mask analysis stands for loaded scalars (`prefix[b]`) and opaque atoms with sympy
+    symbols; sympy identifies symbols by name, so one called like a user's int param merged
+    with it and the kernel visited the wrong key tiles (error 0.55)."""
+    spec = """attention plm(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], prefix[B]: int) -> o[B,H,N,E] {
+  param mask_scalar0: int = 0
+  param opaque0: int = 0
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  mask j < prefix[b] or j <= i + mask_scalar0 + opaque0
+  p = softmax(s, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}"""
+    torch.manual_seed(0)
+    args = dict(q=torch.randn(2, 2, 37, 8), k=torch.randn(2, 2, 45, 8), v=torch.randn(2, 2, 45, 6),
+                prefix=torch.tensor([3, 40]), mask_scalar0=-20, opaque0=2)
+    want = attncc.compile(spec, backend="reference")(**args)
+    torch.testing.assert_close(attncc.compile(spec, backend="triton")(**args), want, atol=1e-5, rtol=1e-5)
