@@ -256,7 +256,7 @@ def check_constants(program: ir.Program):
             if result is None:
                 continue
             if abs(result) > INT_MAX:
-                raise SpecError(f"this integer constant expression is out of range: its value needs more "
+                raise SpecError("this integer constant expression is out of range: its value needs more "
                                 "than 64 bits", program.source, node.loc,
                                 f"integers between -{INT_MAX} and {INT_MAX} (or a float, such as 2.0 ** 70)")
             value[node] = result

@@ -25,6 +25,7 @@ from attncc.check import _compare, check
 from attncc.cli import main as cli_main
 from attncc.frontend import CALL_OPTIONS, CONSTANTS, FUNCTION_HELP
 from attncc.random_inputs import random_arguments
+from namespace_check import identifiers
 
 LANGUAGE_WORDS = {"attention", "param", "let", "require", "mask", "if", "else", "and", "or", "not", "by", "as",
                   *CONSTANTS, *CALL_OPTIONS, *re.findall(r"[a-z_0-9]+", FUNCTION_HELP)}
@@ -57,16 +58,7 @@ DESCRIPTIONS = ['"""', "'''", '\\', 'a """ if __import__("os").system("exit 3") 
 def generated_identifiers() -> set[str]:
     """Every identifier the generated module of a gallery example uses."""
     gallery = Path(attncc.__file__).resolve().parent.parent / "examples"
-    source = attncc.compile(gallery / "causal.attn", backend="triton").generated.source.source
-    names = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-        elif isinstance(node, ast.arg):
-            names.add(node.arg)
-        elif isinstance(node, ast.FunctionDef):
-            names.add(node.name)
-    return names
+    return identifiers(attncc.compile(gallery / "causal.attn", backend="triton").generated.source.source)
 
 
 def name_pool() -> list[str]:
