@@ -19,7 +19,6 @@ from rich.table import Table
 import attncc
 from attncc.syntax import parse
 from attncc.frontend import lower
-from attncc.passes.infer import infer_extents
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

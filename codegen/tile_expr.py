@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
 from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.pytext import comment

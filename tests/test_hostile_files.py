@@ -3,7 +3,6 @@ only escaped, odd encodings and bytes are decoded or reported at their line, and
 line reports every problem (exit 2) without a traceback."""
 import ast
 import builtins
-import io
 import os
 import subprocess
 import sys

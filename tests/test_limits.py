@@ -183,7 +183,7 @@ def test_shared_subexpressions_take_linear_time():
         body(*["s = (s + s) * 0.5"] * 60),
         body("mk = j <= i", *["mk = mk and mk"] * 60, "mask mk"),
         body("t = j - i", *["t = (t + t) // 2"] * 60, "mask t <= 0"),
-        HEAD + "  let a0 = D\n  " + lets + f"param w: int = a60\n" + SCORES
+        HEAD + "  let a0 = D\n  " + lets + "param w: int = a60\n" + SCORES
         + "  s = s * a60\n  mask j <= i + w - D\n" + TAIL,
         HEAD + SCORES + "  w = softmax(s, j)\n" + "".join(["  w = (w + w) * 0.5\n"] * 60)  # weight terms
         + "  o[b,h,i,e] = w[b,h,i,j] * v[b,h,j,e]\n}\n",
