@@ -314,7 +314,9 @@ class RowStreamLauncher:
                           SPLIT=splits > 1, PRECISION="ieee",
                           UPCAST_DOT=interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16,
                           EVEN_D=pow2(n_feat) == n_feat, EVEN_E=pow2(n_vfeat) == n_vfeat,
-                          FULL_MASKED=bool(cfg.get("FULL_MASKED", False)))
+                          FULL_MASKED=bool(cfg.get("FULL_MASKED", False)),
+                          # whole key / query tiles: no key-bound masks, no row masks on q
+                          EVEN_N=n_cols % cfg["BLOCK_N"] == 0, EVEN_M=(n_rows * group) % cfg["BLOCK_M"] == 0)
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         role = "packed" if group > 1 else "stats" if p.statistics_only else "main"
         launch(KernelLaunch(kernel, grid, args, constexprs, options, interpret, role))
@@ -528,11 +530,13 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def default_config(interpret: bool, d: int, e: int, accumulators: int = 1) -> dict:
     """Tile sizes before any tuning: small tiles in the interpreter (speed, and more
-    tile boundaries exercised), FlashAttention-like ones on a GPU. Checked by compiling for
-    sm_90 with Triton 3.6 (ptxas, no GPU needed): 128x64 tiles with 8 warps fit the
-    registers for one accumulator at head dim 128; two accumulators (differential
-    attention) or head dims above 128 need the smaller 64x32 tiles not to spill, and 4 warps
-    spill at head dim 64 where 8 do not."""
+    tile boundaries exercised), FlashAttention-like ones on a GPU. Chosen from the static
+    report (benchmarks/static_resources.py: sm_90, compiled as a launch compiles, Triton 3.9):
+    128x64 tiles, 8 warps and 3 stages have no spill up to head dim 128 (causal 124 registers
+    and 2 CTAs/SM at D = 64, 181 at D = 128); two accumulators (differential attention) spill
+    48 B at 128x64 and D = 128, so above head dim 64 they take 64x32 tiles and 2 stages, as
+    head dims above 128 do (128x64 with 2 stages compiles without spill there too, at
+    250-254 registers: to be timed)."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     wide = max(d, e) > 128 or (accumulators > 1 and max(d, e) > 64)

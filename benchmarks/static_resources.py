@@ -17,8 +17,10 @@ default config unless overridden:
 - loop SASS: instructions in each key-tile loop body. A loop is a backward branch in the
   SASS and its body everything from its target to the branch (innermost loops holding an
   HGMMA); `full` is the shortest such body, `masked` the longest (the masked tiles' code
-  is a superset of the full tiles'). A static size: pipelining prologues and epilogues
-  outside the loop are not counted.
+  is a superset of the full tiles'); a kernel left with one such loop shows it as `full`
+  when its spec has no mask (whole key tiles: the ragged-tile loop is compiled out) and
+  as `masked` otherwise. A static size: pipelining prologues and epilogues outside the
+  loop are not counted. TMA and cp.async counts are over the whole kernel's PTX.
 
 Run without TRITON_INTERPRET (each compile takes seconds of CPU):
 
@@ -48,6 +50,7 @@ def rows_for(name: str, d: int, overrides: dict) -> list[dict]:
     kernel = attncc.compile(Path(__file__).parent.parent / "examples" / f"{name}.attn", backend="triton")
     config = {**default_config(False, d, d, len(kernel.generated.plan.terms)), **overrides}
     rows = []
+    mask_free = kernel.generated.source.mask_mode == "none"  # one loop left: the full tiles'
     for launch in report_launches(kernel, d, d, config):
         compiled = compile_launch(launch)
         r = resources(launch.kernel.__name__, compiled, launch.options.get("num_warps"))
@@ -59,8 +62,9 @@ def rows_for(name: str, d: int, overrides: dict) -> list[dict]:
                      "ctas_per_sm": r.ctas_per_sm, "occupancy_limit": r.limited_by,
                      "q_from": None if r.wgmma_a_shared is None else "smem" if r.wgmma_a_shared else "regs",
                      "tma_loads": r.tma_loads, "cp_async_loads": r.cp_async_loads,
-                     "full_loop_sass": min(sizes) if len(sizes) > 1 else None,
-                     "masked_loop_sass": max(sizes) if sizes else None, "loops_sass": sizes})
+                     "full_loop_sass": min(sizes) if len(sizes) > 1 or sizes and mask_free else None,
+                     "masked_loop_sass": max(sizes) if len(sizes) > 1 or sizes and not mask_free else None,
+                     "loops_sass": sizes})
     return rows
 
 

@@ -159,14 +159,18 @@ class RowStreamCodegen:
         preds = [em.emit(m.pred) for m in p.masks]
         lines = list(em.body)
         allowed = " & ".join(f"({v.code})" for v in preds)
-        lines.append("allowed = (offs_n[None, :] < n_cols)" + (f" & {allowed}" if allowed else ""))
+        apply = []
         for t, term in enumerate(p.terms):
             x = self.sfx(t)
             if term.kind == "pointwise":
-                lines.append(f"p{x} = tl.where(allowed, p{x}, 0.0)")
+                apply.append(f"p{x} = tl.where(allowed, p{x}, 0.0)")
             else:
-                lines.append(f"s{x} = tl.where(allowed, s{x}, float('-inf'))")
-        return lines
+                apply.append(f"s{x} = tl.where(allowed, s{x}, float('-inf'))")
+        if not allowed:  # only the key bound: nothing to do on whole key tiles (EVEN_N)
+            return lines + ["if KEY_MASK:", "    allowed = offs_n[None, :] < n_cols", *_indent(apply)]
+        return lines + [f"allowed = {allowed}",
+                        "if KEY_MASK:  # a tile that may run past the last key",
+                        "    allowed = allowed & (offs_n[None, :] < n_cols)", *apply]
 
     def key_loads(self) -> tuple[list[str], dict[str, str]]:
         """Load each distinct key tensor's tile once per key tile."""
@@ -182,10 +186,10 @@ class RowStreamCodegen:
             # would cost BLOCK_D * BLOCK_N registers' worth of 64-bit addresses (and spills)
             ptr = (f"{names.tensor('kbase', kn)} + offs_d[:, None] * {names.tensor('st', kn, k.feature)} "
                    f"+ offs_n[None, :] * {names.tensor('st', kn, k.row)}")
-            lines += ["if MASKED:",
+            lines += ["if KEY_MASK:  # a tile that may run past the last key",
                       f"    {var} = tl.load({ptr}, mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), "
                       "other=0.0)",
-                      "elif EVEN_D:  # no padded features: full tiles load without any mask",
+                      "elif EVEN_D:  # whole key tiles, no padded features: no mask at all",
                       f"    {var} = tl.load({ptr})",
                       "else:",
                       f"    {var} = tl.load({ptr}, mask=offs_d[:, None] < n_feat, other=0.0)",
@@ -216,9 +220,18 @@ class RowStreamCodegen:
         if term.kind == "pointwise":
             row_sum = [f"l_i{x} += tl.sum(p{x}, 1)  # the row sums the output is divided by"] if self.plan.row_sum else []
             return [*row_sum, f"acc{x} += tl.dot(p{x}.to(v.dtype), v, input_precision=PRECISION)"]
+        if term.kind == "softmax1":  # m_i starts at the virtual key's 0: never -inf
+            guard = ["m_safe = m_new"]
+        elif term.folds_log2e:  # plain scores are finite wherever a tile allows every pair
+            guard = ["if MASKED:",
+                     "    m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no allowed key yet",
+                     "else:",
+                     "    m_safe = m_new"]
+        else:
+            guard = ["m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no finite score yet"]
         return [f"# online softmax: running max m_i{x} and sum l_i{x} per query row (base 2)",
                 f"m_new = tl.maximum(m_i{x}, tl.max(s{x}, 1))",
-                "m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no allowed key yet",
+                *guard,
                 f"p = tl.exp2(s{x} - m_safe[:, None])",
                 f"alpha = tl.exp2(m_i{x} - m_safe)",
                 f"l_i{x} = l_i{x} * alpha + tl.sum(p, 1)",
@@ -240,7 +253,7 @@ class RowStreamCodegen:
         vn = p.v.input.name
         v_ptr = (f"v_base + offs_n[:, None] * {names.tensor('st', vn, p.v.row)} "
                  f"+ offs_e[None, :] * {names.tensor('st', vn, p.v.feature)}")
-        body += ["if MASKED:",
+        body += ["if KEY_MASK:",
                  f"    v = tl.load({v_ptr}, mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
                  "elif EVEN_E:",
                  f"    v = tl.load({v_ptr})",
@@ -265,7 +278,13 @@ class RowStreamCodegen:
             off = self.operand_offset(term.q)
             lines += [f"q_ptrs{x} = {names.tensor('ptr', qn)} + {off} + {row}[:, None] * "
                       f"{names.tensor('st', qn, term.q.row)} + offs_d[None, :] * {names.tensor('st', qn, term.q.feature)}",
-                      f"q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
+                      "if EVEN_M:  # whole query tiles",
+                      "    if EVEN_D:",
+                      f"        q{x} = tl.load(q_ptrs{x})",
+                      "    else:",
+                      f"        q{x} = tl.load(q_ptrs{x}, mask=offs_d[None, :] < n_feat, other=0.0)",
+                      "else:",
+                      f"    q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
                       *self.feature_map(term.q, f"q{x}", self.em.env, self.plan.d, "offs_d[None, :]", "n_feat"),
                       "if UPCAST_DOT:",
                       f"    q{x} = q{x}.to(tl.float32)"]
@@ -378,11 +397,12 @@ class RowStreamCodegen:
         prologue = list(em.prologue)
         state = self.states()
         vn = p.v.input.name if p.v else None
-        constexprs = ["MASKED", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E"]
+        constexprs = ["MASKED", "KEY_MASK", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E"]
         inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
         inner_args = [a for a in inner_args if a not in (*state, "start_n")]
         sig_tile = ", ".join([*state, "start_n", *inner_args]) + \
-            ", MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, " \
+            ", MASKED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, " \
+            "UPCAST_DOT: tl.constexpr, " \
             "EVEN_D: tl.constexpr, EVEN_E: tl.constexpr"
         call_args = ", ".join([*state, "start_n", *inner_args])
 
@@ -405,7 +425,7 @@ class RowStreamCodegen:
                                         "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
                                         "SPLIT: tl.constexpr, PRECISION: tl.constexpr, "
                                         "UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_E: tl.constexpr, "
-                                        "FULL_MASKED: tl.constexpr")
+                                        "FULL_MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -490,7 +510,8 @@ class RowStreamCodegen:
             return lambda call: ["# no mask: every key tile is full except a ragged last one",
                                  "n_full = (n_cols // BLOCK_N) * BLOCK_N",
                                  *self.loop("0", "n_full", False, call),
-                                 *self.loop("n_full", "n_cols", True, call)]
+                                 "if not EVEN_N:  # a ragged last key tile",
+                                 *_indent(self.loop("n_full", "n_cols", True, call))]
         if mode == "block_map":
             return self.block_map_ranges
         return self.affine_ranges
@@ -503,7 +524,10 @@ class RowStreamCodegen:
     def visit(self, masked, call):
         """One key tile; with COUNT_TILES the kernel also counts what it visits (work accounting)."""
         flag = "True" if masked else "FULL_MASKED"  # FULL_MASKED: a plan choice, full tiles masked too
-        return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={flag}, BLOCK_N=BLOCK_N, "
+        # full tiles are whole key tiles; a partial one may run past n_cols unless BLOCK_N divides it
+        key_mask = "not EVEN_N" if masked else "False"
+        return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={flag}, KEY_MASK={key_mask}, "
+                "BLOCK_N=BLOCK_N, "
                 "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, EVEN_D=EVEN_D, EVEN_E=EVEN_E)",
                 "    if COUNT_TILES:",
                 f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]
