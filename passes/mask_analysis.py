@@ -438,7 +438,11 @@ _NUMPY_TL = SimpleNamespace(maximum=np.maximum, minimum=np.minimum)
 
 @lru_cache(maxsize=None)
 def _compiled(expr: sp.Expr):
-    return compile(to_triton(expr), "<mask bound>", "eval")
+    """The printed expression, compiled with its symbols renamed `arg0, arg1, ...` (a user
+    dim may be called `tl`, and made-up symbols are no identifiers), and the original names."""
+    symbols = sorted(expr.free_symbols, key=lambda s: s.name)
+    safe = {s: sp.Symbol(f"arg{k}", **s.assumptions0) for k, s in enumerate(symbols)}
+    return compile(to_triton(expr.xreplace(safe)), "<mask bound>", "eval"), tuple(s.name for s in symbols)
 
 
 def evaluate(expr, values: dict):
@@ -446,7 +450,9 @@ def evaluate(expr, values: dict):
 
     Runs the printed source itself, so every evaluation also checks ``to_triton``.
     """
-    return eval(_compiled(sp.sympify(expr)), {"tl": _NUMPY_TL}, _by_name(values))
+    code, names = _compiled(sp.sympify(expr))
+    by_name = _by_name(values)
+    return eval(code, {"tl": _NUMPY_TL}, {f"arg{k}": by_name[n] for k, n in enumerate(names)})
 
 
 # ---------------------------------------------------------------- tiles
