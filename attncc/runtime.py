@@ -219,6 +219,7 @@ class RowStreamLauncher:
         self.last_splits = 1
         self.last_path = None  # "row streaming", "reassociated" or "chunked"
         self.last_group = 1
+        self.last_tma = False  # whether the last row-streaming launch loaded through TMA descriptors
 
     def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
                  count_tiles=False) -> list[KernelLaunch]:
@@ -248,7 +249,7 @@ class RowStreamLauncher:
                                "use backend='reference' for float64")
         module = self.modules.get(interpret) or self.modules.setdefault(interpret,
                                                                         load_module(self.module_src, interpret))
-        sizes = self.plan.program.sizes(call.scalars)
+        sizes = call.sizes or self.plan.program.sizes(call.scalars)  # bind computed them once
         n_rows, n_cols = sizes[p.i], sizes[p.j]
         n_feat, n_vfeat = sizes[p.d], sizes[p.e] if p.e else 1
         if max(n_feat, n_vfeat) > 256:
@@ -316,17 +317,41 @@ class RowStreamLauncher:
                           EVEN_D=pow2(n_feat) == n_feat, EVEN_E=pow2(n_vfeat) == n_vfeat,
                           FULL_MASKED=bool(cfg.get("FULL_MASKED", False)),
                           # whole key / query tiles: no key-bound masks, no row masks on q
-                          EVEN_N=n_cols % cfg["BLOCK_N"] == 0, EVEN_M=(n_rows * group) % cfg["BLOCK_M"] == 0)
+                          EVEN_N=n_cols % cfg["BLOCK_N"] == 0, EVEN_M=(n_rows * group) % cfg["BLOCK_M"] == 0,
+                          USE_TMA=self.use_tma(call, cfg, interpret))
+        if constexprs["USE_TMA"] and not interpret and _RECORDING.get() is None:
+            ensure_allocator()
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         role = "packed" if group > 1 else "stats" if p.statistics_only else "main"
         launch(KernelLaunch(kernel, grid, args, constexprs, options, interpret, role))
         if count_tiles and _RECORDING.get() is None:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
         self.last_splits, self.last_group = splits, group
+        self.last_tma = constexprs["USE_TMA"]
         if splits > 1:
             o, lse = merge_splits(o_all, lse_all, p.output.axes, lse_axes)
             o = o.to(call.out_dtype)
         return [o, lse] if return_lse else [o]
+
+    def use_tma(self, call: BoundCall, cfg: dict, interpret: bool) -> bool:
+        """Whether the kernel loads q, k and v through TMA tensor descriptors (`USE_TMA`)
+        rather than pointer tiles. `cfg["USE_TMA"]`: None (default) for Hopper and later
+        GPUs (and the static report, which compiles for sm_90), False never, True wherever
+        the operands allow it, the interpreter included (tests). Operands allow it when
+        `tma_layout_ok` says so for every q, k and v; the Triton in use must have
+        `tl.make_tensor_descriptor` (3.4 and later)."""
+        want = cfg.get("USE_TMA")
+        if want is False or not hasattr(tl_module(), "make_tensor_descriptor"):
+            return False
+        if want is None:
+            device = call.device
+            if interpret:
+                return False
+            if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+                return False
+        p = self.plan
+        ops = [op for t in p.terms for op in (t.q, t.k)] + ([p.v] if p.v else [])
+        return all(tma_layout_ok(call.tensors[op.input.name], op.feature) for op in ops)
 
     def with_precomputed(self, call: BoundCall) -> BoundCall:
         """The call with the plan's precomputed intermediates added as tensors, computed by
@@ -477,6 +502,47 @@ class RowStreamLauncher:
                 v = evaluate_scalar(node, call.scalars)
                 values.append(int(v) if isinstance(v, bool) else v)
         return values
+
+
+def tl_module():
+    import triton.language as tl
+
+    return tl
+
+
+def tma_layout_ok(t: torch.Tensor, feature: int) -> bool:
+    """Whether an operand's per-(batch, head) [rows, features] views can be TMA tensor
+    descriptors: features contiguous (stride 1), and the base address and every other stride
+    (the row stride and those of the outer axes the base is offset by) multiples of 16 bytes.
+    Axes of size 1 never move the base, whatever their stride. Meta tensors (the static
+    report) have no address; their strides still count."""
+    size = t.element_size()
+    if t.shape[feature] > 1 and t.stride(feature) != 1:
+        return False
+    if t.device.type != "meta" and t.data_ptr() % 16:
+        return False
+    return all((st * size) % 16 == 0 for ax, (n, st) in enumerate(zip(t.shape, t.stride()))
+               if ax != feature and n > 1)
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch memory for kernels that build TMA descriptors on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator():
+    """Device-side tensor descriptors need a global scratch allocator (`triton.set_allocator`);
+    set ours unless one is set already (Triton keeps it per context, so each thread checks)."""
+    import triton
+
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another layout of Triton's internals: set ours
+        pass
+    triton.set_allocator(_scratch)
 
 
 def promote_operands(call: BoundCall, names) -> BoundCall:

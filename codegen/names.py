@@ -26,6 +26,7 @@ ROLES = {
     "st": "stride of an input tensor along one axis (`st{axis}`)",
     "sz": "size of an input tensor along one axis (`sz{axis}`)",
     "kbase": "base pointer of a key tensor's tiles for this program",
+    "kdesc": "TMA tensor descriptor of a key tensor's [keys, features] view for this program",
     "ktile": "a key tensor's tile, when several terms read different keys",
     "dim": "a dim of the spec, passed as a scalar argument",
     "par": "a param of the spec, passed as a scalar argument",
@@ -35,7 +36,7 @@ ROLES = {
     "attn": "a kernel function of the spec (`attn_{spec}_fwd`, ...)",
 }
 _AXIS_ROLES = ("st", "sz")
-ROLE_PREFIX = re.compile(r"(?:ptr|kbase|ktile|dim|par|idx|size|grp|attn|st\d+|sz\d+)_")
+ROLE_PREFIX = re.compile(r"(?:ptr|kbase|kdesc|ktile|dim|par|idx|size|grp|attn|st\d+|sz\d+)_")
 
 
 def user(role: str, name: str, axis: int | None = None) -> str:
@@ -70,7 +71,7 @@ def is_synthetic(name: str) -> bool:
 
 def tensor(kind: str, name: str, axis: int | None = None) -> str:
     """The identifier of an input tensor's pointer (`ptr`), stride (`st`), size (`sz`),
-    key base (`kbase`) or key tile (`ktile`): user-derived for the spec's inputs,
+    key base (`kbase`), key descriptor (`kdesc`) or key tile (`ktile`): user-derived for the spec's inputs,
     generated (`pre0_ptr`) for precomputed ones."""
     if is_synthetic(name):
         ident = f"{name[1:-1]}_{kind}{'' if axis is None else axis}"

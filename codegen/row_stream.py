@@ -186,7 +186,9 @@ class RowStreamCodegen:
             # would cost BLOCK_D * BLOCK_N registers' worth of 64-bit addresses (and spills)
             ptr = (f"{names.tensor('kbase', kn)} + offs_d[:, None] * {names.tensor('st', kn, k.feature)} "
                    f"+ offs_n[None, :] * {names.tensor('st', kn, k.row)}")
-            lines += ["if KEY_MASK:  # a tile that may run past the last key",
+            lines += ["if USE_TMA:  # a TMA box of [keys, features]: zero past the last key and feature",
+                      f"    {var} = tl.trans({names.tensor('kdesc', kn)}.load([tl.cast(start_n, tl.int32), 0]))",
+                      "elif KEY_MASK:  # a tile that may run past the last key",
                       f"    {var} = tl.load({ptr}, mask=(offs_n[None, :] < n_cols) & (offs_d[:, None] < n_feat), "
                       "other=0.0)",
                       "elif EVEN_D:  # whole key tiles, no padded features: no mask at all",
@@ -253,7 +255,9 @@ class RowStreamCodegen:
         vn = p.v.input.name
         v_ptr = (f"v_base + offs_n[:, None] * {names.tensor('st', vn, p.v.row)} "
                  f"+ offs_e[None, :] * {names.tensor('st', vn, p.v.feature)}")
-        body += ["if KEY_MASK:",
+        body += ["if USE_TMA:  # a TMA box of [keys, features]: zero past the last key and feature",
+                 "    v = v_desc.load([tl.cast(start_n, tl.int32), 0])",
+                 "elif KEY_MASK:",
                  f"    v = tl.load({v_ptr}, mask=(offs_n[:, None] < n_cols) & (offs_e[None, :] < n_vfeat), other=0.0)",
                  "elif EVEN_E:",
                  f"    v = tl.load({v_ptr})",
@@ -276,7 +280,15 @@ class RowStreamCodegen:
         for t, term in enumerate(self.plan.terms):
             x, qn = self.sfx(t), term.q.input.name
             off = self.operand_offset(term.q)
-            lines += [f"q_ptrs{x} = {names.tensor('ptr', qn)} + {off} + {row}[:, None] * "
+            base = f"{names.tensor('ptr', qn)} + {off}"
+            tma = [] if self.packed else [  # packed rows interleave heads: no 2-D box, pointers only
+                "if USE_TMA:  # one TMA box of [queries, features], zero past the last row and feature",
+                f"    q_desc{x} = tl.make_tensor_descriptor({base}, shape=[n_rows, n_feat], "
+                f"strides=[{names.tensor('st', qn, term.q.row)}, 1], block_shape=[BLOCK_M, BLOCK_D])",
+                f"    q{x} = q_desc{x}.load([pid_m * BLOCK_M, 0])",
+                "else:"]
+            lines += [*tma, *_indent([
+                      f"q_ptrs{x} = {base} + {row}[:, None] * "
                       f"{names.tensor('st', qn, term.q.row)} + offs_d[None, :] * {names.tensor('st', qn, term.q.feature)}",
                       "if EVEN_M:  # whole query tiles",
                       "    if EVEN_D:",
@@ -284,7 +296,8 @@ class RowStreamCodegen:
                       "    else:",
                       f"        q{x} = tl.load(q_ptrs{x}, mask=offs_d[None, :] < n_feat, other=0.0)",
                       "else:",
-                      f"    q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
+                      f"    q{x} = tl.load(q_ptrs{x}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)"],
+                      1 if tma else 0),
                       *self.feature_map(term.q, f"q{x}", self.em.env, self.plan.d, "offs_d[None, :]", "n_feat"),
                       "if UPCAST_DOT:",
                       f"    q{x} = q{x}.to(tl.float32)"]
@@ -295,8 +308,25 @@ class RowStreamCodegen:
                 continue
             seen.add(k.input.name)
             off = self.operand_offset(k, self.kv_env)
-            lines.append(f"{names.tensor('kbase', k.input.name)} = {names.tensor('ptr', k.input.name)} + {off}")
+            kbase, kdesc = names.tensor('kbase', k.input.name), names.tensor('kdesc', k.input.name)
+            lines += [f"{kbase} = {names.tensor('ptr', k.input.name)} + {off}",
+                      "if USE_TMA:  # the [keys, features] view of this program's keys (the launcher checked "
+                      "strides and alignment)",
+                      f"    {kdesc} = tl.make_tensor_descriptor({kbase}, shape=[n_cols, n_feat], "
+                      f"strides=[{names.tensor('st', k.input.name, k.row)}, 1], block_shape=[BLOCK_N, BLOCK_D])",
+                      "else:",
+                      f"    {kdesc} = None  # the pointer path"]
         return lines
+
+    def value_base(self, v_off: str) -> list[str]:
+        """The base pointer of this program's values, and their TMA descriptor."""
+        vn = self.plan.v.input.name
+        return [f"v_base = {names.tensor('ptr', vn)} + {v_off}",
+                "if USE_TMA:",
+                "    v_desc = tl.make_tensor_descriptor(v_base, shape=[n_cols, n_vfeat], "
+                f"strides=[{names.tensor('st', vn, self.plan.v.row)}, 1], block_shape=[BLOCK_N, BLOCK_E])",
+                "else:",
+                "    v_desc = None  # the pointer path"]
 
     def initial_state(self) -> list[str]:
         lines = []
@@ -397,13 +427,13 @@ class RowStreamCodegen:
         prologue = list(em.prologue)
         state = self.states()
         vn = p.v.input.name if p.v else None
-        constexprs = ["MASKED", "KEY_MASK", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E"]
+        constexprs = ["MASKED", "KEY_MASK", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E", "USE_TMA"]
         inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
         inner_args = [a for a in inner_args if a not in (*state, "start_n")]
         sig_tile = ", ".join([*state, "start_n", *inner_args]) + \
             ", MASKED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, " \
             "UPCAST_DOT: tl.constexpr, " \
-            "EVEN_D: tl.constexpr, EVEN_E: tl.constexpr"
+            "EVEN_D: tl.constexpr, EVEN_E: tl.constexpr, USE_TMA: tl.constexpr"
         call_args = ", ".join([*state, "start_n", *inner_args])
 
         tensors = list(em.tensors)
@@ -425,7 +455,8 @@ class RowStreamCodegen:
                                         "STORE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, "
                                         "SPLIT: tl.constexpr, PRECISION: tl.constexpr, "
                                         "UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_E: tl.constexpr, "
-                                        "FULL_MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr")
+                                        "FULL_MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, "
+                                        "USE_TMA: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -478,7 +509,7 @@ class RowStreamCodegen:
                 "# values that do not change along the key loop",
                 *prologue,
                 *queries,
-                *([f"v_base = {names.tensor('ptr', vn)} + {v_off}"] if p.v else []),
+                *(self.value_base(v_off) if p.v else []),
                 *self.initial_state(),
                 *self.skip_dead_heads(range_lines(call_args)),
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
@@ -528,7 +559,7 @@ class RowStreamCodegen:
         key_mask = "not EVEN_N" if masked else "False"
         return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={flag}, KEY_MASK={key_mask}, "
                 "BLOCK_N=BLOCK_N, "
-                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, EVEN_D=EVEN_D, EVEN_E=EVEN_E)",
+                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, EVEN_D=EVEN_D, EVEN_E=EVEN_E, USE_TMA=USE_TMA)",
                 "    if COUNT_TILES:",
                 f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]
 

@@ -2,7 +2,10 @@
 
 Run by tests/test_gpu_compile.py in a fresh process: Triton compiles only when it was not
 imported in interpreter mode, which the rest of the suite uses. Prints `ok NAME` per example
-and exits non-zero on the first failure.
+and exits non-zero on the first failure. The row-streaming kernels of bf16 inputs with
+contiguous features take the TMA path on sm_90 (`USE_TMA`): the examples in `TMA` must show
+TMA loads (cp.async.bulk.tensor) and no cp.async in their PTX; those in `POINTERS` are also
+compiled with the pointer path (pre-Hopper GPUs, layouts descriptors cannot take).
 """
 import sys
 from pathlib import Path
@@ -14,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from oracles.inputs import EXAMPLES  # noqa: E402
 
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+TMA = ("causal", "dense", "gqa_causal", "differential", "document")
+POINTERS = ("causal", "gqa_causal")
 
 if __name__ == "__main__":
     for example in sys.argv[1:] or EXAMPLES:
@@ -21,4 +26,13 @@ if __name__ == "__main__":
         compiled = compile_kernels(kernel, 64, 64, CONFIG)
         if not all("cubin" in c.asm for c in compiled.values()):
             raise SystemExit(f"{example}: no cubin")
+        if example in TMA:
+            ptx = {name: c.asm["ptx"] for name, c in compiled.items() if name.endswith("_fwd")}
+            if not ptx or any("cp.async.bulk.tensor" not in p or "cp.async.ca" in p or "cp.async.cg" in p
+                              for p in ptx.values()):
+                raise SystemExit(f"{example}: a row-streaming kernel without the TMA path")
+        if example in POINTERS:
+            compiled = compile_kernels(kernel, 64, 64, {**CONFIG, "USE_TMA": False})
+            if any("cp.async.bulk.tensor" in c.asm["ptx"] for name, c in compiled.items() if name.endswith("_fwd")):
+                raise SystemExit(f"{example}: USE_TMA=False still loads through TMA")
         print("ok", example, flush=True)

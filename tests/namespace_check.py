@@ -21,7 +21,7 @@ from attncc.random_inputs import random_arguments
 
 GENERATED = re.compile("|".join([
     # constexprs and builtins
-    r"BLOCK_[MNDEC]", r"MASKED|FULL_MASKED|KEY_MASK|COUNT_TILES|SPLIT|STORE_LSE|PRECISION|UPCAST_DOT|EVEN_[DEMN]|ROW_SUM",
+    r"BLOCK_[MNDEC]", r"MASKED|FULL_MASKED|KEY_MASK|COUNT_TILES|SPLIT|STORE_LSE|PRECISION|UPCAST_DOT|EVEN_[DEMN]|ROW_SUM|USE_TMA",
     r"tl|triton|float|range",
     # tile geometry, grid decoding, loop bounds
     r"offs_[mndec]|pid_[mno]|pid_o_list|n_qt|n_rows|n_cols|n_feat|n_vfeat|n_full|n_full_tiles|n_tiles",
@@ -30,12 +30,12 @@ GENERATED = re.compile("|".join([
     r"map_row|list_base|inside|allowed|any_allowed|all_allowed|whole|state|combo|rows|in_seq|c0",
     # fixed pointers and strides
     r"o_ptr|lse_ptr|count_ptr|kv_list_ptr|kv_full_ptr|kv_count_ptr|map_ptr|state_ptr|z_ptr|o_ptrs",
-    r"(?:o|lse)_s\d+|q_ptrs\d*|q_base|k_base|v_base|k_ok|v_ok",
+    r"(?:o|lse)_s\d+|q_ptrs\d*|q_desc\d*|q_base|k_base|v_base|v_desc|k_ok|v_ok",
     # the online softmax and accumulators, per term
     r"(?:acc|m_i|l_i|l_safe|q|qk|s|p|qk_scale)\d*|k|v|m_new|m_safe|alpha|out|out_sum|lse",
     r"(?:q\d*|k|v)_f32|S|z|a|q_past|k_to_end",
     # temporaries, host-evaluated scalars, loaded mask scalars, precomputed inputs
-    r"(?:t|ld|host)\d+|mask_scalar\d+|pre\d+_(?:ptr|st\d+|sz\d+|kbase|ktile)",
+    r"(?:t|ld|host)\d+|mask_scalar\d+|pre\d+_(?:ptr|st\d+|sz\d+|kbase|kdesc|ktile)",
 ]))
 KERNEL_SUFFIX = re.compile(r"(?:_packed|_stats\d+)?_(?:fwd|tile)|_classify|_linear_(?:state|apply)|_chunked")
 
@@ -67,7 +67,7 @@ def problems(source: str, program) -> list[str]:
         axis = int(re.sub(r"\D", "", role) or -1)
         role = re.sub(r"\d", "", role)
         ok = {
-            "ptr": name in program.inputs, "kbase": name in program.inputs, "ktile": name in program.inputs,
+            "ptr": name in program.inputs, "kbase": name in program.inputs, "kdesc": name in program.inputs, "ktile": name in program.inputs,
             "st": name in program.inputs and axis < len(program.inputs[name].dims),
             "sz": name in program.inputs and axis < len(program.inputs[name].dims),
             "dim": name in program.dims, "par": name in program.params,
