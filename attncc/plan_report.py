@@ -22,6 +22,7 @@ from .random_inputs import random_arguments
 from .runtime import default_config, split_count
 from .work import mask_tile_work
 from attncc.codegen.block_map import map_outer
+from attncc.passes.mask_sympy import GENERATED, code_name
 from attncc.passes.row_stream import RowStreamPlan
 
 _LEAVES = (ir.Const, ir.Index, ir.Scalar, ir.Input)
@@ -150,7 +151,7 @@ class _PlanText:
         if not p.masks:
             return out
         out += self.spec_lines(p.masks)
-        out += [f"  {name} = {self.text(node)}  (loaded once per program)"
+        out += [f"  {code_name(name)} = {self.text(node)}  (loaded once per program)"
                 for name, node in p.mask_symbols.items()]
         out += [f"  {name} = {text}" for name, text in self.opaque_names().items()]
         if mode == "affine":
@@ -173,12 +174,12 @@ class _PlanText:
     def conjunct(self, c) -> tuple[str, list[list[str]]]:
         """A conjunct's half-planes, and its guards, row range, key ranges and opaque atoms."""
         mp = self.plan.mask_plan
-        planes = sorted(str(sympy.Ge(h.a * mp.i + h.b * mp.j, h.rhs)) for h in c.planes)
-        rows = [["guards", ", ".join(sorted(map(str, c.guards))) or "none"],
-                ["rows", f"{c.row_lo} .. {c.row_hi}"],
-                ["lo .. hi", f"{c.lo} .. {c.hi}"],
-                ["flo .. fhi", f"{c.flo} .. {c.fhi}" if not c.opaque else "none: opaque atoms"]]
-        rows += [["opaque" if k == 0 else "", atom] for k, atom in enumerate(sorted(map(str, c.opaque)))]
+        planes = sorted(_shown(sympy.Ge(h.a * mp.i + h.b * mp.j, h.rhs)) for h in c.planes)
+        rows = [["guards", ", ".join(sorted(map(_shown, c.guards))) or "none"],
+                ["rows", f"{_shown(c.row_lo)} .. {_shown(c.row_hi)}"],
+                ["lo .. hi", f"{_shown(c.lo)} .. {_shown(c.hi)}"],
+                ["flo .. fhi", f"{_shown(c.flo)} .. {_shown(c.fhi)}" if not c.opaque else "none: opaque atoms"]]
+        rows += [["opaque" if k == 0 else "", atom] for k, atom in enumerate(sorted(map(_shown, c.opaque)))]
         return " and ".join(planes) or "no affine constraint", rows
 
     def work(self, shape, params, block_m: int, block_n: int) -> list[str]:
@@ -242,7 +243,7 @@ class _PlanText:
 
     def opaque_names(self) -> dict[str, str]:
         """What the analysis' opaque functions (`opaque0(i)`) stand for."""
-        return {name: self.text(node) for name, node in self.plan.opaque.items()}
+        return {code_name(name): self.text(node) for name, node in self.plan.opaque.items()}
 
     def computing(self, nodes) -> set[ir.Node]:
         """The non-leaf nodes that compute `nodes` (themselves included); param defaults,
@@ -267,3 +268,8 @@ def _ratio(a: int, b: int) -> str:
 
 def _wrap(text: str) -> list[str]:
     return textwrap.wrap(text, _WIDTH, initial_indent="  ", subsequent_indent="  ")
+
+
+def _shown(expr) -> str:
+    """A plan expression as text, the symbols the analysis made up under their kernel names."""
+    return str(expr).replace(GENERATED, "")
