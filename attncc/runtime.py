@@ -318,7 +318,10 @@ class RowStreamLauncher:
                           FULL_MASKED=bool(cfg.get("FULL_MASKED", False)),
                           # whole key / query tiles: no key-bound masks, no row masks on q
                           EVEN_N=n_cols % cfg["BLOCK_N"] == 0, EVEN_M=(n_rows * group) % cfg["BLOCK_M"] == 0,
-                          USE_TMA=self.use_tma(call, cfg, interpret))
+                          USE_TMA=self.use_tma(call, cfg, interpret),
+                          # plain softmax scores scaled inside exp2 (one FFMA) when every such scale is > 0
+                          FOLD_SCALE=all(self.term_scale(t, call) > 0 for t, term in enumerate(p.terms)
+                                         if term.folds_log2e))
         if constexprs["USE_TMA"] and not interpret and _RECORDING.get() is None:
             ensure_allocator()
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -332,6 +335,13 @@ class RowStreamLauncher:
             o, lse = merge_splits(o_all, lse_all, p.output.axes, lse_axes)
             o = o.to(call.out_dtype)
         return [o, lse] if return_lse else [o]
+
+    def term_scale(self, t: int, call: BoundCall) -> float:
+        """Term t's score scale `qk_scale{t}`: its scalar factors, times log2(e) for plain
+        softmax scores."""
+        term = self.plan.terms[t]
+        scale = math.prod(evaluate_scalar(f, call.scalars) for f in term.scale)
+        return float(scale) * (LOG2E if term.folds_log2e else 1.0)
 
     def use_tma(self, call: BoundCall, cfg: dict, interpret: bool) -> bool:
         """Whether the kernel loads q, k and v through TMA tensor descriptors (`USE_TMA`)
@@ -495,9 +505,7 @@ class RowStreamLauncher:
         for name in names:
             node = host_scalars.get(name)
             if node is None:  # qk_scale{t}
-                term = self.plan.terms[int(name[len("qk_scale"):] or 0)]
-                scale = math.prod(evaluate_scalar(f, call.scalars) for f in term.scale)
-                values.append(float(scale) * (LOG2E if term.folds_log2e else 1.0))
+                values.append(self.term_scale(int(name[len("qk_scale"):] or 0), call))
             else:
                 v = evaluate_scalar(node, call.scalars)
                 values.append(int(v) if isinstance(v, bool) else v)
@@ -598,8 +606,8 @@ def default_config(interpret: bool, d: int, e: int, accumulators: int = 1) -> di
     """Tile sizes before any tuning: small tiles in the interpreter (speed, and more
     tile boundaries exercised), FlashAttention-like ones on a GPU. Chosen from the static
     report (benchmarks/static_resources.py: sm_90, compiled as a launch compiles, Triton 3.9):
-    128x64 tiles, 8 warps and 3 stages have no spill up to head dim 128 (causal 124 registers
-    and 2 CTAs/SM at D = 64, 181 at D = 128); two accumulators (differential attention) spill
+    128x64 tiles, 8 warps and 3 stages have no spill up to head dim 128 (causal with TMA loads
+    114 registers and 2 CTAs/SM at D = 64, 153 at D = 128); two accumulators (differential attention) spill
     48 B at 128x64 and D = 128, so above head dim 64 they take 64x32 tiles and 2 stages, as
     head dims above 128 do (128x64 with 2 stages compiles without spill there too, at
     250-254 registers: to be timed)."""

@@ -137,7 +137,10 @@ class RowStreamCodegen:
         em.body = []
         qk = Val(f"qk{x}", frozenset("mn"), ir.FLOAT)
         if term.folds_log2e:  # a plain softmax: the scores in base 2 are one multiply away
-            return [f"s{x} = qk{x} * qk_scale{x}  # the score scale and log2(e), applied to the fp32 scores"]
+            return ["if FOLD_SCALE:  # a positive scale: it goes into the max and the exp2 argument (one FFMA)",
+                    f"    s{x} = qk{x}",
+                    "else:",
+                    f"    s{x} = qk{x} * qk_scale{x}  # the score scale and log2(e), applied to the fp32 scores"]
         scaled = [f"qk{x} = qk{x} * qk_scale{x}  # the score's scalar factors, applied to the fp32 scores"] \
             if term.scale else []
         if term.qk_factors:
@@ -231,10 +234,22 @@ class RowStreamCodegen:
                      "    m_safe = m_new"]
         else:
             guard = ["m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no finite score yet"]
+        if term.folds_log2e:  # with FOLD_SCALE, s is the raw score and qk_scale > 0 scales it here
+            row_max = ["if FOLD_SCALE:  # max(s) * scale == max(s * scale) for a positive scale",
+                       f"    m_new = tl.maximum(m_i{x}, tl.max(s{x}, 1) * qk_scale{x})",
+                       "else:",
+                       f"    m_new = tl.maximum(m_i{x}, tl.max(s{x}, 1))"]
+            exp = ["if FOLD_SCALE:",
+                   f"    p = tl.exp2(s{x} * qk_scale{x} - m_safe[:, None])  # one FFMA per score",
+                   "else:",
+                   f"    p = tl.exp2(s{x} - m_safe[:, None])"]
+        else:
+            row_max = [f"m_new = tl.maximum(m_i{x}, tl.max(s{x}, 1))"]
+            exp = [f"p = tl.exp2(s{x} - m_safe[:, None])"]
         return [f"# online softmax: running max m_i{x} and sum l_i{x} per query row (base 2)",
-                f"m_new = tl.maximum(m_i{x}, tl.max(s{x}, 1))",
+                *row_max,
                 *guard,
-                f"p = tl.exp2(s{x} - m_safe[:, None])",
+                *exp,
                 f"alpha = tl.exp2(m_i{x} - m_safe)",
                 f"l_i{x} = l_i{x} * alpha + tl.sum(p, 1)",
                 *([] if self.plan.statistics_only else
@@ -426,14 +441,14 @@ class RowStreamCodegen:
         range_lines = self.range_lines()
         prologue = list(em.prologue)
         state = self.states()
-        vn = p.v.input.name if p.v else None
-        constexprs = ["MASKED", "KEY_MASK", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E", "USE_TMA"]
+        constexprs = ["MASKED", "KEY_MASK", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E", "USE_TMA",
+                      "FOLD_SCALE"]
         inner_args = _free_names(tile_body, {"start_n"} | set(constexprs))
         inner_args = [a for a in inner_args if a not in (*state, "start_n")]
         sig_tile = ", ".join([*state, "start_n", *inner_args]) + \
             ", MASKED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, " \
             "UPCAST_DOT: tl.constexpr, " \
-            "EVEN_D: tl.constexpr, EVEN_E: tl.constexpr, USE_TMA: tl.constexpr"
+            "EVEN_D: tl.constexpr, EVEN_E: tl.constexpr, USE_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr"
         call_args = ", ".join([*state, "start_n", *inner_args])
 
         tensors = list(em.tensors)
@@ -456,7 +471,7 @@ class RowStreamCodegen:
                                         "SPLIT: tl.constexpr, PRECISION: tl.constexpr, "
                                         "UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_E: tl.constexpr, "
                                         "FULL_MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, "
-                                        "USE_TMA: tl.constexpr")
+                                        "USE_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr")
 
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(p.outer):
@@ -559,7 +574,8 @@ class RowStreamCodegen:
         key_mask = "not EVEN_N" if masked else "False"
         return [f"    {', '.join(self.states())} = {self.name}_tile({call}, MASKED={flag}, KEY_MASK={key_mask}, "
                 "BLOCK_N=BLOCK_N, "
-                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, EVEN_D=EVEN_D, EVEN_E=EVEN_E, USE_TMA=USE_TMA)",
+                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, EVEN_D=EVEN_D, EVEN_E=EVEN_E, USE_TMA=USE_TMA, "
+                "FOLD_SCALE=FOLD_SCALE)",
                 "    if COUNT_TILES:",
                 f"        tl.atomic_add(count_ptr + {int(masked)}, 1)"]
 

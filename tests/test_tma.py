@@ -66,3 +66,29 @@ def test_pointer_path_for_layouts_tma_cannot_take():
     # the interpreter and pre-Hopper devices default to pointers
     assert _uses_tma("dense", base, {"USE_TMA": None}) == [False]
     assert _uses_tma("dense", base, {"USE_TMA": False}) == [False]
+
+
+TEMPERATURE = """
+attention tempered(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]) -> o[B,H,N,E] {
+  param temp: float = 1.0
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * temp
+  mask j <= i
+  p = softmax(s, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}
+"""
+
+
+@pytest.mark.parametrize("temp,folded", [(0.7, True), (-0.7, False), (0.0, False)])
+@pytest.mark.parametrize("tma", [False, True])
+def test_score_scale_folds_into_exp2_only_when_positive(temp, folded, tma):
+    """`FOLD_SCALE`: a positive scale is applied inside the exp2 argument (max of the raw
+    scores times the scale); a negative or zero one multiplies the scores first."""
+    kwargs = dict(make_inputs("causal", B=1, H=2, N=37, M=37, D=16, E=12, dtype=torch.float32), temp=temp)
+    kernel = attncc.compile(TEMPERATURE, backend="triton")
+    call = bind(kernel.program, kwargs)
+    (launch,) = kernel.generated.launcher.launches(call, True, {"USE_TMA": tma})
+    assert launch.constexprs["FOLD_SCALE"] is folded
+    out, expected, _ = run(None, kwargs, {"USE_TMA": tma}, spec=TEMPERATURE)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
