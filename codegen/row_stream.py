@@ -473,7 +473,7 @@ class RowStreamCodegen:
                                         "FULL_MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, "
                                         "USE_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr")
 
-        decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
+        decode = ["pid_o = pid_o.to(tl.int64)"]
         for ix in reversed(p.outer):
             var = names.user("grp" if self.packed and ix == p.group[0] else "idx", ix)
             decode.append(f"{var} = pid_o % {names.user('size', ix)}")
@@ -510,10 +510,10 @@ class RowStreamCodegen:
             "",
             "@triton.jit",
             f"def {self.name}_fwd({kernel_sig}):",
-            "    # grid axis 0: query tiles, times key splits when decoding (split-KV)",
+            "    # grid axis 0: query tiles, times key splits when decoding (split-KV); axis 1: batch x heads",
             f"    n_qt = tl.cdiv(n_rows{' * group' if self.packed else ''}, BLOCK_M)",
-            "    pid_m = tl.program_id(0) % n_qt",
-            "    split_lo = (tl.program_id(0) // n_qt) * split_len",
+            *_indent(self.schedule_lines()),
+            "    split_lo = pid_split * split_len",
             "    split_hi = split_lo + split_len",
             *_indent(decode),
             "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
@@ -530,8 +530,8 @@ class RowStreamCodegen:
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
                 *combine]),
             "    if SPLIT:  # a partial result per key split, merged by log-sum-exp afterwards",
-            "        o_ptr += (tl.program_id(0) // n_qt) * o_split_stride",
-            "        lse_ptr += (tl.program_id(0) // n_qt) * lse_split_stride",
+            "        o_ptr += pid_split * o_split_stride",
+            "        lse_ptr += pid_split * lse_split_stride",
             *([] if p.statistics_only else
               [f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, True)}",
                "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat))"]),
@@ -543,6 +543,24 @@ class RowStreamCodegen:
         ]
         return KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
                             self.mask_mode())
+
+    def schedule_lines(self) -> list[str]:
+        """Which query tile (`pid_m`), key split and (batch, head) (`pid_o`) this program
+        takes. In order when every tile costs about the same; longest first when the mask
+        plan says later query rows visit more key tiles (`longest_first`)."""
+        if not longest_first(self.plan.mask_plan) or self.plan.needs_block_map:
+            return ["pid_x = tl.program_id(0)",
+                    "pid_o = tl.program_id(1)",
+                    "pid_m = pid_x % n_qt",
+                    "pid_split = pid_x // n_qt"]
+        return ["# longest first: later query tiles visit more key tiles (a triangular mask). The GPU",
+                "# starts programs in the order program_id(1) * num_programs(0) + program_id(0): hand out",
+                "# the last query tile of every (batch, head) first, then the ones before it",
+                "flat = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)",
+                "pid_x = flat // tl.num_programs(1)",
+                "pid_o = flat % tl.num_programs(1)",
+                "pid_m = n_qt - 1 - pid_x % n_qt",
+                "pid_split = pid_x // n_qt"]
 
     def mask_mode(self) -> str:
         if self.plan.mask_plan is None:
@@ -695,6 +713,41 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
     header = [docstring(doc), "import triton", "import triton.language as tl", "", ""]  # the file name is data
     main.source = "\n".join(header) + "\n\n\n".join(parts) + "\n"
     return main
+
+
+def longest_first(mask_plan) -> bool:
+    """Whether later query tiles visit at least as many key tiles as earlier ones, and some
+    more: every conjunct's first key does not depend on the tile's rows (i0, i1) and its
+    last key does not decrease with them, and some last key grows with them (causal,
+    prefix-LM; not sliding windows, whose ranges move along)."""
+    if mask_plan is None or not mask_plan.conjuncts:
+        return False
+    rows = {mask_plan.i0, mask_plan.i1}
+    grows = False
+    for c in mask_plan.conjuncts:
+        lo, hi = sympy.sympify(c.lo), sympy.sympify(c.hi)
+        if rows & lo.free_symbols:
+            return False
+        if not all(_nondecreasing(hi, r) for r in rows):
+            return False
+        grows = grows or bool(rows & hi.free_symbols)
+    return grows
+
+
+def _nondecreasing(expr, x) -> bool:
+    """A sufficient syntactic test that `expr` does not decrease as symbol `x` grows."""
+    if x not in expr.free_symbols:
+        return True
+    if expr == x:
+        return True
+    if isinstance(expr, (sympy.Add, sympy.Min, sympy.Max)):
+        return all(_nondecreasing(a, x) for a in expr.args)
+    if isinstance(expr, sympy.Mul):
+        consts = [a for a in expr.args if x not in a.free_symbols]
+        rest = [a for a in expr.args if x in a.free_symbols]
+        coef = sympy.Mul(*consts)
+        return len(rest) == 1 and coef.is_positive is True and _nondecreasing(rest[0], x)
+    return False
 
 
 def _reads_of(transform: ir.Node, read: ir.Access) -> list[ir.Node]:

@@ -24,7 +24,7 @@ GENERATED = re.compile("|".join([
     r"BLOCK_[MNDEC]", r"MASKED|FULL_MASKED|KEY_MASK|COUNT_TILES|SPLIT|STORE_LSE|PRECISION|UPCAST_DOT|EVEN_[DEMN]|ROW_SUM|USE_TMA|FOLD_SCALE",
     r"tl|triton|float|range",
     # tile geometry, grid decoding, loop bounds
-    r"offs_[mndec]|pid_[mno]|pid_o_list|n_qt|n_rows|n_cols|n_feat|n_vfeat|n_full|n_full_tiles|n_tiles",
+    r"offs_[mndec]|pid_[mnox]|pid_split|flat|pid_o_list|n_qt|n_rows|n_cols|n_feat|n_vfeat|n_full|n_full_tiles|n_tiles",
     r"n_qtiles|n_ktiles|split_lo|split_hi|split_len|o_split_stride|lse_split_stride|row_ok|i_rows|h_rows",
     r"group|start_n|t|i0|i1|lo|hi|fs|fe|cut_lo|cut_hi|(?:ok|lo|hi|end|full_ok|flo|fhi)\d+",
     r"map_row|list_base|inside|allowed|any_allowed|all_allowed|whole|state|combo|rows|in_seq|c0",
