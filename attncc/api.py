@@ -218,6 +218,9 @@ class Kernel:
                 self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
                                  "source": str(self.generated.path),
                                  "backward": "reference" if graph else None}
+                fallback = getattr(self.generated.launcher, "last_tma_fallback", None)
+                if fallback:  # the TMA form did not build: pointer loads ran, and why
+                    self.last_run["tma_fallback"] = fallback
             except BackendError as why:
                 if not self.chosen_automatically:  # triton was asked for: say why it cannot run
                     raise

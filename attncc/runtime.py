@@ -213,6 +213,8 @@ class RowStreamLauncher:
         self.module_src = module_src or src
         self.statistics: dict = {}  # precomputed node -> launcher of its statistics pass
         self.block_maps: dict = {}
+        self.tma_failures: dict = {}  # kernel variant -> why its TMA form did not build (it uses pointers)
+        self.last_tma_fallback = None
         self.modules: dict[bool, object] = {}  # compiled / interpreted module, loaded once
         self.last_block_map = None
         self.last_tile_counts = None
@@ -322,11 +324,16 @@ class RowStreamLauncher:
                           # plain softmax scores scaled inside exp2 (one FFMA) when every such scale is > 0
                           FOLD_SCALE=all(self.term_scale(t, call) > 0 for t, term in enumerate(p.terms)
                                          if term.folds_log2e))
-        if constexprs["USE_TMA"] and not interpret and _RECORDING.get() is None:
-            ensure_allocator()
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         role = "packed" if group > 1 else "stats" if p.statistics_only else "main"
-        launch(KernelLaunch(kernel, grid, args, constexprs, options, interpret, role))
+        variant_key = (role, interpret, *sorted(options.items()), *sorted((k, v) for k, v in constexprs.items()
+                                                                          if k != "COUNT_TILES"))
+        if constexprs["USE_TMA"] and variant_key in self.tma_failures:
+            constexprs["USE_TMA"] = False  # this variant's TMA form failed to build before
+        if constexprs["USE_TMA"] and not interpret and _RECORDING.get() is None:
+            ensure_allocator()
+        self.launch_with_pointer_retry(KernelLaunch(kernel, grid, args, constexprs, options, interpret, role),
+                                       variant_key)
         if count_tiles and _RECORDING.get() is None:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
         self.last_splits, self.last_group = splits, group
@@ -335,6 +342,24 @@ class RowStreamLauncher:
             o, lse = merge_splits(o_all, lse_all, p.output.axes, lse_axes)
             o = o.to(call.out_dtype)
         return [o, lse] if return_lse else [o]
+
+    def launch_with_pointer_retry(self, k: KernelLaunch, variant_key: tuple):
+        """Launch `k`; when its TMA form fails to compile (ptxas of some Triton releases
+        crashes on some tile configs), launch the pointer form instead, warn, and remember it
+        for this variant, so the call still runs the generated kernel and says so
+        (`tma_failures`, `kernel.last_run["tma_fallback"]`)."""
+        try:
+            launch(k)
+        except Exception as err:
+            if not k.constexprs["USE_TMA"] or _RECORDING.get() is not None:
+                raise
+            why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+            self.tma_failures[variant_key] = why
+            warnings.warn(f"attncc: the TMA form of {getattr(k.kernel, '__name__', 'a kernel')} did not build "
+                          f"({why}); it runs with pointer loads instead", RuntimeWarning, stacklevel=3)
+            k.constexprs["USE_TMA"] = False
+            launch(k)
+        self.last_tma_fallback = self.tma_failures.get(variant_key) if not k.constexprs["USE_TMA"] else None
 
     def term_scale(self, t: int, call: BoundCall) -> float:
         """Term t's score scale `qk_scale{t}`: its scalar factors, times log2(e) for plain

@@ -3,6 +3,8 @@ boxes of per-(batch, head) [rows, features] views, zero-filled past the last row
 feature instead of masked. Triton's interpreter runs tensor descriptors, so the same
 kernel text is checked here with the TMA path forced (`USE_TMA=True`) on odd shapes; the
 launcher keeps the pointer path where descriptors cannot describe an operand."""
+import contextlib
+
 import pytest
 import torch
 import triton.language as tl
@@ -96,3 +98,32 @@ def test_score_scale_folds_into_exp2_only_when_positive(temp, folded, tma):
     out, expected, _ = run(None, kwargs, {"USE_TMA": tma}, spec=TEMPERATURE)
     for a, b in zip(out, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_tma_form_that_does_not_build_runs_with_pointers_and_says_so(monkeypatch):
+    """ptxas of Triton 3.6 crashes on the TMA form of some kernels at some tile configs:
+    the call must still run the generated kernel (pointer loads), warn, and say why."""
+    from attncc import runtime
+
+    real_run = runtime.KernelLaunch.run
+    failed = []
+
+    def run(self):
+        if self.constexprs.get("USE_TMA"):
+            failed.append(self.kernel.__name__)
+            raise RuntimeError("PTXAS error: `ptxas` failed with error code -11")
+        return real_run(self)
+
+    monkeypatch.setattr(runtime.KernelLaunch, "run", run)
+    kwargs = make_inputs("causal", dtype=torch.float32, B=1, H=2, N=37, M=45, D=16, E=12)
+    kernel = attncc.compile("examples/causal.attn", backend="triton")
+    kernel.tuning_cache = None
+    monkeypatch.setattr(kernel, "tuned_config", lambda call: {"USE_TMA": True})
+    want = attncc.compile("examples/causal.attn", backend="reference")(**kwargs)
+    for attempt in range(2):
+        with pytest.warns(RuntimeWarning, match="did not build") if attempt == 0 else contextlib.nullcontext():
+            got = kernel(**kwargs)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert kernel.last_run["backend"] == "triton"
+        assert "ptxas" in kernel.last_run["tma_fallback"]
+    assert len(failed) == 1  # remembered: the second call does not try the TMA form again
