@@ -19,6 +19,7 @@ import sympy
 import torch
 
 from . import ir
+from .errors import SpecError
 from attncc.passes.infer import to_sympy
 
 _EINSUM_LETTERS = string.ascii_letters
@@ -215,8 +216,10 @@ class Reference:
         for k, a in enumerate(args):
             if a.numel() and (int(a.min()) < 0 or int(a.max()) >= array.shape[k]):
                 bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
-                raise IndexError(f"index {bad} is out of range for dim {k} (size {array.shape[k]}) in the access "
-                                 f"at line {node.loc.line if node.loc else '?'} of the spec")
+                where = SpecError(f"index {bad} is out of range for dim {k} (size {array.shape[k]}) of this read",
+                                  self.p.source, node.loc, "indices inside the tensor (clamp them, or "
+                                  "let a where() pick another value)")
+                raise IndexError(where.render())
         return array[tuple(args)]
 
     @staticmethod

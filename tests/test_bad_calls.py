@@ -291,3 +291,17 @@ def test_integer_division_by_a_call_time_zero_is_named(backend):
     kernel(q=torch.randn(5, 4), k=torch.randn(4, 4), v=torch.randn(4, 3))
     with pytest.raises(ShapeError, match=r"divisor of `//` \(line 3\).* is 0 for this call: M = 5, N = 5"):
         kernel(q=torch.randn(5, 4), k=torch.randn(5, 4), v=torch.randn(5, 3))
+
+
+def test_a_read_out_of_range_on_the_reference_points_at_the_spec():
+    """A spec expression that indexes a table outside its size (no clamp) is the reference's
+    IndexError with file:line:col and a caret, not a bare index."""
+    kernel = attncc.compile("""attention rb(q[N,D], k[M,D], v[M,E], table[W]) -> o[N,E] {
+  s[i,j] = q[i,d] * k[j,d]
+  s += table[j - i + 2]
+  p = softmax(s, j)
+  o[i,e] = p[i,j] * v[j,e]
+}""", backend="reference")
+    with pytest.raises(IndexError, match=r"<string>:3:8: error: index -2 is out of range for dim 0 \(size 5\)"
+                                         r"[\s\S]*\^\^\^[\s\S]*expected indices inside the tensor"):
+        kernel(q=torch.randn(5, 4), k=torch.randn(5, 4), v=torch.randn(5, 3), table=torch.randn(5))
