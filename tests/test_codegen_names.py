@@ -122,13 +122,17 @@ def test_linear_kernels_with_generator_names(causal):
              H="state", N="rows", D="q", E="k", b="combo", h="i1", i="c1", j="v", d="in_seq", e="lse")
     kernel = attncc.compile(LINEAR.format(**n), backend="triton")
     assert kernel.generated.source.chunked is not None
-    kwargs = {"S": torch.randn(1, 2, 37, 16), "z": torch.randn(1, 2, 37, 16), "c0": torch.randn(1, 2, 37, 12),
-              "a": torch.rand(2) * 0.1 + 0.9, "MASKED": causal}
+    gen = torch.Generator().manual_seed(0)
+    kwargs = {"S": torch.randn(1, 2, 37, 16, generator=gen), "z": torch.randn(1, 2, 37, 16, generator=gen),
+              "c0": torch.randn(1, 2, 37, 12, generator=gen), "a": torch.rand(2, generator=gen) * 0.1 + 0.9,
+              "MASKED": causal}
     out = kernel(**kwargs)
     check_namespaces(kernel.generated.source.source, kernel.program)
     assert kernel.generated.launcher.last_path == ("chunked" if causal else "row streaming")
-    ref = attncc.compile(LINEAR.format(**n), backend="reference")(**kwargs)
-    assert_matches(out, ref)
+    exact = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    ref = attncc.compile(LINEAR.format(**n), backend="reference")(**exact)
+    # unnormalised sums of 37 products: fp32 rounding is relative to the terms, not to the result
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 REASSOCIATED = """attention {name}({q}[{B},{H},{N},{D}], {k}[{B},{H},{M},{D}], {v}[{B},{H},{M},{E}]) -> {o}[{B},{H},{N},{E}] {{
