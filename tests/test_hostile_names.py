@@ -149,7 +149,9 @@ def test_python_keywords_as_input_names_are_passed_by_dict():
     sig = kernel.signature
     assert "k" in sig.parameters and "lambda" not in sig.parameters
     assert any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    args = {"lambda": torch.randn(5, 4), "k": torch.randn(6, 4), "v": torch.randn(6, 3), "None": 0.5}
+    gen = torch.Generator().manual_seed(0)
+    args = {"lambda": torch.randn(5, 4, generator=gen), "k": torch.randn(6, 4, generator=gen),
+            "v": torch.randn(6, 3, generator=gen), "None": 0.5}
     want = torch.softmax(args["lambda"] @ args["k"].T * 0.5, -1) @ args["v"]
     torch.testing.assert_close(kernel(**args), want)
 
