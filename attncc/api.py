@@ -383,9 +383,23 @@ class Generated:
         from attncc.codegen.row_stream import generate_module
         from .runtime import RowStreamLauncher, source_path
 
-        if len(program.outputs) > 1:
-            raise NotRowStreamable("several outputs are not generated yet")
-        self.plan = plan_row_stream(program)
+        try:
+            if len(program.outputs) > 1:
+                raise NotRowStreamable("several outputs")
+            self.plan = plan_row_stream(program)
+        except NotRowStreamable as fused_why:  # not the fused skeleton: derive a general plan
+            from attncc.codegen.stream_kernel import generate_streams
+            from attncc.passes.streams import plan_streams
+            from .stream_runtime import StreamLauncher
+
+            try:
+                self.plan = plan_streams(program)
+                self.source = generate_streams(self.plan, program.name)
+            except (NotRowStreamable, Unsupported) as why:
+                raise NotRowStreamable(f"{why} (and the fused skeleton: {fused_why})") from None
+            self.path = source_path(self.source)
+            self.launcher = StreamLauncher(self.plan, self.source)
+            return
         self.source = generate_module(self.plan, program.name)
         self.path = source_path(self.source)
         self.launcher = RowStreamLauncher(self.plan, self.source)

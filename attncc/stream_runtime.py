@@ -1,0 +1,103 @@
+"""Running a general streaming plan: its pass kernels in order, then the torch epilogue.
+
+For each pass (in level order) the launcher computes the small intermediates the pass
+reads (torch, on the call's device), allocates one fp32 tensor per accumulator, and
+launches the pass kernel over (row tiles, batch x heads). The outputs are then evaluated
+by the reference executor's torch ops from the stored accumulators: elementwise epilogues
+(`num / (den + eps)`) and reductions of small tensors (a mean over queries of a row maximum).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from . import ir
+from .binding import BoundCall
+from .errors import BackendError
+from .reference import Reference, align, evaluate_scalar
+from .runtime import KernelLaunch, check_device, launch, load_module, pow2, promote_operands, triton_cdiv
+from attncc.passes.streams import StreamPlan, torch_form
+
+
+def stream_config(interpret: bool, widest: int) -> dict:
+    """Tiles of the general pass kernels before any tuning: small in the interpreter, and on
+    a GPU 64 x 64 with 4 warps (several accumulators and dots share the registers), 32-key
+    tiles above head dim 128."""
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64 if widest <= 128 else 32, "num_warps": 4, "num_stages": 2}
+
+
+class StreamLauncher:
+    """Launches the passes of a general plan for one bound call."""
+
+    def __init__(self, plan: StreamPlan, src, lse_plan=None):
+        self.plan, self.src = plan, src
+        self.modules: dict = {}
+        self.last_path = "general streaming"
+        self.last_tma_fallback = None
+
+    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None):
+        raise BackendError("the static report covers the fused row-streaming kernels only")
+
+    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
+        if return_lse:
+            raise BackendError("return_lse is not generated for the general streaming plan yet")
+        interpret = check_device(call)
+        p = self.plan
+        operands = {op.input.name for sp in p.passes for dot in sp.dots for op in dot.sides.values()
+                    if not op.input.name.startswith("<")}
+        operands |= {a.value.input.name for sp in p.passes for a in sp.accumulators
+                     if a.value is not None and not a.value.input.name.startswith("<")}
+        call = promote_operands(call, operands)
+        module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
+        sizes = call.sizes or p.program.sizes(call.scalars)
+        tensors = dict(call.tensors)
+        memo: dict = {}
+        device = call.device
+        for sp, source in zip(p.passes, self.src.passes):
+            for name in source.tensor_inputs:  # what this pass reads that torch computes first
+                if name not in tensors:
+                    node = next(n for n, inp in p.precomputed.inputs.items() if inp.name == name)
+                    value = Reference(p.program, tensors, call.scalars).full(torch_form(p, node, memo))
+                    value = align(value, node.indices, p.precomputed.axes[node]).contiguous()
+                    tensors[name] = value.to(call.out_dtype) if value.is_floating_point() else value
+            widest = max([sizes[ix] for ix in (*source.features.values(),)] or [16])
+            if widest > 256:
+                raise BackendError(f"feature dims up to 256 are supported, got {widest}")
+            cfg = dict(stream_config(interpret, widest))
+            cfg.update(config or {})
+            results = [torch.zeros([sizes[ix] for ix in node.indices], dtype=torch.float32, device=device)
+                       for node in source.results]
+            args = [tensors[n] for n in source.tensor_inputs] + results
+            args += [st for r in results for st in r.stride()]
+            for name in source.tensor_inputs:
+                args += list(tensors[name].stride())
+            for name in source.tensor_inputs:
+                args += list(tensors[name].shape)
+            args += [sizes[ix] for ix in sp.outer] + [sizes[sp.row], sizes[sp.stream]]
+            args += [sizes[ix] for ix in source.extents.values()]
+            args += [self.scalar(call, source.host_scalars[n]) for n in source.scalar_args]
+            float_in = [tensors[n] for n in source.tensor_inputs if tensors[n].is_floating_point()]
+            upcast = interpret and any(t.dtype == torch.bfloat16 for t in float_in)
+            constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="ieee", UPCAST_DOT=upcast,
+                              **{c: pow2(sizes[ix]) for c, ix in source.features.items()})
+            options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            grid = (triton_cdiv(sizes[sp.row], cfg["BLOCK_M"]), math.prod(sizes[ix] for ix in sp.outer))
+            if grid[0] and grid[1]:
+                launch(KernelLaunch(getattr(module, source.kernel), grid, args, constexprs, options, interpret,
+                                    "stream pass"))
+            for node, value in zip(source.results, results):
+                tensors[p.results[node].name] = value
+        outs = []
+        for out, node in p.outputs:
+            value = Reference(p.program, tensors, call.scalars).full(torch_form(p, node, memo))
+            outs.append(align(value, node.indices, out.axes))
+        return outs
+
+    @staticmethod
+    def scalar(call: BoundCall, node: ir.Node):
+        v = evaluate_scalar(node, call.scalars)
+        return int(v) if isinstance(v, bool) else v

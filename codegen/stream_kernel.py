@@ -1,0 +1,266 @@
+"""Triton text of the general streaming plan: one kernel per pass (passes/streams.py).
+
+A pass kernel takes a block of rows (`offs_m`) of one (batch, head) and walks the streamed
+index in tiles (`offs_n`). Per tile it computes each tile dot with one `tl.dot`, evaluates
+the accumulators' expressions with the tile emitter, and updates the accumulators:
+
+    sum     acc += sum_n where(allowed, x, 0)
+    max     acc = max(acc, max_n where(allowed, x, -inf))            (min alike)
+    lse     running max m and sum l of exp(x - m), rescaled when m grows
+    online  acc = acc * alpha + sum_n (x with exp(s - L) := exp(s - m))  (FlashAttention)
+    values  acc += where(allowed, w, 0) @ v                           ([rows, features])
+
+and stores each accumulator's final value (a small tensor over batch, head, rows and
+maybe features) for the passes, torch epilogues and outputs that read it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from attncc import ir
+from attncc.codegen import names
+from attncc.codegen.pytext import docstring
+from attncc.codegen.row_stream import _indent, scalar_args, tensor_args
+from attncc.codegen.tile_expr import TileEmitter, Val
+from attncc.passes.streams import Accumulator, Reduction, StreamPass, StreamPlan
+
+_NEG_INF = "float('-inf')"
+_POS_INF = "float('inf')"
+
+
+@dataclass
+class PassSource:
+    """One pass kernel and what its launcher passes it."""
+
+    kernel: str
+    tensor_inputs: list            # input names (synthetic ones included) passed as pointers
+    scalar_args: list
+    host_scalars: dict
+    results: list                  # accumulator nodes stored, in argument order
+    features: dict                 # constexpr name -> the index whose extent it pads (BLOCK_D0, BLOCK_E1)
+    extents: dict                  # scalar argument -> the index whose size it is (n_0, n_1)
+
+
+@dataclass
+class StreamSource:
+    name: str
+    source: str
+    passes: list = field(default_factory=list)
+
+
+class PassCodegen:
+    def __init__(self, plan: StreamPlan, p: StreamPass, name: str):
+        self.plan, self.p, self.name = plan, p, name
+        env = {p.row: Val("offs_m[:, None]", frozenset("m"), ir.INT),
+               p.stream: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
+        for ix in p.outer:
+            env[ix] = Val(names.user("idx", ix), frozenset(), ir.INT)
+        self.em = TileEmitter(plan.program, env)
+        self.em.in_bounds = {p.row, p.stream}
+        mine = {a.node for a in p.accumulators}
+        self.em.materialized = {**plan.precomputed.inputs,
+                                **{n: a for n, a in plan.results.items() if n not in mine}}
+        self.features: dict = {}
+        self.extents: dict = {}  # scalar argument -> index whose size it is
+
+    # ------------------------------------------------------------------ operands
+    def operand_tile(self, op, tile: str, tile_code: str, feature: str, block: str) -> tuple[list[str], Val]:
+        """Load an operand's [tile, feature] block (zero outside), apply its feature map."""
+        em, p = self.em, self.p
+        em.tensors[op.input.name] = op.input
+        n_feat = self.extent_arg(feature)
+        offs = f"tl.arange(0, {block})"
+        fcode = f"{offs}[None, :]"
+        base = []
+        for k, arg in op.outer_args():
+            val = em.emit(arg)
+            if val.const != 0:
+                base.append(f"{val.code} * {names.tensor('st', op.input.name, k)}")
+        ok_tile = "row_ok[:, None]" if tile == "m" else "(offs_n[:, None] < n_cols)"
+        pointer = " + ".join([names.tensor("ptr", op.input.name), *base,
+                              f"{tile_code}[:, None] * {names.tensor('st', op.input.name, op.row)}",
+                              f"{fcode} * {names.tensor('st', op.input.name, op.feature)}"])
+        var = f"{'a' if tile == 'm' else 'b'}{self.counter()}"
+        lines = [f"{var} = tl.load({pointer}, mask={ok_tile} & ({fcode} < {n_feat}), other=0.0)"]
+        axes = frozenset((tile, "f"))
+        if op.transform is None:
+            return lines, Val(var, axes)
+        env = {**em.env, op.access.args[op.row].name: Val(f"{tile_code}[:, None]", frozenset(tile), ir.INT),
+               feature: Val(fcode, frozenset("f"), ir.INT)}
+        em.bind(op.access, Val(f"{var}.to(tl.float32)", axes), env)
+        saved = (em.prologue, em.body)
+        em.prologue, em.body = [], []
+        val = em.emit(op.transform, env)
+        lines += em.prologue + em.body
+        em.prologue, em.body = saved
+        lines.append(f"{var} = tl.where({fcode} < {n_feat}, {val.code}, 0.0)  # padded features add nothing")
+        return lines, Val(var, axes)
+
+    def counter(self) -> int:
+        self.em.counter += 1
+        return self.em.counter
+
+    def extent_arg(self, index: str) -> str:
+        name = f"n_{len(self.extents)}"
+        for arg, ix in self.extents.items():
+            if ix == index:
+                return arg
+        self.extents[name] = index
+        return name
+
+    # ------------------------------------------------------------------ the kernel
+    def generate(self) -> tuple[str, PassSource]:
+        p, em = self.plan, self.em
+        sp = self.p
+        row_loads, dot_lines = [], []
+        for t, dot in enumerate(sp.dots):
+            block = f"BLOCK_D{t}"
+            self.features[block] = dot.d
+            a_lines, a = self.operand_tile(dot.sides[sp.row], "m", "offs_m", dot.d, block)
+            b_lines, b = self.operand_tile(dot.sides[sp.stream], "n", "offs_n", dot.d, block)
+            row_loads += a_lines
+            cast = "" if dot.sides[sp.row].transform is None and dot.sides[sp.stream].transform is None \
+                else ".to(tl.float32)"
+            dot_lines += b_lines + [
+                f"if UPCAST_DOT:  # the interpreter's bf16 dot: compute in fp32",
+                f"    s{t} = tl.dot({a.code}.to(tl.float32), tl.trans({b.code}.to(tl.float32)), "
+                "input_precision=PRECISION)",
+                "else:",
+                f"    s{t} = tl.dot({a.code}{cast}, tl.trans({b.code}{cast}), input_precision=PRECISION)"]
+            # the dot's other factors (scales, decays) multiply it where it is read
+            product = " * ".join([f"s{t}", *(em.emit(f).code for f in dot.factors)])
+            em.bind(dot.node, Val(f"({product})" if dot.factors else product, frozenset("mn")))
+        init, update, final, stores, results = [], [], [], [], []
+        for k, acc in enumerate(sp.accumulators):
+            if acc.online is not None:
+                continue
+            self.accumulate(k, acc, init, update, final)
+            for j, other in enumerate(sp.accumulators):
+                if other.online is acc:
+                    self.accumulate(j, other, init, update, final)
+        for k, acc in enumerate(sp.accumulators):
+            results.append(acc.node)
+            stores.append(self.store(k, acc))
+        tensors = list(em.tensors)
+        scalars = scalar_args(p.program, em.host_scalars)
+        strides, dims = tensor_args(em.tensors)
+        res_args = [f"res{k}_ptr" for k in range(len(results))] + \
+            [f"res{k}_s{a}" for k, acc in enumerate(sp.accumulators) for a in range(len(acc.node.indices))]
+        outer = [names.user("size", ix) for ix in sp.outer]
+        sig = ([names.tensor("ptr", t) for t in tensors] + res_args + strides + dims + outer
+               + ["n_rows", "n_cols", *self.extents] + scalars)
+        constexprs = ["BLOCK_M", "BLOCK_N", *self.features, "PRECISION", "UPCAST_DOT"]
+        decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
+        for ix in reversed(sp.outer):
+            decode += [f"{names.user('idx', ix)} = pid_o % {names.user('size', ix)}",
+                       f"pid_o = pid_o // {names.user('size', ix)}"]
+        kinds = ", ".join(a.kind.value + (" (online)" if a.online else "") for a in sp.accumulators)
+        body = [
+            "@triton.jit",
+            f"def {self.name}({', '.join(sig)}, {', '.join(c + ': tl.constexpr' for c in constexprs)}):",
+            f"    {docstring(f'{sp.kind.value}: rows {sp.row!r}, streamed {sp.stream!r}; accumulators: {kinds}.')}",
+            "    pid_m = tl.program_id(0)",
+            *_indent(decode),
+            "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+            "    row_ok = offs_m < n_rows",
+            *_indent(row_loads),
+            *_indent(em.prologue),
+            *_indent(init),
+            "    for start_n in range(0, n_cols, BLOCK_N):",
+            "        offs_n = start_n + tl.arange(0, BLOCK_N)",
+            "        allowed = row_ok[:, None] & (offs_n[None, :] < n_cols)",
+            *_indent(dot_lines, 2),
+            *_indent(em.body, 2),
+            *_indent(update, 2),
+            *_indent(final),
+            *_indent(stores),
+        ]
+        src = PassSource(self.name, tensors, scalars, dict(em.host_scalars), results, dict(self.features),
+                         dict(self.extents))
+        return "\n".join(body), src
+
+    def accumulate(self, k: int, acc: Accumulator, init, update, final):
+        """The lines that start, update (after the tile's expressions) and finish one accumulator."""
+        em = self.em
+        sp = self.p
+        saved_body, em.body = em.body, []
+        allowed = "allowed"
+        for pred in acc.masks:
+            v = em.emit(pred)
+            allowed = f"({allowed} & {v.code})"
+        update_lines = []
+        if acc.kind is Reduction.LSE:
+            x = em.emit(acc.arg)
+            update_lines += [
+                f"x{k} = tl.where({allowed}, {x.code}, {_NEG_INF})",
+                f"m_new{k} = tl.maximum(m{k}, tl.max(x{k}, 1))",
+                f"m_safe{k} = tl.where(m_new{k} == {_NEG_INF}, 0.0, m_new{k})",
+                f"alpha{k} = tl.exp(m{k} - m_safe{k})",
+                f"p{k} = tl.exp(x{k} - m_safe{k}[:, None])",
+                f"l{k} = l{k} * alpha{k} + tl.sum(p{k}, 1)",
+                f"m{k} = m_new{k}"]
+            init += [f"m{k} = tl.full([BLOCK_M], {_NEG_INF}, tl.float32)", f"l{k} = tl.zeros([BLOCK_M], tl.float32)"]
+            final += [f"acc{k} = tl.where(l{k} > 0, m{k} + tl.log(tl.where(l{k} > 0, l{k}, 1.0)), {_NEG_INF})"]
+            em.body.extend(update_lines)
+            update_lines = []
+            for j, other in enumerate(sp.accumulators):
+                if other.online is acc:
+                    em.bind(other.weight, Val(f"p{k}", frozenset("mn")))
+        elif acc.kind in (Reduction.MAX, Reduction.MIN):
+            x = em.emit(acc.arg)
+            big, fn = (_NEG_INF, "max") if acc.kind is Reduction.MAX else (_POS_INF, "min")
+            init.append(f"acc{k} = tl.full([BLOCK_M], {big}, tl.float32)")
+            update_lines.append(f"acc{k} = tl.{fn}imum(acc{k}, tl.{fn}(tl.where({allowed}, {x.code}, {big}), 1))")
+        else:
+            x = em.emit(acc.arg)
+            rescale = ""
+            if acc.online is not None:
+                lse = sp.accumulators.index(acc.online)
+                rescale = f" * alpha{lse}" + ("[:, None]" if acc.kind is Reduction.DOT else "")
+            if acc.kind is Reduction.DOT:
+                block = f"BLOCK_E{k}"
+                self.features[block] = acc.feature
+                v_lines, v = self.operand_tile(acc.value, "n", "offs_n", acc.feature, block)
+                init.append(f"acc{k} = tl.zeros([BLOCK_M, {block}], tl.float32)")
+                w = f"tl.where({allowed}, {x.code}, 0.0)"
+                update_lines += v_lines + [
+                    "if UPCAST_DOT:",
+                    f"    acc{k} = acc{k}{rescale} + tl.dot({w}, {v.code}.to(tl.float32), input_precision=PRECISION)",
+                    "else:",
+                    f"    acc{k} = acc{k}{rescale} + tl.dot({w}.to({v.code}.dtype), {v.code}, "
+                    "input_precision=PRECISION)"]
+            else:
+                init.append(f"acc{k} = tl.zeros([BLOCK_M], tl.float32)")
+                update_lines.append(f"acc{k} = acc{k}{rescale} + tl.sum(tl.where({allowed}, {x.code}, 0.0), 1)")
+            if acc.online is not None:
+                lse = sp.accumulators.index(acc.online)
+                norm = f"tl.where(l{lse} > 0, l{lse}, 1.0)"
+                final.append(f"acc{k} = acc{k} / {norm}" + ("[:, None]" if acc.kind is Reduction.DOT else ""))
+        em.body = saved_body + em.body + update_lines
+
+    def store(self, k: int, acc: Accumulator) -> str:
+        parts, ok = [], "row_ok"
+        for a, ix in enumerate(acc.node.indices):
+            if ix == self.p.row:
+                parts.append(f"offs_m{'[:, None]' if acc.kind is Reduction.DOT else ''} * res{k}_s{a}")
+            elif ix == acc.feature:
+                parts.append(f"tl.arange(0, BLOCK_E{k})[None, :] * res{k}_s{a}")
+                ok = f"row_ok[:, None] & (tl.arange(0, BLOCK_E{k})[None, :] < {self.extent_arg(ix)})"
+            else:
+                parts.append(f"{names.user('idx', ix)} * res{k}_s{a}")
+        return f"tl.store(res{k}_ptr + {' + '.join(parts) or '0'}, acc{k}, mask={ok})"
+
+
+def generate_streams(plan: StreamPlan, name: str) -> StreamSource:
+    """The module of a general plan: one kernel per pass."""
+    prefix = names.kernel(name)
+    texts, sources = [], []
+    for k, sp in enumerate(plan.passes):
+        text, src = PassCodegen(plan, sp, f"{prefix}_pass{k}").generate()
+        texts.append(text)
+        sources.append(src)
+    doc = (f"Generated by attncc from {os.path.basename(plan.program.source.filename)}: do not edit; "
+           f"regenerate instead.\n\nSkeleton: the general streaming plan.\n\n{plan.describe()}\n")
+    header = [docstring(doc), "import triton", "import triton.language as tl", "", ""]
+    return StreamSource(prefix, "\n".join(header) + "\n\n\n".join(texts) + "\n", sources)

@@ -1,0 +1,675 @@
+"""The general streaming planner: a spec as a DAG of reductions over streamed axes.
+
+The fused row-streaming skeleton (passes/row_stream.py) takes the specs whose output is
+`sum_k coef_k * norm_k(S_k) @ V`. Everything else the reference runs goes through this
+planner, which derives a plan instead of matching one:
+
+1. **Normal form.** `softmax(x, t)` becomes `exp(x - L)` with `L = logsumexp(x, t)` (0 where
+   its masks leave nothing), `softmax1` the same times `exp(L - log(1 + e^L))`, a `mean` a
+   sum divided by a count. What is left is elementwise math, *tile dots* (a `Q K^T`-like
+   contraction over a feature index of a row operand and a column operand) and
+   *reductions* over one index (sum, max, min, log-sum-exp, and sums contracted with values).
+2. **Linearity.** A sum over `t` is split into terms; factors that do not depend on `t`
+   leave the sum (`sum_t c * A = c * sum_t A`). Each term is one accumulator.
+3. **Passes.** A reduction over `t` of an expression that holds a tile dot pairing `t` with a
+   row index `r` is an accumulator of the pass that streams `t` for blocks of `r`: a row pass
+   (keys streamed for query tiles) or a column pass (the transposed dataflow). Its level is
+   one more than that of the reductions its expression reads, which are materialised as
+   small tensors over (batch, head, row); a sum linear in `exp(x - L)` with `L` an accumulator
+   of the same pass is instead *online* in that pass (FlashAttention's rescaling by the
+   running maximum). Accumulators of one level, row index and streamed index share a pass.
+4. **The rest** (reductions of small tensors, pointwise epilogues, operands that are not plain
+   reads) is computed by the reference executor's torch ops on tensors that never span a tile
+   pair; a plan that would need a score-sized value there is rejected, naming the statement.
+
+The backward of every accumulator is again a reduction over the other axis of the same
+tiles, which is what the training work builds on (docs/contributing.md).
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from attncc import ir
+from attncc.passes.precompute import Precomputed, small_indices
+from attncc.passes.row_stream import NotRowStreamable, Operand
+from attncc.passes.row_stream import _operand as operand, _statement as statement
+
+
+class Reduction(enum.Enum):
+    """What an accumulator combines along the streamed index."""
+
+    SUM = "sum"
+    MAX = "amax"
+    MIN = "amin"
+    LSE = "logsumexp"
+    DOT = "sum with values"  # a [rows, features] sum of weights times a value tile (tl.dot)
+
+
+class PassKind(enum.Enum):
+    ROW = "row streaming"      # the streamed index is the key side of its tile dots
+    COLUMN = "column streaming"  # the transposed dataflow: queries streamed for key tiles
+
+
+@dataclass(eq=False)
+class TileDot:
+    """`sum_d a[.., r, d] * b[.., t, d]` (times factors without `d`): one `tl.dot` per tile."""
+
+    node: ir.Contract
+    d: str
+    sides: dict            # tile index -> Operand read along it
+    factors: tuple         # the other factors of the contraction (scales, decays)
+
+
+@dataclass(eq=False)
+class Accumulator:
+    """One reduction computed by a pass; `node` is the value it stands for in the plan."""
+
+    node: ir.Node
+    kind: Reduction
+    arg: ir.Node                  # the tile expression reduced (the weights, for DOT)
+    stream: str
+    row: str
+    masks: tuple                  # the predicates of the masks it applies
+    value: Operand | None = None  # DOT: the value read along (stream, feature)
+    feature: str | None = None
+    reads: tuple = ()             # every expression it evaluates (arg, value factor, mask predicates)
+    online: "Accumulator | None" = None  # the LSE whose running maximum rescales this sum
+    weight: ir.Node | None = None  # the `exp(x - L)` node that the running weights replace
+    level: int = 0
+
+
+@dataclass(eq=False)
+class StreamPass:
+    kind: PassKind
+    row: str
+    stream: str
+    outer: tuple
+    level: int
+    accumulators: list
+    dots: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class StreamPlan:
+    program: ir.Program
+    passes: list
+    outputs: list                   # (ir.Output, the node computing it in normal form)
+    precomputed: Precomputed        # small intermediates computed by torch before a pass reads them
+    results: dict                   # accumulator node -> synthetic ir.Input it is stored as
+    notes: list = field(default_factory=list)  # what is computed outside generated kernels, and why
+    planner: "Planner | None" = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        lines = [f"general streaming plan: {len(self.passes)} generated pass(es)"]
+        for k, p in enumerate(self.passes):
+            accs = ", ".join(f"{a.kind.value}{' (online)' if a.online else ''}" for a in p.accumulators)
+            lines.append(f"  pass {k} (level {p.level}, {p.kind.value}): rows '{p.row}', streams '{p.stream}', "
+                         f"grid over {', '.join(p.outer) or 'nothing'} x row tiles; accumulators: {accs}")
+        lines += [f"  torch: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- building nodes
+def _map(op: str, *args: ir.Node, dtype=ir.FLOAT, loc=None) -> ir.Map:
+    ordered = sorted(args, key=lambda a: -len(a.indices))
+    return ir.Map(op=op, args=tuple(args), indices=ir.union_indices(ordered), dtype=dtype, loc=loc)
+
+
+def _const(value, dtype=ir.FLOAT) -> ir.Const:
+    return ir.Const(value=value, dtype=dtype)
+
+
+def _conjunction(masks) -> ir.Node | None:
+    pred = None
+    for m in masks:
+        pred = m.pred if pred is None else _map("and", pred, m.pred, dtype=ir.BOOL)
+    return pred
+
+
+class Lowering:
+    """Rewrites a program's nodes into the normal form (step 1), remembering the masks of
+    each reduction it makes and the `exp(x - L)` factors of each normalisation."""
+
+    def __init__(self, program: ir.Program):
+        self.program = program
+        self.memo: dict = {}
+        self.masks: dict = {}       # reduction node -> the masks it applies (from the spec's node)
+        self.softmax: dict = {}     # exp(x - L) node -> L
+
+    def __call__(self, node: ir.Node) -> ir.Node:
+        stack = [node]
+        while stack:  # operands first, without recursion (long chains of `s += ...`)
+            n = stack[-1]
+            todo = [op for op in self.children(n) if op not in self.memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            if n not in self.memo:
+                self.memo[n] = self.rewrite(n)
+        return self.memo[node]
+
+    @staticmethod
+    def children(n: ir.Node):
+        if isinstance(n, ir.Access):
+            return (n.array, *n.args) if not isinstance(n.array, ir.Input) else n.args
+        if isinstance(n, (ir.Map, ir.Contract, ir.Reduce, ir.Normalize)):
+            return n.operands() if not isinstance(n, ir.Reduce) else (n.arg,)
+        if isinstance(n, ir.Select):
+            return (n.arg, n.amount)
+        return ()
+
+    def rewrite(self, n: ir.Node) -> ir.Node:
+        m = self.memo
+        if isinstance(n, ir.Map):
+            args = tuple(m[a] for a in n.args)
+            return n if all(a is b for a, b in zip(args, n.args)) else \
+                ir.Map(op=n.op, args=args, indices=n.indices, dtype=n.dtype, loc=n.loc)
+        if isinstance(n, ir.Access):
+            array = n.array if isinstance(n.array, ir.Input) else m[n.array]
+            args = tuple(m[a] for a in n.args)
+            return ir.Access(array=array, args=args, axes=n.axes, indices=n.indices, dtype=n.dtype, loc=n.loc)
+        if isinstance(n, ir.Contract):
+            out = ir.Contract(factors=tuple(m[f] for f in n.factors), indices=n.indices, dtype=n.dtype, loc=n.loc)
+            self.masks[out] = tuple(self.program.masks_on(n))
+            return out
+        if isinstance(n, ir.Reduce):
+            return self.reduce(n, m[n.arg])
+        if isinstance(n, ir.Normalize):
+            return self.normalize(n, m[n.arg])
+        if isinstance(n, ir.Select):
+            raise NotRowStreamable(f"{n.op} along '{n.axis}' ({statement(self.program, n)}) is not generated "
+                                   "by the general planner yet")
+        return n
+
+    def reduce(self, n: ir.Reduce, arg: ir.Node) -> ir.Node:
+        if n.block is not None:
+            raise NotRowStreamable(f"a reduction within blocks ({statement(self.program, n)}) is not generated "
+                                   "by the general planner yet")
+        masks = tuple(self.program.masks_on(n))
+        node = arg
+        for k, axis in enumerate(n.axes):  # one axis at a time, innermost last
+            rest = tuple(ix for ix in node.indices if ix != axis)
+            op = "sum" if n.op == "mean" else n.op
+            red = ir.Reduce(op=op, arg=node, axes=(axis,), indices=rest, dtype=n.dtype if op != "logsumexp"
+                            else ir.FLOAT, loc=n.loc)
+            self.masks[red] = tuple(mk for mk in masks if axis in mk.pred.indices)
+            if n.op == "logsumexp" and k < len(n.axes) - 1:
+                raise NotRowStreamable(f"a log-sum-exp over several axes ({statement(self.program, n)})")
+            node = red
+        if n.op == "mean":
+            node = _map("/", node, self.count(n, arg, masks), loc=n.loc)
+        if tuple(node.indices) != tuple(n.indices):
+            node = self.reorder(node, n.indices)
+        return node
+
+    def count(self, n: ir.Reduce, arg: ir.Node, masks) -> ir.Node:
+        """The number of entries a mean averages: the allowed ones under its masks."""
+        one = _map("where", _conjunction(masks), _const(1.0), _const(0.0)) if masks else None
+        node = one
+        for axis in n.axes:
+            if node is None or axis not in node.indices:  # unmasked axis: its extent, as a sum of ones
+                ones = _map("where", _map(">=", ir.Index(name=axis, indices=(axis,), dtype=ir.INT), _const(0, ir.INT),
+                                          dtype=ir.BOOL), _const(1.0), _const(0.0))
+                node = ones if node is None else _map("*", node, ones)
+        for axis in n.axes:
+            rest = tuple(ix for ix in node.indices if ix != axis)
+            red = ir.Reduce(op="sum", arg=node, axes=(axis,), indices=rest, loc=n.loc)
+            self.masks[red] = tuple(mk for mk in masks if axis in mk.pred.indices)
+            node = red
+        return node
+
+    @staticmethod
+    def reorder(node: ir.Node, indices) -> ir.Node:
+        args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in indices)
+        return ir.Access(array=node, args=args, axes=node.indices, indices=tuple(indices), dtype=node.dtype,
+                         loc=node.loc)
+
+    def normalize(self, n: ir.Normalize, x: ir.Node) -> ir.Node:
+        masks = tuple(self.program.masks_on(n))
+        rest = tuple(ix for ix in x.indices if ix != n.axis)
+        lse = ir.Reduce(op="logsumexp", arg=x, axes=(n.axis,), indices=rest, loc=n.loc)
+        self.masks[lse] = masks
+        empty = _map("==", lse, _const(-math.inf), dtype=ir.BOOL)
+        safe = _map("where", empty, _const(0.0), lse)  # nothing allowed: weights 0, not nan
+        weight = _map("exp", _map("-", x, safe, loc=n.loc), loc=n.loc)
+        self.softmax[weight] = lse
+        if masks:
+            weight = _map("where", _conjunction(masks), weight, _const(0.0), loc=n.loc)
+        if n.op == "softmax1":  # a virtual zero logit: exp(x - L) * exp(L - log(1 + e^L))
+            softplus = _map("+", _map("max", lse, _const(0.0)),
+                            _map("log1p", _map("exp", _map("neg", _map("abs", lse)))))
+            weight = _map("*", weight, _map("exp", _map("-", safe, softplus)), loc=n.loc)
+        return weight
+
+
+# ---------------------------------------------------------------------------- analysis helpers
+def _walk(node: ir.Node, stop, enter_root: bool = True) -> list[ir.Node]:
+    """`node` and what it is computed from, not entering nodes for which `stop` holds
+    (the root is entered anyway unless `enter_root` is false)."""
+    seen, order, stack = set(), [], [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        order.append(n)
+        if (n is node and enter_root) or not stop(n):
+            stack.extend(Lowering.children(n) if not isinstance(n, ir.Scalar) else ())
+    return order
+
+
+def _is_reduction(n: ir.Node, program: ir.Program) -> bool:
+    return isinstance(n, ir.Reduce) or (isinstance(n, ir.Contract) and bool(n.summed)
+                                        and not set(n.summed) <= small_indices(program))
+
+
+class Planner:
+    def __init__(self, program: ir.Program):
+        self.program = program
+        self.small = small_indices(program)
+        self.lower = Lowering(program)
+        self.pre = Precomputed(program)
+        self.dots: dict = {}          # Contract -> TileDot
+        self.accs: dict = {}          # reduction node -> Accumulator
+        self.replaced: dict = {}      # reduction node -> the sum of coefficient * term accumulators
+        self.levels: dict = {}
+        self.notes: list = []
+        self.value_nodes: dict = {}   # sum with values -> its value factor
+        self.pairs: list = []         # the passes, once formed (what is score-sized)
+
+    # ------------------------------------------------------------------ tile dots
+    def tile_dot(self, n: ir.Node) -> TileDot | None:
+        """A contraction over one large feature index of exactly two factors that carry it,
+        each with one index the other lacks (its tile index)."""
+        if not isinstance(n, ir.Contract) or n in self.dots:
+            return self.dots.get(n)
+        summed = n.summed
+        if len(summed) != 1 or summed[0] in self.small:
+            return None
+        d = summed[0]
+        tiles = [f for f in n.factors if d in f.indices]
+        if len(tiles) != 2:
+            return None
+        a, b = tiles
+        own_a = [ix for ix in a.indices if ix != d and ix not in b.indices]
+        own_b = [ix for ix in b.indices if ix != d and ix not in a.indices]
+        if len(own_a) != 1 or len(own_b) != 1:
+            return None
+        extra = tuple(f for f in n.factors if f not in tiles)
+        if any(d in f.indices for f in extra):
+            return None
+        if any(self.tile_dot(m) is not None for f in tiles for m in _walk(f, lambda m: False)
+               if isinstance(m, ir.Contract)):
+            return None  # a factor holds scores: this is a sum over their index (weights @ values)
+        try:
+            sides = {own_a[0]: operand(a, own_a[0], d, "a tile operand", self.pre, own_b[0]),
+                     own_b[0]: operand(b, own_b[0], d, "a tile operand", self.pre, own_a[0])}
+        except NotRowStreamable:
+            return None
+        self.dots[n] = TileDot(n, d, sides, extra)
+        return self.dots[n]
+
+    def dots_in(self, node: ir.Node) -> list[TileDot]:
+        nodes = _walk(node, lambda n: _is_reduction(n, self.program) or isinstance(n, ir.Contract))
+        return [t for t in (self.tile_dot(n) for n in nodes) if t is not None]
+
+    def reductions_in(self, node: ir.Node) -> list[ir.Node]:
+        """The reductions an expression reads (not those inside them; through tile dots)."""
+        found = []
+        for n in _walk(node, lambda n: _is_reduction(n, self.program) and self.tile_dot(n) is None):
+            if n is not node and _is_reduction(n, self.program) and self.tile_dot(n) is None:
+                found.append(n)
+        return found
+
+    # ------------------------------------------------------------------ classification
+    def tile_of(self, arg: ir.Node, stream: str) -> str | None:
+        """The row index paired with `stream` by the tile dots of a reduction's expression."""
+        rows = {r for t in self.dots_in(arg) if stream in t.sides for r in t.sides if r != stream}
+        if len(rows) > 1:
+            raise NotRowStreamable(f"the scores reduced over '{stream}' pair it with several indices "
+                                   f"({', '.join(sorted(rows))})")
+        return rows.pop() if rows else None
+
+    def plan_reduction(self, red: ir.Node):
+        """Make the accumulators of one reduction (or leave it to torch when no tile dot
+        pairs its axis with a row index: then nothing it reads is score-sized)."""
+        if red in self.accs or red in self.replaced:
+            return
+        if isinstance(red, ir.Reduce):
+            stream, arg, kind = red.axes[0], red.arg, Reduction(red.op)
+            value, feature = None, None
+        else:
+            large = [ix for ix in red.summed if ix not in self.small]
+            if len(large) != 1:
+                raise NotRowStreamable(f"a sum over several large indices ({', '.join(large)}) at "
+                                       f"{statement(self.program, red)}")
+            stream = large[0]
+            value, feature, weights = self.values(red, stream)
+            arg = _product(weights)
+            self.value_nodes[red] = [f for f in red.factors if f not in weights]
+            kind = Reduction.DOT if value is not None else Reduction.SUM
+            if set(red.summed) - {stream}:
+                raise NotRowStreamable(f"a sum over '{stream}' and a small index at {statement(self.program, red)}")
+        row = self.tile_of(arg, stream)
+        if row is None:
+            self.torch(red, "a reduction with no tile dot (nothing score-sized)")
+            return
+        masks = tuple(self.lower(m.pred) for m in self.lower.masks.get(red, ()))
+        if kind in (Reduction.SUM, Reduction.DOT):
+            terms = self.split(arg, stream)
+            if len(terms) > 1 or terms[0][0] is not None:
+                total = None
+                for coef, body in terms:
+                    sub = self.accumulator(red, kind, body, stream, row, masks, value, feature, fresh=True)
+                    part = sub.node if coef is None else _map("*", coef, sub.node)
+                    total = part if total is None else _map("+", total, part)
+                self.replaced[red] = total
+                return
+        self.accumulator(red, kind, arg, stream, row, masks, value, feature, node=red)
+
+    def accumulator(self, red, kind, arg, stream, row, masks, value, feature, fresh=False, node=None):
+        if fresh:  # a term of a split sum: a node of its own, over the reduction's indices
+            node = ir.Reduce(op="sum", arg=arg, axes=(stream,), indices=red.indices, loc=red.loc)
+        acc = Accumulator(node, kind, arg, stream, row, masks, value, feature)
+        acc.reads = (arg, *self.value_nodes.get(red, ()), *masks)
+        if node.dtype != ir.FLOAT and kind is not Reduction.LSE:
+            raise NotRowStreamable(f"an integer or boolean reduction ({statement(self.program, red)}) is not "
+                                   "generated by the general planner yet")
+        self.accs[node] = acc
+        return acc
+
+    def values(self, red: ir.Contract, stream: str):
+        """The value factor of a sum over `stream`: the one factor carrying a large index that
+        no other factor carries and the result keeps (the value feature)."""
+        for f in red.factors:
+            others = set().union(*(g.indices for g in red.factors if g is not f))
+            own = [ix for ix in f.indices if ix in red.indices and ix not in others and ix not in self.small]
+            if len(own) == 1 and stream in f.indices and not self.dots_in(f):
+                try:
+                    op = operand(f, stream, own[0], "the values", self.pre)
+                except NotRowStreamable:
+                    continue
+                return op, own[0], [g for g in red.factors if g is not f]
+        return None, None, list(red.factors)
+
+    def split(self, node: ir.Node, stream: str) -> list:
+        """(coefficient or None, term) pairs with `node = sum coef * term`; coefficients do
+        not depend on `stream`."""
+        if isinstance(node, ir.Map) and node.op in ("+", "-") and all(stream in a.indices for a in node.args):
+            left, right = self.split(node.args[0], stream), self.split(node.args[1], stream)
+            if node.op == "-":
+                right = [(_times(_const(-1.0), c), t) for c, t in right]
+            return left + right
+        if isinstance(node, ir.Map) and node.op == "neg":
+            return [(_times(_const(-1.0), c), t) for c, t in self.split(node.args[0], stream)]
+        if isinstance(node, ir.Map) and node.op == "*" and node.dtype == ir.FLOAT and \
+                all(a.dtype == ir.FLOAT for a in node.args):
+            free = [a for a in node.args if stream not in a.indices]
+            bound = [a for a in node.args if stream in a.indices]
+            if free and len(bound) == 1:
+                return [(_times(free[0], c), t) for c, t in self.split(bound[0], stream)]
+        return [(None, node)]
+
+    def torch(self, node: ir.Node, why: str):
+        self.replaced.setdefault(node, node)
+        self.notes.append(f"{statement(self.program, node)}: {why}")
+
+    # ------------------------------------------------------------------ levels and fusion
+    def level(self, acc: Accumulator) -> int:
+        if acc.node in self.levels:
+            return self.levels[acc.node]
+        self.levels[acc.node] = 0  # cycles cannot happen in a DAG; this guards re-entry
+        deps = [d for r in acc.reads for d in self.dependencies(r)]
+        fused = self.online_lse(acc, deps)
+        level = 0
+        for dep in deps:
+            if fused is not None and dep is fused.node:
+                level = max(level, self.level(fused))
+            else:
+                level = max(level, self.dep_level(dep) + 1)
+        acc.online = fused
+        if fused is not None:
+            acc.weight = next(w for w, lse in self.lower.softmax.items() if lse is fused.node
+                              and w in _walk(acc.arg, lambda n: False))
+        acc.level = level
+        self.levels[acc.node] = level
+        return level
+
+    def dep_level(self, dep: ir.Node) -> int:
+        """The level of a value an expression reads: an accumulator's, or for a value torch
+        computes, the highest level of the accumulators it reads."""
+        if dep in self.accs:
+            return self.level(self.accs[dep])
+        return max((self.dep_level(d) for d in self.dependencies(dep)), default=-1)
+
+    def dependencies(self, node: ir.Node) -> list[ir.Node]:
+        """The accumulators (and torch-computed values) an expression reads directly."""
+        out = []
+        for red in self.reductions_in(node):
+            target = self.replaced.get(red, red)
+            if target is red:
+                out.append(red)
+            else:
+                out += [n for n in _walk(target, lambda n: n in self.accs) if n in self.accs] or [red]
+        return out
+
+    # ------------------------------------------------------------------ the forms that run
+    def kernel_form(self, node: ir.Node, memo: dict) -> ir.Node:
+        """`node` as a pass kernel evaluates it: split sums become their accumulator terms;
+        reductions left to torch become precomputed inputs (loaded, never score-sized)."""
+        def leaf(n):
+            if n in self.accs or n in self.dots:
+                return n
+            target = self.replaced.get(n)
+            if target is n:
+                self.check_small(n)
+                self.pre.input_for(n, n.indices)
+                return n
+            return None if target is None else self.kernel_form(target, memo)
+        return rebuild(node, leaf, memo)
+
+    def check_small(self, node: ir.Node):
+        if any({p.row, p.stream} <= set(node.indices) for p in self.pairs):
+            raise NotRowStreamable(f"{statement(self.program, node)} needs a score-sized intermediate")
+
+    def online_lse(self, acc: Accumulator, deps) -> Accumulator | None:
+        """The LSE accumulator this sum can be online with: the sum's expression is linear in
+        one `exp(x - L)` factor, L an accumulator over the same rows and streamed index,
+        and reads L nowhere else."""
+        if acc.kind not in (Reduction.SUM, Reduction.DOT):
+            return None
+        for dep in deps:
+            lse = self.accs.get(dep)
+            if lse is None or lse.kind is not Reduction.LSE or (lse.stream, lse.row) != (acc.stream, acc.row):
+                continue
+            weights = [w for w, L in self.lower.softmax.items() if L is dep]
+            if len(weights) == 1 and _linear(acc.arg, weights[0], dep):
+                return lse
+        return None
+
+
+def _times(coef: ir.Node | None, factor: ir.Node | None) -> ir.Node | None:
+    if factor is None:
+        return coef
+    if coef is None:
+        return factor
+    return _map("*", coef, factor)
+
+
+def _product(factors) -> ir.Node:
+    node = factors[0]
+    for f in factors[1:]:
+        node = _map("*", node, f, dtype=ir.FLOAT if ir.FLOAT in (node.dtype, f.dtype) else node.dtype)
+    return node
+
+
+def _linear(node: ir.Node, weight: ir.Node, lse: ir.Node, memo: dict | None = None) -> bool:
+    """Whether `node` is `weight` times something that reads neither `weight` nor `lse`
+    (sums of such terms included): then its sum rescales with the running maximum."""
+    def free(n):
+        return all(x is not weight and x is not lse for x in _walk(n, lambda m: m is weight or m is lse))
+
+    if node is weight:
+        return True
+    if isinstance(node, ir.Map):
+        a = node.args
+        if node.op == "*":
+            hits = [x for x in a if not free(x)]
+            return len(hits) == 1 and _linear(hits[0], weight, lse)
+        if node.op == "/":
+            return free(a[1]) and _linear(a[0], weight, lse)
+        if node.op in ("+", "-"):
+            return all(_linear(x, weight, lse) for x in a)
+        if node.op == "neg":
+            return _linear(a[0], weight, lse)
+        if node.op == "where":
+            zero = isinstance(a[2], ir.Const) and a[2].value == 0
+            return free(a[0]) and _linear(a[1], weight, lse) and (zero or _linear(a[2], weight, lse))
+    return False
+
+
+def plan_streams(program: ir.Program) -> StreamPlan:
+    """The general plan of a program, or `NotRowStreamable` naming the statement that needs a
+    score-sized intermediate or a construct not generated yet."""
+    planner = Planner(program)
+    outputs = [(out, planner.lower(out.node)) for out in program.outputs]
+    # every reduction reachable from the outputs, operands first
+    pending = []
+    for _, node in outputs:
+        for n in reversed(_walk(node, lambda n: False)):
+            if _is_reduction(n, program) and planner.tile_dot(n) is None and n not in pending:
+                pending.append(n)
+    for red in pending:
+        planner.plan_reduction(red)
+    for acc in list(planner.accs.values()):
+        planner.level(acc)
+    passes: dict = {}
+    for acc in planner.accs.values():
+        outer = tuple(ix for ix in acc.node.indices if ix not in (acc.row, acc.feature))
+        key = (acc.level, acc.row, acc.stream, outer)
+        if key not in passes:
+            dots = planner.dots_in(acc.arg)
+            kind = PassKind.ROW if _row_major(program, acc.row, acc.stream) else PassKind.COLUMN
+            passes[key] = StreamPass(kind, acc.row, acc.stream, outer, acc.level, [])
+        passes[key].accumulators.append(acc)
+    plan_passes = sorted(passes.values(), key=lambda p: p.level)
+    planner.pairs = plan_passes
+    memo: dict = {}
+    for acc in planner.accs.values():  # what the kernels evaluate
+        weight = acc.weight
+        acc.arg = planner.kernel_form(acc.arg, memo)
+        acc.masks = tuple(planner.kernel_form(m, memo) for m in acc.masks)
+        acc.weight = memo.get(weight, weight) if weight is not None else None
+    for p in plan_passes:
+        seen = {}
+        for acc in p.accumulators:
+            for t in planner.dots_in(acc.arg):
+                seen.setdefault(t.node, t)
+        p.dots = list(seen.values())
+        for acc in p.accumulators:
+            if acc.online is not None and acc.online not in p.accumulators:
+                raise NotRowStreamable("an online sum lost its log-sum-exp pass (planner error)")
+    results = {}
+    for k, acc in enumerate(planner.accs.values()):
+        results[acc.node] = ir.Input(name=f"<acc{k}>", dtype=ir.FLOAT, loc=acc.node.loc,
+                                     dims=tuple(program.extent[ix] for ix in acc.node.indices))
+    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, planner)
+    _check_small(plan)
+    return plan
+
+
+def _row_major(program: ir.Program, row: str, stream: str) -> bool:
+    """Whether a pass streams the key side: the first output is laid out over its rows."""
+    axes = program.outputs[0].axes
+    return row in axes or stream not in axes
+
+
+def _check_small(plan: StreamPlan):
+    """Reject what would leave a score-sized value to torch: an output, an operand or a value
+    read by a pass that spans a tile pair (rows and streamed index of some pass)."""
+    planner = plan.planner
+    pairs = {frozenset((p.row, p.stream)) for p in plan.passes}
+    stop = (lambda n: n in plan.results or n in planner.dots or n in planner.replaced)
+    for out, node in plan.outputs:
+        for n in _walk(node, stop, enter_root=False):
+            if n in planner.dots or n in plan.results:
+                if n in planner.dots:
+                    raise NotRowStreamable(f"the output '{out.name}' reads the scores themselves "
+                                           f"({statement(plan.program, n)}): a score-sized result")
+                continue
+            if any(pair <= set(n.indices) for pair in pairs):
+                raise NotRowStreamable(f"the output '{out.name}' needs a score-sized value "
+                                       f"({statement(plan.program, n)})")
+
+
+def rebuild(node: ir.Node, leaf, memo: dict) -> ir.Node:
+    """`node` with every sub-node `n` for which `leaf(n)` is not None replaced by it, and
+    the nodes above rebuilt (shared operands once, via `memo`)."""
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in memo:
+            stack.pop()
+            continue
+        new = leaf(n)
+        if new is not None:
+            memo[n] = new
+            stack.pop()
+            continue
+        kids = Lowering.children(n) if isinstance(n, (ir.Map, ir.Access, ir.Contract, ir.Reduce)) else ()
+        todo = [k for k in kids if k not in memo]
+        if todo:
+            stack.extend(todo)
+            continue
+        stack.pop()
+        memo[n] = _with_children(n, memo)
+    return memo[node]
+
+
+def _with_children(n: ir.Node, memo: dict) -> ir.Node:
+    if isinstance(n, ir.Map):
+        args = tuple(memo[a] for a in n.args)
+        if all(a is b for a, b in zip(args, n.args)):
+            return n
+        return ir.Map(op=n.op, args=args, indices=n.indices, dtype=n.dtype, loc=n.loc)
+    if isinstance(n, ir.Access):
+        array = memo.get(n.array, n.array)
+        args = tuple(memo[a] for a in n.args)
+        if array is n.array and all(a is b for a, b in zip(args, n.args)):
+            return n
+        return ir.Access(array=array, args=args, axes=n.axes, indices=n.indices, dtype=n.dtype, loc=n.loc)
+    if isinstance(n, ir.Contract):
+        factors = tuple(memo[f] for f in n.factors)
+        if all(a is b for a, b in zip(factors, n.factors)):
+            return n
+        return ir.Contract(factors=factors, indices=n.indices, dtype=n.dtype, loc=n.loc)
+    if isinstance(n, ir.Reduce):
+        arg = memo[n.arg]
+        if arg is n.arg:
+            return n
+        return ir.Reduce(op=n.op, arg=arg, axes=n.axes, block=n.block, indices=n.indices, dtype=n.dtype, loc=n.loc)
+    return n
+
+
+def stored(node: ir.Node, array: ir.Input) -> ir.Access:
+    """A read of `node`'s value stored as `array` (laid out over `node.indices`)."""
+    args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices)
+    return ir.Access(array=array, args=args, indices=node.indices, dtype=node.dtype, loc=node.loc)
+
+
+def torch_form(plan: StreamPlan, node: ir.Node, memo: dict) -> ir.Node:
+    """`node` as torch evaluates it after the passes: accumulators read from their stored
+    results, split sums as the sums of their terms."""
+    planner = plan.planner
+
+    def leaf(n):
+        if n in plan.results:
+            return stored(n, plan.results[n])
+        target = planner.replaced.get(n)
+        if target is not None and target is not n:
+            return torch_form(plan, target, memo)
+        return None
+    return rebuild(node, leaf, memo)
