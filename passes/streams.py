@@ -27,6 +27,7 @@ tiles, which is what the training work builds on (docs/contributing.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class Lowering:
 
     def __init__(self, program: ir.Program):
         self.program = program
+        self.small = small_indices(program)
         self.memo: dict = {}
         self.masks: dict = {}       # reduction node -> the masks it applies (from the spec's node)
         self.softmax: dict = {}     # exp(x - L) node -> L
@@ -170,11 +172,21 @@ class Lowering:
         if isinstance(n, ir.Access):
             array = n.array if isinstance(n.array, ir.Input) else m[n.array]
             args = tuple(m[a] for a in n.args)
-            return ir.Access(array=array, args=args, axes=n.axes, indices=n.indices, dtype=n.dtype, loc=n.loc)
+            chosen = None if isinstance(array, ir.Input) else self.chosen_entries(n, array, args)
+            return chosen or ir.Access(array=array, args=args, axes=n.axes, indices=n.indices, dtype=n.dtype,
+                                       loc=n.loc)
         if isinstance(n, ir.Contract):
-            out = ir.Contract(factors=tuple(m[f] for f in n.factors), indices=n.indices, dtype=n.dtype, loc=n.loc)
-            self.masks[out] = tuple(self.program.masks_on(n))
-            return out
+            factors = tuple(m[f] for f in n.factors)
+            masks = tuple(self.program.masks_on(n))
+            summed = [ix for ix in n.summed if ix not in self.small]
+            if len(summed) == 1 and n.dtype == ir.FLOAT:
+                product = factors[0]
+                for f in factors[1:]:
+                    product = _map("*", product, f)
+                terms = self.expand(product, summed[0])
+                if terms is not None and len(terms) > 1:
+                    return self.sum_of_contracts(terms, n, masks)
+            return self.contract(factors, n.indices, n.dtype, n.loc, masks)
         if isinstance(n, ir.Reduce):
             return self.reduce(n, m[n.arg])
         if isinstance(n, ir.Normalize):
@@ -184,7 +196,101 @@ class Lowering:
                                    "by the general planner yet")
         return n
 
+    def chosen_entries(self, n: ir.Access, array: ir.Node, args) -> ir.Node | None:
+        """A read of scores (or weights) at a chosen key, `p[b,h,i,0]` or `p[b,h,i,cols[b,c]]`:
+        a sum over that axis of the entries where it equals the chosen one, so the scores are
+        never stored (rule: chosen entries are a masked sum)."""
+        moved = [k for k, (axis, a) in enumerate(zip(n.axes, args))
+                 if not (isinstance(a, ir.Index) and a.name == axis)]
+        if len(moved) != 1 or not self.holds_scores(array):
+            return None
+        k = moved[0]
+        t = n.axes[k]
+        if t in self.small or t in args[k].indices or t in n.indices or n.dtype != ir.FLOAT:
+            return None
+        index = ir.Index(name=t, indices=(t,), dtype=ir.INT)
+        body = _map("where", _map("==", index, args[k], dtype=ir.BOOL), array, _const(0.0), loc=n.loc)
+        rest = tuple(ix for ix in body.indices if ix != t)
+        red = ir.Reduce(op="sum", arg=body, axes=(t,), indices=rest, loc=n.loc)
+        self.masks[red] = ()
+        return red if rest == n.indices else self.reorder(red, n.indices)
+
+    def holds_scores(self, node: ir.Node) -> bool:
+        return any(isinstance(x, ir.Contract) and not set(x.summed) <= self.small
+                   for x in _walk(node, lambda x: False))
+
+    def contract(self, factors, indices, dtype, loc, masks) -> ir.Node:
+        """A contraction, with a gather that spans both tile indices hoisted out of it:
+        `sum_d q[i,d] * r[clamp(j - i) + R, d]` is `qr[i, clamp(j - i) + R]` with the small
+        `qr[i, w] = sum_d q[i,d] * r[w,d]` (rule: hoist a gather out of a contraction)."""
+        out = ir.Contract(factors=factors, indices=indices, dtype=dtype, loc=loc)
+        self.masks[out] = masks
+        summed = [ix for ix in out.summed if ix not in self.small]
+        if len(summed) != 1 or masks:
+            return out
+        for f in factors:
+            if not (isinstance(f, ir.Access) and isinstance(f.array, ir.Input)):
+                continue
+            gathers = [k for k, a in enumerate(f.args) if not isinstance(a, ir.Index)]
+            others = set(ir.union_indices([g for g in factors if g is not f]))
+            bare = {a.name for a in f.args if isinstance(a, ir.Index)}
+            if len(gathers) != 1 or not set(f.args[gathers[0]].indices) - others - bare:
+                continue
+            k = gathers[0]
+            w = f"${len(self.program.extent)}"  # a generated index: no spec index starts with $
+            self.program.extent[w] = f.array.dims[k]
+            wi = ir.Index(name=w, indices=(w,), dtype=ir.INT)
+            read = ir.Access(array=f.array, args=tuple(wi if q == k else a for q, a in enumerate(f.args)),
+                             indices=ir.union_indices([wi if q == k else a for q, a in enumerate(f.args)]),
+                             dtype=f.dtype, loc=f.loc)
+            kept = tuple(ix for ix in ir.union_indices([*(g for g in factors if g is not f), read])
+                         if ix not in summed)
+            small = ir.Contract(factors=tuple(read if g is f else g for g in factors), indices=kept, dtype=dtype,
+                                loc=loc)
+            self.masks[small] = ()
+            args = tuple(f.args[k] if ix == w else ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in kept)
+            gathered = ir.Access(array=small, args=args, axes=kept, indices=ir.union_indices(args), dtype=dtype,
+                                 loc=loc)
+            return gathered if set(gathered.indices) == set(indices) and gathered.indices == tuple(indices) \
+                else self.reorder(gathered, indices)
+        return out
+
+    def expand(self, node: ir.Node, axis: str, limit: int = 8) -> list | None:
+        """`node` as a sum of products [(sign, factors)], distributing products and quotients
+        by factors without `axis` over sums; None past `limit` terms."""
+        if isinstance(node, ir.Map) and node.dtype == ir.FLOAT:
+            a = node.args
+            if node.op in ("+", "-") and all(axis in x.indices for x in a):
+                left, right = self.expand(a[0], axis, limit), self.expand(a[1], axis, limit)
+                if left is None or right is None or len(left) + len(right) > limit:
+                    return None
+                return left + [((-sign if node.op == "-" else sign), fs) for sign, fs in right]
+            if node.op == "neg":
+                inner = self.expand(a[0], axis, limit)
+                return None if inner is None else [(-sign, fs) for sign, fs in inner]
+            if node.op == "*" and all(x.dtype == ir.FLOAT for x in a):
+                left, right = self.expand(a[0], axis, limit), self.expand(a[1], axis, limit)
+                if left is None or right is None or len(left) * len(right) > limit:
+                    return None
+                return [(s1 * s2, f1 + f2) for s1, f1 in left for s2, f2 in right]
+            if node.op == "/" and axis not in a[1].indices:
+                left = self.expand(a[0], axis, limit)
+                return None if left is None else [(sign, fs + [_map("/", _const(1.0), a[1])]) for sign, fs in left]
+        return [(1, [node])]
+
+    def sum_of_contracts(self, terms, n: ir.Node, masks) -> ir.Node:
+        """`sum_t sum_k sign_k prod(factors_k)` as a sum of contractions, one per term."""
+        total = None
+        for sign, fs in terms:
+            part = self.contract(tuple(fs if sign > 0 else [*fs, _const(-1.0)]), n.indices, n.dtype, n.loc, masks)
+            total = part if total is None else _map("+", total, part)
+        return total
+
     def reduce(self, n: ir.Reduce, arg: ir.Node) -> ir.Node:
+        if n.op == "sum" and n.block is None and len(n.axes) == 1:  # a sum of products: contractions
+            terms = self.expand(arg, n.axes[0])
+            if terms is not None and any(len(fs) > 1 for _, fs in terms):
+                return self.sum_of_contracts(terms, n, tuple(self.program.masks_on(n)))
         if n.block is not None:
             raise NotRowStreamable(f"a reduction within blocks ({statement(self.program, n)}) is not generated "
                                    "by the general planner yet")
@@ -268,6 +374,8 @@ def _is_reduction(n: ir.Node, program: ir.Program) -> bool:
 
 class Planner:
     def __init__(self, program: ir.Program):
+        # a copy whose extents can take the indices that rules introduce (`$5`)
+        program = dataclasses.replace(program, extent=dict(program.extent))
         self.program = program
         self.small = small_indices(program)
         self.lower = Lowering(program)
@@ -483,12 +591,18 @@ class Planner:
             return None
         for dep in deps:
             lse = self.accs.get(dep)
-            if lse is None or lse.kind is not Reduction.LSE or (lse.stream, lse.row) != (acc.stream, acc.row):
+            if lse is None or lse.kind is not Reduction.LSE or (lse.stream, lse.row) != (acc.stream, acc.row) \
+                    or _outer(lse) != _outer(acc):
                 continue
             weights = [w for w, L in self.lower.softmax.items() if L is dep]
             if len(weights) == 1 and _linear(acc.arg, weights[0], dep):
                 return lse
         return None
+
+
+def _outer(acc: Accumulator) -> tuple:
+    """The indices of an accumulator's pass grid besides row tiles (batch, head, ...)."""
+    return tuple(ix for ix in acc.node.indices if ix not in (acc.row, acc.feature))
 
 
 def _times(coef: ir.Node | None, factor: ir.Node | None) -> ir.Node | None:
@@ -535,6 +649,7 @@ def plan_streams(program: ir.Program) -> StreamPlan:
     """The general plan of a program, or `NotRowStreamable` naming the statement that needs a
     score-sized intermediate or a construct not generated yet."""
     planner = Planner(program)
+    program = planner.program
     outputs = [(out, planner.lower(out.node)) for out in program.outputs]
     # every reduction reachable from the outputs, operands first
     pending = []
@@ -548,7 +663,7 @@ def plan_streams(program: ir.Program) -> StreamPlan:
         planner.level(acc)
     passes: dict = {}
     for acc in planner.accs.values():
-        outer = tuple(ix for ix in acc.node.indices if ix not in (acc.row, acc.feature))
+        outer = _outer(acc)
         key = (acc.level, acc.row, acc.stream, outer)
         if key not in passes:
             dots = planner.dots_in(acc.arg)
@@ -563,6 +678,8 @@ def plan_streams(program: ir.Program) -> StreamPlan:
         acc.arg = planner.kernel_form(acc.arg, memo)
         acc.masks = tuple(planner.kernel_form(m, memo) for m in acc.masks)
         acc.weight = memo.get(weight, weight) if weight is not None else None
+    for dot in planner.dots.values():
+        dot.factors = tuple(planner.kernel_form(f, memo) for f in dot.factors)
     for p in plan_passes:
         seen = {}
         for acc in p.accumulators:
