@@ -21,24 +21,24 @@ from .printer import _ASSIGNMENT, _INFIX, _IrPrinter, _columns, _leaf
 from .random_inputs import random_arguments
 from .runtime import default_config, split_count
 from .work import mask_tile_work
-from attncc.codegen.block_map import map_outer
+from attncc.passes.kinds import MaskMode, WeightKind
 from attncc.passes.mask_sympy import GENERATED, code_name
-from attncc.passes.row_stream import RowStreamPlan
+from attncc.passes.row_stream import RowStreamPlan, map_outer
 
 _LEAVES = (ir.Const, ir.Index, ir.Scalar, ir.Input)
 _WIDTH = 92
 _H100_SMS = 132  # the SM count the decoding note assumes (the plan is printed without a GPU)
 
 _KINDS = {
-    "softmax": "softmax along {j}: an online softmax (running max and sum per query row)",
-    "softmax1": "softmax1 along {j}: an online softmax with a virtual zero logit",
-    "pointwise": "pointwise: the weight is the score itself, nothing normalises along {j}",
+    WeightKind.SOFTMAX: "softmax along {j}: an online softmax (running max and sum per query row)",
+    WeightKind.SOFTMAX1: "softmax1 along {j}: an online softmax with a virtual zero logit",
+    WeightKind.POINTWISE: "pointwise: the weight is the score itself, nothing normalises along {j}",
 }
 _MASK_MODES = {
-    "none": "every key tile is visited; only a ragged last key tile is masked (key bounds)",
-    "affine": "each query tile computes its key-tile range from the symbolic bounds below; "
+    MaskMode.NONE: "every key tile is visited; only a ragged last key tile is masked (key bounds)",
+    MaskMode.AFFINE: "each query tile computes its key-tile range from the symbolic bounds below; "
               "tiles inside the full range run without evaluating the mask",
-    "block_map": "a classification kernel evaluates the masks on every (query tile, key tile) "
+    MaskMode.BLOCK_MAP: "a classification kernel evaluates the masks on every (query tile, key tile) "
                  "pair at run time; each query tile walks its list of non-empty key tiles, "
                  "full ones without evaluating the mask",
 }
@@ -118,7 +118,7 @@ class _PlanText:
                 out.append("    modifications: none")
             graph = self.program.graph
             norms = [u for u in graph.successors(t.score) if isinstance(u, ir.Normalize)] if t.score in graph else []
-            if t.kind != "pointwise" and norms:
+            if t.kind != WeightKind.POINTWISE and norms:
                 out += self.spec_lines(norms, indent=4)
         lse = "yes" if p.has_lse else "no, it needs one plain softmax"
         out.append(f"  log-sum-exp output (return_lse): {lse}")
@@ -154,7 +154,7 @@ class _PlanText:
         out += [f"  {code_name(name)} = {self.text(node)}  (loaded once per program)"
                 for name, node in p.mask_symbols.items()]
         out += [f"  {name} = {text}" for name, text in self.opaque_names().items()]
-        if mode == "affine":
+        if mode == MaskMode.AFFINE:
             out += _wrap(f"per query tile {mp.i0} <= {mp.i} <= {mp.i1}, each conjunct of the mask's DNF gives "
                          "the keys the kernel visits (lo .. hi) and those it runs without the mask "
                          "(flo .. fhi); guards switch a conjunct on or off:")

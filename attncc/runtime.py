@@ -32,7 +32,9 @@ from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
 from attncc.codegen import block_map
 from attncc.codegen.row_stream import LOG2E, KernelSource
-from attncc.passes import mask_analysis
+from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode
+from attncc.passes.linear import choose_path
+from attncc.passes.row_stream import map_outer
 
 _MODULES: dict[tuple[str, bool], object] = {}
 _LOAD_LOCK = threading.RLock()  # one execution per module, however many threads compile the same spec
@@ -182,7 +184,7 @@ class KernelLaunch:
     constexprs: dict
     options: dict
     interpret: bool
-    role: str  # "main", "packed", "stats", "classify", "linear_state", "linear_apply", "chunked"
+    role: KernelRole  # what the launch does: main, packed, stats, classify, linear_state, ...
 
     def run(self):
         with _interpreter(self.interpret):
@@ -219,7 +221,7 @@ class RowStreamLauncher:
         self.last_block_map = None
         self.last_tile_counts = None
         self.last_splits = 1
-        self.last_path = None  # "row streaming", "reassociated" or "chunked"
+        self.last_path: LaunchPath | None = None  # the kernels the last call ran
         self.last_group = 1
         self.last_tma = False  # whether the last row-streaming launch loaded through TMA descriptors
 
@@ -258,11 +260,12 @@ class RowStreamLauncher:
             raise BackendError(f"head dims up to 256 are supported, got {n_feat} and {n_vfeat}")
         cfg = dict(default_config(interpret, n_feat, n_vfeat, len(p.terms)))
         cfg.update(config or {})
-        if self.src.reassociated is not None and not (return_lse or count_tiles) and self.mask_free(call, sizes):
+        path = choose_path(p, sizes, call.scalars, return_lse, count_tiles)
+        if path == LaunchPath.REASSOCIATED:
             return [self.run_reassociated(module, call, cfg, sizes, interpret)]
-        if self.src.chunked is not None and not (return_lse or count_tiles) and self.causal_only(call, sizes):
+        if path == LaunchPath.CHUNKED:
             return [self.run_chunked(module, call, sizes, interpret)]
-        self.last_path = "row streaming"
+        self.last_path = LaunchPath.ROW_STREAMING
         group = self.pack_group(call, cfg, n_rows)
         if "BLOCK_M" not in (config or {}):  # few queries (decoding): no tile rows to waste
             cfg["BLOCK_M"] = min(cfg["BLOCK_M"], pow2(n_rows * group))
@@ -308,7 +311,7 @@ class RowStreamLauncher:
                  o_all.stride(0) if splits > 1 else 0, lse_all.stride(0) if splits > 1 else 0]
         if group > 1:
             args.append(group)
-        if self.src.mask_mode == "block_map":
+        if self.src.mask_mode == MaskMode.BLOCK_MAP:
             args += self.block_map_lists(call, cfg["BLOCK_M"] // group, cfg["BLOCK_N"], sizes, module, interpret)
         args += self.scalar_values(call, variant.scalar_args, variant.host_scalars)
         grid = (n_qt * splits, combos)
@@ -325,7 +328,7 @@ class RowStreamLauncher:
                           FOLD_SCALE=all(self.term_scale(t, call) > 0 for t, term in enumerate(p.terms)
                                          if term.folds_log2e))
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        role = "packed" if group > 1 else "stats" if p.statistics_only else "main"
+        role = KernelRole.PACKED if group > 1 else KernelRole.STATS if p.statistics_only else KernelRole.MAIN
         variant_key = (role, interpret, *sorted(options.items()), *sorted((k, v) for k, v in constexprs.items()
                                                                           if k != "COUNT_TILES"))
         if constexprs["USE_TMA"] and variant_key in self.tma_failures:
@@ -411,24 +414,6 @@ class RowStreamLauncher:
             tensors[synthetic.name] = t.to(call.out_dtype) if t.is_floating_point() else t
         return dataclasses.replace(call, tensors=tensors)
 
-    def mask_free(self, call: BoundCall, sizes: dict) -> bool:
-        """Whether no mask restricts this call's pairs (no mask, or one switched off by a
-        param such as `causal=False`), so reassociated linear attention applies."""
-        mp = self.plan.mask_plan
-        if mp is None:
-            return True
-        _, active = mask_analysis._active(mp, sizes[self.plan.i], sizes[self.plan.j], call.scalars)
-        return any(not c.planes and not c.opaque for c in active)
-
-    def causal_only(self, call: BoundCall, sizes: dict) -> bool:
-        """Whether this call's mask is exactly `j <= i` over a square score (the chunked scan's case)."""
-        p = self.plan
-        if sizes[p.i] != sizes[p.j]:
-            return False
-        _, active = mask_analysis._active(p.mask_plan, sizes[p.i], sizes[p.j], call.scalars)
-        return len(active) == 1 and not active[0].opaque and \
-            [(h.a, h.b, h.rhs) for h in active[0].planes] == [(1, -1, 0)]
-
     def run_chunked(self, module, call: BoundCall, sizes: dict, interpret: bool):
         """The chunked causal scan: one program per (batch, head), chunks in order."""
         p, src = self.plan, self.src.chunked
@@ -439,8 +424,8 @@ class RowStreamLauncher:
                 *self.scalar_values(call, src.scalar_args, src.host_scalars)]
         launch(KernelLaunch(getattr(module, src.name), (math.prod(sizes[ix] for ix in p.outer),), args,
                             dict(BLOCK_C=16 if interpret else 64, BLOCK_D=pow2(sizes[p.d]),
-                                 BLOCK_E=pow2(sizes[p.e]), ROW_SUM=p.row_sum), {}, interpret, "chunked"))
-        self.last_path = "chunked"
+                                 BLOCK_E=pow2(sizes[p.e]), ROW_SUM=p.row_sum), {}, interpret, KernelRole.CHUNKED))
+        self.last_path = LaunchPath.CHUNKED
         return o
 
     def run_reassociated(self, module, call: BoundCall, cfg: dict, sizes: dict, interpret: bool):
@@ -461,10 +446,10 @@ class RowStreamLauncher:
         meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_E=block_e,
                     ROW_SUM=p.row_sum)
         launch(KernelLaunch(getattr(module, f"{src.name}_state"), (1, combos), [*common, *scalars], meta, {},
-                            interpret, "linear_state"))
+                            interpret, KernelRole.LINEAR_STATE))
         launch(KernelLaunch(getattr(module, f"{src.name}_apply"), (triton_cdiv(n_rows, cfg["BLOCK_M"]), combos),
-                            [*common, o, *o.stride(), *scalars], meta, {}, interpret, "linear_apply"))
-        self.last_path = "reassociated"
+                            [*common, o, *o.stride(), *scalars], meta, {}, interpret, KernelRole.LINEAR_APPLY))
+        self.last_path = LaunchPath.REASSOCIATED
         return o
 
     def statistics_launcher(self, node) -> "RowStreamLauncher":
@@ -492,7 +477,7 @@ class RowStreamLauncher:
         the tensors the mask reads, the scalars and the tile sizes stay the same."""
         bm = self.src.block_map
         p = self.plan
-        outer = block_map.map_outer(p)
+        outer = map_outer(p)
         n_q = triton_cdiv(sizes[p.i], block_m)
         n_k = triton_cdiv(sizes[p.j], block_n)
         scalars = self.scalar_values(call, bm.scalar_args, bm.host_scalars)
@@ -511,7 +496,7 @@ class RowStreamLauncher:
                 args += list(t.shape)
             args += [sizes[ix] for ix in outer] + [sizes[p.i], sizes[p.j], n_q, n_k] + scalars
             launch(KernelLaunch(getattr(module, f"{self.src.name}_classify"), (n_q, n_k, lists), args,
-                                dict(BLOCK_M=block_m, BLOCK_N=block_n), {}, interpret, "classify"))
+                                dict(BLOCK_M=block_m, BLOCK_N=block_n), {}, interpret, KernelRole.CLASSIFY))
             cached = (*block_map.tile_lists(state), state)
             if recording:
                 return [*cached[:3], n_q, n_k]

@@ -41,6 +41,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # a launch's default; si
 
 import attncc  # noqa: E402
 from attncc.aot import compile_launch, report_launches, resources  # noqa: E402
+from attncc.passes.kinds import MaskMode  # noqa: E402
 from attncc.runtime import default_config  # noqa: E402
 
 EXAMPLES = sorted(p.stem for p in (Path(__file__).parent.parent / "examples").glob("*.attn"))
@@ -50,7 +51,7 @@ def rows_for(name: str, d: int, overrides: dict) -> list[dict]:
     kernel = attncc.compile(Path(__file__).parent.parent / "examples" / f"{name}.attn", backend="triton")
     config = {**default_config(False, d, d, len(kernel.generated.plan.terms)), **overrides}
     rows = []
-    mask_free = kernel.generated.source.mask_mode == "none"  # one loop left: the full tiles'
+    mask_free = kernel.generated.source.mask_mode == MaskMode.NONE  # one loop left: the full tiles'
     for launch in report_launches(kernel, d, d, config):
         compiled = compile_launch(launch)
         r = resources(launch.kernel.__name__, compiled, launch.options.get("num_warps"))

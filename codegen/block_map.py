@@ -17,7 +17,7 @@ import torch
 from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.tile_expr import TileEmitter, Val
-from attncc.passes.row_stream import RowStreamPlan
+from attncc.passes.row_stream import RowStreamPlan, map_outer
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -29,12 +29,6 @@ class BlockMapSource:
     tensor_inputs: list[str]
     scalar_args: list[str]
     host_scalars: dict
-
-
-def map_outer(plan: RowStreamPlan) -> tuple[str, ...]:
-    """The outer indices (batch, head) the masks depend on: one map per value of them."""
-    used = set().union(*(set(m.pred.indices) for m in plan.masks))
-    return tuple(ix for ix in plan.outer if ix in used)
 
 
 def generate(plan: RowStreamPlan, name: str):

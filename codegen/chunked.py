@@ -11,36 +11,17 @@ sequence in chunks of C tokens:
 so the work is linear in the sequence length. The decays come from the spec's own decay
 factor, evaluated at the indices each term needs. This is DESIGN.md's chunked-scan
 skeleton; the row-streaming kernel of the same spec stays for calls it does not fit.
+Which plans get this kernel (`chunkable`, `decay_factor`) and which calls run it
+(`choose_path`) is decided in `passes/linear.py`.
 """
 from __future__ import annotations
 
 from attncc import ir
 from attncc.codegen import names
-from attncc.codegen.reassociate import linear_weight
 from attncc.codegen.row_stream import RowStreamCodegen, _indent, tensor_args
 from attncc.codegen.tile_expr import Val
+from attncc.passes.linear import decay_factor
 from attncc.passes.row_stream import RowStreamPlan
-
-
-def decay_factor(plan: RowStreamPlan):
-    """The spec's `base ** (i - j)` factor of Q K^T (base per head or constant), or None."""
-    factors = plan.terms[0].qk_factors
-    if len(factors) != 1:
-        return None
-    f = factors[0]
-    if not (isinstance(f, ir.Map) and f.op == "**" and set(f.args[0].indices) <= set(plan.outer)):
-        return None
-    e = f.args[1]
-    ok = isinstance(e, ir.Map) and e.op == "-" and all(isinstance(a, ir.Index) for a in e.args) \
-        and (e.args[0].name, e.args[1].name) == (plan.i, plan.j)
-    return f if ok else None
-
-
-def chunkable(plan: RowStreamPlan) -> bool:
-    """A linear-attention weight (times a decay `base ** (i - j)`) under a mask."""
-    term = linear_weight(plan)
-    return term is not None and plan.mask_plan is not None and \
-        (not term.qk_factors or decay_factor(plan) is not None)
 
 
 class ChunkedCodegen(RowStreamCodegen):

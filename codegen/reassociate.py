@@ -7,7 +7,8 @@ per (batch, head), and an *apply* kernel computes `o_i = f(q_i) S` (divided by
 `f(q_i) . z` for normalised linear attention). The work is linear in the sequence length
 instead of quadratic. This is DESIGN.md's reduce-then-apply skeleton; the row-streaming
 kernel of the same spec stays in the module for calls where a mask applies (a causal
-switch that is on).
+switch that is on). Which plans get these kernels (`reassociable`) and which calls run
+them (`choose_path`) is decided in `passes/linear.py`.
 """
 from __future__ import annotations
 
@@ -16,25 +17,6 @@ from attncc.codegen import names
 from attncc.codegen.row_stream import RowStreamCodegen, _indent, tensor_args
 from attncc.codegen.tile_expr import Val
 from attncc.passes.row_stream import RowStreamPlan
-
-
-def linear_weight(plan: RowStreamPlan):
-    """The one term of a linear-attention plan: a single pointwise weight `f(q) . f(k)` (times
-    factors of Q K^T only), no coefficient, head sum, packing or precomputed input, and masks
-    decidable from dims and params; None otherwise."""
-    if len(plan.terms) != 1 or plan.summed_outer or plan.group is not None or plan.statistics_only:
-        return None
-    term = plan.terms[0]
-    ok = (term.kind == "pointwise" and term.coef is None and term.score is term.qk
-          and not (plan.precomputed and plan.precomputed.inputs) and not plan.needs_block_map
-          and not plan.mask_symbols)
-    return term if ok else None
-
-
-def reassociable(plan: RowStreamPlan) -> bool:
-    """The unmodified weight `f(q) . f(k)`: the sum over keys can go first."""
-    term = linear_weight(plan)
-    return term is not None and not term.qk_factors
 
 
 class ReassociatedCodegen(RowStreamCodegen):

@@ -20,10 +20,12 @@ import sympy
 from attncc import ir
 from attncc.codegen import block_map, names
 from attncc.codegen.pytext import docstring
+from attncc.codegen.mask_code import guard_code, printed
 from attncc.codegen.tile_expr import TileEmitter, Val
-from attncc.passes.mask_analysis import to_triton
+from attncc.passes.kinds import MaskMode, WeightKind
+from attncc.passes.linear import chunkable, reassociable
 from attncc.passes.mask_sympy import code_name
-from attncc.passes.row_stream import RowStreamPlan
+from attncc.passes.row_stream import RowStreamPlan, map_outer
 
 LOG2E = 1.4426950408889634
 
@@ -37,7 +39,7 @@ class KernelSource:
     tensor_inputs: list[str]          # input names passed as pointers, in order
     scalar_args: list[str]            # dims, params and host-evaluated scalars, in order
     host_scalars: dict[str, ir.Node]  # name -> scalar expression evaluated at launch
-    mask_mode: str                    # "none", "affine" or "block_map"
+    mask_mode: MaskMode               # none, affine or block_map: how key tiles are found
     block_map: "block_map.BlockMapSource | None" = None
     packed: "KernelSource | None" = None  # the GQA-packed variant, in the same module
     statistics: dict = field(default_factory=dict)  # node -> (plan, source) of its statistics pass
@@ -122,7 +124,7 @@ class RowStreamCodegen:
         x = self.sfx(t)
         if self.plan.statistics_only:
             return [f"m_i{x}", f"l_i{x}"]
-        if self.plan.terms[t].kind == "pointwise":
+        if self.plan.terms[t].kind == WeightKind.POINTWISE:
             return [f"acc{x}", f"l_i{x}"] if self.plan.row_sum else [f"acc{x}"]
         return [f"acc{x}", f"m_i{x}", f"l_i{x}"]
 
@@ -149,7 +151,7 @@ class RowStreamCodegen:
         em.bind(term.qk, qk)
         s = em.emit(term.score)
         lines = scaled + list(em.body)
-        if term.kind == "pointwise":
+        if term.kind == WeightKind.POINTWISE:
             lines.append(f"p{x} = {s.code}  # an elementwise weight: no normaliser")
         else:
             lines.append(f"s{x} = {s.code} * {LOG2E}  # to base-2 units for exp2")
@@ -165,7 +167,7 @@ class RowStreamCodegen:
         apply = []
         for t, term in enumerate(p.terms):
             x = self.sfx(t)
-            if term.kind == "pointwise":
+            if term.kind == WeightKind.POINTWISE:
                 apply.append(f"p{x} = tl.where(allowed, p{x}, 0.0)")
             else:
                 apply.append(f"s{x} = tl.where(allowed, s{x}, float('-inf'))")
@@ -222,10 +224,10 @@ class RowStreamCodegen:
     def update_lines(self, t: int) -> list[str]:
         """The accumulator update of a term (online softmax, or a plain sum)."""
         term, x = self.plan.terms[t], self.sfx(t)
-        if term.kind == "pointwise":
+        if term.kind == WeightKind.POINTWISE:
             row_sum = [f"l_i{x} += tl.sum(p{x}, 1)  # the row sums the output is divided by"] if self.plan.row_sum else []
             return [*row_sum, f"acc{x} += tl.dot(p{x}.to(v.dtype), v, input_precision=PRECISION)"]
-        if term.kind == "softmax1":  # m_i starts at the virtual key's 0: never -inf
+        if term.kind == WeightKind.SOFTMAX1:  # m_i starts at the virtual key's 0: never -inf
             guard = ["m_safe = m_new"]
         elif term.folds_log2e:  # plain scores are finite wherever a tile allows every pair
             guard = ["if MASKED:",
@@ -349,12 +351,12 @@ class RowStreamCodegen:
             x = self.sfx(t)
             if not self.plan.statistics_only:
                 lines.append(f"acc{x} = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)")
-            if term.kind == "pointwise" and self.plan.row_sum:
+            if term.kind == WeightKind.POINTWISE and self.plan.row_sum:
                 lines.append(f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)")
-            if term.kind == "softmax":
+            if term.kind == WeightKind.SOFTMAX:
                 lines += [f"m_i{x} = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)",
                           f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)"]
-            elif term.kind == "softmax1":
+            elif term.kind == WeightKind.SOFTMAX1:
                 lines += [f"m_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)"
                           "  # softmax1: a virtual key with logit 0 (and value 0)",
                           f"l_i{x} = tl.full([BLOCK_M], 1.0, dtype=tl.float32)"]
@@ -367,7 +369,7 @@ class RowStreamCodegen:
         lines, parts = [], []
         for t, term in enumerate(self.plan.terms):
             x = self.sfx(t)
-            if term.kind == "pointwise":
+            if term.kind == WeightKind.POINTWISE:
                 part = f"acc{x} / tl.where(row_ok, l_i{x}, 1.0)[:, None]" if self.plan.row_sum else f"acc{x}"
             else:
                 lines.append(f"l_safe{x} = tl.where(l_i{x} == 0.0, 1.0, l_i{x})")
@@ -461,7 +463,7 @@ class RowStreamCodegen:
         lse_strides = [f"lse_s{k}" for k in range(len(lse_axes))]
         outer_sizes = [names.user("size", ix) for ix in (*p.outer, *p.summed_outer)]
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
-            if self.mask_mode() == "block_map" else []
+            if p.mask_mode == MaskMode.BLOCK_MAP else []
         args = (pointer_args + stride_args + dim_args + o_strides + lse_strides + outer_sizes
                 + ["n_rows", "n_cols", "n_feat", "n_vfeat", "split_len", "o_split_stride", "lse_split_stride"]
                 + (["group"] if self.packed else []) + map_args + scalar_args)
@@ -542,13 +544,13 @@ class RowStreamCodegen:
             "",
         ]
         return KernelSource(self.name, "\n".join(src), tensors, scalar_args, dict(em.host_scalars),
-                            self.mask_mode())
+                            p.mask_mode)
 
     def schedule_lines(self) -> list[str]:
         """Which query tile (`pid_m`), key split and (batch, head) (`pid_o`) this program
         takes. In order when every tile costs about the same; longest first when the mask
         plan says later query rows visit more key tiles (`longest_first`)."""
-        if not longest_first(self.plan.mask_plan) or self.plan.needs_block_map:
+        if not self.plan.longest_first:
             return ["pid_x = tl.program_id(0)",
                     "pid_o = tl.program_id(1)",
                     "pid_m = pid_x % n_qt",
@@ -562,21 +564,16 @@ class RowStreamCodegen:
                 "pid_m = n_qt - 1 - pid_x % n_qt",
                 "pid_split = pid_x // n_qt"]
 
-    def mask_mode(self) -> str:
-        if self.plan.mask_plan is None:
-            return "none"
-        return "block_map" if self.plan.needs_block_map else "affine"
-
     # ------------------------------------------------------------------ key-tile ranges
     def range_lines(self):
-        mode = self.mask_mode()
-        if mode == "none":
+        mode = self.plan.mask_mode
+        if mode == MaskMode.NONE:
             return lambda call: ["# no mask: every key tile is full except a ragged last one",
                                  "n_full = (n_cols // BLOCK_N) * BLOCK_N",
                                  *self.loop("0", "n_full", False, call),
                                  "if not EVEN_N:  # a ragged last key tile",
                                  *_indent(self.loop("n_full", "n_cols", True, call))]
-        if mode == "block_map":
+        if mode == MaskMode.BLOCK_MAP:
             return self.block_map_ranges
         return self.affine_ranges
 
@@ -658,7 +655,7 @@ class RowStreamCodegen:
                 *self.loop("fe", hi, True, call)]
 
     def block_map_ranges(self, call):
-        outer = block_map.map_outer(self.plan)
+        outer = map_outer(self.plan)
         flat = " + ".join(f"{names.user('idx', ix)} * {block_map._stride(outer, k)}"
                           for k, ix in enumerate(outer)) or "0"
         return ["# key tiles listed by the runtime block map: full tiles first, then partial ones",
@@ -686,12 +683,12 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
     if plan.group is not None:
         main.packed = RowStreamCodegen(plan, prefix, packed=True).generate()
         parts.append(main.packed.source)
-    if main.mask_mode == "block_map":
+    if main.mask_mode == MaskMode.BLOCK_MAP:
         text, map_tensors, map_hosts, map_scalars = block_map.generate(plan, prefix)
         parts.append(text)
         main.block_map = block_map.BlockMapSource(map_tensors, map_scalars, map_hosts)
-    from attncc.codegen.chunked import ChunkedCodegen, chunkable
-    from attncc.codegen.reassociate import ReassociatedCodegen, reassociable
+    from attncc.codegen.chunked import ChunkedCodegen
+    from attncc.codegen.reassociate import ReassociatedCodegen
 
     if reassociable(plan):
         text, tensors, scalars, hosts = ReassociatedCodegen(plan, prefix).generate_text()
@@ -715,41 +712,6 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
     return main
 
 
-def longest_first(mask_plan) -> bool:
-    """Whether later query tiles visit at least as many key tiles as earlier ones, and some
-    more: every conjunct's first key does not depend on the tile's rows (i0, i1) and its
-    last key does not decrease with them, and some last key grows with them (causal,
-    prefix-LM; not sliding windows, whose ranges move along)."""
-    if mask_plan is None or not mask_plan.conjuncts:
-        return False
-    rows = {mask_plan.i0, mask_plan.i1}
-    grows = False
-    for c in mask_plan.conjuncts:
-        lo, hi = sympy.sympify(c.lo), sympy.sympify(c.hi)
-        if rows & lo.free_symbols:
-            return False
-        if not all(_nondecreasing(hi, r) for r in rows):
-            return False
-        grows = grows or bool(rows & hi.free_symbols)
-    return grows
-
-
-def _nondecreasing(expr, x) -> bool:
-    """A sufficient syntactic test that `expr` does not decrease as symbol `x` grows."""
-    if x not in expr.free_symbols:
-        return True
-    if expr == x:
-        return True
-    if isinstance(expr, (sympy.Add, sympy.Min, sympy.Max)):
-        return all(_nondecreasing(a, x) for a in expr.args)
-    if isinstance(expr, sympy.Mul):
-        consts = [a for a in expr.args if x not in a.free_symbols]
-        rest = [a for a in expr.args if x in a.free_symbols]
-        coef = sympy.Mul(*consts)
-        return len(rest) == 1 and coef.is_positive is True and _nondecreasing(rest[0], x)
-    return False
-
-
 def _reads_of(transform: ir.Node, read: ir.Access) -> list[ir.Node]:
     """The reads inside a feature map that read the same elements as `read`."""
     found, stack = [], [transform]
@@ -769,33 +731,6 @@ def _tile_start(code: str, rounding: str) -> str:
     if rounding == "floor":
         return f"({code} // BLOCK_N) * BLOCK_N"
     return f"tl.cdiv({code}, BLOCK_N) * BLOCK_N"
-
-
-def printed(expr, codes: dict[str, str]) -> str:
-    """Triton code of a sympy integer expression whose symbols are spelled as `codes` says
-    (by sympy name): user names never reach the kernel as they are."""
-    expr = sympy.sympify(expr)
-    missing = {s.name for s in expr.free_symbols} - set(codes)
-    if missing:
-        raise ValueError(f"no code for symbols {sorted(missing)}")
-    subs = {s: sympy.Symbol(codes[s.name], **s.assumptions0) for s in expr.free_symbols}
-    return to_triton(expr.xreplace(subs))
-
-
-def guard_code(g, codes: dict[str, str]) -> str:
-    """Triton code for a guard (a condition on scalars only)."""
-    if isinstance(g, sympy.Symbol):
-        return f"({codes[g.name]} != 0)"
-    if isinstance(g, sympy.Not):
-        return f"({guard_code(g.args[0], codes)} == 0)"
-    if isinstance(g, (sympy.And, sympy.Or)):
-        op = " & " if isinstance(g, sympy.And) else " | "
-        return "(" + op.join(guard_code(a, codes) for a in g.args) + ")"
-    if isinstance(g, sympy.core.relational.Relational):
-        return f"({printed(g.lhs, codes)} {g.rel_op} {printed(g.rhs, codes)})"
-    if g in (sympy.true, sympy.false):
-        return str(bool(g))
-    raise TypeError(f"cannot print guard {g}")
 
 
 def scalar_args(program: ir.Program, host_scalars: dict) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.pytext import comment
-from attncc.passes.infer import to_sympy
+from attncc.passes.infer import host_evaluable, to_sympy
 
 MAX_UNROLL = 16  # largest constant extent of an index unrolled inside a tile
 
@@ -333,16 +333,6 @@ class TileEmitter:
         computed value."""
         env = self.env if env is None else env
         self.memo[(node.id, tuple((ix, env[ix].code) for ix in node.indices if ix in env))] = val
-
-
-def host_evaluable(node: ir.Node) -> bool:
-    """Whether the launcher can evaluate a scalar node from dims and params (a sympy form);
-    other scalars (a read `w[2]`, a full reduction `sum(w[a], a)`) are loaded or precomputed."""
-    try:
-        to_sympy(node)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def env_with_zero(env, sizes):

@@ -62,6 +62,16 @@ def to_sympy(node: ir.Node) -> sympy.Expr:
     return memo[node]
 
 
+def host_evaluable(node: ir.Node) -> bool:
+    """Whether the launcher can evaluate a scalar node from dims and params (a sympy form);
+    other scalars (a read `w[2]`, a full reduction `sum(w[a], a)`) are loaded or precomputed."""
+    try:
+        to_sympy(node)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def _sympy_of(node: ir.Node, memo) -> sympy.Expr:
     """One node's sympy form, its operands already in `memo`."""
     if isinstance(node, ir.Scalar):

@@ -24,13 +24,16 @@ and ``i1`` unless the predicate has symbols of these names).
 
 Tile classification counts only in-bounds points (``i < N``, ``j < M``): a tile
 that sticks out of the matrix can be FULL, the kernel masks bounds separately.
+
+This module is analysis only: the plan is data (sympy expressions), evaluated here with
+integer arithmetic (:func:`evaluate`); ``codegen/mask_code.py`` prints it as Triton.
+Per call, :func:`active_conjuncts` says which conjuncts the runtime values switch on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache, reduce
 from math import gcd, lcm
-from types import SimpleNamespace
 
 import numpy as np
 import sympy as sp
@@ -379,80 +382,55 @@ def analyse_mask(pred, i, j, n="N", m="M") -> MaskPlan:
     return replace(plan, conjuncts=conjuncts, opaque=opaque)
 
 
-# ---------------------------------------------------------------- printing
+# ---------------------------------------------------------------- evaluation
 
-def _floordiv(num: sp.Expr, den: int) -> str:
-    """``floor(num / den)`` that is right under both Python's flooring and
-    Triton's truncating integer ``//`` and ``%``: the dividend is first made
-    an exact multiple of ``den``."""
-    if den == 1:
-        return to_triton(num)
-    p = to_triton(num)
-    return f"(({p} - ({p} % {den} + {den}) % {den}) // {den})"
-
-
-def _integer_fraction(x: sp.Expr) -> tuple[sp.Expr, int]:
-    """``x`` as ``num / den`` with integer coefficients in ``num``."""
+def integer_fraction(x: sp.Expr) -> tuple[sp.Expr, int]:
+    """``x`` as ``num / den`` with integer coefficients in ``num`` (``floor(x)`` is then the
+    integer division ``num // den``)."""
     x = sp.expand(x)
     den = lcm(*(sp.Rational(t.as_coeff_Mul()[0]).q for t in sp.Add.make_args(x)))
     return sp.expand(x * den), den
 
 
-def to_triton(expr) -> str:
-    """Triton source (also valid Python) for an integer-valued plan expression.
-
-    ``Max``/``Min`` become ``tl.maximum``/``tl.minimum``, ``floor``/``ceiling`` of
-    rationals become integer division, symbols print by name.
-    """
-    e = sp.sympify(expr)
+@lru_cache(maxsize=None)
+def _numeric(e: sp.Expr):
+    """An integer-valued plan expression as a function of its symbols' values (a dict by
+    name; Python ints or numpy int arrays). Integer arithmetic only: ``floor`` and
+    ``ceiling`` of rationals are floor divisions, ``Max``/``Min`` numpy's elementwise ones.
+    The expressions ``codegen.mask_code.to_triton`` prints: anything else is a TypeError."""
     if e.is_Integer:
-        return str(int(e))
+        value = int(e)
+        return lambda env: value
     if e.is_Symbol:
-        return e.name
+        name = e.name
+        return lambda env: env[name]
     if isinstance(e, (sp.Max, sp.Min)):
-        fn = "tl.maximum" if isinstance(e, sp.Max) else "tl.minimum"
-        return reduce(lambda acc, x: f"{fn}({acc}, {to_triton(x)})", e.args[1:], to_triton(e.args[0]))
+        fn = np.maximum if isinstance(e, sp.Max) else np.minimum
+        first, *rest = (_numeric(a) for a in e.args)
+        return lambda env: reduce(lambda acc, f: fn(acc, f(env)), rest, first(env))
     if isinstance(e, sp.Abs):
-        return to_triton(sp.Max(e.args[0], -e.args[0], evaluate=False))
-    if isinstance(e, sp.floor):
-        return _floordiv(*_integer_fraction(e.args[0]))
-    if isinstance(e, sp.ceiling):
-        num, den = _integer_fraction(e.args[0])
-        return f"(-{_floordiv(-num, den)})" if den != 1 else to_triton(num)
+        return _numeric(sp.Max(e.args[0], -e.args[0], evaluate=False))
+    if isinstance(e, (sp.floor, sp.ceiling)):
+        num, den = integer_fraction(e.args[0])
+        f = _numeric(num)
+        if isinstance(e, sp.floor):
+            return lambda env: f(env) // den
+        return lambda env: -(-f(env) // den)
     if e.is_Add:
-        terms = sorted(e.args, key=lambda t: t.could_extract_minus_sign())
-        out = to_triton(terms[0])
-        for t in terms[1:]:
-            out += f" - {to_triton(-t)}" if t.could_extract_minus_sign() else f" + {to_triton(t)}"
-        return f"({out})"
+        first, *rest = (_numeric(a) for a in e.args)
+        return lambda env: reduce(lambda acc, f: acc + f(env), rest, first(env))
     if e.is_Mul:
         coeff, factors = e.as_coeff_mul()
         if coeff.is_Integer:
-            body = " * ".join(to_triton(f) for f in factors)
-            return {1: f"({body})", -1: f"(-{body})"}.get(int(coeff), f"({int(coeff)} * {body})")
-    raise TypeError(f"cannot print {e} as integer code")
-
-
-_NUMPY_TL = SimpleNamespace(maximum=np.maximum, minimum=np.minimum)
-
-
-@lru_cache(maxsize=None)
-def _compiled(expr: sp.Expr):
-    """The printed expression, compiled with its symbols renamed `arg0, arg1, ...` (a user
-    dim may be called `tl`, and made-up symbols are no identifiers), and the original names."""
-    symbols = sorted(expr.free_symbols, key=lambda s: s.name)
-    safe = {s: sp.Symbol(f"arg{k}", **s.assumptions0) for k, s in enumerate(symbols)}
-    return compile(to_triton(expr.xreplace(safe)), "<mask bound>", "eval"), tuple(s.name for s in symbols)
+            c, parts = int(coeff), [_numeric(f) for f in factors]
+            return lambda env: reduce(lambda acc, f: acc * f(env), parts, c)
+    raise TypeError(f"cannot evaluate {e} as integer arithmetic")
 
 
 def evaluate(expr, values: dict):
-    """Value of a plan expression for Python ints or numpy int arrays.
-
-    Runs the printed source itself, so every evaluation also checks ``to_triton``.
-    """
-    code, names = _compiled(sp.sympify(expr))
-    by_name = _by_name(values)
-    return eval(code, {"tl": _NUMPY_TL}, {f"arg{k}": by_name[n] for k, n in enumerate(names)})
+    """Value of a plan expression for Python ints or numpy int arrays; ``values`` maps
+    symbols (or their names) to values."""
+    return _numeric(sp.sympify(expr))(_by_name(values))
 
 
 # ---------------------------------------------------------------- tiles
@@ -474,6 +452,18 @@ def _active(plan: MaskPlan, N: int, M: int, values) -> tuple[dict, list[Conjunct
     """Named runtime values (dims included) and the conjuncts whose guards hold."""
     env = {**_by_name(values or {}), plan.n.name: N, plan.m.name: M}
     return env, [c for c in plan.conjuncts if all(_holds(g, env) for g in c.guards)]
+
+
+def active_conjuncts(plan: MaskPlan, N: int, M: int, values=None) -> list[Conjunct]:
+    """The conjuncts of the mask that can hold for one call: those whose guards (conditions
+    on parameters only, such as `causal` or `window >= 1`) hold for these values.
+
+    ``N`` and ``M`` are the call's query and key extents; ``values`` maps every other
+    parameter a guard names (dims, params, by name or symbol) to its int or bool. A guard
+    these values do not decide is a ValueError. The launcher picks a call's kernels from
+    the result (``passes.linear.choose_path``): no active conjunct restricting the pairs
+    means no mask applies, a single ``j <= i`` means a plain causal mask."""
+    return _active(plan, N, M, values)[1]
 
 
 def _row_intervals(c: Conjunct, plan: MaskPlan, env: dict, j0, j1):
@@ -557,3 +547,40 @@ def key_ranges(plan: MaskPlan, N: int, M: int, BM: int, BN: int, values=None) ->
         for t in np.flatnonzero((r0 <= r1) & (lo <= hi)):
             spans[t].append((int(lo[t]) // BN, int(hi[t]) // BN + 1))
     return [_merge(s) for s in spans]
+
+
+# ---------------------------------------------------------------- scheduling
+
+def longest_first(mask_plan: MaskPlan | None) -> bool:
+    """Whether later query tiles visit at least as many key tiles as earlier ones, and some
+    more: every conjunct's first key does not depend on the tile's rows (i0, i1) and its
+    last key does not decrease with them, and some last key grows with them (causal,
+    prefix-LM; not sliding windows, whose ranges move along)."""
+    if mask_plan is None or not mask_plan.conjuncts:
+        return False
+    rows = {mask_plan.i0, mask_plan.i1}
+    grows = False
+    for c in mask_plan.conjuncts:
+        lo, hi = sp.sympify(c.lo), sp.sympify(c.hi)
+        if rows & lo.free_symbols:
+            return False
+        if not all(_nondecreasing(hi, r) for r in rows):
+            return False
+        grows = grows or bool(rows & hi.free_symbols)
+    return grows
+
+
+def _nondecreasing(expr, x) -> bool:
+    """A sufficient syntactic test that `expr` does not decrease as symbol `x` grows."""
+    if x not in expr.free_symbols:
+        return True
+    if expr == x:
+        return True
+    if isinstance(expr, (sp.Add, sp.Min, sp.Max)):
+        return all(_nondecreasing(a, x) for a in expr.args)
+    if isinstance(expr, sp.Mul):
+        consts = [a for a in expr.args if x not in a.free_symbols]
+        rest = [a for a in expr.args if x in a.free_symbols]
+        coef = sp.Mul(*consts)
+        return len(rest) == 1 and coef.is_positive is True and _nondecreasing(rest[0], x)
+    return False

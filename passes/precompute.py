@@ -8,7 +8,7 @@ They never span both the query and the key index, so they stay small.
 from __future__ import annotations
 
 from attncc import ir
-from attncc.codegen.tile_expr import host_evaluable
+from attncc.passes.infer import host_evaluable
 
 
 class TooLarge(ValueError):

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attncc import ir
-from attncc.codegen.tile_expr import host_evaluable
-from attncc.passes.infer import to_sympy
-from attncc.passes.mask_analysis import MaskPlan
+from attncc.passes.infer import host_evaluable, to_sympy
+from attncc.passes.kinds import MaskMode, WeightKind
+from attncc.passes.mask_analysis import MaskPlan, longest_first
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
 from attncc.passes.precompute import Precomputed, TooLarge, scan_for_precompute, small_indices
 
@@ -45,10 +45,10 @@ class Operand:
 @dataclass
 class Term:
     """One weight matrix of the output: `coef * norm_j(score)` contracted with the values.
-    `kind` is "softmax" (online max and sum), "softmax1" (the same with a virtual zero
-    logit) or "pointwise" (an elementwise weight such as a sigmoid: no normaliser)."""
+    `kind` is `WeightKind.SOFTMAX` (online max and sum), `SOFTMAX1` (the same with a virtual
+    zero logit) or `POINTWISE` (an elementwise weight such as a sigmoid: no normaliser)."""
 
-    kind: str
+    kind: WeightKind
     coef: ir.Node | None      # a factor that does not depend on the key index (None: 1)
     score: ir.Node            # the normaliser's argument, or the pointwise weight itself
     qk: ir.Contract           # its Q K^T contraction
@@ -64,7 +64,7 @@ class Term:
     @property
     def folds_log2e(self) -> bool:
         """Plain softmax scores can carry log2(e) in the score scale and feed exp2 directly."""
-        return self.kind != "pointwise" and not self.has_score_mods
+        return self.kind != WeightKind.POINTWISE and not self.has_score_mods
 
 
 @dataclass
@@ -121,12 +121,33 @@ class RowStreamPlan:
     @property
     def has_lse(self) -> bool:
         """The log-sum-exp side output exists for a single plain softmax."""
-        return len(self.terms) == 1 and self.terms[0].kind == "softmax" and self.terms[0].coef is None \
+        return len(self.terms) == 1 and self.terms[0].kind == WeightKind.SOFTMAX and self.terms[0].coef is None \
             and not self.summed_outer
 
     @property
     def needs_block_map(self) -> bool:
         return self.mask_plan is not None and self.mask_plan.needs_block_map
+
+    @property
+    def mask_mode(self) -> MaskMode:
+        """How the kernel finds a query tile's key tiles: all of them (no mask), symbolic
+        ranges (affine masks) or a runtime block map (masks with opaque atoms)."""
+        if self.mask_plan is None:
+            return MaskMode.NONE
+        return MaskMode.BLOCK_MAP if self.needs_block_map else MaskMode.AFFINE
+
+    @property
+    def longest_first(self) -> bool:
+        """Whether programs take query tiles in decreasing work order: the symbolic ranges say
+        later query tiles visit more key tiles (`mask_analysis.longest_first`)."""
+        return longest_first(self.mask_plan) and not self.needs_block_map
+
+
+def map_outer(plan: RowStreamPlan) -> tuple[str, ...]:
+    """The outer indices (batch, head) the masks depend on: a block map needs one map per
+    value of them."""
+    used = set().union(*(set(m.pred.indices) for m in plan.masks))
+    return tuple(ix for ix in plan.outer if ix in used)
 
 
 def _bare(arg: ir.Node, name: str) -> bool:
@@ -224,7 +245,7 @@ def _off_axis_normalisers(node: ir.Node, j: str, memo: dict | None = None) -> ir
     return result
 
 
-def _weight_terms(node: ir.Node, j: str, memo: dict | None = None) -> list[tuple[str, ir.Node | None, ir.Node]]:
+def _weight_terms(node: ir.Node, j: str, memo: dict | None = None) -> list[tuple[WeightKind, ir.Node | None, ir.Node]]:
     """Split the weights contracted with the values into (kind, coefficient, score) terms:
     `softmax(s1, j) - lam * softmax(s2, j)` gives two softmax terms, `sigmoid(s + bias)` one
     pointwise term. Terms of one score merge (their coefficients add) and shared operands
@@ -235,7 +256,7 @@ def _weight_terms(node: ir.Node, j: str, memo: dict | None = None) -> list[tuple
     if isinstance(node, ir.Normalize):
         if node.axis != j:
             raise NotRowStreamable(f"a {node.op} along '{node.axis}', not along the keys '{j}'")
-        terms = [(node.op, None, node.arg)]
+        terms = [(WeightKind(node.op), None, node.arg)]
     elif isinstance(node, ir.Map) and node.op in ("+", "-"):
         right = _weight_terms(node.args[1], j, memo)
         if node.op == "-":
@@ -248,7 +269,7 @@ def _weight_terms(node: ir.Node, j: str, memo: dict | None = None) -> list[tuple
         c, t = (a, b) if j not in a.indices else (b, a)  # a coefficient per row or per head
         terms = [(kind, _times(c, tc), score) for kind, tc, score in _weight_terms(t, j, memo)]
     elif j in node.indices and not _has_normalize(node):
-        terms = [("pointwise", None, node)]
+        terms = [(WeightKind.POINTWISE, None, node)]
     else:
         raise NotRowStreamable("the weights are not a sum of softmaxes and elementwise terms over the keys")
     memo[node] = terms
@@ -281,7 +302,7 @@ def _has_normalize(node: ir.Node) -> bool:
     return any(isinstance(n, ir.Normalize) for n in _score_nodes(None, node))
 
 
-def _term(program, kind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple[Term, str, str]:
+def _term(program, kind: WeightKind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple[Term, str, str]:
     """A term's Q K^T contraction and operands; returns the term, its query index and d."""
     contracts = [n for n in _score_nodes(program, score) if isinstance(n, ir.Contract)
                  and len(n.summed) == 1 and j in n.indices and n.summed[0] not in small_indices(program)]
@@ -341,7 +362,7 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
         raise NotRowStreamable("the output is not indexed by the queries")
     if row_sum is not None and row_sum.axes != (j,):
         raise NotRowStreamable(f"the output divides by a sum along '{row_sum.axes[0]}', not along the keys '{j}'")
-    if row_sum is not None and (len(terms) != 1 or terms[0].kind != "pointwise"):
+    if row_sum is not None and (len(terms) != 1 or terms[0].kind != WeightKind.POINTWISE):
         raise NotRowStreamable("a row-sum normaliser needs one pointwise weight")
     outer = tuple(ix for ix in out.axes if ix not in (i, e))
     summed_outer = tuple(ix for ix in pv.summed if ix != j)
@@ -386,7 +407,7 @@ def plan_statistics(program: ir.Program, node: ir.Node) -> RowStreamPlan | None:
     stream = node.axes[0]
     pre = Precomputed(program)
     try:
-        term, row, d = _term(program, "softmax", None, node.arg, stream, pre)
+        term, row, d = _term(program, WeightKind.SOFTMAX, None, node.arg, stream, pre)
         masks = program.masks_on(node)
         outer = tuple(ix for ix in node.indices if ix != row)
         for n in [node.arg, *term.qk_factors, *(m.pred for m in masks)]:

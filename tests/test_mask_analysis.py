@@ -7,8 +7,9 @@ import pytest
 import sympy as sp
 from sympy.utilities.lambdify import implemented_function
 
+from attncc.codegen.mask_code import evaluate_printed, to_triton
 from attncc.passes.mask_analysis import (
-    EMPTY, FULL, PARTIAL, analyse_mask, classify_tiles, evaluate, key_ranges, to_triton,
+    EMPTY, FULL, PARTIAL, analyse_mask, classify_tiles, evaluate, key_ranges,
 )
 
 i, j, N, M = sp.symbols("i j N M")
@@ -132,7 +133,8 @@ def test_key_ranges_cover_nonempty_tiles(name, shape):
 
 def kernel_full(plan, n, m, BM, BN, values):
     """Tiles the kernel's fast path treats as unmasked: one conjunct's [flo, fhi]
-    covers the tile's in-bounds keys for all its rows."""
+    covers the tile's in-bounds keys for all its rows (bounds computed by their printed
+    Triton text, as the kernel computes them)."""
     out = np.zeros((-(-n // BM), -(-m // BN)), bool)
     env = {"N": n, "M": m, **values}
     for c in plan.conjuncts:
@@ -141,8 +143,8 @@ def kernel_full(plan, n, m, BM, BN, values):
         for ti, tj in np.ndindex(out.shape):
             i0, j0 = ti * BM, tj * BN
             at = {**env, "i0": i0, "i1": min(i0 + BM, n) - 1}
-            rows = evaluate(c.row_lo, at) <= i0 and at["i1"] <= evaluate(c.row_hi, at)
-            keys = evaluate(c.flo, at) <= j0 and min(j0 + BN, m) - 1 <= evaluate(c.fhi, at)
+            rows = evaluate_printed(c.row_lo, at) <= i0 and at["i1"] <= evaluate_printed(c.row_hi, at)
+            keys = evaluate_printed(c.flo, at) <= j0 and min(j0 + BN, m) - 1 <= evaluate_printed(c.fhi, at)
             out[ti, tj] |= rows and keys
     return out
 
@@ -156,6 +158,20 @@ def test_full_ranges_are_sound(name, shape):
     assert not np.any(got & ~want)
     if len(plan_of(name).conjuncts) == 1 and name in MONOTONE:
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_printed_bounds_evaluate_like_the_analysis(name):
+    """Every bound of every conjunct, printed as Triton (`codegen.mask_code`) and run, equals
+    the analysis' own evaluation, which the tile classification and key ranges above use."""
+    plan = plan_of(name)
+    for n, m, BM, _ in SHAPES:
+        i0 = np.arange(0, n, BM)
+        env = {"N": n, "M": m, **CASES[name][1](n, m), plan.i0.name: i0, plan.i1.name: np.minimum(i0 + BM, n) - 1,
+               plan.i.name: np.arange(n)}
+        for c in plan.conjuncts:
+            for e in (c.row_lo, c.row_hi, c.key_lo, c.key_hi, c.lo, c.hi, c.flo, c.fhi):
+                np.testing.assert_array_equal(evaluate_printed(e, env), evaluate(e, env))
 
 
 def test_opaque_atoms_are_reported_and_never_full():

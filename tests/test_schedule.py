@@ -7,7 +7,7 @@ import torch
 
 import attncc
 from attncc.binding import bind
-from attncc.codegen.row_stream import longest_first
+from attncc.passes.mask_analysis import longest_first
 from oracles.inputs import SQUARE, make_inputs
 
 
