@@ -24,6 +24,7 @@ from .work import mask_tile_work
 from attncc.passes.kinds import MaskMode, WeightKind
 from attncc.passes.mask_sympy import GENERATED, code_name
 from attncc.passes.row_stream import RowStreamPlan, map_outer
+from attncc.passes.streams import StreamPlan
 
 _LEAVES = (ir.Const, ir.Index, ir.Scalar, ir.Input)
 _WIDTH = 92
@@ -48,6 +49,8 @@ def format_plan(kernel, shape: dict | None = None, params: dict | None = None,
                 block_m: int = 64, block_n: int = 64) -> str:
     """The plan of a kernel compiled with backend='triton', and the tile work of one call
     with sizes from `shape` and `params` (the rest: `random_arguments`' small defaults)."""
+    if isinstance(kernel.generated.plan, StreamPlan):  # the general planner's passes
+        return f"plan {kernel.program.name}  # {kernel.program.source.filename}\n{kernel.generated.plan.describe()}\n"
     return _PlanText(kernel).render(shape, params, block_m, block_n)
 
 

@@ -99,16 +99,28 @@ class StreamPlan:
     outputs: list                   # (ir.Output, the node computing it in normal form)
     precomputed: Precomputed        # small intermediates computed by torch before a pass reads them
     results: dict                   # accumulator node -> synthetic ir.Input it is stored as
-    notes: list = field(default_factory=list)  # what is computed outside generated kernels, and why
+    notes: list = field(default_factory=list)  # (node, why) for the reductions torch computes
     planner: "Planner | None" = field(default=None, repr=False)
 
     def describe(self) -> str:
+        """The plan in words: each pass, its accumulators (and the statements they come
+        from), and what torch computes around the passes."""
         lines = [f"general streaming plan: {len(self.passes)} generated pass(es)"]
         for k, p in enumerate(self.passes):
-            accs = ", ".join(f"{a.kind.value}{' (online)' if a.online else ''}" for a in p.accumulators)
             lines.append(f"  pass {k} (level {p.level}, {p.kind.value}): rows '{p.row}', streams '{p.stream}', "
-                         f"grid over {', '.join(p.outer) or 'nothing'} x row tiles; accumulators: {accs}")
-        lines += [f"  torch: {n}" for n in self.notes]
+                         f"grid over {', '.join(p.outer) or 'nothing'} x row tiles, {len(p.dots)} tile dot(s)")
+            for a in p.accumulators:
+                how = f"online with the log-sum-exp of {statement(self.program, a.online.node)}" if a.online \
+                    else ""
+                lines.append(f"    {a.kind.value} over '{a.stream}' -> [{', '.join(a.node.indices)}] "
+                             f"({statement(self.program, a.node)}){'; ' + how if how else ''}")
+        for n in self.precomputed.inputs:
+            size = " x ".join(str(self.program.extent[ax]) for ax in self.precomputed.axes[n])
+            lines.append(f"  torch, before the pass that reads it: {statement(self.program, n)} -> [{size}]")
+        epilogue = {f"  torch, in the epilogue: {statement(self.program, n)} ({why})": None for n, why in self.notes
+                    if n not in self.precomputed.inputs}
+        lines += list(epilogue)
+        lines.append("  torch epilogue: " + "; ".join(f"'{out.name}' from the accumulators" for out, _ in self.outputs))
         return "\n".join(lines)
 
 
@@ -402,10 +414,13 @@ class Planner:
         if len(tiles) != 2:
             return None
         a, b = tiles
-        own_a = [ix for ix in a.indices if ix != d and ix not in b.indices]
-        own_b = [ix for ix in b.indices if ix != d and ix not in a.indices]
-        if len(own_a) != 1 or len(own_b) != 1:
+        # each side's tile index: the last large index the other side lacks (a [.., N, D] layout);
+        # its other own indices (a batch of images against a batch of texts) join the grid
+        own_a = [ix for ix in a.indices if ix != d and ix not in b.indices and ix not in self.small]
+        own_b = [ix for ix in b.indices if ix != d and ix not in a.indices and ix not in self.small]
+        if not own_a or len(own_a) != len(own_b):  # (a feature projection w[f,d] q[b,h,i,d] is no score)
             return None
+        own_a, own_b = own_a[-1:], own_b[-1:]
         extra = tuple(f for f in n.factors if f not in tiles)
         if any(d in f.indices for f in extra):
             return None
@@ -421,16 +436,16 @@ class Planner:
         return self.dots[n]
 
     def dots_in(self, node: ir.Node) -> list[TileDot]:
-        nodes = _walk(node, lambda n: _is_reduction(n, self.program) or isinstance(n, ir.Contract))
+        """The tile dots an expression computes (not those inside the reductions it reads)."""
+        nodes = _walk(node, lambda n: _is_reduction(n, self.program) or isinstance(n, ir.Contract), enter_root=False)
         return [t for t in (self.tile_dot(n) for n in nodes) if t is not None]
 
-    def reductions_in(self, node: ir.Node) -> list[ir.Node]:
-        """The reductions an expression reads (not those inside them; through tile dots)."""
-        found = []
-        for n in _walk(node, lambda n: _is_reduction(n, self.program) and self.tile_dot(n) is None):
-            if n is not node and _is_reduction(n, self.program) and self.tile_dot(n) is None:
-                found.append(n)
-        return found
+    def reductions_in(self, node: ir.Node, inside: bool = False) -> list[ir.Node]:
+        """The reductions an expression reads (through tile dots, not into reductions);
+        `inside`: those that the reduction `node` itself reads."""
+        def reduction(n):
+            return _is_reduction(n, self.program) and self.tile_dot(n) is None
+        return [n for n in _walk(node, reduction, enter_root=inside) if reduction(n) and not (inside and n is node)]
 
     # ------------------------------------------------------------------ classification
     def tile_of(self, arg: ir.Node, stream: str) -> str | None:
@@ -523,7 +538,7 @@ class Planner:
 
     def torch(self, node: ir.Node, why: str):
         self.replaced.setdefault(node, node)
-        self.notes.append(f"{statement(self.program, node)}: {why}")
+        self.notes.append((node, why))
 
     # ------------------------------------------------------------------ levels and fusion
     def level(self, acc: Accumulator) -> int:
@@ -551,12 +566,12 @@ class Planner:
         computes, the highest level of the accumulators it reads."""
         if dep in self.accs:
             return self.level(self.accs[dep])
-        return max((self.dep_level(d) for d in self.dependencies(dep)), default=-1)
+        return max((self.dep_level(d) for d in self.dependencies(dep, inside=True)), default=-1)
 
-    def dependencies(self, node: ir.Node) -> list[ir.Node]:
+    def dependencies(self, node: ir.Node, inside: bool = False) -> list[ir.Node]:
         """The accumulators (and torch-computed values) an expression reads directly."""
         out = []
-        for red in self.reductions_in(node):
+        for red in self.reductions_in(node, inside):
             target = self.replaced.get(red, red)
             if target is red:
                 out.append(red)
@@ -693,6 +708,9 @@ def plan_streams(program: ir.Program) -> StreamPlan:
     for k, acc in enumerate(planner.accs.values()):
         results[acc.node] = ir.Input(name=f"<acc{k}>", dtype=ir.FLOAT, loc=acc.node.loc,
                                      dims=tuple(program.extent[ix] for ix in acc.node.indices))
+    if not plan_passes:
+        raise NotRowStreamable("no reduction streams over scores (nothing pairs a row index with a streamed one "
+                               "through a contraction), so there is no kernel to generate")
     plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, planner)
     _check_small(plan)
     return plan
