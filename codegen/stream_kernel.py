@@ -167,9 +167,10 @@ class PassCodegen:
             *_indent(row_loads),
             *_indent(em.prologue),
             *_indent(init),
-            "    for start_n in range(0, n_cols, BLOCK_N):",
+            *_indent(self.stream_range()),
+            "    for start_n in range(lo, hi, BLOCK_N):",
             "        offs_n = start_n + tl.arange(0, BLOCK_N)",
-            "        allowed = row_ok[:, None] & (offs_n[None, :] < n_cols)",
+            "        allowed = row_ok[:, None] & (offs_n[None, :] < hi)",
             *_indent(dot_lines, 2),
             *_indent(em.body, 2),
             *_indent(update, 2),
@@ -179,6 +180,15 @@ class PassCodegen:
         src = PassSource(self.name, tensors, scalars, dict(em.host_scalars), results, dict(self.features),
                          dict(self.extents))
         return "\n".join(body), src
+
+    def stream_range(self) -> list[str]:
+        """The streamed range: everything, or the block of a blocked reduction's pass."""
+        block = self.p.block
+        if block is None:
+            return ["lo = 0", "hi = n_cols"]
+        size = self.em.emit(block.size).code
+        return [f"lo = {names.user('idx', block.name)} * {size}  # one block of {block.index!r}",
+                f"hi = tl.minimum(lo + {size}, n_cols)"]
 
     def accumulate(self, k: int, acc: Accumulator, init, update, final):
         """The lines that start, update (after the tile's expressions) and finish one accumulator."""

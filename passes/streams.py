@@ -79,6 +79,7 @@ class Accumulator:
     online: "Accumulator | None" = None  # the LSE whose running maximum rescales this sum
     weight: ir.Node | None = None  # the `exp(x - L)` node that the running weights replace
     level: int = 0
+    block: ir.Block | None = None  # a reduction within blocks: its pass streams one block's range
 
 
 @dataclass(eq=False)
@@ -90,6 +91,7 @@ class StreamPass:
     level: int
     accumulators: list
     dots: list = field(default_factory=list)
+    block: ir.Block | None = None  # stream only the block `block.name` of the streamed index
 
 
 @dataclass(eq=False)
@@ -112,7 +114,8 @@ class StreamPlan:
             for a in p.accumulators:
                 how = f"online with the log-sum-exp of {statement(self.program, a.online.node)}" if a.online \
                     else ""
-                lines.append(f"    {a.kind.value} over '{a.stream}' -> [{', '.join(a.node.indices)}] "
+                size = " x ".join(str(self.program.extent[ix]) for ix in a.node.indices)
+                lines.append(f"    {a.kind.value} over '{a.stream}' -> [{', '.join(a.node.indices)}] = [{size}] "
                              f"({statement(self.program, a.node)}){'; ' + how if how else ''}")
         for n in self.precomputed.inputs:
             size = " x ".join(str(self.program.extent[ax]) for ax in self.precomputed.axes[n])
@@ -149,6 +152,7 @@ class Lowering:
         self.program = program
         self.small = small_indices(program)
         self.memo: dict = {}
+        self.hoisted: set = set()   # small contractions made by hoisting a gather: torch computes them
         self.masks: dict = {}       # reduction node -> the masks it applies (from the spec's node)
         self.softmax: dict = {}     # exp(x - L) node -> L
 
@@ -214,18 +218,63 @@ class Lowering:
         never stored (rule: chosen entries are a masked sum)."""
         moved = [k for k, (axis, a) in enumerate(zip(n.axes, args))
                  if not (isinstance(a, ir.Index) and a.name == axis)]
-        if len(moved) != 1 or not self.holds_scores(array):
-            return None
+        if len(moved) != 1 or not self.holds_scores(array) or _is_reduction(array, self.program):
+            return None  # (a reduction's result is small: read it where it is stored)
         k = moved[0]
         t = n.axes[k]
         if t in self.small or t in args[k].indices or t in n.indices or n.dtype != ir.FLOAT:
             return None
+        if args[k].indices and not (isinstance(args[k], ir.Access) and isinstance(args[k].array, ir.Input)):
+            # an index expression (`pg[b,h,i,j // block]`): the scores evaluated there instead
+            out = self.substitute(array, t, args[k], {})
+            return out if out.indices == n.indices else self.reorder(out, n.indices)
         index = ir.Index(name=t, indices=(t,), dtype=ir.INT)
         body = _map("where", _map("==", index, args[k], dtype=ir.BOOL), array, _const(0.0), loc=n.loc)
         rest = tuple(ix for ix in body.indices if ix != t)
         red = ir.Reduce(op="sum", arg=body, axes=(t,), indices=rest, loc=n.loc)
         self.masks[red] = ()
         return red if rest == n.indices else self.reorder(red, n.indices)
+
+    def substitute(self, node: ir.Node, t: str, expr: ir.Node, memo: dict) -> ir.Node:
+        """`node` with index `t` replaced by the index expression `expr` (through everything
+        over `t`; a reduction along `t` is left alone). Contractions are rebuilt through
+        `contract`, so a gather this creates in one is hoisted."""
+        if t not in node.indices:
+            return node
+        if node in memo:
+            return memo[node]
+
+        def indices(old):
+            out = []
+            for ix in old:
+                for new in ((ix,) if ix != t else expr.indices):
+                    if new not in out:
+                        out.append(new)
+            return tuple(out)
+
+        def sub(x):
+            return self.substitute(x, t, expr, memo)
+
+        if isinstance(node, ir.Index):
+            out = expr
+        elif isinstance(node, ir.Map):
+            out = ir.Map(op=node.op, args=tuple(sub(a) for a in node.args), indices=indices(node.indices),
+                         dtype=node.dtype, loc=node.loc)
+        elif isinstance(node, ir.Access):
+            out = ir.Access(array=node.array, args=tuple(sub(a) for a in node.args), axes=node.axes,
+                            indices=indices(node.indices), dtype=node.dtype, loc=node.loc)
+        elif isinstance(node, ir.Contract):
+            out = self.contract(tuple(sub(f) for f in node.factors), indices(node.indices), node.dtype, node.loc,
+                                self.masks.get(node, ()))
+        elif isinstance(node, ir.Reduce) and node.block is None:
+            out = ir.Reduce(op=node.op, arg=sub(node.arg), axes=node.axes, indices=indices(node.indices),
+                            dtype=node.dtype, loc=node.loc)
+            self.masks[out] = self.masks.get(node, ())
+        else:
+            raise NotRowStreamable(f"{statement(self.program, node)} is read at an index expression, which "
+                                   "the general planner cannot substitute into it")
+        memo[node] = out
+        return out
 
     def holds_scores(self, node: ir.Node) -> bool:
         return any(isinstance(x, ir.Contract) and not set(x.summed) <= self.small
@@ -260,6 +309,7 @@ class Lowering:
             small = ir.Contract(factors=tuple(read if g is f else g for g in factors), indices=kept, dtype=dtype,
                                 loc=loc)
             self.masks[small] = ()
+            self.hoisted.add(small)
             args = tuple(f.args[k] if ix == w else ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in kept)
             gathered = ir.Access(array=small, args=args, axes=kept, indices=ir.union_indices(args), dtype=dtype,
                                  loc=loc)
@@ -298,14 +348,29 @@ class Lowering:
             total = part if total is None else _map("+", total, part)
         return total
 
+    def blocked(self, n: ir.Reduce, arg: ir.Node) -> ir.Node:
+        """A reduction within consecutive blocks of the streamed index: an accumulator whose
+        pass also runs over the block number, streaming only that block's range."""
+        op = "sum" if n.op == "mean" else n.op
+        red = ir.Reduce(op=op, arg=arg, axes=n.axes, block=n.block, indices=n.indices,
+                        dtype=ir.FLOAT if op == "logsumexp" else n.dtype, loc=n.loc)
+        self.masks[red] = ()
+        if n.op != "mean":
+            return red
+        axis = n.axes[0]
+        ones = _map("where", _map(">=", ir.Index(name=axis, indices=(axis,), dtype=ir.INT), _const(0, ir.INT),
+                                  dtype=ir.BOOL), _const(1.0), _const(0.0))
+        count = ir.Reduce(op="sum", arg=ones, axes=n.axes, block=n.block, indices=(n.block.name,), loc=n.loc)
+        self.masks[count] = ()
+        return _map("/", red, count, loc=n.loc)
+
     def reduce(self, n: ir.Reduce, arg: ir.Node) -> ir.Node:
+        if n.block is not None:
+            return self.blocked(n, arg)
         if n.op == "sum" and n.block is None and len(n.axes) == 1:  # a sum of products: contractions
             terms = self.expand(arg, n.axes[0])
             if terms is not None and any(len(fs) > 1 for _, fs in terms):
                 return self.sum_of_contracts(terms, n, tuple(self.program.masks_on(n)))
-        if n.block is not None:
-            raise NotRowStreamable(f"a reduction within blocks ({statement(self.program, n)}) is not generated "
-                                   "by the general planner yet")
         masks = tuple(self.program.masks_on(n))
         node = arg
         for k, axis in enumerate(n.axes):  # one axis at a time, innermost last
@@ -404,7 +469,7 @@ class Planner:
     def tile_dot(self, n: ir.Node) -> TileDot | None:
         """A contraction over one large feature index of exactly two factors that carry it,
         each with one index the other lacks (its tile index)."""
-        if not isinstance(n, ir.Contract) or n in self.dots:
+        if not isinstance(n, ir.Contract) or n in self.dots or n in self.lower.hoisted:
             return self.dots.get(n)
         summed = n.summed
         if len(summed) != 1 or summed[0] in self.small:
@@ -496,7 +561,8 @@ class Planner:
     def accumulator(self, red, kind, arg, stream, row, masks, value, feature, fresh=False, node=None):
         if fresh:  # a term of a split sum: a node of its own, over the reduction's indices
             node = ir.Reduce(op="sum", arg=arg, axes=(stream,), indices=red.indices, loc=red.loc)
-        acc = Accumulator(node, kind, arg, stream, row, masks, value, feature)
+        acc = Accumulator(node, kind, arg, stream, row, masks, value, feature,
+                          block=getattr(red, "block", None))
         acc.reads = (arg, *self.value_nodes.get(red, ()), *masks)
         if node.dtype != ir.FLOAT and kind is not Reduction.LSE:
             raise NotRowStreamable(f"an integer or boolean reduction ({statement(self.program, red)}) is not "
@@ -679,11 +745,10 @@ def plan_streams(program: ir.Program) -> StreamPlan:
     passes: dict = {}
     for acc in planner.accs.values():
         outer = _outer(acc)
-        key = (acc.level, acc.row, acc.stream, outer)
+        key = (acc.level, acc.row, acc.stream, outer, acc.block and acc.block.name)
         if key not in passes:
-            dots = planner.dots_in(acc.arg)
             kind = PassKind.ROW if _row_major(program, acc.row, acc.stream) else PassKind.COLUMN
-            passes[key] = StreamPass(kind, acc.row, acc.stream, outer, acc.level, [])
+            passes[key] = StreamPass(kind, acc.row, acc.stream, outer, acc.level, [], block=acc.block)
         passes[key].accumulators.append(acc)
     plan_passes = sorted(passes.values(), key=lambda p: p.level)
     planner.pairs = plan_passes
