@@ -83,7 +83,8 @@ class StreamLauncher:
             float_in = [tensors[n] for n in source.tensor_inputs if tensors[n].is_floating_point()]
             upcast = interpret and any(t.dtype == torch.bfloat16 for t in float_in)
             constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="ieee", UPCAST_DOT=upcast,
-                              **{c: pow2(sizes[ix]) for c, ix in source.features.items()})
+                              **{c: pow2(sizes[ix]) for c, ix in source.features.items()},
+                              **{c: pow2(int(evaluate_scalar(n, call.scalars))) for c, n in source.topk.items()})
             options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
             grid = (triton_cdiv(sizes[sp.row], cfg["BLOCK_M"]), math.prod(sizes[ix] for ix in sp.outer))
             if grid[0] and grid[1]:

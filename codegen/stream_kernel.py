@@ -23,7 +23,7 @@ from attncc.codegen import names
 from attncc.codegen.pytext import docstring
 from attncc.codegen.row_stream import _indent, scalar_args, tensor_args
 from attncc.codegen.tile_expr import TileEmitter, Val
-from attncc.passes.streams import Accumulator, Reduction, StreamPass, StreamPlan
+from attncc.passes.streams import Accumulator, Chosen, Reduction, StreamPass, StreamPlan
 
 _NEG_INF = "float('-inf')"
 _POS_INF = "float('inf')"
@@ -40,6 +40,7 @@ class PassSource:
     results: list                  # accumulator nodes stored, in argument order
     features: dict                 # constexpr name -> the index whose extent it pads (BLOCK_D0, BLOCK_E1)
     extents: dict                  # scalar argument -> the index whose size it is (n_0, n_1)
+    topk: dict                     # constexpr buffer width (KP0) -> the amount it must hold
 
 
 @dataclass
@@ -49,6 +50,32 @@ class StreamSource:
     passes: list = field(default_factory=list)
 
 
+class StreamEmitter(TileEmitter):
+    """The tile emitter, plus the selections of the general plan, which carry state along the
+    streamed index (how many ties at the threshold were chosen in earlier tiles)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state_init: list[str] = []
+
+    def emit_chosen(self, node: Chosen, env) -> Val:
+        x, t, above = (self.emit(n, env) for n in (node.x, node.threshold, node.above))
+        amount = self.emit(node.amount, env)
+        allowed = "allowed"
+        for pred in node.masks:
+            allowed = f"({allowed} & {self.emit(pred, env).code})"
+        c = self.counter
+        self.counter += 1
+        self.state_init.append(f"seen{c} = tl.zeros([BLOCK_M], tl.int32)  # ties at the threshold chosen so far")
+        self.body += [
+            f"eq{c} = ({allowed} & ({x.code} == {t.code})).to(tl.int32)",
+            f"tie_rank{c} = seen{c}[:, None] + tl.cumsum(eq{c}, 1) - eq{c}  # ties: the lower index first",
+            f"chosen{c} = {allowed} & ({x.code} != {_NEG_INF}) & (({x.code} > {t.code}) | "
+            f"((eq{c} != 0) & (tie_rank{c} < {amount.code} - {above.code})))",
+            f"seen{c} += tl.sum(eq{c}, 1)"]
+        return Val(f"chosen{c}", frozenset("mn"), ir.BOOL)
+
+
 class PassCodegen:
     def __init__(self, plan: StreamPlan, p: StreamPass, name: str):
         self.plan, self.p, self.name = plan, p, name
@@ -56,13 +83,14 @@ class PassCodegen:
                p.stream: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
         for ix in p.outer:
             env[ix] = Val(names.user("idx", ix), frozenset(), ir.INT)
-        self.em = TileEmitter(plan.program, env)
+        self.em = StreamEmitter(plan.program, env)
         self.em.in_bounds = {p.row, p.stream}
         mine = {a.node for a in p.accumulators}
         self.em.materialized = {**plan.precomputed.inputs,
                                 **{n: a for n, a in plan.results.items() if n not in mine}}
         self.features: dict = {}
         self.extents: dict = {}  # scalar argument -> index whose size it is
+        self.topk: dict = {}     # constexpr buffer width -> the selection's amount
 
     # ------------------------------------------------------------------ operands
     def operand_tile(self, op, tile: str, tile_code: str, feature: str, block: str) -> tuple[list[str], Val]:
@@ -132,7 +160,7 @@ class PassCodegen:
             product = " * ".join([f"s{t}", *(em.emit(f).code for f in dot.factors)])
             em.bind(dot.node, Val(f"({product})" if dot.factors else product, frozenset("mn")))
         init, update, final, stores, results = [], [], [], [], []
-        for k, acc in enumerate(sp.accumulators):
+        for k, acc in sorted(enumerate(sp.accumulators), key=lambda ka: ka[1].kind is Reduction.TOPK_ABOVE):
             if acc.online is not None:
                 continue
             self.accumulate(k, acc, init, update, final)
@@ -150,7 +178,7 @@ class PassCodegen:
         outer = [names.user("size", ix) for ix in sp.outer]
         sig = ([names.tensor("ptr", t) for t in tensors] + res_args + strides + dims + outer
                + ["n_rows", "n_cols", *self.extents] + scalars)
-        constexprs = ["BLOCK_M", "BLOCK_N", *self.features, "PRECISION", "UPCAST_DOT"]
+        constexprs = ["BLOCK_M", "BLOCK_N", *self.features, *self.topk, "PRECISION", "UPCAST_DOT"]
         decode = ["pid_o = tl.program_id(1).to(tl.int64)"]
         for ix in reversed(sp.outer):
             decode += [f"{names.user('idx', ix)} = pid_o % {names.user('size', ix)}",
@@ -167,6 +195,7 @@ class PassCodegen:
             *_indent(row_loads),
             *_indent(em.prologue),
             *_indent(init),
+            *_indent(em.state_init),
             *_indent(self.stream_range()),
             "    for start_n in range(lo, hi, BLOCK_N):",
             "        offs_n = start_n + tl.arange(0, BLOCK_N)",
@@ -178,7 +207,7 @@ class PassCodegen:
             *_indent(stores),
         ]
         src = PassSource(self.name, tensors, scalars, dict(em.host_scalars), results, dict(self.features),
-                         dict(self.extents))
+                         dict(self.extents), dict(self.topk))
         return "\n".join(body), src
 
     def stream_range(self) -> list[str]:
@@ -217,6 +246,14 @@ class PassCodegen:
             for j, other in enumerate(sp.accumulators):
                 if other.online is acc:
                     em.bind(other.weight, Val(f"p{k}", frozenset("mn")))
+        elif acc.kind is Reduction.TOPK:
+            update_lines += self.topk_lines(k, acc, allowed, init, final)
+        elif acc.kind is Reduction.TOPK_ABOVE:
+            t = next(j for j, a in enumerate(sp.accumulators) if a.kind is Reduction.TOPK
+                     and a.arg is acc.arg and a.node.amount is acc.node.amount)
+            amount = em.emit(acc.node.amount).code
+            final.append(f"acc{k} = tl.sum(((buf{t} > acc{t}[:, None]) & (kcols{t}[None, :] < {amount}))"
+                         ".to(tl.float32), 1)")
         elif acc.kind in (Reduction.MAX, Reduction.MIN):
             x = em.emit(acc.arg)
             big, fn = (_NEG_INF, "max") if acc.kind is Reduction.MAX else (_POS_INF, "min")
@@ -248,6 +285,36 @@ class PassCodegen:
                 norm = f"tl.where(l{lse} > 0, l{lse}, 1.0)"
                 final.append(f"acc{k} = acc{k} / {norm}" + ("[:, None]" if acc.kind is Reduction.DOT else ""))
         em.body = saved_body + em.body + update_lines
+
+    def topk_lines(self, k: int, acc: Accumulator, allowed: str, init: list, final: list) -> list[str]:
+        """A buffer of each row's `amount` largest entries so far (descending), merged with
+        every tile by picking the larger head of the two, `amount` times; the threshold is
+        the buffer's last entry (+inf when nothing is to be kept)."""
+        em = self.em
+        x = em.emit(acc.arg)
+        amount = em.emit(acc.node.amount).code
+        block = f"KP{k}"
+        self.topk[block] = acc.node.amount
+        init += [f"buf{k} = tl.full([BLOCK_M, {block}], {_NEG_INF}, tl.float32)",
+                 f"kcols{k} = tl.arange(0, {block})"]
+        final.append(f"acc{k} = tl.where({amount} > 0, tl.max(tl.where(kcols{k}[None, :] == {amount} - 1, buf{k}, "
+                     f"{_NEG_INF}), 1), {_POS_INF})")
+        return [
+            f"xt{k} = tl.where({allowed}, {x.code}, {_NEG_INF})",
+            f"old{k} = buf{k}",
+            f"buf{k} = tl.full([BLOCK_M, {block}], {_NEG_INF}, tl.float32)",
+            f"for r{k} in range(0, {amount}):",
+            f"    head_x{k} = tl.max(xt{k}, 1)",
+            f"    head_b{k} = tl.max(old{k}, 1)",
+            f"    from_x{k} = head_x{k} >= head_b{k}",
+            f"    at_x{k} = tl.argmax(xt{k}, 1)",
+            f"    at_b{k} = tl.argmax(old{k}, 1)",
+            f"    xt{k} = tl.where(from_x{k}[:, None] & (tl.arange(0, BLOCK_N)[None, :] == at_x{k}[:, None]), "
+            f"{_NEG_INF}, xt{k})",
+            f"    old{k} = tl.where((from_x{k} == 0)[:, None] & (kcols{k}[None, :] == at_b{k}[:, None]), "
+            f"{_NEG_INF}, old{k})",
+            f"    buf{k} = tl.where(kcols{k}[None, :] == r{k}, tl.where(from_x{k}, head_x{k}, head_b{k})[:, None], "
+            f"buf{k})"]
 
     def store(self, k: int, acc: Accumulator) -> str:
         parts, ok = [], "row_ok"
