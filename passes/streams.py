@@ -270,6 +270,8 @@ class Lowering:
         t = n.axes[k]
         if t in self.small or t in args[k].indices or t in n.indices or n.dtype != ir.FLOAT:
             return None
+        if isinstance(args[k], ir.Index):  # a renamed read: the emitter re-reads it with its axes renamed
+            return None
         if args[k].indices and not (isinstance(args[k], ir.Access) and isinstance(args[k].array, ir.Input)):
             # an index expression (`pg[b,h,i,j // block]`): the scores evaluated there instead
             out = self.substitute(array, t, args[k], {})
@@ -289,6 +291,11 @@ class Lowering:
             return node
         if node in memo:
             return memo[node]
+        bound = set(node.summed) if isinstance(node, ir.Contract) else set(node.axes) \
+            if isinstance(node, ir.Reduce) else set()
+        if bound & set(expr.indices):  # the expression's index is summed inside: it would be captured
+            raise NotRowStreamable(f"{statement(self.program, node)} is read at an index expression over "
+                                   f"'{sorted(bound & set(expr.indices))[0]}', which it sums over")
 
         def indices(old):
             out = []
@@ -588,6 +595,10 @@ class Planner:
             if set(red.summed) - {stream}:
                 raise NotRowStreamable(f"a sum over '{stream}' and a small index at {statement(self.program, red)}")
         row = self.tile_of(arg, stream)
+        if row is None and self.dots_in(arg):
+            raise NotRowStreamable(f"{statement(self.program, red)}: a sum over '{stream}' of scores (mixing them "
+                                   f"across '{stream}') needs every '{stream}' slice of the scores in each tile; "
+                                   "not generated yet")
         if row is None:
             self.torch(red, "a reduction with no tile dot (nothing score-sized)")
             return

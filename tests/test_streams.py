@@ -172,9 +172,6 @@ def test_gqa_several_outputs():
     assert args["k"].shape[1] == 2 and args["q"].shape[1] == 6
 
 
-@pytest.mark.xfail(strict=True, reason="column pass with a GQA row operand: the head index `h // (H // G)` "
-                                       "(t0) is used by the row tile's load before it is defined "
-                                       "(UnboundLocalError in the generated kernel)")
 def test_gqa_column_sum():
     spec = """
 attention gqa_columns(q[B,H,N,D], k[B,G,M,D]) -> r[B,H,M] {
