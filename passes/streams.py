@@ -851,6 +851,10 @@ def _check_small(plan: StreamPlan):
     pairs = {frozenset((p.row, p.stream)) for p in plan.passes}
     stop = (lambda n: n in plan.results or n in planner.dots or n in planner.replaced)
     for out, node in plan.outputs:
+        if any(pair <= set(out.axes) for pair in pairs):
+            raise NotRowStreamable(f"the output '{out.name}' is score-sized ([{', '.join(out.axes)}], "
+                                   f"{statement(plan.program, out.node)}): the general planner stores no N x M "
+                                   "tensor")
         for n in _walk(node, stop, enter_root=False):
             if n in planner.dots or n in plan.results:
                 if n in planner.dots:
