@@ -21,7 +21,8 @@ from .syntax import parse
 from attncc.autotune.cache import TuningCache, tuning_key
 from attncc.passes.infer import infer_extents
 from attncc.codegen.tile_expr import Unsupported
-from attncc.passes.row_stream import NotRowStreamable, plan_row_stream
+from attncc.passes.backward import NoGeneratedBackward, call_reason, plan_backward
+from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -142,6 +143,8 @@ class Kernel:
         self._lse: ir.Output | None = None
         self.tuning_cache: TuningCache | None = None  # where calls find tuned configs (None: the user cache)
         self._configs: dict = {}  # tuning key -> tuned config or None: the cache file is read once per key
+        self._backward = None  # BackwardPlan, or why there is none (str); planned on first use
+        self._backward_launcher = None
         self.__signature__ = self.signature
 
     # ------------------------------------------------------------------ introspection
@@ -210,14 +213,19 @@ class Kernel:
         results, reason = None, None
         if self.backend == "triton":
             try:
+                backward_reason = None
                 if graph:
                     names = tuple(call.tensors)
-                    results = list(_ReferenceBackward.apply(self, call, return_lse, names, *call.tensors.values()))
+                    backward_reason = self.backward_reason(call)
+                    how = _ReferenceBackward if backward_reason else _GeneratedBackward
+                    results = list(how.apply(self, call, return_lse, names, *call.tensors.values()))
                 else:
                     results = self.run_generated(call, return_lse)
                 self.last_run = {"backend": "triton", "interpreted": call.device.type == "cpu",
                                  "source": str(self.generated.path),
-                                 "backward": "reference" if graph else None}
+                                 "backward": ("reference" if backward_reason else "triton") if graph else None}
+                if backward_reason:
+                    self.last_run["backward_reason"] = backward_reason
                 fallback = getattr(self.generated.launcher, "last_tma_fallback", None)
                 if fallback:  # the TMA form did not build: pointer loads ran, and why
                     self.last_run["tma_fallback"] = fallback
@@ -235,6 +243,37 @@ class Kernel:
         """The generated kernel's results, cast to the call's output dtype (no autograd graph)."""
         results = self.generated.launcher(call, return_lse, config=self.tuned_config(call))
         return [self._cast(r, call) for r in results]
+
+    def backward_reason(self, call) -> str | None:
+        """Why this call's backward cannot run on generated kernels (then the reference
+        recomputes it), or None when it can: the plan has a generated backward
+        (`passes.backward.plan_backward`) and every input that requires grad is one it
+        differentiates (`passes.backward.call_reason`)."""
+        plan = self.backward_plan()
+        if isinstance(plan, str):
+            return plan
+        return call_reason(plan, [n for n, t in call.tensors.items() if t.requires_grad])
+
+    def backward_plan(self):
+        """The `BackwardPlan` of the generated kernel, or the reason it has none (a str);
+        planned on the first call that records a graph."""
+        if self._backward is None:
+            if not isinstance(self.generated.plan, RowStreamPlan):
+                self._backward = "the general streaming planner's plans have no generated backward yet"
+            else:
+                try:
+                    self._backward = plan_backward(self.generated.plan)
+                except NoGeneratedBackward as why:
+                    self._backward = str(why)
+        return self._backward
+
+    def backward_launcher(self):
+        """The launcher of the generated backward kernels (generated on first use)."""
+        if self._backward_launcher is None:
+            from .row_backward import RowStreamBackward
+
+            self._backward_launcher = RowStreamBackward(self.backward_plan(), self.generated.launcher)
+        return self._backward_launcher
 
     def run_reference(self, call, return_lse: bool) -> list[torch.Tensor]:
         """The reference executor's results (torch ops: autograd records them when inputs require grad)."""
@@ -326,24 +365,65 @@ class _ReferenceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        tensors = ctx.saved_tensors
-        wanted = [k for k in range(len(tensors)) if ctx.needs_input_grad[4 + k]]
-        create_graph = torch.is_grad_enabled()  # backward(create_graph=True): grads get a graph too
-        with torch.enable_grad():
-            if create_graph:  # the saved inputs keep their history: second derivatives flow through
-                leaves = list(tensors)
-            else:
-                leaves = [t.detach().requires_grad_(k in wanted) for k, t in enumerate(tensors)]
-            call = dataclasses.replace(ctx.call, tensors=dict(zip(ctx.names, leaves)))
-            outs = ctx.kernel.run_reference(call, ctx.return_lse)
-            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-            found = torch.autograd.grad([o for o, _ in pairs], [leaves[k] for k in wanted],
-                                        [g for _, g in pairs], allow_unused=True,
-                                        create_graph=create_graph) if pairs else ()
-        result = [None] * len(tensors)
-        for k, g in zip(wanted, found):
-            result[k] = g
-        return (None, None, None, None, *result)
+        return (None, None, None, None, *_reference_gradients(ctx, ctx.saved_tensors, grads))
+
+
+def _reference_gradients(ctx, tensors, grads) -> list:
+    """The inputs' gradients from the reference executor: the forward recomputed under
+    autograd from the saved inputs `tensors`, differentiated with the incoming `grads`."""
+    wanted = [k for k in range(len(tensors)) if ctx.needs_input_grad[4 + k]]
+    create_graph = torch.is_grad_enabled()  # backward(create_graph=True): grads get a graph too
+    with torch.enable_grad():
+        if create_graph:  # the saved inputs keep their history: second derivatives flow through
+            leaves = list(tensors)
+        else:
+            leaves = [t.detach().requires_grad_(k in wanted) for k, t in enumerate(tensors)]
+        call = dataclasses.replace(ctx.call, tensors=dict(zip(ctx.names, leaves)))
+        outs = ctx.kernel.run_reference(call, ctx.return_lse)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], [leaves[k] for k in wanted],
+                                    [g for _, g in pairs], allow_unused=True,
+                                    create_graph=create_graph) if pairs else ()
+    result = [None] * len(tensors)
+    for k, g in zip(wanted, found):
+        result[k] = g
+    return result
+
+
+class _GeneratedBackward(torch.autograd.Function):
+    """The generated kernel forward and the generated backward kernels (plans with one plain
+    softmax over the keys, `passes/backward.py`).
+
+    The forward runs with the log-sum-exp stored and saves the inputs (references), the
+    output O and the fp32 LSE: O(N) memory beyond the inputs, never a score-sized tensor.
+    The backward launches the delta, dK/dV and dQ kernels (`attncc/row_backward.py`). With
+    `create_graph=True` (second derivatives) it recomputes on the reference instead, whose
+    gradients are differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, kernel, call, return_lse, names, *tensors):
+        ctx.set_materialize_grads(False)
+        ctx.kernel, ctx.call = kernel, dataclasses.replace(call, tensors={})
+        ctx.return_lse, ctx.names = return_lse, names
+        ctx.config = kernel.tuned_config(call)
+        o, lse = kernel.generated.launcher(call, True, config=ctx.config)
+        o = kernel._cast(o, call)
+        ctx.save_for_backward(*tensors, o, lse)
+        return (o, kernel._cast(lse, call)) if return_lse else (o,)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        *tensors, o, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, from the reference
+            return (None, None, None, None, *_reference_gradients(ctx, tensors, grads))
+        wanted = {ctx.names[k] for k in range(len(tensors)) if ctx.needs_input_grad[4 + k]}
+        grad_o, grad_lse = grads[0], grads[1] if ctx.return_lse else None
+        if grad_o is None and grad_lse is None:
+            return (None,) * (4 + len(tensors))
+        call = dataclasses.replace(ctx.call, tensors=dict(zip(ctx.names, tensors)))
+        found = ctx.kernel.backward_launcher().gradients(call, o, lse, grad_o, grad_lse, wanted)
+        return (None, None, None, None, *(found.get(n) for n in ctx.names))
 
 
 def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 256) -> Kernel:

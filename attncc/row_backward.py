@@ -1,0 +1,199 @@
+"""Launching the generated backward of a row-streaming plan (one plain softmax over the keys).
+
+The forward runs with its log-sum-exp stored and saves O and the LSE (O(N) beyond the
+inputs). The backward launches three generated kernels (`codegen/row_backward.py`): delta,
+dK/dV per key tile, dQ per query tile. They give the gradients of the *operands* the tiles
+read, laid out (outer indices..., rows, features) and per query head; this module maps them
+onto the inputs: a plain read of an input is a permute (and a sum over the query heads of a
+GQA group, or over an outer index the operand does not have); any other read, and the
+precomputed operands (pooled agents, permuted keys), goes through torch autograd of the
+reference's (small) torch ops for that read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from . import ir
+from .binding import BoundCall
+from .reference import Reference, align, evaluate_scalar
+from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, promote_operands,
+                      triton_cdiv)
+from attncc.codegen import block_map
+from attncc.codegen.row_backward import BackwardSource, generate_backward
+from attncc.passes.backward import BackwardPlan
+from attncc.passes.kinds import KernelRole
+
+
+def default_backward_config(interpret: bool, d: int, e: int) -> dict:
+    """Tiles of the backward kernels: small in the interpreter; on a GPU 64x64 with 4 warps up
+    to head dim 128 and 32x32 above (not tuned yet: no GPU has run them)."""
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if max(d, e) > 128:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+class RowStreamBackward:
+    """The generated backward of one kernel; `forward` is its `RowStreamLauncher` (block maps,
+    scalar arguments and the score scale come from it)."""
+
+    def __init__(self, bplan: BackwardPlan, forward, src: BackwardSource | None = None):
+        self.bplan = bplan
+        self.plan = bplan.plan
+        self.forward = forward
+        self.src = src or generate_backward(bplan, self.plan.program.name)
+        self.modules: dict[bool, object] = {}
+        self.last_tiles: dict | None = None  # the grids of the last backward launches
+
+    # ------------------------------------------------------------------ kernels
+    def operand_gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, config: dict | None = None):
+        """dQ, dK, dV of the operand tiles (fp32), each laid out (outer..., rows, features) with
+        one slice per (batch, query head), for a call whose tensors hold every operand (the
+        precomputed ones included). `o`: the forward's output; `lse`: its fp32 log-sum-exp;
+        `grad_o`, `grad_lse`: the incoming gradients (None: zero)."""
+        p = self.plan
+        interpret = check_device(call)
+        operands = {op.input.name for op in (p.q, p.k, p.v)}
+        call = promote_operands(call, operands)
+        module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
+        sizes = call.sizes or p.program.sizes(call.scalars)
+        n_rows, n_cols, n_feat, n_vfeat = sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e]
+        outer_sizes = [sizes[ix] for ix in p.outer]
+        combos = math.prod(outer_sizes)
+        device = call.device
+        cfg = dict(default_backward_config(interpret, n_feat, n_vfeat))
+        cfg.update(config or {})
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        rows_axes, out_axes = (*p.outer, p.i), (*p.outer, p.i, p.e)
+        o = align(o, p.output.axes, out_axes)
+        grad_o = torch.zeros_like(o) if grad_o is None else align(grad_o, p.output.axes, out_axes)
+        lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
+        dlse = None if grad_lse is None else \
+            align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
+        delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
+        upcast = interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16
+        options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        block_d, block_e = pow2(n_feat), pow2(n_vfeat)
+
+        launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
+                            [o, grad_o, dlse if dlse is not None else delta, delta, *o.stride(), *grad_o.stride(),
+                             *outer_sizes, n_rows, n_vfeat],
+                            dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
+                            KernelRole.BWD_PRE))
+        dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
+        dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
+        dv = torch.empty((*outer_sizes, n_cols, n_vfeat), dtype=torch.float32, device=device)
+        constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, PRECISION="ieee",
+                          UPCAST_DOT=upcast, EVEN_N=n_cols % bn == 0)
+        fixed = [n_rows, n_cols, n_feat, n_vfeat]
+
+        def common(kernel, outputs, map_args):
+            tensors = [call.tensors[n] for n in kernel.tensor_inputs]
+            scalars = self.forward.scalar_values(call, kernel.scalar_args[:-1], kernel.host_scalars)
+            return [*tensors, grad_o, lse, delta, *outputs, *(x for t in tensors for x in t.stride()),
+                    *(x for t in tensors for x in t.shape), *grad_o.stride(), *outer_sizes, *fixed, *map_args,
+                    *scalars, self.ds_scale(call)]
+
+        kv_lists, q_lists = [], []
+        if self.bplan.transposed_block_map:
+            fwd_module = self.forward.modules.get(interpret) or self.forward.modules.setdefault(
+                interpret, load_module(self.forward.module_src, interpret))
+            kv_lists = self.forward.block_map_lists(call, bm, bn, sizes, fwd_module, interpret)
+            state = self.forward.last_block_map[3]
+            q_lists = [*block_map.tile_lists(state.transpose(1, 2)), kv_lists[3], kv_lists[4]]
+        launch(KernelLaunch(getattr(module, self.src.dkdv.name), (triton_cdiv(n_cols, bn), combos),
+                            common(self.src.dkdv, [dk, dv], q_lists), constexprs, options, interpret,
+                            KernelRole.BWD_DKDV))
+        launch(KernelLaunch(getattr(module, self.src.dq.name), (triton_cdiv(n_rows, bm), combos),
+                            common(self.src.dq, [dq], kv_lists), constexprs, options, interpret,
+                            KernelRole.BWD_DQ))
+        self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
+        return dq, dk, dv
+
+    def ds_scale(self, call: BoundCall) -> float:
+        """d (Q K^T node) / d (raw dot): the score's scalar factors, without log2(e)."""
+        return float(math.prod(evaluate_scalar(f, call.scalars) for f in self.plan.terms[0].scale))
+
+    # ------------------------------------------------------------------ onto the inputs
+    def gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, wanted, config: dict | None = None) -> dict:
+        """Gradients of the inputs named in `wanted`, from the generated kernels. `call`'s
+        tensors are the saved inputs (no graph); precomputed operands are recomputed here with
+        the reference's torch ops under autograd, so their inputs' gradients chain through them."""
+        p, bplan = self.plan, self.bplan
+        pre = p.precomputed
+        leaves = {n: t.detach().requires_grad_(n in wanted and t.is_floating_point())
+                  for n, t in call.tensors.items()}
+        graphed = dict(leaves)
+        if pre is not None and pre.inputs:
+            with torch.enable_grad():
+                ref = Reference(p.program, leaves, call.scalars)
+                for node, synthetic in pre.inputs.items():
+                    value = align(ref.full(node), node.indices, pre.axes[node]).contiguous()
+                    graphed[synthetic.name] = value.to(call.out_dtype) if value.is_floating_point() else value
+        kernel_call = dataclasses.replace(call, tensors={n: t.detach() for n, t in graphed.items()})
+        partials = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config)
+        sizes = call.sizes or p.program.sizes(call.scalars)
+        found: dict[str, torch.Tensor] = {}
+        pairs = []
+        for op, part, row, feat in zip((p.q, p.k, p.v), partials, (p.i, p.j, p.j), (p.d, p.d, p.e)):
+            name = op.input.name
+            have = (*p.outer, row, feat)
+            if name not in bplan.chained and name not in wanted:
+                continue
+            direct = None if name in bplan.chained else \
+                _plain_read(part, have, op.access, sizes, p.group, call.scalars, call.tensors[name].shape)
+            if direct is not None:
+                found[name] = direct if name not in found else found[name] + direct
+                continue
+            with torch.enable_grad():
+                value = Reference(p.program, graphed, call.scalars).full(op.access)
+            extra = [k for k, ix in enumerate(have) if ix not in op.access.indices]
+            part = part.sum(extra) if extra else part
+            kept = tuple(ix for ix in have if ix in op.access.indices)
+            if value.requires_grad:
+                pairs.append((value, align(part, kept, op.access.indices).to(value.dtype)))
+        if pairs:
+            targets = [n for n in wanted if leaves[n].requires_grad]
+            with torch.enable_grad():
+                chained = torch.autograd.grad([v for v, _ in pairs], [leaves[n] for n in targets],
+                                              [g for _, g in pairs], allow_unused=True)
+            for n, g in zip(targets, chained):
+                if g is not None:
+                    found[n] = g if n not in found else found[n] + g
+        return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
+
+
+def _plain_read(part: torch.Tensor, have: tuple, access: ir.Access, sizes: dict, group, scalars: dict, shape):
+    """The gradient of an input from its operand gradient `part` (dims named `have`), when the
+    operand reads the input at bare indices (a permute, and a sum over the indices it does not
+    read) or at `h // R` for a GQA group (the query heads of a group summed); None otherwise."""
+    t, axes, want = part, list(have), []
+    for arg in access.args:
+        if isinstance(arg, ir.Index) and arg.name in axes and arg.name not in want:
+            want.append(arg.name)
+            continue
+        h = group[0] if group is not None else None
+        if isinstance(arg, ir.Map) and arg.op == "//" and isinstance(arg.args[0], ir.Index) \
+                and arg.args[0].name == h and h in axes and arg.args[1].is_scalar:
+            try:
+                r = int(evaluate_scalar(arg.args[1], scalars))
+            except (KeyError, NotImplementedError, TypeError, ValueError):
+                return None
+            pos = axes.index(h)
+            if r < 1 or sizes[h] % r:
+                return None
+            t = t.unflatten(pos, (sizes[h] // r, r)).sum(pos + 1)  # the query heads of one K/V head
+            axes[pos] = f"{h}//"
+            want.append(axes[pos])
+            continue
+        return None
+    extra = [k for k, ix in enumerate(axes) if ix not in want]
+    if extra:
+        t = t.sum(extra)
+        axes = [ix for ix in axes if ix in want]
+    t = t.permute([axes.index(ix) for ix in want])
+    return t if tuple(t.shape) == tuple(shape) else None

@@ -1,0 +1,344 @@
+"""Triton source of the generated backward of a row-streaming plan with one plain softmax.
+
+Three kernels, all derived from the plan (`passes/backward.py` says which plans have them):
+
+- `{name}_bwd_pre`: per query row, `delta = rowsum(dO * O) - dLSE` (fp32).
+- `{name}_bwd_dkdv`: one program per key tile of one (batch, head). It loads its keys and
+  values once, streams the query tiles, recomputes the scores exactly as the forward does
+  (the same tile emitter, the same score modifications and mask predicates, with the query
+  tile as the loop index), `P = exp2(S - LSE * log2(e))`, and accumulates `dV += P^T dO` and
+  `dK += dS^T Q`, where `dS = P * (dO V^T - delta) * dscore/dQK * scale`.
+- `{name}_bwd_dq`: one program per query tile, streaming the very key tiles the forward
+  visits (its symbolic ranges or its runtime block map), accumulating `dQ += dS K`.
+
+dK and dV are written per query head (a K/V head shared by a GQA group gets one partial per
+query head, summed by the launcher: no atomics). Every tensor is fp32 in the kernels.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from attncc import ir
+from attncc.codegen import names
+from attncc.codegen.pytext import docstring
+from attncc.codegen.row_stream import LOG2E, RowStreamCodegen, _free_names, _indent, scalar_args, tensor_args
+from attncc.codegen.tile_expr import Val
+from attncc.passes.backward import BackwardPlan
+from attncc.passes.kinds import MaskMode
+from attncc.passes.row_stream import map_outer
+
+
+@dataclass
+class BackwardKernel:
+    """One backward kernel's name and the arguments the launcher passes besides its fixed ones."""
+
+    name: str
+    tensor_inputs: list[str]          # input names passed as pointers (with strides and sizes), in order
+    scalar_args: list[str]            # dims, params, host scalars, then qk_scale and ds_scale
+    host_scalars: dict
+
+
+@dataclass
+class BackwardSource:
+    name: str
+    source: str
+    dq: BackwardKernel
+    dkdv: BackwardKernel
+    pre: str                          # the delta kernel's name
+
+
+_TILE_CONSTEXPRS = ["MASKED", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT"]
+
+
+class _BackwardCodegen(RowStreamCodegen):
+    """The pieces shared by the dQ and dK/dV kernels: operand loads, the recomputed score,
+    its derivative, the mask, P and dS."""
+
+    def __init__(self, bplan: BackwardPlan, prefix: str, loop_axis: str):
+        super().__init__(bplan.plan, prefix)
+        self.bplan = bplan
+        self.em.key_axis = loop_axis  # what changes along the loop goes into the tile function
+
+    def outer_decode(self) -> list[str]:
+        lines = ["pid_o = tl.program_id(1).to(tl.int64)", "flat_o = pid_o  # this (batch, head)'s row of lse, delta, dq..."]
+        for ix in reversed(self.plan.outer):
+            lines += [f"{names.user('idx', ix)} = pid_o % {names.user('size', ix)}",
+                      f"pid_o = pid_o // {names.user('size', ix)}"]
+        return lines
+
+    def do_offset(self) -> str:
+        """This program's offset into dO, laid out (outer..., rows, value features)."""
+        parts = [f"{names.user('idx', ix)} * do_s{k}" for k, ix in enumerate(self.plan.outer)]
+        return " + ".join(parts) or "0"
+
+    def bases(self) -> list[str]:
+        """Base pointers of this program's q, k and v (their outer offsets)."""
+        p = self.plan
+        q, k, v = p.q, p.k, p.v
+        return [f"q_base = {names.tensor('ptr', q.input.name)} + {self.operand_offset(q)}",
+                f"k_base = {names.tensor('ptr', k.input.name)} + {self.operand_offset(k, self.kv_env)}",
+                f"v_base = {names.tensor('ptr', v.input.name)} + {self.operand_offset(v, self.kv_env)}",
+                f"do_base = do_ptr + {self.do_offset()}"]
+
+    def load_rows(self) -> list[str]:
+        """Queries, dO, LSE and delta of the query tile `offs_m` (zero / no weight past the last row)."""
+        q = self.plan.q
+        qn = q.input.name
+        return [
+            "row_ok = offs_m < n_rows",
+            f"q = tl.load(q_base + offs_m[:, None] * {names.tensor('st', qn, q.row)} + offs_d[None, :] * "
+            f"{names.tensor('st', qn, q.feature)}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
+            "do = tl.load(do_base + offs_m[:, None] * do_si + offs_e[None, :] * do_se, "
+            "mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)",
+            "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
+            "    q = q.to(tl.float32)",
+            "    do = do.to(tl.float32)",
+            "lse = tl.load(lse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=float('-inf'))",
+            f"# base 2; a row with no allowed key (lse = -inf) or past the last row gets p = 0",
+            f"lse2 = tl.where(lse == float('-inf'), float('inf'), lse * {LOG2E})",
+            "delta = tl.load(delta_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)"]
+
+    def load_cols(self) -> list[str]:
+        """Keys (as [features, keys], like the forward) and values of the key tile `offs_n`."""
+        k, v = self.plan.k, self.plan.v
+        kn, vn = k.input.name, v.input.name
+        return [
+            "col_ok = offs_n < n_cols",
+            f"k = tl.load(k_base + offs_d[:, None] * {names.tensor('st', kn, k.feature)} + offs_n[None, :] * "
+            f"{names.tensor('st', kn, k.row)}, mask=col_ok[None, :] & (offs_d[:, None] < n_feat), other=0.0)",
+            f"v = tl.load(v_base + offs_n[:, None] * {names.tensor('st', vn, v.row)} + offs_e[None, :] * "
+            f"{names.tensor('st', vn, v.feature)}, mask=col_ok[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)",
+            "if UPCAST_DOT:",
+            "    k = k.to(tl.float32)",
+            "    v = v.to(tl.float32)"]
+
+    def scores(self) -> list[str]:
+        """The tile's scores in base 2 (`s`, exactly as the forward computes them) and `dsdqk`,
+        the derivative of the score with respect to the scaled Q K^T value (when not 1)."""
+        term, em = self.plan.terms[0], self.em
+        lines = ["qk = tl.dot(q, k, input_precision=PRECISION)"]
+        if term.folds_log2e:
+            return lines + ["s = qk * qk_scale  # the score scale and log2(e), applied to the fp32 scores"]
+        lines += self.score_lines(0)
+        if self.bplan.derivative is not None:
+            em.body = []
+            deriv = em.emit(self.bplan.derivative)
+            lines += ["# the derivative of the score with respect to Q K^T (passes/backward.py)", *em.body,
+                      f"dsdqk = {deriv.code}"]
+        if term.qk_factors:
+            factors = " * ".join(em.emit(f).code for f in term.qk_factors)
+            lines.append(f"dsdqk = {'dsdqk * ' if self.bplan.derivative is not None else ''}{factors}"
+                         "  # Q K^T's per-pair factors")
+        return lines
+
+    def has_dsdqk(self) -> bool:
+        term = self.plan.terms[0]
+        return not term.folds_log2e and (self.bplan.derivative is not None or bool(term.qk_factors))
+
+    def predicate(self) -> list[str]:
+        """The spec's masks per element (`allowed`), in the tile function's `if MASKED:`."""
+        em = self.em
+        em.body = []
+        preds = [em.emit(m.pred) for m in self.plan.masks]
+        allowed = " & ".join(f"({v.code})" for v in preds)
+        return [*em.body, f"allowed = allowed & {allowed}" if allowed else "allowed = allowed"]
+
+    def gradient_of_scores(self) -> list[str]:
+        """P, dP = dO V^T and dS (with respect to the raw Q K^T dot), masked entries 0."""
+        return ["p = tl.exp2(s - lse2[:, None])",
+                "p = tl.where(allowed, p, 0.0)",
+                "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)",
+                "ds = p * (dp - delta[:, None])" + (" * dsdqk" if self.has_dsdqk() else ""),
+                "ds = tl.where(allowed, ds * ds_scale, 0.0)  # the chain rule through Q K^T's scale"]
+
+    def tile_function(self, fname: str, state: list[str], loop_var: str, body: list[str]):
+        bound = {loop_var, *_TILE_CONSTEXPRS}
+        inner = [a for a in _free_names(body, bound) if a not in (*state, loop_var)]
+        sig = ", ".join([*state, loop_var, *inner]) + ", " + ", ".join(f"{c}: tl.constexpr" for c in _TILE_CONSTEXPRS)
+        text = ["@triton.jit", f"def {fname}({sig}):", *_indent(body), "    return " + ", ".join(state)]
+        return text, ", ".join([*state, loop_var, *inner])
+
+    def kernel_args(self, fixed: list[str], extra: list[str]) -> tuple[list[str], list[str], list[str]]:
+        em = self.em
+        tensors = list(em.tensors)
+        strides, sizes = tensor_args(em.tensors)
+        scalars = scalar_args(self.plan.program, em.host_scalars) + ["qk_scale", "ds_scale"]
+        outer = [names.user("size", ix) for ix in self.plan.outer]
+        do_strides = [f"do_s{k}" for k in range(len(self.plan.outer))] + ["do_si", "do_se"]
+        args = ([names.tensor("ptr", t) for t in tensors] + fixed + strides + sizes + do_strides + outer
+                + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + extra + scalars)
+        return args, tensors, scalars
+
+
+_KERNEL_CONSTEXPRS = ("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, "
+                      "BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_N: tl.constexpr")
+
+
+class DqCodegen(_BackwardCodegen):
+    """dQ: one program per query tile; the key tiles the forward visits, in its order."""
+
+    def __init__(self, bplan: BackwardPlan, prefix: str):
+        super().__init__(bplan, prefix, "n")
+        self.tile_name = f"{prefix}_bwd_dq_tile"
+
+    def visit(self, masked, call):  # the forward's tile ranges call this for every key tile
+        return [f"    dq = {self.tile_name}({call}, MASKED={masked}, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, "
+                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)"]
+
+    def generate(self) -> tuple[str, BackwardKernel]:
+        p, em = self.plan, self.em
+        bases = self.bases()
+        rows = self.load_rows()
+        scores = self.scores()
+        body = ["offs_n = start_n + tl.arange(0, BLOCK_N)", *self.load_cols(), *scores,
+                "allowed = col_ok[None, :]",
+                "if MASKED:", *_indent(self.predicate()),
+                *self.gradient_of_scores(),
+                "dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)"]
+        ranges = self.range_lines()
+        prologue = list(em.prologue)
+        tile, call = self.tile_function(self.tile_name, ["dq"], "start_n", body)
+        map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
+            if p.mask_mode == MaskMode.BLOCK_MAP else []
+        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dq_ptr"], map_args)
+        name = f"{self.name}_bwd_dq"
+        src = [*tile, "", "",
+               "@triton.jit",
+               f"def {name}({', '.join(args)}, {_KERNEL_CONSTEXPRS}):",
+               '    """dQ of one query tile: the key tiles the forward visits, dQ += dS K."""',
+               "    pid_m = tl.program_id(0)",
+               *_indent(self.outer_decode()),
+               "    split_lo = 0  # no key splits in the backward",
+               "    split_hi = n_cols + BLOCK_N",
+               "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+               "    offs_d = tl.arange(0, BLOCK_D)",
+               "    offs_e = tl.arange(0, BLOCK_E)",
+               *_indent(["# values that do not change along the key loop", *prologue, *bases, *rows,
+                         "dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)",
+                         *ranges(call)]),
+               "    tl.store(dq_ptr + (flat_o * n_rows + offs_m[:, None]) * n_feat + offs_d[None, :], dq, "
+               "mask=row_ok[:, None] & (offs_d[None, :] < n_feat))"]
+        return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars))
+
+
+class DkdvCodegen(_BackwardCodegen):
+    """dK and dV: one program per key tile; the query tiles streamed (the transposed dataflow)."""
+
+    def __init__(self, bplan: BackwardPlan, prefix: str):
+        super().__init__(bplan, prefix, "m")
+        self.tile_name = f"{prefix}_bwd_dkdv_tile"
+
+    def generate(self) -> tuple[str, BackwardKernel]:
+        p, em = self.plan, self.em
+        bases = self.bases()
+        cols = self.load_cols()
+        rows = self.load_rows()
+        scores = self.scores()
+        body = ["offs_m = start_m + tl.arange(0, BLOCK_M)", *rows, *scores,
+                "allowed = row_ok[:, None] & col_ok[None, :]  # padded rows and keys take no part",
+                "if MASKED:", *_indent(self.predicate()),
+                *self.gradient_of_scores(),
+                "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)",
+                "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)"]
+        prologue = list(em.prologue)
+        tile, call = self.tile_function(self.tile_name, ["dk", "dv"], "start_m", body)
+
+        def visit(masked):
+            return [f"    dk, dv = {self.tile_name}({call}, MASKED={masked}, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, "
+                    "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)"]
+
+        if self.bplan.transposed_block_map:
+            outer = map_outer(p)
+            flat = " + ".join(f"{names.user('idx', ix)} * {_stride(outer, k)}" for k, ix in enumerate(outer)) or "0"
+            loop = ["# query tiles listed by the forward's block map, transposed: full tiles first",
+                    f"map_row = {flat}",
+                    "list_base = q_list_ptr + (map_row * n_ktiles + pid_n) * n_qtiles",
+                    "n_full_tiles = tl.load(q_full_ptr + map_row * n_ktiles + pid_n)",
+                    "n_tiles = tl.load(q_count_ptr + map_row * n_ktiles + pid_n)",
+                    "for t in range(0, n_full_tiles):",
+                    "    start_m = tl.load(list_base + t) * BLOCK_M",
+                    *visit(False),
+                    "for t in range(n_full_tiles, n_tiles):",
+                    "    start_m = tl.load(list_base + t) * BLOCK_M",
+                    *visit(True)]
+            map_args = ["q_list_ptr", "q_full_ptr", "q_count_ptr", "n_qtiles", "n_ktiles"]
+        else:
+            loop = ["# every query tile, masked (transposed symbolic tile ranges are still to come)",
+                    "for start_m in range(0, n_rows, BLOCK_M):", *visit(True)]
+            map_args = []
+        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"], map_args)
+        name = f"{self.name}_bwd_dkdv"
+        src = [*tile, "", "",
+               "@triton.jit",
+               f"def {name}({', '.join(args)}, {_KERNEL_CONSTEXPRS}):",
+               '    """dK and dV of one key tile (for one query head): dV += P^T dO, dK += dS^T Q."""',
+               "    pid_n = tl.program_id(0)",
+               *_indent(self.outer_decode()),
+               "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+               "    offs_d = tl.arange(0, BLOCK_D)",
+               "    offs_e = tl.arange(0, BLOCK_E)",
+               *_indent(["# values that do not change along the query loop", *prologue, *bases, *cols,
+                         "dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)",
+                         "dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)",
+                         *loop]),
+               "    out_ok = col_ok[:, None]",
+               "    tl.store(dk_ptr + (flat_o * n_cols + offs_n[:, None]) * n_feat + offs_d[None, :], dk, "
+               "mask=out_ok & (offs_d[None, :] < n_feat))",
+               "    tl.store(dv_ptr + (flat_o * n_cols + offs_n[:, None]) * n_vfeat + offs_e[None, :], dv, "
+               "mask=out_ok & (offs_e[None, :] < n_vfeat))"]
+        return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars))
+
+
+def _stride(outer, k):
+    rest = outer[k + 1:]
+    return " * ".join(names.user("size", ix) for ix in rest) or "1"
+
+
+def pre_kernel(plan, prefix: str) -> tuple[str, str]:
+    """`delta = rowsum(dO * O) - dLSE` per query row, O and dO laid out (outer..., rows, features)."""
+    outer = plan.outer
+    name = f"{prefix}_bwd_pre"
+    o_strides = [f"o_s{k}" for k in range(len(outer))] + ["o_si", "o_se"]
+    do_strides = [f"do_s{k}" for k in range(len(outer))] + ["do_si", "do_se"]
+    sizes = [names.user("size", ix) for ix in outer]
+    decode = ["pid_o = tl.program_id(1).to(tl.int64)", "flat_o = pid_o"]
+    for ix in reversed(outer):
+        decode += [f"{names.user('idx', ix)} = pid_o % {names.user('size', ix)}",
+                   f"pid_o = pid_o // {names.user('size', ix)}"]
+    o_off = " + ".join([f"{names.user('idx', ix)} * o_s{k}" for k, ix in enumerate(outer)]) or "0"
+    do_off = " + ".join([f"{names.user('idx', ix)} * do_s{k}" for k, ix in enumerate(outer)]) or "0"
+    args = ["o_ptr", "do_ptr", "dlse_ptr", "delta_ptr", *o_strides, *do_strides, *sizes, "n_rows", "n_vfeat"]
+    src = ["@triton.jit",
+           f"def {name}({', '.join(args)}, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, HAS_DLSE: tl.constexpr):",
+           '    """delta = rowsum(dO * O) - dLSE for one query tile, in fp32."""',
+           "    pid_m = tl.program_id(0)",
+           *_indent(decode),
+           "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+           "    offs_e = tl.arange(0, BLOCK_E)",
+           "    row_ok = offs_m < n_rows",
+           "    ok = row_ok[:, None] & (offs_e[None, :] < n_vfeat)",
+           f"    o = tl.load(o_ptr + {o_off} + offs_m[:, None] * o_si + offs_e[None, :] * o_se, mask=ok, other=0.0)",
+           f"    do = tl.load(do_ptr + {do_off} + offs_m[:, None] * do_si + offs_e[None, :] * do_se, mask=ok, "
+           "other=0.0)",
+           "    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)",
+           "    if HAS_DLSE:  # d lse / d s = p: the returned LSE's gradient enters dS as p * dLSE",
+           "        delta -= tl.load(dlse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)",
+           "    tl.store(delta_ptr + flat_o * n_rows + offs_m, delta, mask=row_ok)"]
+    return "\n".join(src), name
+
+
+def generate_backward(bplan: BackwardPlan, name: str) -> BackwardSource:
+    """The backward module of one spec: the delta, dK/dV and dQ kernels. Kernel names start
+    with `names.kernel(name)`; the module is separate from the forward's."""
+    prefix = names.kernel(name)
+    plan = bplan.plan
+    pre_text, pre_name = pre_kernel(plan, prefix)
+    dkdv_text, dkdv = DkdvCodegen(bplan, prefix).generate()
+    dq_text, dq = DqCodegen(bplan, prefix).generate()
+    doc = (f"Generated by attncc from {os.path.basename(plan.program.source.filename)}: do not edit; "
+           "regenerate instead.\n\nThe backward of a row-streaming plan with one softmax over the keys: "
+           "delta, then dK/dV (per key tile), then dQ (per query tile).\n")
+    header = [docstring(doc), "import triton", "import triton.language as tl", "", ""]
+    source = "\n".join(header) + "\n\n\n".join([pre_text, dkdv_text, dq_text]) + "\n"
+    return BackwardSource(f"{prefix}_bwd", source, dq, dkdv, pre_name)

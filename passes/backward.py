@@ -1,0 +1,319 @@
+"""Planning the generated backward of a row-streaming plan (the first slice: one plain softmax).
+
+A plan with one plain softmax over the keys (`RowStreamPlan.has_lse`) has a FlashAttention-
+style backward derived from it: the forward saves O and the log-sum-exp, a preprocessing
+kernel computes `delta = rowsum(dO * O) - dLSE`, and two kernels recompute the scores tile
+by tile (the forward's score modifications and masks), `P = exp(S - LSE)`, and accumulate
+`dV += P^T dO`, `dS = P * (dO V^T - delta) * dS/dQK`, `dK += dS^T Q` (one program per key
+tile) and `dQ += dS K` (one program per query tile). `dS/dQK` is the derivative of the
+score expression with respect to its Q K^T contraction, built here as IR from the score's
+own nodes (forward mode, one rule per elementwise op) so that the tile emitter prints it
+next to the score.
+
+This module decides, as data:
+
+- whether a plan has a generated backward at all, and if not why (`plan_backward` raises
+  `NoGeneratedBackward` naming the reason);
+- for one call, whether the inputs that require grad are all ones the generated backward
+  differentiates (`call_reason`): q, k, v and whatever the precomputed operands are computed
+  from (their gradients are chained through the reference's torch ops, which are small),
+  but not a float input the score reads besides Q K^T (ALiBi slopes, a bias table): those
+  gradients are not generated yet;
+- which query tiles the dK/dV kernel visits (`BackwardPlan.transposed_block_map`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attncc import ir
+from attncc.passes.kinds import MaskMode, WeightKind
+from attncc.passes.row_stream import RowStreamPlan
+
+
+class NoGeneratedBackward(Exception):
+    """The plan (or the call) needs a gradient the generated kernels do not compute yet."""
+
+
+@dataclass
+class BackwardPlan:
+    plan: RowStreamPlan
+    derivative: ir.Node | None  # d score / d (its Q K^T node), elementwise; None: the score is Q K^T
+    grad_inputs: frozenset      # float inputs whose gradients the generated backward gives
+    score_inputs: frozenset     # float inputs the score reads besides Q K^T (their gradient is not generated)
+    chained: tuple              # operand names that are precomputed (gradients chained through torch)
+
+    @property
+    def transposed_block_map(self) -> bool:
+        """The dK/dV kernel walks the forward's block map transposed (per key tile, its
+        non-empty query tiles, full ones first); with symbolic or no masks it visits every
+        query tile, masked (transposed symbolic ranges are still to come)."""
+        return self.plan.mask_mode == MaskMode.BLOCK_MAP
+
+
+def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
+    """The backward plan of a row-streaming plan, or `NoGeneratedBackward` saying why not."""
+    term = plan.terms[0]
+    if plan.statistics_only or plan.v is None:
+        raise NoGeneratedBackward("a statistics pass has no generated backward")
+    if len(plan.terms) > 1:
+        raise NoGeneratedBackward(f"the weights are a sum of {len(plan.terms)} terms (a difference of "
+                                  "softmaxes): their backward is not generated yet")
+    if plan.summed_outer:
+        raise NoGeneratedBackward(f"the output sums over '{plan.summed_outer[0]}' (heads mixed by "
+                                  "coefficients): its backward is not generated yet")
+    if plan.statistics:
+        raise NoGeneratedBackward("a softmax along another axis than the keys (a statistics pass, then "
+                                  "pointwise weights): its backward is not generated yet")
+    if term.kind == WeightKind.POINTWISE:
+        raise NoGeneratedBackward("pointwise weights (no softmax over the keys: linear attention, "
+                                  "sigmoids): their backward is not generated yet")
+    if term.kind != WeightKind.SOFTMAX:
+        raise NoGeneratedBackward(f"a {term.kind} over the keys: only a plain softmax has a generated "
+                                  "backward yet")
+    if term.coef is not None:
+        raise NoGeneratedBackward("the softmax is weighed by a coefficient: its backward is not generated yet")
+    for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
+        if op.transform is not None:
+            raise NoGeneratedBackward(f"the {role} pass through a feature map (line "
+                                      f"{op.transform.loc.line if op.transform.loc else '?'}): its gradient "
+                                      "is not generated yet")
+    assert plan.has_lse
+    derivative = None if term.score is term.qk else Tangent(term.qk).of(term.score)
+    synthetic = {inp.name: node for node, inp in plan.precomputed.inputs.items()} if plan.precomputed else {}
+    operands = []
+    chained = []
+    for op in (term.q, term.k, plan.v):
+        node = synthetic.get(op.input.name)
+        if node is not None:
+            chained.append(op.input.name)
+        operands.append(node if node is not None else op.access)
+    grad_inputs = float_reads(operands)
+    score_inputs = float_reads([term.score, *term.qk_factors], stop={term.qk})
+    return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained))
+
+
+def call_reason(bplan: BackwardPlan, requires_grad) -> str | None:
+    """Why a call whose inputs `requires_grad` (names) cannot take the generated backward,
+    or None when it can."""
+    missing = sorted(n for n in requires_grad if n in bplan.score_inputs)
+    if missing:
+        names = ", ".join(missing)
+        return (f"the score reads a float input that requires grad ({names}) besides Q K^T: its gradient "
+                "is not generated yet")
+    return None
+
+
+def float_reads(roots, stop=()) -> set[str]:
+    """The float input tensors a set of nodes reads (through anything but the `stop` nodes)."""
+    found, seen, stack = set(), set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if isinstance(node, ir.Input):
+            if node.dtype == ir.FLOAT:
+                found.add(node.name)
+            continue
+        stack.extend(node.operands())
+    return found
+
+
+def _const(value: float) -> ir.Const:
+    return ir.Const(value=float(value), dtype=ir.FLOAT)
+
+
+def _is_const(node: ir.Node | None, value: float) -> bool:
+    return isinstance(node, ir.Const) and node.value == value
+
+
+class Tangent:
+    """Forward-mode derivatives of elementwise IR with respect to one node (`wrt`).
+
+    `of(node)` is an IR node for d node / d wrt, or None where it is zero (the node does not
+    depend on `wrt`, or is piecewise constant in it: comparisons, floor, integer results).
+    The result reuses `node`'s own subexpressions, so the tile emitter (memoised by node)
+    prints each of them once, next to the score."""
+
+    def __init__(self, wrt: ir.Node):
+        self.wrt = wrt
+        self.memo: dict = {}
+        self.depends: dict = {}
+
+    def depends_on(self, node: ir.Node) -> bool:
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            if n in self.depends:
+                stack.pop()
+                continue
+            if n is self.wrt:
+                self.depends[n] = True
+                stack.pop()
+                continue
+            pending = [o for o in n.operands() if o not in self.depends]
+            if pending:
+                stack.extend(pending)
+                continue
+            self.depends[n] = any(self.depends[o] for o in n.operands())
+            stack.pop()
+        return self.depends[node]
+
+    def of(self, node: ir.Node) -> ir.Node | None:
+        # iterative over the operands (score chains may be long), memoised by node
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            if n in self.memo:
+                stack.pop()
+                continue
+            pending = [o for o in self.operands_needed(n) if o not in self.memo]
+            if pending:
+                stack.extend(pending)
+                continue
+            self.memo[n] = self.rule(n)
+            stack.pop()
+        return self.memo[node]
+
+    def operands_needed(self, node: ir.Node):
+        if node is self.wrt or node.dtype != ir.FLOAT or not self.depends_on(node):
+            return ()
+        if isinstance(node, ir.Map):
+            return node.args
+        if isinstance(node, ir.Access) and not isinstance(node.array, ir.Input):
+            return (node.array,)
+        return ()
+
+    # ------------------------------------------------------------------ building IR
+    def map(self, op: str, *args: ir.Node, loc=None, dtype=ir.FLOAT) -> ir.Node:
+        ordered = sorted(args, key=lambda a: -len(a.indices))
+        return ir.Map(op=op, args=tuple(args), indices=ir.union_indices(ordered), dtype=dtype, loc=loc)
+
+    def add(self, a, b, loc):
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return self.map("+", a, b, loc=loc)
+
+    def neg(self, a, loc):
+        return None if a is None else self.map("neg", a, loc=loc)
+
+    def mul(self, a, b, loc):
+        if a is None or b is None:
+            return None
+        if _is_const(a, 1.0):
+            return b
+        if _is_const(b, 1.0):
+            return a
+        return self.map("*", a, b, loc=loc)
+
+    def select(self, cond, a, loc):
+        """`a` where `cond` holds, 0 elsewhere (None stays zero)."""
+        return None if a is None else self.map("where", cond, a, _const(0.0), loc=loc)
+
+    # ------------------------------------------------------------------ rules
+    def rule(self, node: ir.Node) -> ir.Node | None:
+        if node is self.wrt:
+            return _const(1.0)
+        if node.dtype != ir.FLOAT or not self.depends_on(node):
+            return None
+        loc = node.loc
+        if isinstance(node, ir.Access) and not isinstance(node.array, ir.Input):
+            if all(isinstance(a, ir.Index) and a.name == ax for a, ax in zip(node.args, node.axes)):
+                return self.memo[node.array]
+            raise NoGeneratedBackward(f"line {loc.line if loc else '?'} reads the scores at other indices: "
+                                      "its gradient is not generated yet")
+        if not isinstance(node, ir.Map):
+            raise NoGeneratedBackward(f"the score depends on a {type(node).__name__.lower()} of Q K^T (line "
+                                      f"{loc.line if loc else '?'}): its gradient is not generated yet")
+        op, args = node.op, node.args
+        d = [self.memo.get(a) if a.dtype == ir.FLOAT else None for a in args]
+        m = self.map
+        if op == "+":
+            return self.add(d[0], d[1], loc)
+        if op == "-":
+            return self.add(d[0], self.neg(d[1], loc), loc)
+        if op == "neg":
+            return self.neg(d[0], loc)
+        if op == "*":
+            if any(a.dtype == ir.BOOL for a in args):  # `cond * y`: y where cond holds, else 0
+                cond = next(a for a in args if a.dtype == ir.BOOL)
+                k = 1 if args[0] is cond else 0
+                return self.select(cond, d[k], loc)
+            return self.add(self.mul(d[0], args[1], loc), self.mul(args[0], d[1], loc), loc)
+        if op == "/":
+            first = None if d[0] is None else m("/", d[0], args[1], loc=loc)
+            second = None if d[1] is None else m("/", self.mul(node, d[1], loc), args[1], loc=loc)
+            return self.add(first, self.neg(second, loc), loc)
+        if op == "**":
+            base, exponent = args
+            first = second = None
+            if d[0] is not None:
+                lower = _const(exponent.value - 1) if isinstance(exponent, ir.Const) else \
+                    m("-", exponent, _const(1.0), loc=loc)
+                first = self.mul(d[0], m("*", exponent, m("**", base, lower, loc=loc), loc=loc), loc)
+            if d[1] is not None:
+                second = self.mul(d[1], m("*", node, m("log", base, loc=loc), loc=loc), loc)
+            return self.add(first, second, loc)
+        if op == "where":
+            if d[1] is None and d[2] is None:
+                return None
+            return m("where", args[0], d[1] or _const(0.0), d[2] or _const(0.0), loc=loc)
+        if op in ("min", "max"):
+            if d[0] is None and d[1] is None:
+                return None
+            first_wins = m("<=" if op == "min" else ">=", args[0], args[1], loc=loc, dtype=ir.BOOL)
+            return m("where", first_wins, d[0] or _const(0.0), d[1] or _const(0.0), loc=loc)
+        if op == "clamp":
+            x, lo, hi = args
+            inside = m("and", m(">=", x, lo, loc=loc, dtype=ir.BOOL), m("<=", x, hi, loc=loc, dtype=ir.BOOL),
+                       loc=loc, dtype=ir.BOOL)
+            result = self.select(inside, d[0], loc)
+            if d[1] is not None:
+                result = self.add(result, self.select(m("<", x, lo, loc=loc, dtype=ir.BOOL), d[1], loc), loc)
+            if d[2] is not None:
+                result = self.add(result, self.select(m(">", x, hi, loc=loc, dtype=ir.BOOL), d[2], loc), loc)
+            return result
+        if op in ("floor", "ceil", "sign", "//", "%"):
+            return None  # piecewise constant
+        if len(args) == 1:
+            factor = self.unary_factor(op, args[0], node, loc)
+            return self.mul(d[0], factor, loc)
+        raise NoGeneratedBackward(f"the score applies '{op}' to Q K^T (line {loc.line if loc else '?'}): its "
+                                  "derivative is not generated yet")
+
+    def unary_factor(self, op: str, x: ir.Node, y: ir.Node, loc) -> ir.Node:
+        """dy/dx for y = op(x), built from x and y themselves."""
+        m, one = self.map, _const(1.0)
+        if op == "exp":
+            return y
+        if op == "expm1":
+            return m("exp", x, loc=loc)
+        if op == "log":
+            return m("/", one, x, loc=loc)
+        if op == "log1p":
+            return m("/", one, m("+", one, x, loc=loc), loc=loc)
+        if op == "sqrt":
+            return m("/", _const(0.5), y, loc=loc)
+        if op == "rsqrt":
+            return m("*", _const(-0.5), m("/", y, x, loc=loc), loc=loc)
+        if op == "tanh":
+            return m("-", one, m("*", y, y, loc=loc), loc=loc)
+        if op == "sigmoid":
+            return m("*", y, m("-", one, y, loc=loc), loc=loc)
+        if op == "sin":
+            return m("cos", x, loc=loc)
+        if op == "cos":
+            return m("neg", m("sin", x, loc=loc), loc=loc)
+        if op == "abs":
+            return m("sign", x, loc=loc)
+        if op == "relu":
+            return m("where", m(">", x, _const(0.0), loc=loc, dtype=ir.BOOL), one, _const(0.0), loc=loc)
+        if op == "elu":
+            return m("where", m(">", x, _const(0.0), loc=loc, dtype=ir.BOOL), one, m("exp", x, loc=loc), loc=loc)
+        if op == "silu":
+            s = m("sigmoid", x, loc=loc)
+            return m("*", s, m("+", one, m("*", x, m("-", one, s, loc=loc), loc=loc), loc=loc), loc=loc)
+        raise NoGeneratedBackward(f"the score applies '{op}' to Q K^T (line {loc.line if loc else '?'}): its "
+                                  "derivative is not generated yet")
