@@ -1,11 +1,13 @@
-"""Gradients: the triton backend differentiates through the reference executor, never silently.
+"""Gradients: the triton backend differentiates, never silently.
 
 A generated forward used to return outputs without a `grad_fn`, so a loss mixing the output
 with any other differentiable term left q, k and v without gradient and raised nothing. Now
-the triton backend's outputs carry a backward that recomputes the forward on the reference
-executor under autograd. These tests check its gradients equal the reference backend's (on
-odd shapes, in Triton's interpreter), that the reference's own gradients are right (a dense
-formula, float64 gradcheck), and that no path of the launcher hands back a detached output.
+the triton backend's outputs carry a backward: generated kernels for plans with one plain
+softmax when only q, k, v (and what they are computed from) require grad (tests/test_backward.py
+checks those in detail), otherwise the forward recomputed on the reference executor under
+autograd. These tests check its gradients equal the reference backend's (on odd shapes, in
+Triton's interpreter), that the reference's own gradients are right (a dense formula, float64
+gradcheck), and that no path of the launcher hands back a detached output.
 """
 import pytest
 import torch
@@ -54,7 +56,9 @@ def grads(name, backend, kwargs, return_lse=False, weights=None):
 def test_triton_gradients_equal_the_reference_backends(name):
     kwargs = inputs(name)
     kernel, got = grads(name, "triton", kwargs, return_lse=True)
-    assert kernel.last_run["backend"] == "triton" and kernel.last_run["backward"] == "reference"
+    # slopes and table require grad: their gradients are not generated, so the reference runs the backward
+    want_backward = "reference" if name in ("alibi", "relative_bias") else "triton"
+    assert kernel.last_run["backend"] == "triton" and kernel.last_run["backward"] == want_backward
     _, want = grads(name, "reference", kwargs, return_lse=True)
     assert set(got) == set(want) and len(got) >= 3  # q, k, v and slopes / table
     for n in want:
@@ -182,9 +186,10 @@ def test_half_precision_output_cast_is_not_detached():
     g = torch.autograd.grad(o.float().sum(), [kwargs["q"], kwargs["k"], kwargs["v"]])
     ro = attncc.compile("examples/causal.attn", backend="reference")(**kwargs)
     want = torch.autograd.grad(ro.float().sum(), [kwargs["q"], kwargs["k"], kwargs["v"]])
-    for a, b in zip(g, want):  # the backward is the reference's: the same bits
+    assert kernel.last_run["backward"] == "triton"
+    for a, b in zip(g, want):  # generated kernels, float16 operands in their dots (as the forward's)
         assert a.dtype == torch.float16
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert (a.float() - b.float()).abs().max() <= 5e-3 * b.float().abs().max()
 
 
 # ---------------------------------------------------------------------- the reference's own gradients
