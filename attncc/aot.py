@@ -45,11 +45,16 @@ def report_shape(program: ir.Program, plan, d: int, e: int, n: int = 4096) -> di
     """The dims of the report's call: head dims d and e, n queries and keys, batch 4 and 16
     heads, named by their role in the plan (a spec may call its dims anything)."""
     shape = {}
-    term = plan.terms[0]
-    roles = [(term.q.input.dims[term.q.feature], d), (term.q.input.dims[term.q.row], n),
-             (term.k.input.dims[term.k.row], n)]
-    if plan.v is not None:
-        roles.append((plan.v.input.dims[plan.v.feature], e))
+    if hasattr(plan, "passes"):  # a general plan: the first tile dot's operands, the first values
+        dot = next(t for p in plan.passes for t in p.dots)
+        q, k = (dot.sides[ix] for ix in dot.sides)
+        values = [a.value for p in plan.passes for a in p.accumulators if a.value is not None]
+        v = values[0] if values else None
+    else:
+        q, k, v = plan.terms[0].q, plan.terms[0].k, plan.v
+    roles = [(q.input.dims[q.feature], d), (q.input.dims[q.row], n), (k.input.dims[k.row], n)]
+    if v is not None:
+        roles.append((v.input.dims[v.feature], e))
     for dim, value in roles:
         name = getattr(dim, "name", None) if getattr(dim, "is_Symbol", False) else None
         if name in program.dims:
@@ -151,9 +156,9 @@ def report_launches(kernel, d: int, e: int, config: dict | None = None, n: int =
     call = static_call(kernel, d, e, n, shape, params)
     config = dict(config or {})
     runs = [(config, False)]
-    if src.packed is not None:
+    if getattr(src, "packed", None) is not None:
         runs.append(({**config, "GQA_PACK": True}, False))
-    if src.reassociated is not None or src.chunked is not None:
+    if getattr(src, "reassociated", None) is not None or getattr(src, "chunked", None) is not None:
         runs.append((config, True))  # counting tiles always streams rows
     out, seen = [], set()
     for cfg, count in runs:

@@ -17,17 +17,18 @@ from . import ir
 from .binding import BoundCall
 from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
-from .runtime import KernelLaunch, check_device, launch, load_module, pow2, promote_operands, triton_cdiv
+from .runtime import _RECORDING, KernelLaunch, check_device, launch, load_module, pow2, promote_operands, triton_cdiv
 from attncc.passes.streams import StreamPlan, torch_form
 
 
-def stream_config(interpret: bool, widest: int) -> dict:
+def stream_config(interpret: bool, widest: int, value_sums: int) -> dict:
     """Tiles of the general pass kernels before any tuning: small in the interpreter, and on
-    a GPU 64 x 64 with 4 warps (several accumulators and dots share the registers), 32-key
-    tiles above head dim 128."""
+    a GPU 64 x 64 with 4 warps, 8 warps when several [rows, features] sums share the registers
+    (the static sm_90 report: three of them spill at 4 warps), 32-key tiles above head dim 128."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 64 if widest <= 128 else 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64 if widest <= 128 else 32, "num_warps": 8 if value_sums > 1 else 4,
+            "num_stages": 2}
 
 
 class StreamLauncher:
@@ -39,8 +40,17 @@ class StreamLauncher:
         self.last_path = "general streaming"
         self.last_tma_fallback = None
 
-    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None):
-        raise BackendError("the static report covers the fused row-streaming kernels only")
+    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
+                 count_tiles=False) -> list[KernelLaunch]:
+        """The pass launches of a call, in order, built by `__call__` but not run (the static
+        report and the sm_90 compile). The call's tensors may be meta tensors: intermediates
+        torch would compute get placeholders of their shape."""
+        token = _RECORDING.set([])
+        try:
+            self(call, return_lse, config)
+            return _RECORDING.get()
+        finally:
+            _RECORDING.reset(token)
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
         if return_lse:
@@ -53,21 +63,26 @@ class StreamLauncher:
                      if a.value is not None and not a.value.input.name.startswith("<")}
         call = promote_operands(call, operands)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
-        sizes = call.sizes or p.program.sizes(call.scalars)
+        sizes = p.program.sizes(call.scalars)  # the plan's program: with the indices its rules made
         tensors = dict(call.tensors)
         memo: dict = {}
         device = call.device
+        recording = _RECORDING.get() is not None
         for sp, source in zip(p.passes, self.src.passes):
             for name in source.tensor_inputs:  # what this pass reads that torch computes first
                 if name not in tensors:
                     node = next(n for n, inp in p.precomputed.inputs.items() if inp.name == name)
+                    if recording:  # no data: only its layout
+                        tensors[name] = torch.empty([sizes[ix] for ix in p.precomputed.axes[node]],
+                                                    dtype=call.out_dtype, device=device)
+                        continue
                     value = Reference(p.program, tensors, call.scalars).full(torch_form(p, node, memo))
                     value = align(value, node.indices, p.precomputed.axes[node]).contiguous()
                     tensors[name] = value.to(call.out_dtype) if value.is_floating_point() else value
             widest = max([sizes[ix] for ix in (*source.features.values(),)] or [16])
             if widest > 256:
                 raise BackendError(f"feature dims up to 256 are supported, got {widest}")
-            cfg = dict(stream_config(interpret, widest))
+            cfg = dict(stream_config(interpret, widest, sum(a.value is not None for a in sp.accumulators)))
             cfg.update(config or {})
             results = [torch.zeros([sizes[ix] for ix in node.indices], dtype=torch.float32, device=device)
                        for node in source.results]
@@ -92,6 +107,8 @@ class StreamLauncher:
                                     "stream pass"))
             for node, value in zip(source.results, results):
                 tensors[p.results[node].name] = value
+        if recording:
+            return []
         outs = []
         for out, node in p.outputs:
             value = Reference(p.program, tensors, call.scalars).full(torch_form(p, node, memo))

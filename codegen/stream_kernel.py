@@ -122,7 +122,9 @@ class PassCodegen:
         val = em.emit(op.transform, env)
         lines += em.prologue + em.body
         em.prologue, em.body = saved
-        lines.append(f"{var} = tl.where({fcode} < {n_feat}, {val.code}, 0.0)  # padded features add nothing")
+        ptr = names.tensor("ptr", op.input.name)
+        lines.append(f"{var} = tl.where({fcode} < {n_feat}, {val.code}, 0.0).to({ptr}.dtype.element_ty)"
+                     "  # padded features add nothing; back to the input type for the tensor cores")
         return lines, Val(var, axes)
 
     def counter(self) -> int:
@@ -148,14 +150,12 @@ class PassCodegen:
             a_lines, a = self.operand_tile(dot.sides[sp.row], "m", "offs_m", dot.d, block)
             b_lines, b = self.operand_tile(dot.sides[sp.stream], "n", "offs_n", dot.d, block)
             row_loads += a_lines
-            cast = "" if dot.sides[sp.row].transform is None and dot.sides[sp.stream].transform is None \
-                else ".to(tl.float32)"
             dot_lines += b_lines + [
                 f"if UPCAST_DOT:  # the interpreter's bf16 dot: compute in fp32",
                 f"    s{t} = tl.dot({a.code}.to(tl.float32), tl.trans({b.code}.to(tl.float32)), "
                 "input_precision=PRECISION)",
                 "else:",
-                f"    s{t} = tl.dot({a.code}{cast}, tl.trans({b.code}{cast}), input_precision=PRECISION)"]
+                f"    s{t} = tl.dot({a.code}, tl.trans({b.code}), input_precision=PRECISION)"]
             # the dot's other factors (scales, decays) multiply it where it is read
             product = " * ".join([f"s{t}", *(em.emit(f).code for f in dot.factors)])
             em.bind(dot.node, Val(f"({product})" if dot.factors else product, frozenset("mn")))

@@ -634,11 +634,15 @@ class Planner:
             others = set().union(*(g.indices for g in red.factors if g is not f))
             own = [ix for ix in f.indices if ix in red.indices and ix not in others and ix not in self.small]
             if len(own) == 1 and stream in f.indices and not self.dots_in(f):
-                try:
-                    op = operand(f, stream, own[0], "the values", self.pre)
+                rest = [g for g in red.factors if g is not f]
+                rows = {r for g in rest for t in self.dots_in(g) if stream in t.sides for r in t.sides if r != stream}
+                try:  # values read per (query, key) would be score-sized: refused, naming the statement
+                    op = operand(f, stream, own[0], "the values", self.pre, next(iter(rows)) if rows else None)
                 except NotRowStreamable:
+                    if rows & set(f.indices):
+                        raise
                     continue
-                return op, own[0], [g for g in red.factors if g is not f]
+                return op, own[0], rest
         return None, None, list(red.factors)
 
     def split(self, node: ir.Node, stream: str) -> list:
@@ -821,6 +825,9 @@ def plan_streams(program: ir.Program) -> StreamPlan:
         seen = {}
         for acc in p.accumulators:
             for t in planner.dots_in(acc.arg):
+                if set(t.sides) != {p.row, p.stream}:  # e.g. scores read at renamed indices
+                    raise NotRowStreamable(f"{statement(program, t.node)} is read at other indices than its own "
+                                           f"inside {statement(program, acc.node)}: a whole score-sized intermediate")
                 seen.setdefault(t.node, t)
         p.dots = list(seen.values())
         for acc in p.accumulators:

@@ -1,4 +1,5 @@
-"""Compile every gallery example's generated kernels for a Hopper GPU (sm_90), without one.
+"""Compile every gallery example's generated kernels for a Hopper GPU (sm_90), without one
+(`--trials`: the general streaming plans of some trial variants instead).
 
 Run by tests/test_gpu_compile.py in a fresh process: Triton compiles only when it was not
 imported in interpreter mode, which the rest of the suite uses. Prints `ok NAME` per example
@@ -17,10 +18,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from oracles.inputs import EXAMPLES  # noqa: E402
 
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# trial variants whose general streaming plans cover each kind of pass: a column pass, a top-k
+# threshold pass, blocked reductions, a chain of four passes, three value sums, a hoisted
+# gather, a grid over two batches, feature maps
+TRIALS = ("column_importance", "kca_topk", "landmark", "sinkhorn", "var_redistribute", "content_relative",
+          "filip", "cosformer")
 TMA = ("causal", "dense", "gqa_causal", "differential", "document")
 POINTERS = ("causal", "gqa_causal")
 
+def compile_trials():
+    """The general plans' pass kernels at their default configs, down to a cubin."""
+    for trial in TRIALS:
+        kernel = attncc.compile(f"tests/trials/{trial}.attn", backend="triton")
+        compiled = compile_kernels(kernel, 64, 64)
+        if not compiled or not all("cubin" in c.asm for c in compiled.values()):
+            raise SystemExit(f"{trial}: no cubin")
+        print("ok", trial, flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--trials"]:
+        compile_trials()
+        raise SystemExit(0)
     for example in sys.argv[1:] or EXAMPLES:
         kernel = attncc.compile(f"examples/{example}.attn", backend="triton")
         compiled = compile_kernels(kernel, 64, 64, CONFIG)
