@@ -325,5 +325,12 @@ def resources(name: str, compiled, num_warps: int | None = None) -> Resources:
 
 
 def default_report_config(kernel, d: int, e: int) -> dict:
-    """The launcher's GPU default config for a spec at head dims d, e."""
-    return default_config(False, d, e, len(kernel.generated.plan.terms))
+    """The launcher's GPU default config for a spec at head dims d, e (for a general plan:
+    the config of its first pass)."""
+    plan = kernel.generated.plan
+    if not hasattr(plan, "terms"):
+        from .stream_runtime import stream_config
+
+        first = plan.passes[0]
+        return stream_config(False, max(d, e), sum(a.value is not None for a in first.accumulators))
+    return default_config(False, d, e, len(plan.terms))

@@ -12,17 +12,14 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from . import ir
+from . import ir, pipeline
 from .binding import bind, describe_input
 from .errors import ArgumentError, BackendError, Loc, Source, SpecError
-from .frontend import lower
 from .reference import Reference
-from .syntax import parse
 from attncc.autotune.cache import TuningCache, tuning_key
-from attncc.passes.infer import infer_extents
 from attncc.codegen.tile_expr import Unsupported
 from attncc.passes.backward import NoGeneratedBackward, call_reason, plan_backward
-from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
+from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -31,7 +28,7 @@ def load(spec: str | Path) -> ir.Program:
     """Parse and check a spec given as a path or as source text."""
     text, filename = read_spec(spec)
     try:
-        return infer_extents(lower(parse(text, filename)))
+        return pipeline.run(text, filename, until="ir")["ir"]
     except RecursionError:  # a pathological nesting depth: an error in the spec, not a crash
         raise too_deep(text, filename) from None
 
@@ -457,32 +454,16 @@ def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 2
 
 
 class Generated:
-    """A generated kernel: its plan, its source (saved under the cache dir) and its launcher."""
+    """A generated kernel: its plan, its source (saved under the cache dir) and its launcher,
+    made by the `plan` and `triton` stages of `attncc.pipeline`."""
 
     def __init__(self, program: ir.Program):
-        from attncc.codegen.row_stream import generate_module
-        from .runtime import RowStreamLauncher, source_path
+        from .runtime import source_path
 
-        try:
-            if len(program.outputs) > 1:
-                raise NotRowStreamable("several outputs")
-            self.plan = plan_row_stream(program)
-        except NotRowStreamable as fused_why:  # not the fused skeleton: derive a general plan
-            from attncc.codegen.stream_kernel import generate_streams
-            from attncc.passes.streams import plan_streams
-            from .stream_runtime import StreamLauncher
-
-            try:
-                self.plan = plan_streams(program)
-                self.source = generate_streams(self.plan, program.name)
-            except (NotRowStreamable, Unsupported) as why:
-                raise NotRowStreamable(f"{why} (and the fused skeleton: {fused_why})") from None
-            self.path = source_path(self.source)
-            self.launcher = StreamLauncher(self.plan, self.source)
-            return
-        self.source = generate_module(self.plan, program.name)
+        self.plan = pipeline.plan(program)
+        self.source = pipeline.triton_source(self.plan)
         self.path = source_path(self.source)
-        self.launcher = RowStreamLauncher(self.plan, self.source)
+        self.launcher = pipeline.launcher(self.plan, self.source)
 
 
 def generate(program: ir.Program) -> Generated:

@@ -23,7 +23,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, cli_bench, cli_tune
+from . import __version__, cli_bench, cli_tune, pipeline
 from .api import BACKENDS, load, read_spec, read_spec_file
 from .api import compile as compile_spec
 from .codegen.pytext import docstring
@@ -31,11 +31,10 @@ from .check import DTYPES, check
 from .errors import ArgumentError, BackendError, ShapeError, SpecError
 from .plan_report import format_plan
 from .printer import format_ast, format_ir
-from .syntax import parse
 
 
 def _show_ast(spec: str, args) -> str:
-    return format_ast(parse(*read_spec(spec)))
+    return format_ast(pipeline.run(*read_spec(spec), until="ast")["ast"])
 
 
 def _show_ir(spec: str, args) -> str:
@@ -47,13 +46,21 @@ def _show_plan(spec: str, args) -> str:
                        args.block_m or PLAN_TILE, args.block_n or PLAN_TILE)
 
 
+def _skeleton(kernel) -> str:
+    """A few words on what a generated module holds."""
+    source = kernel.generated.source
+    if hasattr(source, "mask_mode"):
+        return f"mask mode {source.mask_mode}"
+    return f"the general streaming plan: {len(source.passes)} pass kernel(s)"
+
+
 def _show_triton(spec: str, args) -> str:
     return compile_spec(spec, "triton").generated.source.source
 
 
 # Stage name -> a function from a spec path and the parsed options to its text form.
-STAGES: dict[str, Callable[[str, argparse.Namespace], str]] = {
-    "ast": _show_ast, "ir": _show_ir, "plan": _show_plan, "triton": _show_triton}
+STAGES: dict[str, Callable[[str, argparse.Namespace], str]] = dict(zip(
+    pipeline.NAMES, (_show_ast, _show_ir, _show_plan, _show_triton), strict=True))
 PLAN_OPTIONS = ("shape", "param", "block_m", "block_n")  # options of `show` that only the plan uses
 PLAN_TILE = 64  # the plan's work table: default BLOCK_M and BLOCK_N
 
@@ -174,7 +181,7 @@ def cmd_compile(args, console: Console) -> int:
     copied = "" if copy.resolve() == spec.resolve() else f" (a copy of {_relative(spec)})"
     module = files["module"].removesuffix(".py")
     written = [(copy, f"the spec{copied}"),
-               (triton_file, f"the generated Triton source (mask mode {kernel.generated.source.mask_mode})"),
+               (triton_file, f"the generated Triton source ({_skeleton(kernel)})"),
                (module_file, f"a module: `from {module} import attention`, then "
                              f"attention({', '.join(f'{n}=...' for n in kernel.program.inputs)})")]
     width = max(len(str(path)) for path, _ in written)
