@@ -234,6 +234,9 @@ class Kernel:
             results = self.run_reference(call, return_lse)
             self.last_run = {"backend": "reference", **({"reason": reason} if reason else {}),
                              "backward": "reference" if graph else None}
+            if graph:
+                self.last_run["backward_reason"] = ("the forward ran on the reference executor: autograd "
+                                                    "through its torch ops")
         return results[0] if len(results) == 1 else tuple(results)
 
     def run_generated(self, call, return_lse: bool) -> list[torch.Tensor]:

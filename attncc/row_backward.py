@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from . import ir
+from . import ir, runtime
 from .binding import BoundCall
 from .reference import Reference, align, evaluate_scalar
 from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, promote_operands,
@@ -25,16 +25,18 @@ from attncc.codegen import block_map
 from attncc.codegen.row_backward import BackwardSource, generate_backward
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import KernelRole
+from attncc.passes.row_stream import map_outer
 
 
 def default_backward_config(interpret: bool, d: int, e: int) -> dict:
     """Tiles of the backward kernels: small in the interpreter; on a GPU 64x64 with 4 warps up
-    to head dim 128 and 32x32 above (not tuned yet: no GPU has run them)."""
+    to head dim 64, 64x32 up to 128 and 32x32 above: the largest that compile for sm_90 without
+    spills (`attncc.aot`, bf16); not timed yet, no GPU has run them."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if max(d, e) > 128:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64 if max(d, e) <= 64 else 32, "num_warps": 4, "num_stages": 2}
 
 
 class RowStreamBackward:
@@ -103,7 +105,11 @@ class RowStreamBackward:
             fwd_module = self.forward.modules.get(interpret) or self.forward.modules.setdefault(
                 interpret, load_module(self.forward.module_src, interpret))
             kv_lists = self.forward.block_map_lists(call, bm, bn, sizes, fwd_module, interpret)
-            state = self.forward.last_block_map[3]
+            if runtime._RECORDING.get() is None:
+                state = self.forward.last_block_map[3]
+            else:  # a recording has no map: a placeholder of its shape
+                lists = math.prod(sizes[ix] for ix in map_outer(p))
+                state = torch.zeros((lists, kv_lists[3], kv_lists[4]), dtype=torch.int8, device=device)
             q_lists = [*block_map.tile_lists(state.transpose(1, 2)), kv_lists[3], kv_lists[4]]
         launch(KernelLaunch(getattr(module, self.src.dkdv.name), (triton_cdiv(n_cols, bn), combos),
                             common(self.src.dkdv, [dk, dv], q_lists), constexprs, options, interpret,
@@ -113,6 +119,23 @@ class RowStreamBackward:
                             KernelRole.BWD_DQ))
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
         return dq, dk, dv
+
+    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None) -> list[KernelLaunch]:
+        """The backward kernel launches of a call, recorded rather than run (the call's
+        tensors may be meta tensors): what `attncc.aot` compiles for a GPU this machine lacks."""
+        p = self.plan
+        sizes = call.sizes or p.program.sizes(call.scalars)
+        like = call.tensors[p.q.input.name]
+        o = torch.empty([sizes[ax] for ax in p.output.axes], dtype=call.out_dtype, device=like.device)
+        lse = torch.empty([sizes[ax] for ax in p.lse_axes], dtype=torch.float32, device=like.device)
+        token = runtime._RECORDING.set([])
+        try:
+            call = self.forward.with_precomputed(call)  # placeholders of the precomputed operands' layout
+            self.operand_gradients(call, o, lse, torch.empty_like(o), torch.empty_like(lse) if return_lse else None,
+                                   config)
+            return runtime._RECORDING.get()
+        finally:
+            runtime._RECORDING.reset(token)
 
     def ds_scale(self, call: BoundCall) -> float:
         """d (Q K^T node) / d (raw dot): the score's scalar factors, without log2(e)."""

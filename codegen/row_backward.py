@@ -19,11 +19,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.pytext import docstring
 from attncc.codegen.row_stream import LOG2E, RowStreamCodegen, _free_names, _indent, scalar_args, tensor_args
-from attncc.codegen.tile_expr import Val
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import MaskMode
 from attncc.passes.row_stream import map_outer
@@ -61,7 +59,8 @@ class _BackwardCodegen(RowStreamCodegen):
         self.em.key_axis = loop_axis  # what changes along the loop goes into the tile function
 
     def outer_decode(self) -> list[str]:
-        lines = ["pid_o = tl.program_id(1).to(tl.int64)", "flat_o = pid_o  # this (batch, head)'s row of lse, delta, dq..."]
+        lines = ["pid_o = tl.program_id(1).to(tl.int64)",
+                 "flat_o = pid_o  # this (batch, head)'s row of lse, delta, dq, dk, dv"]
         for ix in reversed(self.plan.outer):
             lines += [f"{names.user('idx', ix)} = pid_o % {names.user('size', ix)}",
                       f"pid_o = pid_o // {names.user('size', ix)}"]
@@ -95,7 +94,7 @@ class _BackwardCodegen(RowStreamCodegen):
             "    q = q.to(tl.float32)",
             "    do = do.to(tl.float32)",
             "lse = tl.load(lse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=float('-inf'))",
-            f"# base 2; a row with no allowed key (lse = -inf) or past the last row gets p = 0",
+            "# base 2; a row with no allowed key (lse = -inf) or past the last row gets p = 0",
             f"lse2 = tl.where(lse == float('-inf'), float('inf'), lse * {LOG2E})",
             "delta = tl.load(delta_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)"]
 

@@ -315,5 +315,11 @@ class Tangent:
         if op == "silu":
             s = m("sigmoid", x, loc=loc)
             return m("*", s, m("+", one, m("*", x, m("-", one, s, loc=loc), loc=loc), loc=loc), loc=loc)
+        if op == "gelu":  # Phi(x) + x phi(x), with Phi(x) = gelu(x) / x (1/2 at 0)
+            phi = m("*", _const(0.3989422804014327), m("exp", m("*", _const(-0.5), m("*", x, x, loc=loc), loc=loc),
+                                                         loc=loc), loc=loc)
+            zero = m("==", x, _const(0.0), loc=loc, dtype=ir.BOOL)
+            cdf = m("where", zero, _const(0.5), m("/", y, m("where", zero, _const(1.0), x, loc=loc), loc=loc), loc=loc)
+            return m("+", cdf, m("*", x, phi, loc=loc), loc=loc)
         raise NoGeneratedBackward(f"the score applies '{op}' to Q K^T (line {loc.line if loc else '?'}): its "
                                   "derivative is not generated yet")
