@@ -406,8 +406,7 @@ class _GeneratedBackward(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.kernel, ctx.call = kernel, dataclasses.replace(call, tensors={})
         ctx.return_lse, ctx.names = return_lse, names
-        ctx.config = kernel.tuned_config(call)
-        o, lse = kernel.generated.launcher(call, True, config=ctx.config)
+        o, lse = kernel.generated.launcher(call, True, config=kernel.tuned_config(call))  # the LSE stored
         o = kernel._cast(o, call)
         ctx.save_for_backward(*tensors, o, lse)
         return (o, kernel._cast(lse, call)) if return_lse else (o,)
