@@ -256,23 +256,26 @@ class Kernel:
 
     def backward_plan(self):
         """The `BackwardPlan` of the generated kernel, or the reason it has none (a str);
-        planned on the first call that records a graph."""
+        planned, and its kernels generated, on the first call that records a graph."""
         if self._backward is None:
             if not isinstance(self.generated.plan, RowStreamPlan):
                 self._backward = "the general streaming planner's plans have no generated backward yet"
             else:
+                from .row_backward import RowStreamBackward
+
                 try:
-                    self._backward = plan_backward(self.generated.plan)
-                except NoGeneratedBackward as why:
+                    plan = plan_backward(self.generated.plan)
+                    self._backward_launcher = RowStreamBackward(plan, self.generated.launcher)
+                    self._backward = plan
+                except (NoGeneratedBackward, Unsupported) as why:
                     self._backward = str(why)
+                except RecursionError:
+                    self._backward = "the score nests too deeply to generate its derivative"
         return self._backward
 
     def backward_launcher(self):
-        """The launcher of the generated backward kernels (generated on first use)."""
-        if self._backward_launcher is None:
-            from .row_backward import RowStreamBackward
-
-            self._backward_launcher = RowStreamBackward(self.backward_plan(), self.generated.launcher)
+        """The launcher of the generated backward kernels (`backward_plan` made it)."""
+        self.backward_plan()
         return self._backward_launcher
 
     def run_reference(self, call, return_lse: bool) -> list[torch.Tensor]:

@@ -119,6 +119,24 @@ def float_reads(roots, stop=()) -> set[str]:
     return found
 
 
+def _post_order(root: ir.Node, memo: dict, children, compute):
+    """`memo[root] = compute(root)`, the children first, each node once: iterative, since score
+    chains (`s += ...` repeated) may be deeper than Python's recursion allows."""
+    stack = [root]
+    while stack:
+        n = stack[-1]
+        if n in memo:
+            stack.pop()
+            continue
+        pending = [o for o in children(n) if o not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[n] = compute(n)
+        stack.pop()
+    return memo[root]
+
+
 def _const(value: float) -> ir.Const:
     return ir.Const(value=float(value), dtype=ir.FLOAT)
 
@@ -141,39 +159,11 @@ class Tangent:
         self.depends: dict = {}
 
     def depends_on(self, node: ir.Node) -> bool:
-        stack = [node]
-        while stack:
-            n = stack[-1]
-            if n in self.depends:
-                stack.pop()
-                continue
-            if n is self.wrt:
-                self.depends[n] = True
-                stack.pop()
-                continue
-            pending = [o for o in n.operands() if o not in self.depends]
-            if pending:
-                stack.extend(pending)
-                continue
-            self.depends[n] = any(self.depends[o] for o in n.operands())
-            stack.pop()
-        return self.depends[node]
+        return _post_order(node, self.depends, lambda n: () if n is self.wrt else n.operands(),
+                           lambda n: n is self.wrt or any(self.depends[o] for o in n.operands()))
 
     def of(self, node: ir.Node) -> ir.Node | None:
-        # iterative over the operands (score chains may be long), memoised by node
-        stack = [node]
-        while stack:
-            n = stack[-1]
-            if n in self.memo:
-                stack.pop()
-                continue
-            pending = [o for o in self.operands_needed(n) if o not in self.memo]
-            if pending:
-                stack.extend(pending)
-                continue
-            self.memo[n] = self.rule(n)
-            stack.pop()
-        return self.memo[node]
+        return _post_order(node, self.memo, self.operands_needed, self.rule)
 
     def operands_needed(self, node: ir.Node):
         if node is self.wrt or node.dtype != ir.FLOAT or not self.depends_on(node):
