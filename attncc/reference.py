@@ -157,8 +157,8 @@ class Reference:
             return node.args
         if isinstance(node, ir.Access):
             array = node.array
-            whole = not isinstance(array, ir.Input) and not self.reads_in_place(node) \
-                and self.chunk_index in array.indices
+            whole = not isinstance(array, ir.Input) and self.chunk_index in array.indices \
+                and (not self.reads_in_place(node) or self.fixes_chunk_index(node))
             return node.args if whole else (array, *node.args)
         if isinstance(node, ir.Contract):
             return () if self.streams(node, node.summed) else (*node.factors, *preds)
@@ -206,7 +206,7 @@ class Reference:
     def eval_access(self, node: ir.Access):
         if isinstance(node.array, ir.Input):
             array = self.value(node.array)
-        elif self.reads_in_place(node):
+        elif self.reads_in_place(node) and not self.fixes_chunk_index(node):
             return self.constant_slice(node)
         else:
             array = align(self.whole(node.array), node.array.indices, node.axes)
@@ -228,6 +228,11 @@ class Reference:
         tensor can be read in the current stream block instead of rebuilt whole."""
         return all((isinstance(a, ir.Index) and a.name == ax) or isinstance(a, ir.Const)
                    for a, ax in zip(node.args, node.axes))
+
+    def fixes_chunk_index(self, node: ir.Access) -> bool:
+        """Whether the read takes one entry along the streamed index (`p[b,h,i,0]` while `j`
+        streams): outside that index's blocks, so the tensor is built whole first."""
+        return any(ax == self.chunk_index and isinstance(a, ir.Const) for a, ax in zip(node.args, node.axes))
 
     def constant_slice(self, node: ir.Access):
         t = align(self.value(node.array), node.array.indices, node.axes)

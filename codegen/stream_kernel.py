@@ -18,11 +18,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import sympy
+
 from attncc import ir
 from attncc.codegen import names
+from attncc.codegen.mask_code import guard_code, printed
 from attncc.codegen.pytext import docstring
 from attncc.codegen.row_stream import _indent, scalar_args, tensor_args
 from attncc.codegen.tile_expr import TileEmitter, Val
+from attncc.passes.mask_sympy import code_name
 from attncc.passes.streams import Accumulator, Chosen, Reduction, StreamPass, StreamPlan
 
 _NEG_INF = "float('-inf')"
@@ -211,13 +215,33 @@ class PassCodegen:
         return "\n".join(body), src
 
     def stream_range(self) -> list[str]:
-        """The streamed range: everything, or the block of a blocked reduction's pass."""
+        """The streamed range: everything, or the block of a blocked reduction's pass, cut to
+        the hull of the keys the masks allow this row tile (bounds derived with sympy)."""
         block = self.p.block
         if block is None:
-            return ["lo = 0", "hi = n_cols"]
-        size = self.em.emit(block.size).code
-        return [f"lo = {names.user('idx', block.name)} * {size}  # one block of {block.index!r}",
-                f"hi = tl.minimum(lo + {size}, n_cols)"]
+            lines = ["lo = 0", "hi = n_cols"]
+        else:
+            size = self.em.emit(block.size).code
+            lines = [f"lo = {names.user('idx', block.name)} * {size}  # one block of {block.index!r}",
+                     f"hi = tl.minimum(lo + {size}, n_cols)"]
+        plan = self.p.mask_plan
+        if plan is None:
+            return lines
+        codes = {node.name: names.scalar(node) for node in (*self.plan.program.dims.values(),
+                                                              *self.plan.program.params.values())}
+        codes.update({name: code_name(name) for name in self.p.mask_symbols})
+        codes[plan.i0.name], codes[plan.i1.name] = "i0", "i1"
+        lines += ["# the streamed range the masks allow this row tile (attncc.passes.mask_analysis)",
+                  "i0 = pid_m * BLOCK_M", "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1", "mask_lo = n_cols",
+                  "mask_hi = 0"]
+        lines += [f"{code_name(name)} = {self.em.emit(node).code}" for name, node in self.p.mask_symbols.items()]
+        for n, c in enumerate(plan.conjuncts):
+            ok = [f"({guard_code(g, codes)})" for g in c.guards]
+            ok.append(f"({printed(sympy.Max(plan.i0, c.row_lo), codes)} <= {printed(sympy.Min(plan.i1, c.row_hi), codes)})")
+            lines += [f"ok{n} = " + " & ".join(ok),
+                      f"mask_lo = tl.where(ok{n} != 0, tl.minimum(mask_lo, {printed(c.lo, codes)}), mask_lo)",
+                      f"mask_hi = tl.where(ok{n} != 0, tl.maximum(mask_hi, {printed(c.hi, codes)} + 1), mask_hi)"]
+        return lines + ["lo = tl.maximum(lo, mask_lo)", "hi = tl.minimum(hi, mask_hi)"]
 
     def accumulate(self, k: int, acc: Accumulator, init, update, final):
         """The lines that start, update (after the tile's expressions) and finish one accumulator."""

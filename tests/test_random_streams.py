@@ -20,9 +20,8 @@ fused `RowStreamPlan` or a general `StreamPlan`), run in Triton's interpreter on
 random inputs, and every output is compared with the reference run on float64 copies,
 within 1e-4 of the output's scale (max(1, max |ref|)); infinities and nans must agree.
 
-Bugs the generator found are kept as strict xfails: a minimal spec each (KNOWN_BUGS for the
-planner and code generator, REFERENCE_BUGS for the reference executor, which the generator
-steps around) and the failing seeds (XFAIL_SEEDS). Explore more seeds with
+Bugs the generator found are kept as regression cases (REGRESSIONS, with the seeds that drew
+them in SEEDS). Explore more seeds with
 `python tests/test_random_streams.py COUNT SEED`: it prints each spec, its plan and whether
 it passed.
 """
@@ -163,11 +162,6 @@ def generate(seed: int) -> Case:
     shape = dict(B=rng.randint(1, 2), H=rng.randint(1, 3), N=odd_size(rng, 5, 29), M=odd_size(rng, 5, 29),
                  D=rng.randint(3, 20), E=rng.randint(3, 20), W=2 * rng.randint(1, 3) + 1)
     params = {"window": rng.randint(1, 6)}
-    if "column" in kinds:  # step around a reference bug (REFERENCE_BUGS): keep it streaming queries
-        if kinds[0] == "colsum":
-            kinds.append(kinds.pop(0))
-            outputs.append(outputs.pop(0))
-        shape["D"], shape["E"] = min(shape["D"], shape["N"] - 1), min(shape["E"], shape["N"] - 1)
     reads = {READS[kind] for kind in kinds}
     return Case(spec_text(scale, mods, MASKS[mask], outputs, reads), shape, params, kinds, mask)
 
@@ -227,36 +221,27 @@ def run_case(case: Case, seed: int = 0):
     return kernel, [why for name, x, ref in zip(kernel.outputs, got, want) if (why := compare(name, x, ref))]
 
 
-# Planner or code generator bugs, each as a minimal spec (kept as strict xfails: when one is
-# fixed its test passes, fails as XPASS, and its entry and seeds here are removed).
-MEAN_OF_EMPTY_ROW = "mean over a fully masked row is nan (0 / 0 of the torch epilogue), the reference gives 0"
-KNOWN_BUGS = {
-    "mean-of-fully-masked-row": (MEAN_OF_EMPTY_ROW, Case(
+# Bugs the generator found, each kept as a minimal spec that must now pass: a mean over a
+# row with every key masked was nan (0 / 0 in the torch epilogue; the reference gives 0), and
+# the reference crashed reading the softmax at a constant key (`p[b,h,i,0]`) when it streamed
+# the key index (D >= N, or column sums as the first output). name -> case.
+_CHOSEN = ("  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5\n"
+           "  p = softmax(s, j)\n")
+REGRESSIONS = {
+    "mean-of-fully-masked-row": Case(
         "attention mean_rows(q[B,H,N,D], k[B,H,M,D]) -> o[B,H,N] {\n"
         "  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d]\n"
         "  mask j <= i + (M - N)\n"
         "  o = mean(s, j)\n"
-        "}\n", dict(B=1, H=1, N=7, M=5, D=3), {})),
-}
-# Seeds that fail because of one of KNOWN_BUGS (found with the script entry): seed -> reason.
-XFAIL_SEEDS = {125: MEAN_OF_EMPTY_ROW, 179: MEAN_OF_EMPTY_ROW}
-SEEDS = [*range(36), *XFAIL_SEEDS]
-# A reference executor bug the generator steps around. The reference streams the index of its
-# largest intermediate (k[B,H,M,D] when D >= N, or s when the first output is over keys:
-# then the key index j), and a read of the softmax at a constant key, `p[b,h,i,0]`, is then
-# evaluated outside any stream block. So with a chosen column the generator keeps D, E < N
-# and puts column sums after the first output. name -> (error, spec, shape).
-REFERENCE_BUG = "AttributeError: 'NoneType' object has no attribute 'start' (reference.py, eval_index)"
-_CHOSEN = ("  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5\n"
-           "  p = softmax(s, j)\n")
-REFERENCE_BUGS = {
-    "chosen-column-wide-keys": (
+        "}\n", dict(B=1, H=1, N=7, M=5, D=3), {}),
+    "chosen-column-wide-keys": Case(
         "attention chosen_column(q[B,H,N,D], k[B,H,M,D]) -> p0[B,H,N] {\n" + _CHOSEN
-        + "  p0[b,h,i] = p[b,h,i,0]\n}\n", dict(B=1, H=1, N=5, M=7, D=6)),
-    "colsum-before-chosen-column": (
+        + "  p0[b,h,i] = p[b,h,i,0]\n}\n", dict(B=1, H=1, N=5, M=7, D=6), {}),
+    "colsum-before-chosen-column": Case(
         "attention colsum_first(q[B,H,N,D], k[B,H,M,D]) -> (cs[B,H,M], p0[B,H,N]) {\n" + _CHOSEN
-        + "  cs[b,h,j] = p[b,h,i,j]\n  p0[b,h,i] = p[b,h,i,0]\n}\n", dict(B=1, H=1, N=5, M=7, D=3)),
+        + "  cs[b,h,j] = p[b,h,i,j]\n  p0[b,h,i] = p[b,h,i,0]\n}\n", dict(B=1, H=1, N=5, M=7, D=3), {}),
 }
+SEEDS = list(range(36)) + [125, 179]  # 125 and 179 drew the fully masked mean
 
 
 @pytest.fixture
@@ -265,8 +250,7 @@ def interpreter():
         pytest.skip("generated kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=XFAIL_SEEDS[s]))
-                                  if s in XFAIL_SEEDS else s for s in SEEDS])
+@pytest.mark.parametrize("seed", SEEDS)
 def test_random_stream_spec(seed, interpreter):
     case = generate(seed)
     try:
@@ -276,21 +260,11 @@ def test_random_stream_spec(seed, interpreter):
     assert not failures, "\n".join(failures) + f"\n{case.text}{plan_of(kernel)}"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=why))
-                                  for n, (why, _) in KNOWN_BUGS.items()])
-def test_known_bug(name, interpreter):
-    case = KNOWN_BUGS[name][1]
+@pytest.mark.parametrize("name", REGRESSIONS)
+def test_regression(name, interpreter):
+    case = REGRESSIONS[name]
     kernel, failures = run_case(case)
     assert not failures, "\n".join(failures) + f"\n{case.text}{plan_of(kernel)}"
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=REFERENCE_BUG,
-                                                                          raises=AttributeError))
-                                  for n in REFERENCE_BUGS])
-def test_reference_bug(name):
-    text, shape = REFERENCE_BUGS[name]
-    reference = attncc.compile(text, backend="reference")
-    reference(**random_arguments(reference.program, shape))
 
 
 def test_generator_covers_every_construct():
@@ -324,8 +298,7 @@ def main(argv: list[str]) -> int:
             if not isinstance(why, (attncc.BackendError, AssertionError)):
                 failures.append(traceback.format_exc())
         failed += bool(failures)
-        known = f" (known bug: {XFAIL_SEEDS[seed]})" if seed in XFAIL_SEEDS else ""
-        print(f"FAIL{known}\n  " + "\n  ".join(failures) if failures else "pass")
+        print("FAIL\n  " + "\n  ".join(failures) if failures else "pass")
     print(f"{count - failed} of {count} passed")
     return 1 if failed else 0
 
