@@ -18,7 +18,8 @@ from .binding import BoundCall
 from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
 from .runtime import _RECORDING, KernelLaunch, check_device, launch, load_module, pow2, promote_operands, triton_cdiv
-from attncc.passes.streams import StreamPlan, torch_form
+from attncc.passes.kinds import KernelRole, LaunchPath
+from attncc.passes.streams import StreamPlan, plan_streams, torch_form
 
 
 def stream_config(interpret: bool, widest: int, value_sums: int) -> dict:
@@ -34,11 +35,23 @@ def stream_config(interpret: bool, widest: int, value_sums: int) -> dict:
 class StreamLauncher:
     """Launches the passes of a general plan for one bound call."""
 
-    def __init__(self, plan: StreamPlan, src, lse_plan=None):
+    def __init__(self, plan: StreamPlan, src):
         self.plan, self.src = plan, src
         self.modules: dict = {}
-        self.last_path = "general streaming"
+        self.last_path = LaunchPath.GENERAL
         self.last_tma_fallback = None
+        self.lse_launcher: StreamLauncher | None = None  # the plan with the log-sum-exp as an extra output
+
+    def with_lse(self) -> "StreamLauncher":
+        """The launcher of the same program planned with `return_lse`'s log-sum-exp as one more
+        output (built on first use; it shares the softmax's accumulator)."""
+        if self.lse_launcher is None:
+            from attncc.codegen.stream_kernel import generate_streams
+            from .api import lse_output
+
+            plan = plan_streams(self.plan.program, (lse_output(self.plan.program),))
+            self.lse_launcher = StreamLauncher(plan, generate_streams(plan, plan.program.name))
+        return self.lse_launcher
 
     def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
                  count_tiles=False) -> list[KernelLaunch]:
@@ -54,7 +67,7 @@ class StreamLauncher:
 
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
         if return_lse:
-            raise BackendError("return_lse is not generated for the general streaming plan yet")
+            return self.with_lse()(call, False, config)
         interpret = check_device(call)
         p = self.plan
         operands = {op.input.name for sp in p.passes for dot in sp.dots for op in dot.sides.values()
@@ -104,7 +117,7 @@ class StreamLauncher:
             grid = (triton_cdiv(sizes[sp.row], cfg["BLOCK_M"]), math.prod(sizes[ix] for ix in sp.outer))
             if grid[0] and grid[1]:
                 launch(KernelLaunch(getattr(module, source.kernel), grid, args, constexprs, options, interpret,
-                                    "stream pass"))
+                                    KernelRole.STREAM_PASS))
             for node, value in zip(source.results, results):
                 tensors[p.results[node].name] = value
         if recording:

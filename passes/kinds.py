@@ -50,6 +50,7 @@ class LaunchPath(ShownEnum):
     ROW_STREAMING = "row streaming"  # the row-streaming kernel (any plan, any call)
     REASSOCIATED = "reassociated"    # linear attention f(Q) (f(K)^T V): state, then apply kernel
     CHUNKED = "chunked"              # causal linear attention: the chunked scan with a carried state
+    GENERAL = "general streaming"    # the passes of a general streaming plan (passes/streams.py)
 
 
 class KernelRole(ShownEnum):

@@ -184,6 +184,7 @@ class Lowering:
         self.small = small_indices(program)
         self.memo: dict = {}
         self.hoisted: set = set()   # small contractions made by hoisting a gather: torch computes them
+        self.lses: dict = {}        # (x, axis, masks) -> its one log-sum-exp node
         self.masks: dict = {}       # reduction node -> the masks it applies (from the spec's node)
         self.softmax: dict = {}     # exp(x - L) node -> L
 
@@ -433,9 +434,12 @@ class Lowering:
         for k, axis in enumerate(n.axes):  # one axis at a time, innermost last
             rest = tuple(ix for ix in node.indices if ix != axis)
             op = "sum" if n.op == "mean" else n.op
-            red = ir.Reduce(op=op, arg=node, axes=(axis,), indices=rest, dtype=n.dtype if op != "logsumexp"
-                            else ir.FLOAT, loc=n.loc)
-            self.masks[red] = tuple(mk for mk in masks if axis in mk.pred.indices)
+            axis_masks = tuple(mk for mk in masks if axis in mk.pred.indices)
+            if op == "logsumexp":  # one accumulator per log-sum-exp, written or made by a softmax
+                red = self.logsumexp(node, axis, axis_masks, n.loc)
+            else:
+                red = ir.Reduce(op=op, arg=node, axes=(axis,), indices=rest, dtype=n.dtype, loc=n.loc)
+                self.masks[red] = axis_masks
             if n.op == "logsumexp" and k < len(n.axes) - 1:
                 raise NotRowStreamable(f"a log-sum-exp over several axes ({statement(self.program, n)})")
             node = red
@@ -467,11 +471,19 @@ class Lowering:
         return ir.Access(array=node, args=args, axes=node.indices, indices=tuple(indices), dtype=node.dtype,
                          loc=node.loc)
 
+    def logsumexp(self, x: ir.Node, axis: str, masks, loc) -> ir.Reduce:
+        """The log-sum-exp of `x` along `axis` under `masks`: one node however often it is
+        needed (a softmax and a `logsumexp(s, j)` output of the same scores share it)."""
+        key = (x, axis, frozenset(masks))
+        if key not in self.lses:
+            rest = tuple(ix for ix in x.indices if ix != axis)
+            self.lses[key] = ir.Reduce(op="logsumexp", arg=x, axes=(axis,), indices=rest, loc=loc)
+            self.masks[self.lses[key]] = tuple(masks)
+        return self.lses[key]
+
     def normalize(self, n: ir.Normalize, x: ir.Node) -> ir.Node:
         masks = tuple(self.program.masks_on(n))
-        rest = tuple(ix for ix in x.indices if ix != n.axis)
-        lse = ir.Reduce(op="logsumexp", arg=x, axes=(n.axis,), indices=rest, loc=n.loc)
-        self.masks[lse] = masks
+        lse = self.logsumexp(x, n.axis, masks, n.loc)
         empty = _map("==", lse, _const(-math.inf), dtype=ir.BOOL)
         safe = _map("where", empty, _const(0.0), lse)  # nothing allowed: weights 0, not nan
         weight = _map("exp", _map("-", x, safe, loc=n.loc), loc=n.loc)
@@ -678,17 +690,14 @@ class Planner:
             return self.levels[acc.node]
         self.levels[acc.node] = 0  # cycles cannot happen in a DAG; this guards re-entry
         deps = [d for r in acc.reads for d in self.dependencies(r)]
-        fused = self.online_lse(acc, deps)
+        fused, weight = self.online_lse(acc, deps)
         level = 0
         for dep in deps:
             if fused is not None and dep is fused.node:
                 level = max(level, self.level(fused))
             else:
                 level = max(level, self.dep_level(dep) + 1)
-        acc.online = fused
-        if fused is not None:
-            acc.weight = next(w for w, lse in self.lower.softmax.items() if lse is fused.node
-                              and w in _walk(acc.arg, lambda n: False))
+        acc.online, acc.weight = fused, weight
         acc.level = level
         self.levels[acc.node] = level
         return level
@@ -730,21 +739,21 @@ class Planner:
         if any({p.row, p.stream} <= set(node.indices) for p in self.pairs):
             raise NotRowStreamable(f"{statement(self.program, node)} needs a score-sized intermediate")
 
-    def online_lse(self, acc: Accumulator, deps) -> Accumulator | None:
-        """The LSE accumulator this sum can be online with: the sum's expression is linear in
-        one `exp(x - L)` factor, L an accumulator over the same rows and streamed index,
-        and reads L nowhere else."""
+    def online_lse(self, acc: Accumulator, deps) -> tuple:
+        """(the LSE accumulator this sum can be online with, its weight node): the sum's
+        expression is linear in one `exp(x - L)` factor, L an accumulator over the same rows,
+        streamed index and grid, and reads L nowhere else; (None, None) when there is none."""
         if acc.kind not in (Reduction.SUM, Reduction.DOT):
-            return None
+            return None, None
         for dep in deps:
             lse = self.accs.get(dep)
             if lse is None or lse.kind is not Reduction.LSE or (lse.stream, lse.row) != (acc.stream, acc.row) \
                     or _outer(lse) != _outer(acc):
                 continue
-            weights = [w for w, L in self.lower.softmax.items() if L is dep]
-            if len(weights) == 1 and _linear(acc.arg, weights[0], dep):
-                return lse
-        return None
+            for weight in (w for w, L in self.lower.softmax.items() if L is dep):
+                if _linear(acc.arg, weight, dep):
+                    return lse, weight
+        return None, None
 
 
 def _outer(acc: Accumulator) -> tuple:
@@ -792,12 +801,13 @@ def _linear(node: ir.Node, weight: ir.Node, lse: ir.Node, memo: dict | None = No
     return False
 
 
-def plan_streams(program: ir.Program) -> StreamPlan:
-    """The general plan of a program, or `NotRowStreamable` naming the statement that needs a
+def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
+    """The general plan of a program (and of `extra_outputs`, such as the log-sum-exp that
+    `return_lse` asks for), or `NotRowStreamable` naming the statement that needs a
     score-sized intermediate or a construct not generated yet."""
     planner = Planner(program)
     program = planner.program
-    outputs = [(out, planner.lower(out.node)) for out in program.outputs]
+    outputs = [(out, planner.lower(out.node)) for out in (*program.outputs, *extra_outputs)]
     # every reduction reachable from the outputs, operands first
     pending = []
     for _, node in outputs:

@@ -407,3 +407,23 @@ def test_score_sized_output_is_rejected():
     message = str(err.value)
     assert "'p'" in message and "line 3" in message, message
     assert attncc.compile(spec, backend="reference").backend == "reference"
+
+
+# ----------------------------------------------------------------------------- return_lse
+def test_return_lse_of_a_general_plan():
+    """`return_lse=True` plans the log-sum-exp as one more output, sharing the softmax's own
+    accumulator (the spec's `lse = logsumexp(s, j)` output is that same accumulator too)."""
+    if not CAN_RUN:
+        pytest.skip("generated kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    kernel, _ = _generated(CAUSAL_STATS)
+    args = random_arguments(kernel.program, {k: v for k, v in SHAPE.items() if k in kernel.program.dims}, seed=3)
+    with torch.no_grad():
+        got = kernel(**args, return_lse=True)
+    reference = attncc.compile(CAUSAL_STATS, backend="reference")
+    want = reference(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                        for k, v in args.items()}, return_lse=True)
+    assert len(got) == len(want) == len(kernel.outputs) + 1
+    for name, x, ref in zip([*kernel.outputs, "return_lse"], got, want):
+        _compare(name, x, ref, torch.float32, RTOL_F32)
+    lse_plan = kernel.generated.launcher.lse_launcher.plan
+    assert sum(a.kind is Reduction.LSE for p in lse_plan.passes for a in p.accumulators) == 1
