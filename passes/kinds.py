@@ -63,6 +63,7 @@ class KernelRole(ShownEnum):
     LINEAR_STATE = "linear_state"  # reassociated linear attention: the per-(batch, head) state
     LINEAR_APPLY = "linear_apply"  # reassociated linear attention: o = f(q) S
     CHUNKED = "chunked"            # the chunked causal scan
+    STREAM_PASS = "stream pass"    # one pass of a general streaming plan
     BWD_PRE = "bwd_pre"            # backward: delta = rowsum(dO * O) - dLSE per query row
     BWD_DKDV = "bwd_dkdv"          # backward: dK and dV, one program per key tile
     BWD_DQ = "bwd_dq"              # backward: dQ, one program per query tile
