@@ -24,19 +24,23 @@ from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, pro
 from attncc.codegen import block_map
 from attncc.codegen.row_backward import BackwardSource, generate_backward
 from attncc.passes.backward import BackwardPlan
-from attncc.passes.kinds import KernelRole
+from attncc.passes.kinds import KernelRole, MaskMode
 from attncc.passes.row_stream import map_outer
 
 
 def default_backward_config(interpret: bool, d: int, e: int) -> dict:
-    """Tiles of the backward kernels: small in the interpreter; on a GPU 64x64 with 4 warps up
-    to head dim 64, 64x32 up to 128 and 32x32 above: the largest that compile for sm_90 without
-    spills (`attncc.aot`, bf16); not timed yet, no GPU has run them."""
+    """Tiles of the backward kernels (BLOCK_M x BLOCK_N, queries x keys): small in the
+    interpreter; on a GPU, with 4 warps, 32x64 up to head dim 64, 64x32 up to 128 and 32x32
+    above: configs that compile for sm_90 without spills for the gallery's masks (`attncc.aot`,
+    bf16; two-conjunct windows spill 48 B at head dim 128, epipolar's predicate more); not
+    timed yet, no GPU has run them."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if max(d, e) > 128:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 64 if max(d, e) <= 64 else 32, "num_warps": 4, "num_stages": 2}
+    if max(d, e) > 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 class RowStreamBackward:
@@ -101,7 +105,7 @@ class RowStreamBackward:
                     *scalars, self.ds_scale(call)]
 
         kv_lists, q_lists = [], []
-        if self.bplan.transposed_block_map:
+        if self.bplan.dkdv_mode == MaskMode.BLOCK_MAP:
             fwd_module = self.forward.modules.get(interpret) or self.forward.modules.setdefault(
                 interpret, load_module(self.forward.module_src, interpret))
             kv_lists = self.forward.block_map_lists(call, bm, bn, sizes, fwd_module, interpret)

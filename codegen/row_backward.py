@@ -4,7 +4,9 @@ Three kernels, all derived from the plan (`passes/backward.py` says which plans 
 
 - `{name}_bwd_pre`: per query row, `delta = rowsum(dO * O) - dLSE` (fp32).
 - `{name}_bwd_dkdv`: one program per key tile of one (batch, head). It loads its keys and
-  values once, streams the query tiles, recomputes the scores exactly as the forward does
+  values once, streams the query tiles holding an allowed pair (symbolic ranges of the mask
+  analysed with keys as rows, or the forward's block map transposed; every tile without a
+  mask), recomputes the scores exactly as the forward does
   (the same tile emitter, the same score modifications and mask predicates, with the query
   tile as the loop index), `P = exp2(S - LSE * log2(e))`, and accumulates `dV += P^T dO` and
   `dK += dS^T Q`, where `dS = P * (dO V^T - delta) * dscore/dQK * scale`.
@@ -16,7 +18,9 @@ query head, summed by the launcher: no atomics). Every tensor is fp32 in the ker
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass
 
 from attncc.codegen import names
@@ -240,14 +244,17 @@ class DkdvCodegen(_BackwardCodegen):
                 *self.gradient_of_scores(),
                 "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)",
                 "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)"]
-        prologue = list(em.prologue)
         tile, call = self.tile_function(self.tile_name, ["dk", "dv"], "start_m", body)
 
         def visit(masked):
             return [f"    dk, dv = {self.tile_name}({call}, MASKED={masked}, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, "
                     "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)"]
 
-        if self.bplan.transposed_block_map:
+        mode = self.bplan.dkdv_mode
+        if mode == MaskMode.AFFINE:
+            loop = self.query_ranges(visit)
+            map_args = []
+        elif mode == MaskMode.BLOCK_MAP:
             outer = map_outer(p)
             flat = " + ".join(f"{names.user('idx', ix)} * {_stride(outer, k)}" for k, ix in enumerate(outer)) or "0"
             loop = ["# query tiles listed by the forward's block map, transposed: full tiles first",
@@ -263,9 +270,9 @@ class DkdvCodegen(_BackwardCodegen):
                     *visit(True)]
             map_args = ["q_list_ptr", "q_full_ptr", "q_count_ptr", "n_qtiles", "n_ktiles"]
         else:
-            loop = ["# every query tile, masked (transposed symbolic tile ranges are still to come)",
-                    "for start_m in range(0, n_rows, BLOCK_M):", *visit(True)]
+            loop = ["# every query tile, masked", "for start_m in range(0, n_rows, BLOCK_M):", *visit(True)]
             map_args = []
+        prologue = list(em.prologue)
         args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"], map_args)
         name = f"{self.name}_bwd_dkdv"
         src = [*tile, "", "",
@@ -287,6 +294,32 @@ class DkdvCodegen(_BackwardCodegen):
                "    tl.store(dv_ptr + (flat_o * n_cols + offs_n[:, None]) * n_vfeat + offs_e[None, :], dv, "
                "mask=out_ok & (offs_e[None, :] < n_vfeat))"]
         return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars))
+
+
+    def query_ranges(self, visit) -> list[str]:
+        """The query tiles of this key tile from the mask analysed with the roles swapped
+        (`BackwardPlan.key_masks`): the forward's range code (`affine_ranges`) over the
+        transposed plan, its tile names swapped (the key tile `pid_n` is the tile whose rows
+        bound the range, the query tiles `start_m` are the ones visited), then the visits."""
+        saved, self.visit = self.plan, lambda masked, call: [f"    @VISIT{int(masked)}@"]
+        self.plan = dataclasses.replace(saved, mask_plan=self.bplan.key_masks,
+                                        mask_symbols=self.bplan.key_mask_symbols)
+        try:
+            lines = self.affine_ranges("")
+        finally:
+            self.plan = saved
+            del self.visit
+        swap = {"pid_m": "pid_n", "BLOCK_M": "BLOCK_N", "BLOCK_N": "BLOCK_M", "n_rows": "n_cols",
+                "n_cols": "n_rows", "start_n": "start_m", "split_lo": "0", "split_hi": "n_rows + BLOCK_M"}
+        pattern = re.compile(r"\b(" + "|".join(swap) + r")\b")
+        out = []
+        for line in lines:
+            line = pattern.sub(lambda m: swap[m.group(1)], line)
+            if line.strip().startswith("@VISIT"):
+                out += visit(line.strip() == "@VISIT1@")
+            else:
+                out.append(line.replace("key-tile ranges", "query-tile ranges (keys as rows)"))
+        return out
 
 
 def _stride(outer, k):

@@ -19,14 +19,17 @@ This module decides, as data:
   from (their gradients are chained through the reference's torch ops, which are small),
   but not a float input the score reads besides Q K^T (ALiBi slopes, a bias table): those
   gradients are not generated yet;
-- which query tiles the dK/dV kernel visits (`BackwardPlan.transposed_block_map`).
+- which query tiles the dK/dV kernel visits (`BackwardPlan.dkdv_mode`, from the mask analysed
+  with the roles of queries and keys swapped, or the forward's block map transposed).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from attncc import ir
 from attncc.passes.kinds import MaskMode, WeightKind
+from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
+from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
 from attncc.passes.row_stream import RowStreamPlan
 
 
@@ -41,13 +44,20 @@ class BackwardPlan:
     grad_inputs: frozenset      # float inputs whose gradients the generated backward gives
     score_inputs: frozenset     # float inputs the score reads besides Q K^T (their gradient is not generated)
     chained: tuple              # operand names that are precomputed (gradients chained through torch)
+    key_masks: MaskPlan | None = None  # the mask analysed with the roles of i and j swapped
+    key_mask_symbols: dict = field(default_factory=dict)  # its loaded scalars (as RowStreamPlan.mask_symbols)
 
     @property
-    def transposed_block_map(self) -> bool:
-        """The dK/dV kernel walks the forward's block map transposed (per key tile, its
-        non-empty query tiles, full ones first); with symbolic or no masks it visits every
-        query tile, masked (transposed symbolic ranges are still to come)."""
-        return self.plan.mask_mode == MaskMode.BLOCK_MAP
+    def dkdv_mode(self) -> MaskMode:
+        """How the dK/dV kernel finds the query tiles of a key tile: the forward's block map
+        transposed (per key tile, its non-empty query tiles, full ones first), symbolic query
+        ranges from the mask analysed with the roles swapped (`key_masks`), or every query tile
+        (no mask, or a transposed analysis that did not give exact ranges)."""
+        if self.plan.mask_mode == MaskMode.BLOCK_MAP:
+            return MaskMode.BLOCK_MAP
+        if self.key_masks is not None and not self.key_masks.needs_block_map:
+            return MaskMode.AFFINE
+        return MaskMode.NONE
 
 
 def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
@@ -89,7 +99,25 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
         operands.append(node if node is not None else op.access)
     grad_inputs = float_reads(operands)
     score_inputs = float_reads([term.score, *term.qk_factors], stop={term.qk})
-    return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained))
+    key_masks, key_symbols = transposed_masks(plan)
+    return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained),
+                        key_masks, key_symbols)
+
+
+def transposed_masks(plan: RowStreamPlan) -> tuple[MaskPlan | None, dict]:
+    """The plan's affine masks analysed with the keys as the tile rows: per key tile, the range
+    of query rows with an allowed pair and the range where every pair is allowed (what the
+    dK/dV kernel visits). (None, {}) without masks, with a block map, or when the transposed
+    analysis fails (then every query tile is visited)."""
+    if plan.mask_mode != MaskMode.AFFINE:
+        return None, {}
+    try:
+        key_masks, symbols, opaque = analyse_masks(plan.program, plan.masks, plan.j, plan.i, plan.outer)
+    except (NotAffineExtents, MaskTooComplex):
+        return None, {}
+    if key_masks is None or opaque or key_masks.needs_block_map:
+        return None, {}
+    return key_masks, symbols
 
 
 def call_reason(bplan: BackwardPlan, requires_grad) -> str | None:

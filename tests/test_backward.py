@@ -9,12 +9,15 @@ allows, D != E, 16x16 tiles that do not divide N or M, GQA), with the returned L
 """
 import ast
 
+import numpy as np
 import pytest
 import torch
 
 import attncc
 from attncc.codegen import names
 from attncc.passes.backward import NoGeneratedBackward, plan_backward
+from attncc.passes.kinds import MaskMode
+from attncc.passes.mask_analysis import EMPTY, classify_tiles, key_ranges
 from attncc.passes.row_stream import plan_row_stream
 from oracles.inputs import EXAMPLES, SQUARE, make_inputs
 
@@ -132,6 +135,31 @@ def test_every_derivative_rule_of_the_score():
         assert kernel.last_run["backward"] == ("triton" if backend == "triton" else "reference")
     for n, a, b in zip(base, *grads):
         assert_close_to_scale(a, b, what=f"d{n}")
+
+
+@pytest.mark.parametrize("name,params", [("causal", {}), ("gqa_causal", {}), ("alibi", {}),
+                                         ("sliding_window", {"window": 8}),
+                                         ("sink_window", {"window": 8, "sinks": 3}), ("prefix_lm", {})])
+def test_dkdv_visits_exactly_the_query_tiles_with_an_allowed_pair(name, params):
+    """The mask analysed with keys as rows gives each key tile the query tiles the dK/dV kernel
+    walks: every tile holding an allowed pair (the forward's classification, transposed), no
+    other (on IR alone: the tile ranges as the analysis evaluates them)."""
+    plan = _plan(name)
+    bplan = plan_backward(plan)
+    assert bplan.dkdv_mode == MaskMode.AFFINE
+    square = name in SQUARE
+    for N, M in [(37, 37), (29, 37), (64, 48), (5, 40)]:
+        if square and N != M:
+            continue
+        for BM, BN in [(16, 16), (16, 8), (8, 32)]:
+            for prefix in ([0, 7, N] if bplan.key_mask_symbols else [None]):
+                values = {**params, **{k: prefix for k in bplan.key_mask_symbols}}
+                need = classify_tiles(plan.mask_plan, N, M, BM, BN, values) != EMPTY
+                visited = np.zeros_like(need)
+                for kt, spans in enumerate(key_ranges(bplan.key_masks, M, N, BN, BM, values)):
+                    for start, stop in spans:
+                        visited[start:stop, kt] = True
+                assert (visited == need).all(), (N, M, BM, BN, prefix)
 
 
 def test_lse_gradient_alone():
