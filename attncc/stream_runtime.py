@@ -118,8 +118,8 @@ class StreamLauncher:
             if grid[0] and grid[1]:
                 launch(KernelLaunch(getattr(module, source.kernel), grid, args, constexprs, options, interpret,
                                     KernelRole.STREAM_PASS))
-            for node, value in zip(source.results, results):
-                tensors[p.results[node].name] = value
+            for node, value in zip(source.results, results):  # integer accumulators back to integers
+                tensors[p.results[node].name] = value.round().to(torch.int64) if node.dtype == ir.INT else value
         if recording:
             return []
         outs = []

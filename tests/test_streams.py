@@ -427,3 +427,26 @@ def test_return_lse_of_a_general_plan():
         _compare(name, x, ref, torch.float32, RTOL_F32)
     lse_plan = kernel.generated.launcher.lse_launcher.plan
     assert sum(a.kind is Reduction.LSE for p in lse_plan.passes for a in p.accumulators) == 1
+
+
+def test_integer_reductions_stay_integers():
+    """Integer sums and maxima accumulate in fp32 in the kernel and come back as integers."""
+    spec = """attention counts(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], doc[B,N]: int, kdoc[B,M]: int)
+        -> (o[B,H,N,E], n[B,H,N]: int, far[B,H,N]: int) {
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  mask doc[b,i] == kdoc[b,j]
+  p = softmax(s, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+  n[b,h,i] = where(s[b,h,i,j] > 0, 1, 0)
+  far = amax(where(s > 0, j - i, -100), j)
+}"""
+    if not CAN_RUN:
+        pytest.skip("generated kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    kernel, _ = _generated(spec)
+    args = random_arguments(kernel.program, {k: v for k, v in SHAPE.items() if k in kernel.program.dims}, seed=5)
+    with torch.no_grad():
+        got = kernel(**args)
+    want = attncc.compile(spec, backend="reference")(**args)
+    for x, ref in zip(got[1:], want[1:]):
+        assert x.dtype == ref.dtype == torch.int64 and torch.equal(x, ref)
+    assert int(got[1].max()) > 0
