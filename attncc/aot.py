@@ -46,7 +46,7 @@ def report_shape(program: ir.Program, plan, d: int, e: int, n: int = 4096) -> di
     heads, named by their role in the plan (a spec may call its dims anything)."""
     shape = {}
     if hasattr(plan, "passes"):  # a general plan: the first tile dot's operands, the first values
-        dot = next(t for p in plan.passes for t in p.dots)
+        dot = next(t for p in plan.passes for t in (*p.dots, *p.lazy_dots))
         q, k = (dot.sides[ix] for ix in dot.sides)
         values = [a.value for p in plan.passes for a in p.accumulators if a.value is not None]
         v = values[0] if values else None

@@ -23,11 +23,11 @@ import sympy
 from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.mask_code import guard_code, printed
-from attncc.codegen.pytext import docstring
+from attncc.codegen.pytext import comment, docstring
 from attncc.codegen.row_stream import _indent, scalar_args, tensor_args
-from attncc.codegen.tile_expr import TileEmitter, Val
+from attncc.codegen.tile_expr import TileEmitter, Unsupported, Val
 from attncc.passes.mask_sympy import code_name
-from attncc.passes.streams import Accumulator, Chosen, Reduction, StreamPass, StreamPlan
+from attncc.passes.streams import Accumulator, Chosen, Reduction, StreamPass, StreamPlan, _product
 
 _NEG_INF = "float('-inf')"
 _POS_INF = "float('inf')"
@@ -58,9 +58,46 @@ class StreamEmitter(TileEmitter):
     """The tile emitter, plus the selections of the general plan, which carry state along the
     streamed index (how many ties at the threshold were chosen in earlier tiles)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, owner=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.state_init: list[str] = []
+        self.owner = owner           # the PassCodegen: extents and operand tiles
+        self.inner: dict = {}        # inner sums -> the index each loops over
+        self.lazy: dict = {}         # tile dots computed where an inner sum's loop needs them
+
+    def emit_contract(self, node: ir.Contract, env) -> Val:
+        if node in self.inner:
+            return self.inner_sum(node, env)
+        if node in self.lazy:
+            return self.owner.lazy_dot(self.lazy[node], env)
+        return super().emit_contract(node, env)
+
+    def emit_reduce(self, node: ir.Reduce, env) -> Val:
+        if node in self.inner:
+            return self.inner_sum(node, env)
+        raise Unsupported(f"a reduction at line {node.loc.line if node.loc else '?'} inside a tile expression")
+
+    def inner_sum(self, node: ir.Node, env) -> Val:
+        """`sum_g term` over a whole tile: a loop over `g` inside the tile, its values (and the
+        tile dots they need) computed in the loop and forgotten after it."""
+        g = self.inner[node]
+        c = self.counter
+        self.counter += 1
+        n_g = self.owner.extent_arg(g)
+        inner_env = {**env, g: Val(f"g{c}", frozenset(), ir.INT)}
+        saved, loop = (self.prologue, self.body, self.memo), []
+        self.prologue = self.body = loop
+        self.memo = dict(self.memo)
+        try:
+            term = _product(list(node.factors)) if isinstance(node, ir.Contract) else node.arg
+            val = self.emit(term, inner_env)
+        finally:
+            self.prologue, self.body, self.memo = saved
+        self.body += [comment(f"line {node.loc.line}: a sum over {g!r} inside the tile") if node.loc else "",
+                      f"isum{c} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)",
+                      f"for g{c} in range(0, {n_g}):", *("    " + ln for ln in loop),
+                      f"    isum{c} += {val.code}"]
+        return Val(f"isum{c}", frozenset("mn"))
 
     def emit_chosen(self, node: Chosen, env) -> Val:
         x, t, above = (self.emit(n, env) for n in (node.x, node.threshold, node.above))
@@ -87,7 +124,9 @@ class PassCodegen:
                p.stream: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
         for ix in p.outer:
             env[ix] = Val(names.user("idx", ix), frozenset(), ir.INT)
-        self.em = StreamEmitter(plan.program, env)
+        self.em = StreamEmitter(plan.program, env, owner=self)
+        self.em.inner = dict(plan.inner)
+        self.em.lazy = {dot.node: dot for dot in p.lazy_dots}
         self.em.in_bounds = {p.row, p.stream}
         mine = {a.node for a in p.accumulators}
         self.em.materialized = {**plan.precomputed.inputs,
@@ -97,16 +136,17 @@ class PassCodegen:
         self.topk: dict = {}     # constexpr buffer width -> the selection's amount
 
     # ------------------------------------------------------------------ operands
-    def operand_tile(self, op, tile: str, tile_code: str, feature: str, block: str) -> tuple[list[str], Val]:
+    def operand_tile(self, op, tile: str, tile_code: str, feature: str, block: str, env=None) -> tuple[list[str], Val]:
         """Load an operand's [tile, feature] block (zero outside), apply its feature map."""
         em, p = self.em, self.p
+        env = em.env if env is None else env
         em.tensors[op.input.name] = op.input
         n_feat = self.extent_arg(feature)
         offs = f"tl.arange(0, {block})"
         fcode = f"{offs}[None, :]"
         base = []
         for k, arg in op.outer_args():
-            val = em.emit(arg)
+            val = em.emit(arg, env)
             if val.const != 0:
                 base.append(f"{val.code} * {names.tensor('st', op.input.name, k)}")
         ok_tile = "row_ok[:, None]" if tile == "m" else "(offs_n[:, None] < n_cols)"
@@ -118,7 +158,7 @@ class PassCodegen:
         axes = frozenset((tile, "f"))
         if op.transform is None:
             return lines, Val(var, axes)
-        env = {**em.env, op.access.args[op.row].name: Val(f"{tile_code}[:, None]", frozenset(tile), ir.INT),
+        env = {**env, op.access.args[op.row].name: Val(f"{tile_code}[:, None]", frozenset(tile), ir.INT),
                feature: Val(fcode, frozenset("f"), ir.INT)}
         em.bind(op.access, Val(f"{var}.to(tl.float32)", axes), env)
         saved = (em.prologue, em.body)
@@ -130,6 +170,22 @@ class PassCodegen:
         lines.append(f"{var} = tl.where({fcode} < {n_feat}, {val.code}, 0.0).to({ptr}.dtype.element_ty)"
                      "  # padded features add nothing; back to the input type for the tensor cores")
         return lines, Val(var, axes)
+
+    def lazy_dot(self, dot, env) -> Val:
+        """A tile dot inside an inner sum's loop: both tiles loaded for this iteration."""
+        sp, em = self.p, self.em
+        c = self.counter()
+        block = f"BLOCK_D{c}"
+        self.features[block] = dot.d
+        a_lines, a = self.operand_tile(dot.sides[sp.row], "m", "offs_m", dot.d, block, env)
+        b_lines, b = self.operand_tile(dot.sides[sp.stream], "n", "offs_n", dot.d, block, env)
+        em.body += a_lines + b_lines + [
+            "if UPCAST_DOT:",
+            f"    sl{c} = tl.dot({a.code}.to(tl.float32), tl.trans({b.code}.to(tl.float32)), input_precision=PRECISION)",
+            "else:",
+            f"    sl{c} = tl.dot({a.code}, tl.trans({b.code}), input_precision=PRECISION)"]
+        product = " * ".join([f"sl{c}", *(em.emit(f, env).code for f in dot.factors)])
+        return Val(f"({product})" if dot.factors else product, frozenset("mn"))
 
     def counter(self) -> int:
         self.em.counter += 1

@@ -121,6 +121,7 @@ class StreamPass:
     accumulators: list
     dots: list = field(default_factory=list)
     block: ir.Block | None = None  # stream only the block `block.name` of the streamed index
+    lazy_dots: list = field(default_factory=list)  # tile dots inside inner sums: computed in their loops
     mask_plan: object = None       # the sympy plan of the masks every accumulator applies: tile ranges
     mask_symbols: dict = field(default_factory=dict)  # its loaded scalars (sympy name -> IR node)
 
@@ -134,6 +135,7 @@ class StreamPlan:
     results: dict                   # accumulator node -> synthetic ir.Input it is stored as
     notes: list = field(default_factory=list)  # (node, why) for the reductions torch computes
     planner: "Planner | None" = field(default=None, repr=False)
+    inner: dict = field(default_factory=dict)  # inner sums (tile values looping over an index) -> index
 
     def describe(self) -> str:
         """The plan in words: each pass, its accumulators (and the statements they come
@@ -141,13 +143,17 @@ class StreamPlan:
         lines = [f"general streaming plan: {len(self.passes)} generated pass(es)"]
         for k, p in enumerate(self.passes):
             lines.append(f"  pass {k} (level {p.level}, {p.kind.value}): rows '{p.row}', streams '{p.stream}', "
-                         f"grid over {', '.join(p.outer) or 'nothing'} x row tiles, {len(p.dots)} tile dot(s)")
+                         f"grid over {', '.join(p.outer) or 'nothing'} x row tiles, {len(p.dots)} tile dot(s)"
+                         + (f" (+{len(p.lazy_dots)} in inner sums)" if p.lazy_dots else ""))
             for a in p.accumulators:
                 how = f"online with the log-sum-exp of {statement(self.program, a.online.node)}" if a.online \
                     else ""
                 size = " x ".join(str(self.program.extent[ix]) for ix in a.node.indices)
                 lines.append(f"    {a.kind.value} over '{a.stream}' -> [{', '.join(a.node.indices)}] = [{size}] "
                              f"({statement(self.program, a.node)}){'; ' + how if how else ''}")
+        for n, g in self.inner.items():
+            if n.loc is not None:
+                lines.append(f"  inner sum over '{g}' (a loop inside each tile): {statement(self.program, n)}")
         for n in self.precomputed.inputs:
             size = " x ".join(str(self.program.extent[ax]) for ax in self.precomputed.axes[n])
             lines.append(f"  torch, before the pass that reads it: {statement(self.program, n)} -> [{size}]")
@@ -532,6 +538,7 @@ class Planner:
         self.levels: dict = {}
         self.notes: list = []
         self.value_nodes: dict = {}   # sum with values -> its value factor
+        self.inner: dict = {}         # sum over a non-tile index of tile-level values -> that index
         self.pairs: list = []         # the passes, once formed (what is score-sized)
 
     # ------------------------------------------------------------------ tile dots
@@ -570,15 +577,35 @@ class Planner:
         return self.dots[n]
 
     def dots_in(self, node: ir.Node) -> list[TileDot]:
-        """The tile dots an expression computes (not those inside the reductions it reads)."""
-        nodes = _walk(node, lambda n: _is_reduction(n, self.program) or isinstance(n, ir.Contract), enter_root=False)
+        """The tile dots an expression computes (not those inside the reductions it reads,
+        but those of the inner sums it holds)."""
+        nodes = _walk(node, lambda n: (_is_reduction(n, self.program) or isinstance(n, ir.Contract))
+                      and n not in self.inner, enter_root=False)
         return [t for t in (self.tile_dot(n) for n in nodes) if t is not None]
+
+    def classify_inner(self, red: ir.Node):
+        """A sum over an index `g` that no tile dot pairs, of values over a whole tile pair
+        (`sum_g wl[h,g] * s0[b,g,i,j]`, talking heads): not an accumulator but a tile value,
+        a loop over `g` inside each tile (rule: a sum over a non-tile index stays in the tile)."""
+        if isinstance(red, ir.Reduce):
+            if red.op != "sum" or red.block is not None or len(red.axes) != 1:
+                return
+            g, parts = red.axes[0], (red.arg,)
+        else:
+            large = [ix for ix in red.summed if ix not in self.small]
+            if len(large) != 1 or len(red.summed) != 1:
+                return
+            g, parts = large[0], red.factors
+        dots = [t for f in parts for t in self.dots_in(f)]
+        if dots and red.dtype == ir.FLOAT and not self.lower.masks.get(red) and \
+                all(g not in t.sides for t in dots) and any(set(t.sides) <= set(red.indices) for t in dots):
+            self.inner[red] = g
 
     def reductions_in(self, node: ir.Node, inside: bool = False) -> list[ir.Node]:
         """The reductions an expression reads (through tile dots, not into reductions);
         `inside`: those that the reduction `node` itself reads."""
         def reduction(n):
-            return _is_reduction(n, self.program) and self.tile_dot(n) is None
+            return _is_reduction(n, self.program) and self.tile_dot(n) is None and n not in self.inner
         return [n for n in _walk(node, reduction, enter_root=inside) if reduction(n) and not (inside and n is node)]
 
     # ------------------------------------------------------------------ classification
@@ -734,7 +761,11 @@ class Planner:
                 self.pre.input_for(n, n.indices)
                 return n
             return None if target is None else self.kernel_form(target, memo)
-        return rebuild(node, leaf, memo)
+        out = rebuild(node, leaf, memo)
+        for old, new in list(memo.items()):
+            if old in self.inner and new is not old:
+                self.inner[new] = self.inner[old]
+        return out
 
     def check_small(self, node: ir.Node):
         if any({p.row, p.stream} <= set(node.indices) for p in self.pairs):
@@ -816,7 +847,10 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
             if _is_reduction(n, program) and planner.tile_dot(n) is None and n not in pending:
                 pending.append(n)
     for red in pending:
-        planner.plan_reduction(red)
+        planner.classify_inner(red)
+    for red in pending:
+        if red not in planner.inner:
+            planner.plan_reduction(red)
     for acc in list(planner.accs.values()):
         planner.level(acc)
     passes: dict = {}
@@ -845,7 +879,9 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
                     raise NotRowStreamable(f"{statement(program, t.node)} is read at other indices than its own "
                                            f"inside {statement(program, acc.node)}: a whole score-sized intermediate")
                 seen.setdefault(t.node, t)
-        p.dots = list(seen.values())
+        inside = {m for n in planner.inner for m in _walk(n, lambda x: False) if m is not n}
+        p.dots = [t for t in seen.values() if t.node not in inside]
+        p.lazy_dots = [t for t in seen.values() if t.node in inside]
         p.mask_plan, p.mask_symbols = _tile_ranges(planner, p)
         for acc in p.accumulators:
             if acc.online is not None and acc.online not in p.accumulators:
@@ -858,7 +894,7 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
     if not plan_passes:
         raise NotRowStreamable("no reduction streams over scores (nothing pairs a row index with a streamed one "
                                "through a contraction), so there is no kernel to generate")
-    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, planner)
+    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, planner, planner.inner)
     _check_small(plan)
     return plan
 

@@ -20,9 +20,9 @@ from oracles.inputs import EXAMPLES  # noqa: E402
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # trial variants whose general streaming plans cover each kind of pass: a column pass, a top-k
 # threshold pass, blocked reductions, a chain of four passes, three value sums, a hoisted
-# gather, a grid over two batches, feature maps
+# gather, a grid over two batches, feature maps, inner sums over heads
 TRIALS = ("column_importance", "kca_topk", "landmark", "sinkhorn", "var_redistribute", "content_relative",
-          "filip", "cosformer")
+          "filip", "cosformer", "talking_heads")
 TMA = ("causal", "dense", "gqa_causal", "differential", "document")
 POINTERS = ("causal", "gqa_causal")
 
