@@ -230,6 +230,7 @@ class PassCodegen:
         for k, acc in enumerate(sp.accumulators):
             results.append(acc.node)
             stores.append(self.store(k, acc))
+        ranges = self.stream_range()  # before the arguments and prologue are written out: it may load scalars
         tensors = list(em.tensors)
         scalars = scalar_args(p.program, em.host_scalars)
         strides, dims = tensor_args(em.tensors)
@@ -256,7 +257,7 @@ class PassCodegen:
             *_indent(row_loads),
             *_indent(init),
             *_indent(em.state_init),
-            *_indent(self.stream_range()),
+            *_indent(ranges),
             "    for start_n in range(lo, hi, BLOCK_N):",
             "        offs_n = start_n + tl.arange(0, BLOCK_N)",
             "        allowed = row_ok[:, None] & (offs_n[None, :] < hi)",

@@ -9,6 +9,7 @@ skeleton took would not pass silently. Shapes are small and odd (partial tiles, 
 D != E). Run with TRITON_INTERPRET=1 set before triton is imported (or on a GPU).
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ import attncc
 from attncc.errors import BackendError
 from attncc.passes.streams import PassKind, Reduction, StreamPlan
 from attncc.random_inputs import random_arguments
+
+sys.path.insert(0, os.path.dirname(__file__))
+from oracles.inputs import EXAMPLES as GALLERY, make_inputs  # noqa: E402
 
 CAN_RUN = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
@@ -450,3 +454,40 @@ def test_integer_reductions_stay_integers():
     for x, ref in zip(got[1:], want[1:]):
         assert x.dtype == ref.dtype == torch.int64 and torch.equal(x, ref)
     assert int(got[1].max()) > 0
+
+
+# ----------------------------------------------------------------------------- the gallery, derived
+# The fused skeleton plans the gallery; the general planner must derive a correct plan for it
+# too (its plans are the algebra's, the fused kernel is one rule on top). Block-sparse
+# selections over pooled blocks read at (i // block, j // block) and top-p selections are taken
+# by the fused skeleton's precompute rule; the general planner refuses them, saying why.
+GENERAL_REFUSES = {"topk_blocks", "permuted_blocks"}
+
+
+@pytest.mark.parametrize("name", [n for n in GALLERY if n not in GENERAL_REFUSES])
+def test_gallery_through_the_general_planner(name):
+    if not CAN_RUN:
+        pytest.skip("generated kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    from attncc.binding import bind
+    from attncc.codegen.stream_kernel import generate_streams
+    from attncc.passes.streams import plan_streams
+    from attncc.stream_runtime import StreamLauncher
+
+    reference = attncc.compile(f"examples/{name}.attn", backend="reference")
+    plan = plan_streams(reference.program)
+    launcher = StreamLauncher(plan, generate_streams(plan, name))
+    kwargs = make_inputs(name, B=1, H=2, N=19, D=12, E=10, dtype=torch.float32)
+    got = launcher(bind(reference.program, kwargs), False)
+    want = _as_tuple(reference(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                  for k, v in kwargs.items()}))
+    for out, x, ref in zip(reference.outputs, got, want):
+        _compare(out, x, ref, torch.float32, RTOL_F32)
+
+
+@pytest.mark.parametrize("name,why", [("topk_blocks", "read at other indices"), ("permuted_blocks", "topp_mask")])
+def test_gallery_block_selections_are_refused_by_the_general_planner(name, why):
+    from attncc.passes.row_stream import NotRowStreamable
+    from attncc.passes.streams import plan_streams
+
+    with pytest.raises(NotRowStreamable, match=why):
+        plan_streams(attncc.load(f"examples/{name}.attn"))
