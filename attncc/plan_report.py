@@ -50,7 +50,13 @@ def format_plan(kernel, shape: dict | None = None, params: dict | None = None,
     """The plan of a kernel compiled with backend='triton', and the tile work of one call
     with sizes from `shape` and `params` (the rest: `random_arguments`' small defaults)."""
     if isinstance(kernel.generated.plan, StreamPlan):  # the general planner's passes
-        return f"plan {kernel.program.name}  # {kernel.program.source.filename}\n{kernel.generated.plan.describe()}\n"
+        plan = kernel.generated.plan
+        skipping = sum(p.mask_plan is not None for p in plan.passes)
+        return (f"plan {kernel.program.name}  # {kernel.program.source.filename}\n"
+                f"skeleton: general streaming (passes of accumulators; docs/codegen.md section 9)\n"
+                f"{plan.describe()}\n"
+                f"work: {len(plan.passes)} pass(es), each over its grid x row tiles, streaming its index in tiles; "
+                f"{skipping} of them skip the tiles their masks rule out (the hull of the sympy key ranges)\n")
     return _PlanText(kernel).render(shape, params, block_m, block_n)
 
 
