@@ -25,7 +25,10 @@ BACKENDS = ("auto", "triton", "reference")
 
 
 def load(spec: str | Path) -> ir.Program:
-    """Parse and check a spec given as a path or as source text."""
+    """Parse and check a spec given as a path or as source text (or the program of a kernel, such
+    as a function decorated with `@attncc.attention`)."""
+    if isinstance(spec, Kernel):
+        return spec.program
     text, filename = read_spec(spec)
     try:
         return pipeline.run(text, filename, until="ir")["ir"]
@@ -429,7 +432,8 @@ class _GeneratedBackward(torch.autograd.Function):
 
 
 def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 256) -> Kernel:
-    """Compile a spec (a path to a `.attn` file or its source text) into a callable `Kernel`.
+    """Compile a spec (a path to a `.attn` file, its source text, or a function decorated with
+    `@attncc.attention`) into a callable `Kernel`.
 
     backend: "triton" generates a fused Triton kernel (CUDA tensors run compiled; CPU
     tensors run the same kernel in Triton's interpreter, slowly: that is for tests);
@@ -442,20 +446,25 @@ def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 2
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
     program = load(spec)
+    ran, generated = choose_backend(program, backend)
+    kernel = Kernel(program, ran, reference_block, generated)
+    kernel.chosen_automatically = backend == "auto" and ran == "triton"
+    return kernel
+
+
+def choose_backend(program: ir.Program, backend: str) -> tuple[str, "Generated | None"]:
+    """(the backend that runs `program`, its generated kernel or None) when `backend` is asked for."""
     if backend == "reference" or (backend == "auto" and not torch.cuda.is_available()):
-        return Kernel(program, "reference", reference_block)
+        return "reference", None
     try:
-        generated = generate(program)
+        return "triton", generate(program)
     except RecursionError:
         raise too_deep(program.source.text, program.source.filename) from None
     except (NotRowStreamable, Unsupported) as why:
         if backend == "auto":
-            return Kernel(program, "reference", reference_block)
+            return "reference", None
         raise BackendError(f"{program.source.filename}: the triton backend cannot generate '{program.name}' "
                            f"yet: {why}; backend='reference' runs it") from None
-    kernel = Kernel(program, "triton", reference_block, generated)
-    kernel.chosen_automatically = backend == "auto"
-    return kernel
 
 
 class Generated:

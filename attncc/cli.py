@@ -33,7 +33,9 @@ from .plan_report import format_plan
 from .printer import format_ast, format_ir
 
 
-def _show_ast(spec: str, args) -> str:
+def _show_ast(spec, args) -> str:
+    if not isinstance(spec, str):  # a function decorated with @attncc.attention: its .attn text
+        return spec.show("ast")
     return format_ast(pipeline.run(*read_spec(spec), until="ast")["ast"])
 
 
@@ -111,13 +113,18 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def resolve_spec(spec: str) -> str:
-    """A spec argument as a path: an existing file, or the name of a gallery example."""
+def resolve_spec(spec: str):
+    """A spec argument as a path (an existing file, or the name of a gallery example), or as the
+    decorated function that `module:function` or `file.py:function` names (imported)."""
     if os.path.isfile(spec):  # False, not an error, for a name too long or with a NUL
         return spec
     for path in example_files():
         if path.stem == spec or path.name == spec:
             return str(path)
+    if re.fullmatch(r"[^:]+:[A-Za-z_][\w.]*", spec):
+        from .decorator import import_function
+
+        return import_function(spec)
     raise FileNotFoundError(f"no spec file '{spec}' and no example of that name (see `attncc list`)")
 
 
@@ -164,7 +171,11 @@ def cmd_show(args, console: Console) -> int:
 
 
 def cmd_compile(args, console: Console) -> int:
-    spec = Path(resolve_spec(args.spec))
+    spec = resolve_spec(args.spec)
+    if not isinstance(spec, str):
+        raise ValueError(f"{args.spec}: `attncc compile` takes a .attn file; `attncc show --stage ast "
+                         f"{args.spec} > {spec.name}.attn` writes the decorated function's spec as one")
+    spec = Path(spec)
     name = compile_spec(spec, "triton").name  # fails before anything is written
     files = compiled_files(name)
     out = Path(args.output)
@@ -375,9 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "  attncc show --stage plan document\n"
                    "  attncc show --stage plan sliding_window --shape N=1024 --param window=128 \\\n"
                    "              --block-m 128 --block-n 64\n"
-                   "  attncc show --stage triton causal > causal_triton.py\n")
+                   "  attncc show --stage triton causal > causal_triton.py\n"
+                   "  attncc show --stage ast my_specs:alibi          (a decorated Python function)\n")
     p.add_argument("--stage", choices=list(STAGES), default="ir", help="which stage (default: ir)")
-    p.add_argument("spec", metavar="FILE", help="a .attn file, or the name of a gallery example")
+    p.add_argument("spec", metavar="FILE", help="a .attn file, the name of a gallery example, or "
+                   "MODULE:FUNCTION (or FILE.py:FUNCTION), a function decorated with @attncc.attention "
+                   "(imported: its module runs); --stage ast prints its spec as .attn text")
     _size_options(p, "for the plan's work table")
     p.add_argument("--block-m", type=_tile, metavar="ROWS",
                    help=f"query rows per tile in the plan's work table (default: {PLAN_TILE})")

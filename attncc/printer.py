@@ -95,6 +95,23 @@ def format_ast(program: ast.Program) -> str:
     return "\n".join(out) + "\n"
 
 
+def format_attn(program: ast.Program) -> str:
+    """The AST as `.attn` text that parses back to an equal tree (positions aside): the spec of
+    a function decorated with `@attncc.attention`, as `attncc show --stage ast` prints it."""
+    def decl(d: ast.Decl) -> str:
+        return f"{d.name}[{', '.join(str(x) for x in d.dims)}]" + (f": {d.dtype}" if d.dtype != "float" else "")
+
+    outputs = ", ".join(decl(d) for d in program.outputs)
+    if len(program.outputs) != 1:
+        outputs = f"({outputs})"
+    keyword = {ast.Param: "param ", ast.Let: "let ", ast.Require: "require ", ast.Mask: "mask "}
+    out = [f"attention {program.name}({', '.join(decl(d) for d in program.inputs)}) -> {outputs} {{"]
+    for st in program.body:
+        out.append(f"  {keyword.get(type(st), '')}{_statement(st)}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
 # ----------------------------------------------------------------------------- IR
 
 _LEAVES = (ir.Const, ir.Index, ir.Scalar, ir.Input)  # printed inline where they are used
