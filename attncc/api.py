@@ -174,7 +174,8 @@ class Kernel:
     def signature(self) -> inspect.Signature:
         """Every input and param as a keyword-only parameter; names Python cannot spell as a
         parameter (`lambda`, `None`) are passed through `**kwargs` instead (`**{"lambda": x}`)."""
-        named = [(n, torch.Tensor, inspect.Parameter.empty) for n in self.program.inputs]
+        named = [(n, torch.Tensor, inspect.Parameter.empty if node.default is None else None)  # optional: None
+                 for n, node in self.program.inputs.items()]
         for name, default in self.params.items():
             named.append((name, {"int": int, "float": float, "bool": bool}[self.program.params[name].dtype], default))
         params, unspellable = [], []

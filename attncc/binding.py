@@ -48,7 +48,26 @@ class BoundCall:
 
 
 def describe_input(node: ir.Input) -> str:
-    return f"{node.dtype} tensor [{', '.join(str(d) for d in node.dims)}]"
+    optional = f", optional (default {node.default.value})" if node.default is not None else ""
+    return f"{node.dtype} tensor [{', '.join(str(d) for d in node.dims)}]{optional}"
+
+
+def _default_tensor(program: ir.Program, node: ir.Input, tensors: dict, scalars: dict, device) -> torch.Tensor:
+    """An optional input left out of a call: its default everywhere, as one value expanded
+    (stride 0) to its declared shape, so nothing is materialised. Each of its dims must be
+    bound by another input; floats take the type of the call's float tensors."""
+    shape = []
+    for dim in node.dims:
+        if dim.is_Integer:
+            shape.append(int(dim))
+        elif dim.name in scalars:
+            shape.append(scalars[dim.name])
+        else:
+            raise ArgumentError(f"{program.name}(): the optional input '{node.name}' was left out, but its dim "
+                                f"{dim.name} is not given by any other input; pass '{node.name}'")
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    dtype = {ir.INT: torch.int64, ir.BOOL: torch.bool}.get(node.dtype, floats[0] if floats else torch.float32)
+    return torch.tensor(node.default.value, dtype=dtype, device=device or "cpu").expand(shape)
 
 
 def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
@@ -66,7 +85,11 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
     scalars: dict[str, int | float | bool] = {}
     bound_by: dict[str, str] = {}
     device = None
+    left_out = []  # optional inputs the call leaves out: their default, once the dims are bound
     for name, node in program.inputs.items():
+        if kwargs.get(name) is None and node.default is not None:
+            left_out.append(node)
+            continue
         if name not in kwargs:
             raise ArgumentError(f"{program.name}() is missing the argument '{name}' ({describe_input(node)})")
         t = kwargs[name]
@@ -96,6 +119,8 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
             scalars.setdefault(key, size)
             bound_by.setdefault(key, name)
         tensors[name] = t
+    for node in left_out:
+        tensors[node.name] = _default_tensor(program, node, tensors, scalars, device)
     for name, node in program.params.items():
         scalars[name] = _param_value(program, node, kwargs.get(name), scalars)
     for req in program.requires:

@@ -99,11 +99,29 @@ class Frontend:
                 self.dims[d] = sym
                 self.env[d] = _Scalar(sym)
             dims.append(sympy.Symbol(d, integer=True, positive=True))
-        node = ir.Input(name=decl.name, dims=tuple(dims), dtype=decl.dtype, loc=decl.loc)
+        node = ir.Input(name=decl.name, dims=tuple(dims), dtype=decl.dtype, loc=decl.loc,
+                        default=self.input_default(decl))
         self.inputs[decl.name] = node
         self.env[decl.name] = _Tensor(node, None)
 
+    def input_default(self, decl: ast.Decl) -> ir.Const | None:
+        """The constant an optional input holds everywhere when a call leaves it out
+        (`rows[B,N]: bool = true`, `lam[H] = 1.0`): a number or true/false of its type."""
+        if decl.default is None:
+            return None
+        value = self.expr(decl.default)
+        ok = {ir.FLOAT: (ir.FLOAT, ir.INT), ir.INT: (ir.INT,), ir.BOOL: (ir.BOOL,)}[decl.dtype]
+        if not isinstance(value, ir.Const) or value.dtype not in ok:
+            kind = {ir.FLOAT: "a number", ir.INT: "an integer", ir.BOOL: "true or false"}[decl.dtype]
+            raise self.error(f"the default of input '{decl.name}' must be a constant of its type", decl.default.loc,
+                             kind)
+        return ir.Const(value=float(value.value) if decl.dtype == ir.FLOAT else value.value, dtype=decl.dtype,
+                        loc=value.loc)
+
     def output(self, decl: ast.Decl) -> ir.Output:
+        if decl.default is not None:
+            raise self.error(f"output '{decl.name}' has a default; only inputs can be optional", decl.default.loc,
+                             "no `= value` after an output")
         binding = self.env.get(decl.name)
         if binding is None:
             raise self.error(f"output '{decl.name}' is never assigned", decl.loc,

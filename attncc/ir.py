@@ -48,6 +48,7 @@ class Input(Node):
 
     name: str = ""
     dims: tuple[sympy.Expr, ...] = ()
+    default: "Const | None" = None  # an optional input: its value everywhere when a call leaves it out
 
 
 @dataclass(eq=False)

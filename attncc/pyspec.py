@@ -248,11 +248,11 @@ class _Translator:
         if args.kwarg is not None:
             raise self.error(f"`**{args.kwarg.arg}` is not part of an attention's header", args.kwarg,
                              "one keyword-only argument per param after `*`")
-        if args.defaults:
-            raise self.error("an input takes no default", args.defaults[0],
-                             "params as keyword-only arguments after `*`: `*, window: int = 256`")
+        positional = args.posonlyargs + args.args
+        # defaults belong to the last inputs: an optional input (`rows: "B,N: bool" = True`)
+        defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
         decls = []
-        for arg in args.posonlyargs + args.args:
+        for arg, default in zip(positional, defaults):
             where = self.arg_loc(arg)
             self.check_name(arg.arg, where, "the input")
             ann = arg.annotation
@@ -263,7 +263,8 @@ class _Translator:
                 raise self.error(f"'{arg.arg}: {ann.id}' is a param, and params are keyword-only arguments",
                                  where, f"the param after `*`: `*, {arg.arg}: {ann.id} = ...`")
             dims, dtype = self.dims(ann, f"input '{arg.arg}'")
-            decls.append(syntax.Decl(arg.arg, dims, dtype, loc=where))
+            value = None if default is None else self.default(default)
+            decls.append(syntax.Decl(arg.arg, dims, dtype, loc=where, default=value))
         return decls
 
     def arg_loc(self, arg: ast.arg) -> Loc:

@@ -79,6 +79,7 @@ class Decl:
     dims: list[str | int]
     dtype: str
     loc: Loc | None = field(default=None, compare=False, repr=False)
+    default: Expr | None = field(default=None, kw_only=True)  # an optional input's value when left out
 
 
 @dataclass
@@ -220,9 +221,9 @@ class _ToAst(lark.Transformer):
 
     @lark.v_args(meta=True)
     def decl(self, meta, items):
-        name, *dims, dtype = items
+        name, *dims, dtype, default = items
         return Decl(str(name), [d for d in dims if d is not None], str(dtype) if dtype else "float",
-                    loc=_tok_loc(name))
+                    loc=_tok_loc(name), default=default)
 
     def one_output(self, items):
         return [items[0]]

@@ -164,7 +164,7 @@ def python_text(program: syntax.Program) -> str:
     params = [st for st in program.body if isinstance(st, syntax.Param)]
     body = [st for st in program.body if not isinstance(st, syntax.Param)]
     assert program.body[:len(params)] == params, "params come first in the gallery"
-    header = [f'{d.name}: "{dims(d)}"' for d in program.inputs]
+    header = [f'{d.name}: "{dims(d)}"' + ("" if d.default is None else f" = {py(d.default)}") for d in program.inputs]
     if params:
         header.append("*")
     for p in params:

@@ -84,3 +84,78 @@ def test_label_causal(backend):
     assert torch.equal(lse.isinf(), want_lse.isinf())
     close(lse.nan_to_num(neginf=0.0), want_lse.nan_to_num(neginf=0.0), "lse")
     assert bool(want_lse.isinf().any()), "the rule should leave some row with no key"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_column_mass(backend, causal):
+    q, k, v = qkv(6)
+    rows = torch.rand(B, N, generator=torch.Generator().manual_seed(7)) > 0.4
+    kernel = attncc.compile("examples/column_mass.attn", backend=backend)
+    allowed = CAUSAL if causal else torch.ones(N, M, dtype=torch.bool)
+    p, want_o, _ = dense(q, k, v, allowed)
+    for given in (rows, None):  # `rows` is optional: every row when left out
+        o, colsum = kernel(q=q, k=k, v=v, causal=causal, **({"rows": given} if given is not None else {}))
+        chosen = given if given is not None else torch.ones(B, N, dtype=torch.bool)
+        close(o, want_o, "o")
+        close(colsum, (p * chosen[:, None, :, None]).sum(2), "colsum")
+    assert kernel.signature.parameters["rows"].default is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal,normalize", [(False, True), (True, True), (True, False)])
+def test_linear_kernel(backend, causal, normalize):
+    g = torch.Generator().manual_seed(8)
+    heads, groups = 4, 2
+    q = torch.rand(B, heads, M, D, generator=g)  # featurised (positive) queries and keys: den > 0
+    k = torch.rand(B, groups, M, D, generator=g)
+    v = torch.randn(B, groups, M, E, generator=g)
+    lam = 0.5 + 0.5 * torch.rand(heads, generator=g)
+    kw = torch.rand(B, groups, M, generator=g)
+    kernel = attncc.compile("examples/linear_kernel.attn", backend=backend)
+    for extra in ({}, {"lam": lam, "kw": kw}):
+        got = kernel(q=q, k=k, v=v, causal=causal, normalize=normalize, **extra)
+        lam_, kw_ = extra.get("lam", torch.ones(heads)), extra.get("kw", torch.ones(B, groups, M))
+        kx, vx, kwx = (t.repeat_interleave(heads // groups, dim=1).double() for t in (k, v, kw_))
+        i, j = torch.arange(M)[:, None], torch.arange(M)[None, :]
+        decay = lam_.double()[:, None, None] ** (i - j) if causal else torch.ones(heads, M, M, dtype=torch.double)
+        w = kwx[:, :, None, :] * decay * torch.einsum("bhid,bhjd->bhij", q.double(), kx)
+        if causal:
+            w = w * (j <= i)
+        o = torch.einsum("bhij,bhje->bhie", w, vx)
+        if normalize:
+            o = o / w.sum(-1, keepdim=True)
+        close(got, o, f"o {extra and 'with lam, kw' or 'defaults'}")
+
+
+@pytest.mark.parametrize("decl,why", [
+    ("rows[B,N]: bool = 1.5", "the default of input 'rows' must be a constant of its type"),
+    ("rows[B,N]: int = 0.5", "the default of input 'rows' must be a constant of its type"),
+    ("rows[B,N] = N", "the default of input 'rows' must be a constant of its type"),
+])
+def test_optional_input_defaults_are_constants_of_the_input_type(decl, why):
+    spec = (f"attention x(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], {decl}) -> o[B,H,N,E] {{\n"
+            "  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * rows[b,i]\n  p = softmax(s, j)\n"
+            "  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]\n}")
+    with pytest.raises(attncc.SpecError, match=why) as err:
+        attncc.load(spec)
+    assert ":1:" in str(err.value) and "^" in str(err.value)
+
+
+def test_an_optional_input_needs_its_dims_from_other_inputs():
+    spec = ("attention x(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], w[T] = 1.0) -> o[B,H,N,E] {\n"
+            "  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d]\n  p = softmax(s, j)\n"
+            "  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e] * w[0]\n}")
+    kernel = attncc.compile(spec, backend="reference")
+    q, k, v = qkv(9)
+    with pytest.raises(attncc.ArgumentError, match="its dim T is not given by any other input"):
+        kernel(q=q, k=k, v=v)
+    kernel(q=q, k=k, v=v, w=torch.ones(3))
+
+
+def test_outputs_have_no_default():
+    spec = ("attention x(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]) -> o[B,H,N,E] = 0.0 {\n"
+            "  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d]\n  p = softmax(s, j)\n"
+            "  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]\n}")
+    with pytest.raises(attncc.SpecError, match="only inputs can be optional"):
+        attncc.load(spec)
