@@ -126,7 +126,19 @@ def lse_output(program: ir.Program) -> ir.Output:
     sm = softmaxes[0]
     indices = tuple(ix for ix in sm.arg.indices if ix != sm.axis)
     node = ir.Reduce(op="logsumexp", arg=sm.arg, axes=(sm.axis,), indices=indices, loc=sm.loc)
+    if sm.sink is not None:  # log(exp(sink) + sum exp(s)): logaddexp as max(a, b) + log1p(exp(-|a - b|))
+        node = _logaddexp(node, sm.sink)
+        node = ir.Access(array=node, args=tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in indices),
+                         axes=node.indices, indices=indices, dtype=ir.FLOAT, loc=sm.loc) \
+            if node.indices != indices else node
     return ir.Output("lse", node, indices, tuple(program.extent[ix] for ix in indices), sm.loc)
+
+
+def _logaddexp(a: ir.Node, b: ir.Node) -> ir.Node:
+    def m(op, *args):
+        ordered = sorted(args, key=lambda x: -len(x.indices))
+        return ir.Map(op=op, args=args, indices=ir.union_indices(ordered), dtype=ir.FLOAT, loc=a.loc)
+    return m("+", m("max", a, b), m("log1p", m("exp", m("neg", m("abs", m("-", a, b))))))
 
 
 class Kernel:

@@ -510,10 +510,11 @@ class Frontend:
         if f in REDUCTIONS:
             return self.reduction(e)
         if f in NORMALIZERS:
-            self.check_arity(e, 2)
+            self.check_arity(e, 3 if f == "softmax" and len(e.args) == 3 else 2)
             x = self.operand(e.args[0])
-            return ir.Normalize(op=f, arg=x, axis=self.axis(e.args[1], x, e), indices=x.indices,
-                                dtype=ir.FLOAT, loc=e.loc)
+            axis = self.axis(e.args[1], x, e)
+            sink = self.sink_logit(e.args[2], axis) if len(e.args) == 3 else None
+            return ir.Normalize(op=f, arg=x, axis=axis, indices=x.indices, dtype=ir.FLOAT, loc=e.loc, sink=sink)
         if f in SELECTIONS:
             self.check_arity(e, 3)
             x = self.operand(e.args[0])
@@ -521,6 +522,17 @@ class Frontend:
             return ir.Select(op=f, arg=x, amount=amount, axis=self.axis(e.args[2], x, e),
                              indices=x.indices, dtype=SELECTIONS[f], loc=e.loc)
         raise self.error(f"unknown function '{f}'", e.loc, FUNCTION_HELP)
+
+    def sink_logit(self, arg: ast.Expr, axis: str) -> ir.Node:
+        """`softmax(s, j, sinks[h])`: the logit of one more virtual key (value 0), per row, so
+        `p = exp(s) / (exp(sink) + sum_j exp(s))`; it cannot depend on the normalised axis."""
+        node = self.expr(arg)
+        if axis in node.indices:
+            raise self.error(f"the sink logit depends on '{axis}', the axis the softmax normalises", arg.loc,
+                             f"a value per row, without '{axis}' (e.g. `sinks[h]`)")
+        if node.dtype == ir.BOOL:
+            raise self.error("the sink logit is a number, not a boolean", arg.loc)
+        return node
 
     def check_arity(self, e: ast.Call, n):
         """A `by` axis outside a reduction is its own error (counting it, the arity looks right)."""

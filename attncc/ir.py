@@ -136,14 +136,16 @@ class Reduce(Node):
 
 @dataclass(eq=False)
 class Normalize(Node):
-    """softmax (or softmax1: with a virtual zero logit) of `arg` along `axis`."""
+    """softmax (or softmax1: with a virtual zero logit) of `arg` along `axis`; `sink`: the
+    logit of one more virtual entry (a learned attention sink), not over `axis`."""
 
     op: str = "softmax"
     arg: Node = None
     axis: str = ""
+    sink: Node | None = None
 
     def operands(self):
-        return (self.arg,)
+        return (self.arg,) if self.sink is None else (self.arg, self.sink)
 
 
 @dataclass(eq=False)

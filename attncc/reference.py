@@ -460,6 +460,9 @@ class Reference:
             lse = torch.logsumexp(x, dim=dim, keepdim=True)
         if node.op == "softmax1":
             lse = torch.logaddexp(lse, torch.zeros((), dtype=self.fdtype))
+        if node.sink is not None:  # one more virtual entry with this logit
+            lse = torch.logaddexp(lse, align(self.value(node.sink), node.sink.indices, node.arg.indices)
+                                  .to(self.fdtype))
         return self.normalized(x, lse)
 
     @staticmethod

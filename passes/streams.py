@@ -501,10 +501,11 @@ class Lowering:
         self.softmax[weight] = lse
         if masks:
             weight = _map("where", self.conjunction(masks), weight, _const(0.0), loc=n.loc)
-        if n.op == "softmax1":  # a virtual zero logit: exp(x - L) * exp(L - log(1 + e^L))
-            softplus = _map("+", _map("max", lse, _const(0.0)),
-                            _map("log1p", _map("exp", _map("neg", _map("abs", lse)))))
-            weight = _map("*", weight, _map("exp", _map("-", safe, softplus)), loc=n.loc)
+        sink = _const(0.0) if n.op == "softmax1" else self(n.sink) if n.sink is not None else None
+        if sink is not None:  # one more virtual logit: exp(x - L) * exp(L - logaddexp(L, sink))
+            total = _map("+", _map("max", lse, sink), _map("log1p", _map("exp", _map("neg", _map("abs", _map(
+                "-", lse, sink))))))
+            weight = _map("*", weight, _map("exp", _map("-", safe, total)), loc=n.loc)
         return weight
 
 

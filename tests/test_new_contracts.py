@@ -159,3 +159,38 @@ def test_outputs_have_no_default():
             "  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]\n}")
     with pytest.raises(attncc.SpecError, match="only inputs can be optional"):
         attncc.load(spec)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learned_sinks(backend):
+    """p = exp(s) / (exp(sinks[h]) + sum_j exp(s)) over the causal keys; lse = log(exp(sinks[h]) +
+    sum_j exp(s)), sinks[h] for an empty row (N > M leaves the first rows without keys);
+    differentiable in sinks."""
+    g = torch.Generator().manual_seed(10)
+    n, m = 23, 19
+    q, k, v = torch.randn(B, H, n, D, generator=g), torch.randn(B, H, m, D, generator=g), \
+        torch.randn(B, H, m, E, generator=g)
+    sinks = torch.randn(H, generator=g).requires_grad_()
+    kernel = attncc.compile("examples/learned_sinks.attn", backend=backend)
+    o, lse = kernel(q=q, k=k, v=v, sinks=sinks, return_lse=True)
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * D ** -0.5
+    causal = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
+    s = s.masked_fill(~causal, -math.inf)
+    sink64 = sinks.detach().double().requires_grad_()
+    want_lse = torch.logaddexp(torch.logsumexp(s, -1), sink64[None, :, None].expand(B, H, n))
+    want_o = torch.einsum("bhij,bhje->bhie", torch.exp(s - want_lse[..., None]), v.double())
+    close(o, want_o, "o")
+    close(lse, want_lse, "lse")
+    assert torch.equal(lse[:, :, 0].double(), sink64.detach()[None, :].expand(B, H).to(lse.dtype).double())
+    (o.square().sum() + lse.sum()).backward()
+    gs, = torch.autograd.grad(want_o.square().sum() + want_lse.sum(), sink64)
+    close(sinks.grad, gs, "dsinks")
+
+
+def test_a_sink_logit_cannot_depend_on_the_normalised_axis():
+    spec = ("attention x(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], bias[B,M]) -> o[B,H,N,E] {\n"
+            "  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d]\n  p = softmax(s, j, bias[b,j])\n"
+            "  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]\n}")
+    with pytest.raises(attncc.SpecError, match="the sink logit depends on 'j'") as err:
+        attncc.load(spec)
+    assert ":3:" in str(err.value) and "^" in str(err.value)
