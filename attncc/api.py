@@ -12,7 +12,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from . import ir, pipeline
+from . import ir, pipeline, torch_ops
 from .binding import bind, describe_input
 from .errors import ArgumentError, BackendError, Loc, Source, SpecError
 from .reference import Reference
@@ -157,6 +157,7 @@ class Kernel:
         self._configs: dict = {}  # tuning key -> tuned config or None: the cache file is read once per key
         self._backward = None  # BackwardPlan, or why there is none (str); planned on first use
         self._backward_launcher = None
+        self._torch_op = None  # its torch.library operators (`torch_ops.Registration`), made on first use
         self.__signature__ = self.signature
 
     # ------------------------------------------------------------------ introspection
@@ -209,8 +210,17 @@ class Kernel:
     def __repr__(self):
         return f"<attncc.Kernel {self.name}{self.signature} backend={self.backend!r}>"
 
+    @property
+    def op(self):
+        """The kernel's forward operator (`torch.ops.attncc.<name>.default`), registered through
+        `torch.library` on first use; `attncc.torch_ops.arguments(kernel, **kwargs)` gives its
+        arguments for a call. Calls traced by torch.compile run through it (docs/training.md)."""
+        return torch_ops.register(self).forward
+
     # ------------------------------------------------------------------ calling
     def __call__(self, *args, return_lse: bool = False, **kwargs):
+        if torch.compiler.is_compiling():  # traced by torch.compile: one call of the kernel's operator
+            return torch_ops.call(self, args, return_lse, kwargs)
         if args:
             raise ArgumentError(f"{self.name}() takes keyword arguments only "
                                 f"({', '.join(self.program.inputs)}, ...)")
