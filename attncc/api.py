@@ -157,6 +157,7 @@ class Kernel:
         self._configs: dict = {}  # tuning key -> tuned config or None: the cache file is read once per key
         self._backward = None  # BackwardPlan, or why there is none (str); planned on first use
         self._backward_launcher = None
+        self.deterministic = False  # generated backward without atomics: the same gradient bits every run
         self._torch_op = None  # its torch.library operators (`torch_ops.Registration`), made on first use
         self.__signature__ = self.signature
 
@@ -434,7 +435,7 @@ class _GeneratedBackward(torch.autograd.Function):
     def forward(ctx, kernel, call, return_lse, names, *tensors):
         ctx.set_materialize_grads(False)
         ctx.kernel, ctx.call = kernel, dataclasses.replace(call, tensors={})
-        ctx.return_lse, ctx.names = return_lse, names
+        ctx.return_lse, ctx.names, ctx.deterministic = return_lse, names, kernel.deterministic
         o, lse = kernel.generated.launcher(call, True, config=kernel.tuned_config(call))  # the LSE stored
         o = kernel._cast(o, call)
         ctx.save_for_backward(*tensors, o, lse)
@@ -450,11 +451,13 @@ class _GeneratedBackward(torch.autograd.Function):
         if grad_o is None and grad_lse is None:
             return (None,) * (4 + len(tensors))
         call = dataclasses.replace(ctx.call, tensors=dict(zip(ctx.names, tensors)))
-        found = ctx.kernel.backward_launcher().gradients(call, o, lse, grad_o, grad_lse, wanted)
+        found = ctx.kernel.backward_launcher().gradients(call, o, lse, grad_o, grad_lse, wanted,
+                                                         deterministic=ctx.deterministic)
         return (None, None, None, None, *(found.get(n) for n in ctx.names))
 
 
-def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 256) -> Kernel:
+def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 256,
+            deterministic: bool = False) -> Kernel:
     """Compile a spec (a path to a `.attn` file, its source text, or a function decorated with
     `@attncc.attention`) into a callable `Kernel`.
 
@@ -465,6 +468,9 @@ def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 2
     that cannot run raises `BackendError` instead of substituting another.
     reference_block: how many entries of the streamed index the reference executor
     processes at once (its memory is proportional to it).
+    deterministic: the generated backward uses no float atomics (gradients of gathered score
+    reads, such as a relative-position table, are reduced in a fixed order), so gradients are
+    bitwise identical run to run; `kernel.deterministic` can be changed later (docs/training.md).
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
@@ -472,6 +478,7 @@ def compile(spec: str | Path, backend: str = "auto", *, reference_block: int = 2
     ran, generated = choose_backend(program, backend)
     kernel = Kernel(program, ran, reference_block, generated)
     kernel.chosen_automatically = backend == "auto" and ran == "triton"
+    kernel.deterministic = bool(deterministic)
     return kernel
 
 

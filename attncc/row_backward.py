@@ -8,6 +8,13 @@ onto the inputs: a plain read of an input is a permute (and a sum over the query
 GQA group, or over an outer index the operand does not have); any other read, and the
 precomputed operands (pooled agents, permuted keys), goes through torch autograd of the
 reference's (small) torch ops for that read.
+
+Float tensors the score reads (`passes.backward.ReadGradient`) come back from the kernels as
+fp32 partials over (batch, head, rows / columns / pairs), or, for gathered reads, scattered by
+atomics into the tensor's layout, or with `deterministic` as per-program slots summed here.
+`onto_tensor` puts the partials at the read's indices (evaluated by the reference executor),
+adding duplicates with `scatter_sum` (sorted, then summed pairwise: a fixed order, no
+atomics), so that every step but the non-deterministic atomics gives the same bits every run.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import math
 import torch
 
 from . import ir, runtime
+from attncc.codegen import names
 from .binding import BoundCall
 from .reference import Reference, align, evaluate_scalar
 from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, promote_operands,
@@ -24,7 +32,7 @@ from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, pro
 from attncc.codegen import block_map
 from attncc.codegen.row_backward import BackwardSource, generate_backward
 from attncc.passes.backward import BackwardPlan
-from attncc.passes.kinds import KernelRole, MaskMode
+from attncc.passes.kinds import KernelRole, MaskMode, ReadMode
 from attncc.passes.row_stream import map_outer
 
 
@@ -56,11 +64,15 @@ class RowStreamBackward:
         self.last_tiles: dict | None = None  # the grids of the last backward launches
 
     # ------------------------------------------------------------------ kernels
-    def operand_gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, config: dict | None = None):
+    def operand_gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, config: dict | None = None,
+                          deterministic: bool = False, reads=None):
         """dQ, dK, dV of the operand tiles (fp32), each laid out (outer..., rows, features) with
         one slice per (batch, query head), for a call whose tensors hold every operand (the
-        precomputed ones included). `o`: the forward's output; `lse`: its fp32 log-sum-exp;
-        `grad_o`, `grad_lse`: the incoming gradients (None: zero)."""
+        precomputed ones included), and the partials of the score's float reads (read number
+        -> fp32 tensor, see `read_buffers`). `o`: the forward's output; `lse`: its fp32
+        log-sum-exp; `grad_o`, `grad_lse`: the incoming gradients (None: zero). `reads`: the
+        numbers of the reads whose gradients are wanted (None: all); the kernels skip the others.
+        `deterministic`: gathered reads reduced per program in a fixed order, no atomics."""
         p = self.plan
         interpret = check_device(call)
         operands = {op.input.name for op in (p.q, p.k, p.v)}
@@ -94,15 +106,22 @@ class RowStreamBackward:
         dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
         dv = torch.empty((*outer_sizes, n_cols, n_vfeat), dtype=torch.float32, device=device)
         constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, PRECISION="ieee",
-                          UPCAST_DOT=upcast, EVEN_N=n_cols % bn == 0)
+                          UPCAST_DOT=upcast, EVEN_N=n_cols % bn == 0, DETERMINISTIC=bool(deterministic))
         fixed = [n_rows, n_cols, n_feat, n_vfeat]
+        bufs = self.read_buffers(call, combos, n_rows, n_cols, triton_cdiv(n_rows, bm), deterministic, reads)
+        dummy = torch.zeros(1, dtype=torch.float32, device=device)  # the buffer of a read not wanted
+
+        def flags(kernel):
+            return {**constexprs, **{f"GRAD{r}": r in bufs for r in kernel.reads}}
 
         def common(kernel, outputs, map_args):
             tensors = [call.tensors[n] for n in kernel.tensor_inputs]
             scalars = self.forward.scalar_values(call, kernel.scalar_args[:-1], kernel.host_scalars)
-            return [*tensors, grad_o, lse, delta, *outputs, *(x for t in tensors for x in t.stride()),
-                    *(x for t in tensors for x in t.shape), *grad_o.stride(), *outer_sizes, *fixed, *map_args,
-                    *scalars, self.ds_scale(call)]
+            lens = [bufs.get(r, dummy).shape[-1] for r in kernel.reads
+                    if self.bplan.reads[r].mode == ReadMode.SCATTER]
+            return [*tensors, grad_o, lse, delta, *outputs, *(bufs.get(r, dummy) for r in kernel.reads),
+                    *(x for t in tensors for x in t.stride()), *(x for t in tensors for x in t.shape),
+                    *grad_o.stride(), *outer_sizes, *fixed, *map_args, *lens, *scalars, self.ds_scale(call)]
 
         kv_lists, q_lists = [], []
         if self.bplan.dkdv_mode == MaskMode.BLOCK_MAP:
@@ -116,17 +135,43 @@ class RowStreamBackward:
                 state = torch.zeros((lists, kv_lists[3], kv_lists[4]), dtype=torch.int8, device=device)
             q_lists = [*block_map.tile_lists(state.transpose(1, 2)), kv_lists[3], kv_lists[4]]
         launch(KernelLaunch(getattr(module, self.src.dkdv.name), (triton_cdiv(n_cols, bn), combos),
-                            common(self.src.dkdv, [dk, dv], q_lists), constexprs, options, interpret,
+                            common(self.src.dkdv, [dk, dv], q_lists), flags(self.src.dkdv), options, interpret,
                             KernelRole.BWD_DKDV))
         launch(KernelLaunch(getattr(module, self.src.dq.name), (triton_cdiv(n_rows, bm), combos),
-                            common(self.src.dq, [dq], kv_lists), constexprs, options, interpret,
+                            common(self.src.dq, [dq], kv_lists), flags(self.src.dq), options, interpret,
                             KernelRole.BWD_DQ))
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
-        return dq, dk, dv
+        return dq, dk, dv, bufs
 
-    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None) -> list[KernelLaunch]:
+    def read_buffers(self, call: BoundCall, combos: int, n_rows: int, n_cols: int, n_qtiles: int,
+                     deterministic: bool, reads=None) -> dict:
+        """The zeroed fp32 partials of the score's reads, by read number: row sums (one per
+        (batch, head) and query row), column sums (per key), the pairs (per query and key), or
+        for a gathered read the tensor's own layout (atomics), or with `deterministic` one slot
+        per (dQ program's query tile, batch x head, entry of the read's tile dims)."""
+        device, bufs = call.device, {}
+        for r, rd in enumerate(self.bplan.reads):
+            if rd.derivative is None or (reads is not None and r not in reads):
+                continue
+            shape = call.tensors[rd.name].shape
+            if rd.mode == ReadMode.ROWS:
+                size = (combos, n_rows)
+            elif rd.mode == ReadMode.COLS:
+                size = (combos, n_cols)
+            elif rd.mode == ReadMode.TILE:
+                size = (combos, n_rows, n_cols)
+            elif deterministic:
+                size = (n_qtiles, combos, math.prod(shape[k] for k in rd.tile_dims))
+            else:
+                size = (math.prod(shape),)
+            bufs[r] = torch.zeros(size, dtype=torch.float32, device=device)
+        return bufs
+
+    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
+                 deterministic: bool = False) -> list[KernelLaunch]:
         """The backward kernel launches of a call, recorded rather than run (the call's
-        tensors may be meta tensors): what `attncc.aot` compiles for a GPU this machine lacks."""
+        tensors may be meta tensors), every score read's gradient wanted: what `attncc.aot`
+        compiles for a GPU this machine lacks."""
         p = self.plan
         sizes = call.sizes or p.program.sizes(call.scalars)
         like = call.tensors[p.q.input.name]
@@ -136,7 +181,7 @@ class RowStreamBackward:
         try:
             call = self.forward.with_precomputed(call)  # placeholders of the precomputed operands' layout
             self.operand_gradients(call, o, lse, torch.empty_like(o), torch.empty_like(lse) if return_lse else None,
-                                   config)
+                                   config, deterministic)
             return runtime._RECORDING.get()
         finally:
             runtime._RECORDING.reset(token)
@@ -146,10 +191,12 @@ class RowStreamBackward:
         return float(math.prod(evaluate_scalar(f, call.scalars) for f in self.plan.terms[0].scale))
 
     # ------------------------------------------------------------------ onto the inputs
-    def gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, wanted, config: dict | None = None) -> dict:
+    def gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, wanted, config: dict | None = None,
+                  deterministic: bool = False) -> dict:
         """Gradients of the inputs named in `wanted`, from the generated kernels. `call`'s
         tensors are the saved inputs (no graph); precomputed operands are recomputed here with
-        the reference's torch ops under autograd, so their inputs' gradients chain through them."""
+        the reference's torch ops under autograd, so their inputs' gradients chain through them.
+        `deterministic`: no atomics (the same bits every run)."""
         p, bplan = self.plan, self.bplan
         pre = p.precomputed
         leaves = {n: t.detach().requires_grad_(n in wanted and t.is_floating_point())
@@ -162,10 +209,23 @@ class RowStreamBackward:
                     value = align(ref.full(node), node.indices, pre.axes[node]).contiguous()
                     graphed[synthetic.name] = value.to(call.out_dtype) if value.is_floating_point() else value
         kernel_call = dataclasses.replace(call, tensors={n: t.detach() for n, t in graphed.items()})
-        partials = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config)
+        reads = {r for r, rd in enumerate(bplan.reads)
+                 if (graphed[rd.name].requires_grad if names.is_synthetic(rd.name) else rd.name in wanted)}
+        *partials, bufs = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config, deterministic,
+                                                 reads)
         sizes = call.sizes or p.program.sizes(call.scalars)
         found: dict[str, torch.Tensor] = {}
         pairs = []
+        for r in sorted(reads):
+            rd = bplan.reads[r]
+            if r not in bufs:  # a piecewise-constant read: no gradient flows through it
+                grad = torch.zeros(kernel_call.tensors[rd.name].shape, dtype=torch.float32, device=call.device)
+            else:
+                grad = self.read_gradient(rd, bufs[r], kernel_call, sizes, deterministic)
+            if names.is_synthetic(rd.name):
+                pairs.append((graphed[rd.name], grad.to(graphed[rd.name].dtype)))
+            else:
+                found[rd.name] = grad if rd.name not in found else found[rd.name] + grad
         for op, part, row, feat in zip((p.q, p.k, p.v), partials, (p.i, p.j, p.j), (p.d, p.d, p.e)):
             name = op.input.name
             have = (*p.outer, row, feat)
@@ -192,6 +252,28 @@ class RowStreamBackward:
                 if g is not None:
                     found[n] = g if n not in found else found[n] + g
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
+
+    def read_gradient(self, rd, buf: torch.Tensor, call: BoundCall, sizes: dict, deterministic: bool):
+        """The fp32 gradient of the tensor a score read reads, from the kernels' partial."""
+        p = self.plan
+        shape = tuple(call.tensors[rd.name].shape)
+        if rd.mode == ReadMode.SCATTER and not deterministic:  # atomics wrote the tensor's layout
+            return buf.view(shape)
+        outer = tuple(p.outer)
+        lead = [sizes[ix] for ix in outer]
+        args = list(rd.args)
+        if rd.mode == ReadMode.SCATTER:  # per-program slots: summed over programs, then the tile dims as axes
+            region = [f"<dim{k}>" for k in rd.tile_dims]
+            part = buf.sum(0).view(*lead, *(shape[k] for k in rd.tile_dims))
+            axes = (*outer, *region)
+            for k, name in zip(rd.tile_dims, region):
+                args[k] = name
+        else:
+            tile = {ReadMode.ROWS: (p.i,), ReadMode.COLS: (p.j,), ReadMode.TILE: (p.i, p.j)}[rd.mode]
+            part = buf.view(*lead, *(sizes[ix] for ix in tile))
+            axes = (*outer, *tile)
+        ref = Reference(p.program, call.tensors, call.scalars)
+        return onto_tensor(part, axes, args, shape, ref.full)
 
 
 def _plain_read(part: torch.Tensor, have: tuple, access: ir.Access, sizes: dict, group, scalars: dict, shape):
@@ -224,3 +306,54 @@ def _plain_read(part: torch.Tensor, have: tuple, access: ir.Access, sizes: dict,
         axes = [ix for ix in axes if ix in want]
     t = t.permute([axes.index(ix) for ix in want])
     return t if tuple(t.shape) == tuple(shape) else None
+
+
+def onto_tensor(part: torch.Tensor, axes: tuple, args, shape: tuple, evaluate) -> torch.Tensor:
+    """`part` (dims named `axes`) added into a tensor of `shape` at the positions `args` give:
+    per dim of the tensor, an axis name of `part` (its own index) or an integer IR node that
+    `evaluate` gives as a torch tensor over its indices (a subset of `axes`). Entries whose
+    position is out of the tensor's range are dropped (the kernels read 0 there). Bare, distinct
+    axes are a sum over the others and a permute; anything else goes through `scatter_sum`."""
+    names_ = [a.name if isinstance(a, ir.Index) and a.name in axes else a for a in args]
+    plain = all(isinstance(a, str) for a in names_) and len(set(names_)) == len(names_) and \
+        all(part.shape[axes.index(a)] == shape[k] for k, a in enumerate(names_))
+    if plain:
+        extra = [k for k, ix in enumerate(axes) if ix not in names_]
+        t = part.sum(extra) if extra else part
+        kept = [ix for ix in axes if ix in names_]
+        return t.permute([kept.index(a) for a in names_]).contiguous()
+    flat = torch.zeros((), dtype=torch.int64, device=part.device)
+    ok = torch.ones((), dtype=torch.bool, device=part.device)
+    for k, a in enumerate(names_):
+        if isinstance(a, str):
+            pos = align(torch.arange(part.shape[axes.index(a)], device=part.device), (a,), axes)
+        else:
+            pos = align(evaluate(a).to(torch.int64), a.indices, axes)
+        ok = ok & (pos >= 0) & (pos < shape[k])
+        flat = flat * shape[k] + pos
+    flat, ok = flat.expand(part.shape), ok.expand(part.shape)
+    return scatter_sum(part[ok], flat[ok], math.prod(shape)).view(shape)
+
+
+def scatter_sum(values: torch.Tensor, positions: torch.Tensor, size: int) -> torch.Tensor:
+    """A deterministic scatter-add: `out[positions[n]] += values[n]` into zeros of `size`, in a
+    fixed order on every device (a stable sort by position, then the entries of each position
+    summed pairwise in rounds: entry 2r + 1 into entry 2r, until one is left), where torch's
+    `index_add_` may use atomics."""
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+    if positions.numel() == 0:
+        return out
+    order = torch.argsort(positions, stable=True)
+    pos, val = positions[order], values[order]
+    first = torch.ones_like(pos, dtype=torch.bool)
+    first[1:] = pos[1:] != pos[:-1]
+    starts = torch.nonzero(first).squeeze(1)
+    rank = torch.arange(len(pos), device=pos.device) - starts[torch.cumsum(first, 0) - 1]
+    while len(pos) > len(starts):  # some position still has more than one entry
+        odd = torch.nonzero(rank % 2 == 1).squeeze(1)
+        val = val.clone()
+        val[odd - 1] = val[odd - 1] + val[odd]  # distinct targets: no accumulation order to decide
+        keep = rank % 2 == 0
+        pos, val, rank = pos[keep], val[keep], rank[keep] // 2
+    out[pos] = val
+    return out

@@ -15,6 +15,14 @@ Three kernels, all derived from the plan (`passes/backward.py` says which plans 
 
 dK and dV are written per query head (a K/V head shared by a GQA group gets one partial per
 query head, summed by the launcher: no atomics). Every tensor is fp32 in the kernels.
+
+Float tensors the score reads (`passes.backward.ReadGradient`) get `g = dS * d score / d read`
+per tile entry, `dS = P * (dP - delta)` being the gradient of the score itself, accumulated by
+`ReadMode`: row sums carried along the dQ kernel's key loop (one slot per query row), column
+sums along the dK/dV kernel's query loop, the tile itself stored at its (query, key) slots, or,
+for gathered reads, a scatter: `tl.atomic_add` at the read's positions, or with `DETERMINISTIC`
+a per-program reduction over the distinct positions of each tile (a fixed order, no atomics)
+into the program's own slots, summed by the launcher.
 """
 from __future__ import annotations
 
@@ -23,11 +31,13 @@ import os
 import re
 from dataclasses import dataclass
 
+from attncc import ir
 from attncc.codegen import names
-from attncc.codegen.pytext import docstring
+from attncc.codegen.pytext import comment, docstring
 from attncc.codegen.row_stream import LOG2E, RowStreamCodegen, _free_names, _indent, scalar_args, tensor_args
+from attncc.codegen.tile_expr import Val
 from attncc.passes.backward import BackwardPlan
-from attncc.passes.kinds import MaskMode
+from attncc.passes.kinds import MaskMode, ReadMode
 from attncc.passes.row_stream import map_outer
 
 
@@ -39,6 +49,7 @@ class BackwardKernel:
     tensor_inputs: list[str]          # input names passed as pointers (with strides and sizes), in order
     scalar_args: list[str]            # dims, params, host scalars, then qk_scale and ds_scale
     host_scalars: dict
+    reads: list = dataclasses.field(default_factory=list)  # numbers of the reads whose gradient it accumulates
 
 
 @dataclass
@@ -50,17 +61,18 @@ class BackwardSource:
     pre: str                          # the delta kernel's name
 
 
-_TILE_CONSTEXPRS = ["MASKED", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT"]
+_TILE_CONSTEXPRS = ["MASKED", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT", "DETERMINISTIC"]
 
 
 class _BackwardCodegen(RowStreamCodegen):
     """The pieces shared by the dQ and dK/dV kernels: operand loads, the recomputed score,
     its derivative, the mask, P and dS."""
 
-    def __init__(self, bplan: BackwardPlan, prefix: str, loop_axis: str):
+    def __init__(self, bplan: BackwardPlan, prefix: str, loop_axis: str, kernel: str):
         super().__init__(bplan.plan, prefix)
         self.bplan = bplan
         self.em.key_axis = loop_axis  # what changes along the loop goes into the tile function
+        self.reads = bplan.reads_in(kernel)  # (number, ReadGradient) accumulated by this kernel
 
     def outer_decode(self) -> list[str]:
         lines = ["pid_o = tl.program_id(1).to(tl.int64)",
@@ -129,6 +141,8 @@ class _BackwardCodegen(RowStreamCodegen):
             deriv = em.emit(self.bplan.derivative)
             lines += ["# the derivative of the score with respect to Q K^T (passes/backward.py)", *em.body,
                       f"dsdqk = {deriv.code}"]
+        if self.bplan.raw is not None:  # `qk` holds the scaled dot before its per-pair factors
+            em.bind(self.bplan.raw, Val("qk", frozenset("mn"), ir.FLOAT))
         if term.qk_factors:
             factors = " * ".join(em.emit(f).code for f in term.qk_factors)
             lines.append(f"dsdqk = {'dsdqk * ' if self.bplan.derivative is not None else ''}{factors}"
@@ -148,17 +162,129 @@ class _BackwardCodegen(RowStreamCodegen):
         return [*em.body, f"allowed = allowed & {allowed}" if allowed else "allowed = allowed"]
 
     def gradient_of_scores(self) -> list[str]:
-        """P, dP = dO V^T and dS (with respect to the raw Q K^T dot), masked entries 0."""
-        return ["p = tl.exp2(s - lse2[:, None])",
-                "p = tl.where(allowed, p, 0.0)",
-                "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)",
-                "ds = p * (dp - delta[:, None])" + (" * dsdqk" if self.has_dsdqk() else ""),
-                "ds = tl.where(allowed, ds * ds_scale, 0.0)  # the chain rule through Q K^T's scale"]
+        """P, dP = dO V^T and dS (with respect to the raw Q K^T dot), masked entries 0; with
+        reads to differentiate, `dsc`: the gradient of the score itself."""
+        factor = " * dsdqk" if self.has_dsdqk() else ""
+        lines = ["p = tl.exp2(s - lse2[:, None])",
+                 "p = tl.where(allowed, p, 0.0)",
+                 "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)"]
+        if self.reads:
+            lines += ["dsc = p * (dp - delta[:, None])  # d loss / d score", f"ds = dsc{factor}"]
+        else:
+            lines.append(f"ds = p * (dp - delta[:, None]){factor}")
+        return lines + ["ds = tl.where(allowed, ds * ds_scale, 0.0)  # the chain rule through Q K^T's scale"]
+
+    # ------------------------------------------------------------------ float reads of the score
+    def read_flags(self) -> list[str]:
+        """One constexpr per read: whether this launch wants its gradient (its tensor requires
+        grad); a call that wants none runs the kernels of a plain q, k, v backward."""
+        return [f"GRAD{r}" for r, _ in self.reads]
+
+    def tile_call(self) -> str:
+        """The constexpr keyword arguments of a tile function's call, after MASKED."""
+        flags = "".join(f", {f}={f}" for f in self.read_flags())
+        return ("BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, "
+                f"DETERMINISTIC=DETERMINISTIC{flags})")
+
+    def kernel_constexprs(self) -> str:
+        return _KERNEL_CONSTEXPRS + "".join(f", {f}: tl.constexpr" for f in self.read_flags())
+
+    def read_state(self) -> list[str]:
+        """Loop-carried accumulators of the row and column sums."""
+        return [f"{_ACC[rd.mode]}{r}" for r, rd in self.reads if rd.mode in _ACC]
+
+    def read_init(self) -> list[str]:
+        size = {ReadMode.ROWS: "BLOCK_M", ReadMode.COLS: "BLOCK_N"}
+        lines = [f"{_ACC[rd.mode]}{r} = tl.zeros([{size[rd.mode]}], dtype=tl.float32)"
+                 for r, rd in self.reads if rd.mode in _ACC]
+        for r, rd in self.reads:
+            if rd.mode == ReadMode.SCATTER:
+                lines += ["if DETERMINISTIC:  # this program's own slots of the read's tile dims",
+                          f"    gs{r}_base = gs{r}_ptr + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + "
+                          f"flat_o) * gs{r}_len",
+                          "else:  # the gradient itself, in the tensor's contiguous layout",
+                          f"    gs{r}_base = gs{r}_ptr"]
+        return lines
+
+    def read_stores(self, rows: str, cols: str) -> list[str]:
+        lines = []
+        for r, rd in self.reads:
+            if rd.mode == ReadMode.ROWS:
+                lines += [f"if GRAD{r}:", f"    tl.store(gr{r}_ptr + flat_o * n_rows + offs_m, gr{r}, mask={rows})"]
+            elif rd.mode == ReadMode.COLS:
+                lines += [f"if GRAD{r}:", f"    tl.store(gc{r}_ptr + flat_o * n_cols + offs_n, gc{r}, mask={cols})"]
+        return lines
+
+    def read_pointer_args(self) -> list[str]:
+        return [f"{_BUF[rd.mode]}{r}_ptr" for r, rd in self.reads]
+
+    def read_len_args(self) -> list[str]:
+        return [f"gs{r}_len" for r, rd in self.reads if rd.mode == ReadMode.SCATTER]
+
+    def read_lines(self, live: str) -> list[str]:
+        """Per tile: each read's `g = dS * d score / d read` (entries outside `live` 0), and
+        its accumulation."""
+        em, lines = self.em, []
+        for r, rd in self.reads:
+            em.body = []
+            deriv = em.emit(rd.derivative)
+            name = "a precomputed value" if names.is_synthetic(rd.name) else rd.name
+            term = "dsc" if deriv.const == 1 else f"dsc * {deriv.code}"
+            inner = [*em.body, f"g{r} = tl.where({live}, {term}, 0.0)"]
+            if rd.mode == ReadMode.ROWS:
+                inner.append(f"gr{r} += tl.sum(g{r}, 1)")
+            elif rd.mode == ReadMode.COLS:
+                inner.append(f"gc{r} += tl.sum(g{r}, 0)")
+            elif rd.mode == ReadMode.TILE:
+                inner.append(f"tl.store(gt{r}_ptr + (flat_o * n_rows + offs_m[:, None]) * n_cols + offs_n[None, :], "
+                             f"g{r}, mask={live})")
+            else:
+                inner += self.scatter_lines(r, rd, live)
+            lines += [comment(f"the gradient of the score's read of {name} (read {r}, {rd.mode}; passes/backward.py)"),
+                      f"if GRAD{r}:", *_indent(inner)]
+        return lines
+
+    def scatter_lines(self, r: int, rd, live: str) -> list[str]:
+        """A gathered read's gradient: atomics at its positions in the whole tensor, or, with
+        DETERMINISTIC, one pass per distinct position of the tile (in increasing order), each
+        summing the tile's entries there into this program's slot (no other program writes it)."""
+        em = self.em
+        em.body = []
+        vals = [em.emit(a) for a in rd.args]
+        sizes = [names.tensor("sz", rd.name, k) for k in range(len(rd.args))]
+        checks = [f"({v.code} >= 0) & ({v.code} < {sizes[k]})" for k, v in enumerate(vals) if k in rd.tile_dims]
+        outer = [f"({v.code} >= 0) & ({v.code} < {sizes[k]})" for k, v in enumerate(vals)
+                 if k not in rd.tile_dims and v.const is None]
+
+        def position(dims):
+            pos = None
+            for k in dims:
+                v = vals[k].code if vals[k].const is not None else f"{vals[k].code}.to(tl.int64)"
+                pos = v if pos is None else f"({pos}) * {sizes[k]} + {v}"
+            return pos or "0"
+
+        return [*em.body,
+                f"ok{r} = {live}" + "".join(f" & {c}" for c in checks),
+                *([f"ok{r} = tl.where({' & '.join(outer)}, ok{r}, False)  # its batch / head indices in range"]
+                  if outer else []),
+                "if DETERMINISTIC:",
+                f"    pos{r} = tl.where(ok{r}, {position(rd.tile_dims)}, gs{r}_len)",
+                f"    w{r} = tl.min(tl.min(pos{r}, 1), 0)",
+                f"    while w{r} < gs{r}_len:  # the distinct positions of this tile, smallest first",
+                f"        hit = pos{r} == w{r}",
+                f"        tl.store(gs{r}_base + w{r}, tl.load(gs{r}_base + w{r}) + "
+                f"tl.sum(tl.sum(tl.where(hit, g{r}, 0.0), 1), 0))",
+                f"        pos{r} = tl.where(hit, gs{r}_len, pos{r})",
+                f"        w{r} = tl.min(tl.min(pos{r}, 1), 0)",
+                "    tl.debug_barrier()  # the slots written here are read again by the next tile",
+                "else:",
+                f"    tl.atomic_add(gs{r}_base + {position(range(len(rd.args)))}, g{r}, mask=ok{r})"]
 
     def tile_function(self, fname: str, state: list[str], loop_var: str, body: list[str]):
-        bound = {loop_var, *_TILE_CONSTEXPRS}
+        constexprs = [*_TILE_CONSTEXPRS, *self.read_flags()]
+        bound = {loop_var, *constexprs}
         inner = [a for a in _free_names(body, bound) if a not in (*state, loop_var)]
-        sig = ", ".join([*state, loop_var, *inner]) + ", " + ", ".join(f"{c}: tl.constexpr" for c in _TILE_CONSTEXPRS)
+        sig = ", ".join([*state, loop_var, *inner]) + ", " + ", ".join(f"{c}: tl.constexpr" for c in constexprs)
         text = ["@triton.jit", f"def {fname}({sig}):", *_indent(body), "    return " + ", ".join(state)]
         return text, ", ".join([*state, loop_var, *inner])
 
@@ -175,19 +301,21 @@ class _BackwardCodegen(RowStreamCodegen):
 
 
 _KERNEL_CONSTEXPRS = ("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, "
-                      "BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_N: tl.constexpr")
-
+                      "BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_N: tl.constexpr, "
+                      "DETERMINISTIC: tl.constexpr")
+_ACC = {ReadMode.ROWS: "gr", ReadMode.COLS: "gc"}  # the loop-carried sums of a read
+_BUF = {ReadMode.ROWS: "gr", ReadMode.COLS: "gc", ReadMode.TILE: "gt", ReadMode.SCATTER: "gs"}
 
 class DqCodegen(_BackwardCodegen):
     """dQ: one program per query tile; the key tiles the forward visits, in its order."""
 
     def __init__(self, bplan: BackwardPlan, prefix: str):
-        super().__init__(bplan, prefix, "n")
+        super().__init__(bplan, prefix, "n", "dq")
         self.tile_name = f"{prefix}_bwd_dq_tile"
 
     def visit(self, masked, call):  # the forward's tile ranges call this for every key tile
-        return [f"    dq = {self.tile_name}({call}, MASKED={masked}, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, "
-                "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)"]
+        state = ", ".join(["dq", *self.read_state()])
+        return [f"    {state} = {self.tile_name}({call}, MASKED={masked}, {self.tile_call()}"]
 
     def generate(self) -> tuple[str, BackwardKernel]:
         p, em = self.plan, self.em
@@ -198,17 +326,19 @@ class DqCodegen(_BackwardCodegen):
                 "allowed = col_ok[None, :]",
                 "if MASKED:", *_indent(self.predicate()),
                 *self.gradient_of_scores(),
-                "dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)"]
+                "dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)",
+                *self.read_lines("allowed & row_ok[:, None]")]
         ranges = self.range_lines()
         prologue = list(em.prologue)
-        tile, call = self.tile_function(self.tile_name, ["dq"], "start_n", body)
+        tile, call = self.tile_function(self.tile_name, ["dq", *self.read_state()], "start_n", body)
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
             if p.mask_mode == MaskMode.BLOCK_MAP else []
-        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dq_ptr"], map_args)
+        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dq_ptr",
+                                                   *self.read_pointer_args()], map_args + self.read_len_args())
         name = f"{self.name}_bwd_dq"
         src = [*tile, "", "",
                "@triton.jit",
-               f"def {name}({', '.join(args)}, {_KERNEL_CONSTEXPRS}):",
+               f"def {name}({', '.join(args)}, {self.kernel_constexprs()}):",
                '    """dQ of one query tile: the key tiles the forward visits, dQ += dS K."""',
                "    pid_m = tl.program_id(0)",
                *_indent(self.outer_decode()),
@@ -219,17 +349,20 @@ class DqCodegen(_BackwardCodegen):
                "    offs_e = tl.arange(0, BLOCK_E)",
                *_indent(["# values that do not change along the key loop", *prologue, *bases, *rows,
                          "dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)",
+                         *self.read_init(),
                          *ranges(call)]),
                "    tl.store(dq_ptr + (flat_o * n_rows + offs_m[:, None]) * n_feat + offs_d[None, :], dq, "
-               "mask=row_ok[:, None] & (offs_d[None, :] < n_feat))"]
-        return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars))
+               "mask=row_ok[:, None] & (offs_d[None, :] < n_feat))",
+               *_indent(self.read_stores("row_ok", ""))]
+        return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars),
+                                               [r for r, _ in self.reads])
 
 
 class DkdvCodegen(_BackwardCodegen):
     """dK and dV: one program per key tile; the query tiles streamed (the transposed dataflow)."""
 
     def __init__(self, bplan: BackwardPlan, prefix: str):
-        super().__init__(bplan, prefix, "m")
+        super().__init__(bplan, prefix, "m", "dkdv")
         self.tile_name = f"{prefix}_bwd_dkdv_tile"
 
     def generate(self) -> tuple[str, BackwardKernel]:
@@ -243,12 +376,13 @@ class DkdvCodegen(_BackwardCodegen):
                 "if MASKED:", *_indent(self.predicate()),
                 *self.gradient_of_scores(),
                 "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)",
-                "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)"]
-        tile, call = self.tile_function(self.tile_name, ["dk", "dv"], "start_m", body)
+                "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)",
+                *self.read_lines("allowed")]
+        state = ["dk", "dv", *self.read_state()]
+        tile, call = self.tile_function(self.tile_name, state, "start_m", body)
 
         def visit(masked):
-            return [f"    dk, dv = {self.tile_name}({call}, MASKED={masked}, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, "
-                    "PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT)"]
+            return [f"    {', '.join(state)} = {self.tile_name}({call}, MASKED={masked}, {self.tile_call()}"]
 
         mode = self.bplan.dkdv_mode
         if mode == MaskMode.AFFINE:
@@ -273,11 +407,12 @@ class DkdvCodegen(_BackwardCodegen):
             loop = ["# every query tile, masked", "for start_m in range(0, n_rows, BLOCK_M):", *visit(True)]
             map_args = []
         prologue = list(em.prologue)
-        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"], map_args)
+        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr",
+                                                   *self.read_pointer_args()], map_args + self.read_len_args())
         name = f"{self.name}_bwd_dkdv"
         src = [*tile, "", "",
                "@triton.jit",
-               f"def {name}({', '.join(args)}, {_KERNEL_CONSTEXPRS}):",
+               f"def {name}({', '.join(args)}, {self.kernel_constexprs()}):",
                '    """dK and dV of one key tile (for one query head): dV += P^T dO, dK += dS^T Q."""',
                "    pid_n = tl.program_id(0)",
                *_indent(self.outer_decode()),
@@ -287,13 +422,16 @@ class DkdvCodegen(_BackwardCodegen):
                *_indent(["# values that do not change along the query loop", *prologue, *bases, *cols,
                          "dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)",
                          "dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)",
+                         *self.read_init(),
                          *loop]),
                "    out_ok = col_ok[:, None]",
                "    tl.store(dk_ptr + (flat_o * n_cols + offs_n[:, None]) * n_feat + offs_d[None, :], dk, "
                "mask=out_ok & (offs_d[None, :] < n_feat))",
                "    tl.store(dv_ptr + (flat_o * n_cols + offs_n[:, None]) * n_vfeat + offs_e[None, :], dv, "
-               "mask=out_ok & (offs_e[None, :] < n_vfeat))"]
-        return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars))
+               "mask=out_ok & (offs_e[None, :] < n_vfeat))",
+               *_indent(self.read_stores("", "col_ok"))]
+        return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars),
+                                               [r for r, _ in self.reads])
 
 
     def query_ranges(self, visit) -> list[str]:

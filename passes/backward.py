@@ -17,8 +17,13 @@ This module decides, as data:
 - for one call, whether the inputs that require grad are all ones the generated backward
   differentiates (`call_reason`): q, k, v and whatever the precomputed operands are computed
   from (their gradients are chained through the reference's torch ops, which are small),
-  but not a float input the score reads besides Q K^T (ALiBi slopes, a bias table): those
-  gradients are not generated yet;
+  and every float tensor the score reads besides Q K^T (ALiBi slopes, a bias table, a gate)
+  whose reads `score_reads` could differentiate;
+- for each such read `t[args]` of the score (`ReadGradient`), its derivative
+  `d score / d t[args]` as IR (the same forward-mode rules, with Q K^T held constant; a read
+  among Q K^T's per-pair factors goes through the raw dot, `BackwardPlan.raw`), and how its
+  gradient `sum over the tile of dS * d score / d t[args]` is accumulated (`ReadMode`: row
+  sums, column sums, one slot per pair, or a scatter for gathered reads);
 - which query tiles the dK/dV kernel visits (`BackwardPlan.dkdv_mode`, from the mask analysed
   with the roles of queries and keys swapped, or the forward's block map transposed).
 """
@@ -27,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attncc import ir
-from attncc.passes.kinds import MaskMode, WeightKind
+from attncc.passes.kinds import MaskMode, ReadMode, WeightKind
 from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
 from attncc.passes.row_stream import RowStreamPlan
@@ -38,14 +43,43 @@ class NoGeneratedBackward(Exception):
 
 
 @dataclass
+class ReadGradient:
+    """One read of a float tensor in the score (`slopes[h]`, `table[h, clamp(j - i, -R, R) + R]`,
+    a precomputed intermediate): the backward accumulates `sum of dS * derivative` into a
+    gradient of that tensor's shape, at the read's indices."""
+
+    node: ir.Node                # the read in the score: an Access, or a precomputed node read whole
+    name: str                    # the tensor: an input's name, or a precomputed one's (`<pre0>`)
+    args: tuple                  # its index expressions, one per dim of the tensor (IR, integer)
+    derivative: ir.Node | None   # d score / d read, over the score tile; None: 0 (piecewise constant)
+    mode: ReadMode
+    tile_dims: tuple = ()        # the dims whose index depends on the query or key index
+
+    @property
+    def outer_dims(self) -> tuple:
+        """The dims indexed by batch and head indices only (one value per program)."""
+        return tuple(k for k in range(len(self.args)) if k not in self.tile_dims)
+
+
+@dataclass
 class BackwardPlan:
     plan: RowStreamPlan
     derivative: ir.Node | None  # d score / d (its Q K^T node), elementwise; None: the score is Q K^T
     grad_inputs: frozenset      # float inputs whose gradients the generated backward gives
-    score_inputs: frozenset     # float inputs the score reads besides Q K^T (their gradient is not generated)
+    score_inputs: frozenset     # float inputs the score reads besides Q K^T
     chained: tuple              # operand names that are precomputed (gradients chained through torch)
     key_masks: MaskPlan | None = None  # the mask analysed with the roles of i and j swapped
     key_mask_symbols: dict = field(default_factory=dict)  # its loaded scalars (as RowStreamPlan.mask_symbols)
+    reads: tuple = ()           # ReadGradient of every float read in the score (and Q K^T's factors)
+    read_reasons: dict = field(default_factory=dict)  # score input -> why its gradient is not generated
+    raw: ir.Node | None = None  # the scaled Q K^T dot before its per-pair factors (what `qk` holds in a tile)
+
+    def reads_in(self, kernel: str) -> list[tuple[int, ReadGradient]]:
+        """(number, read) of the reads a backward kernel accumulates: column sums need a
+        program per key tile (`"dkdv"`); the others are accumulated by the dQ kernel (`"dq"`),
+        which holds one fp32 accumulator where dK/dV holds two (a scatter there spills on sm_90)."""
+        return [(r, rd) for r, rd in enumerate(self.reads)
+                if (rd.mode == ReadMode.COLS) == (kernel == "dkdv") and rd.derivative is not None]
 
     @property
     def dkdv_mode(self) -> MaskMode:
@@ -99,9 +133,124 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
         operands.append(node if node is not None else op.access)
     grad_inputs = float_reads(operands)
     score_inputs = float_reads([term.score, *term.qk_factors], stop={term.qk})
+    raw = ir.Contract(factors=(term.q.access, term.k.access), indices=term.qk.indices, dtype=ir.FLOAT,
+                      loc=term.qk.loc) if term.qk_factors else None
+    reads, reasons = score_reads(plan, derivative, raw)
+    grad_inputs |= score_inputs - set(reasons)
     key_masks, key_symbols = transposed_masks(plan)
     return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained),
-                        key_masks, key_symbols)
+                        key_masks, key_symbols, tuple(reads), reasons, raw)
+
+
+def score_reads(plan: RowStreamPlan, dscore_dqk: ir.Node | None, raw: ir.Node | None
+                ) -> tuple[list[ReadGradient], dict[str, str]]:
+    """Every read of a float tensor in the score and in Q K^T's per-pair factors, with its
+    derivative and accumulation mode; and, per float input whose gradient cannot be generated
+    this way, why (a read inside a sum over another index, a defined tensor read at other
+    indices, an index the tile does not have, a function without a derivative rule).
+
+    The score is walked through elementwise maps and reads of defined tensors at their own
+    indices (what the tile emitter computes inline); precomputed intermediates are reads of
+    their own (the backward chains their gradient through the reference's torch ops); reads in
+    index expressions are reads too, with a zero derivative (integer, piecewise constant)."""
+    term = plan.terms[0]
+    materialized = dict(plan.precomputed.inputs) if plan.precomputed else {}
+    found: list[tuple[ir.Node, str, tuple]] = []
+    reasons: dict[str, str] = {}
+    seen, stack = set(), [term.score, *term.qk_factors]
+    while stack:
+        node = stack.pop()
+        if node in seen or node is term.qk:
+            continue
+        seen.add(node)
+        if node in materialized:
+            if node.dtype == ir.FLOAT:
+                args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices)
+                found.append((node, materialized[node].name, args))
+            continue
+        if isinstance(node, ir.Access) and node.array in materialized:
+            if node.dtype == ir.FLOAT:
+                found.append((node, materialized[node.array].name, node.args))
+            stack.extend(node.args)
+            continue
+        if isinstance(node, ir.Access) and isinstance(node.array, ir.Input):
+            if node.array.dtype == ir.FLOAT:
+                found.append((node, node.array.name, node.args))
+            stack.extend(node.args)
+            continue
+        identity = isinstance(node, ir.Access) and all(isinstance(a, ir.Index) and a.name == ax
+                                                        for a, ax in zip(node.args, node.axes))
+        if isinstance(node, ir.Map) or identity:
+            stack.extend(node.operands())
+            continue
+        if isinstance(node, (ir.Index, ir.Const, ir.Scalar, ir.Input)):
+            continue
+        what = {ir.Contract: "a sum", ir.Reduce: "a reduction", ir.Normalize: "a normalisation",
+                ir.Select: "a selection"}.get(type(node), "a defined tensor read at other indices")
+        for name in float_reads([node], stop=set(materialized)):
+            reasons.setdefault(name, f"the score reads it inside {what} (line {_line(node)}): its gradient "
+                                     "is not generated yet")
+    reads = []
+    constants = {term.qk, *materialized}
+    for node, name, args in found:
+        try:
+            mode, tile_dims = read_mode(plan, node, args)
+            derivative = read_derivative(term, node, dscore_dqk, raw, constants)
+        except NoGeneratedBackward as why:
+            reasons.setdefault(name, str(why))
+            continue
+        reads.append(ReadGradient(node, name, tuple(args), derivative, mode, tile_dims))
+    reads = [rd for rd in reads if rd.name not in reasons]
+    for name in list(reasons):  # a precomputed tensor's reason is its inputs' reason
+        if name in {inp.name for inp in materialized.values()}:
+            node = next(n for n, inp in materialized.items() if inp.name == name)
+            for inner in float_reads([node]):
+                reasons.setdefault(inner, reasons[name])
+            del reasons[name]
+    return reads, reasons
+
+
+def read_mode(plan: RowStreamPlan, node: ir.Node, args) -> tuple[ReadMode, tuple[int, ...]]:
+    """How the gradient of a read is accumulated, from what its index expressions depend on,
+    and which of its dims depend on the query or key index."""
+    i, j = plan.i, plan.j
+    tile = {i, j}
+    for a in args:
+        extra = set(a.indices) - tile - set(plan.outer)
+        if extra:
+            raise NoGeneratedBackward(f"line {_line(node)} reads a float tensor at '{sorted(extra)[0]}', which is "
+                                      "no index of the score tile: its gradient is not generated yet")
+    deps = [set(a.indices) & tile for a in args]
+    tile_dims = tuple(k for k, d in enumerate(deps) if d)
+    if not any(j in d for d in deps):
+        return ReadMode.ROWS, tile_dims
+    if not any(i in d for d in deps):
+        return ReadMode.COLS, tile_dims
+    bare = {a.name: k for k, a in enumerate(args) if isinstance(a, ir.Index) and a.name in tile}
+    if set(bare) == tile and set(tile_dims) == set(bare.values()):
+        return ReadMode.TILE, tile_dims
+    return ReadMode.SCATTER, tile_dims
+
+
+def read_derivative(term, read: ir.Node, dscore_dqk: ir.Node | None, raw: ir.Node | None,
+                    constants) -> ir.Node | None:
+    """d score / d read: through the score with Q K^T (and precomputed values) held constant,
+    plus, for a read among Q K^T's per-pair factors, `d score / d QK * d (raw * factors) / d read`
+    (`raw`: the scaled dot, which the tile holds as `qk`)."""
+    direct = Tangent(read, constants)
+    result = direct.of(term.score)
+    if term.qk_factors:
+        product = raw
+        for f in term.qk_factors:
+            product = direct.map("*", product, f, loc=f.loc)
+        via = Tangent(read, {*constants, raw}).of(product)
+        outer = _const(1.0) if term.score is term.qk else dscore_dqk  # None: d score / d QK is 0
+        result = direct.add(result, direct.mul(outer, via, read.loc), read.loc)
+    return result
+
+
+def _line(node: ir.Node) -> str:
+    return str(node.loc.line) if node.loc else "?"
 
 
 def transposed_masks(plan: RowStreamPlan) -> tuple[MaskPlan | None, dict]:
@@ -123,11 +272,9 @@ def transposed_masks(plan: RowStreamPlan) -> tuple[MaskPlan | None, dict]:
 def call_reason(bplan: BackwardPlan, requires_grad) -> str | None:
     """Why a call whose inputs `requires_grad` (names) cannot take the generated backward,
     or None when it can."""
-    missing = sorted(n for n in requires_grad if n in bplan.score_inputs)
+    missing = sorted(n for n in requires_grad if n in bplan.read_reasons)
     if missing:
-        names = ", ".join(missing)
-        return (f"the score reads a float input that requires grad ({names}) besides Q K^T: its gradient "
-                "is not generated yet")
+        return "; ".join(f"{n}: {bplan.read_reasons[n]}" for n in missing)
     return None
 
 
@@ -181,14 +328,17 @@ class Tangent:
     The result reuses `node`'s own subexpressions, so the tile emitter (memoised by node)
     prints each of them once, next to the score."""
 
-    def __init__(self, wrt: ir.Node):
+    def __init__(self, wrt: ir.Node, constants=()):
         self.wrt = wrt
+        self.constants = set(constants) - {wrt}  # nodes held constant (Q K^T, precomputed values)
         self.memo: dict = {}
         self.depends: dict = {}
 
     def depends_on(self, node: ir.Node) -> bool:
-        return _post_order(node, self.depends, lambda n: () if n is self.wrt else n.operands(),
-                           lambda n: n is self.wrt or any(self.depends[o] for o in n.operands()))
+        return _post_order(node, self.depends,
+                           lambda n: () if n is self.wrt or n in self.constants else n.operands(),
+                           lambda n: n is self.wrt or (n not in self.constants
+                                                       and any(self.depends[o] for o in n.operands())))
 
     def of(self, node: ir.Node) -> ir.Node | None:
         return _post_order(node, self.memo, self.operands_needed, self.rule)
@@ -242,6 +392,8 @@ class Tangent:
                 return self.memo[node.array]
             raise NoGeneratedBackward(f"line {loc.line if loc else '?'} reads the scores at other indices: "
                                       "its gradient is not generated yet")
+        if isinstance(node, ir.Access):  # another read of an input: its integer indices are piecewise constant
+            return None
         if not isinstance(node, ir.Map):
             raise NoGeneratedBackward(f"the score depends on a {type(node).__name__.lower()} of Q K^T (line "
                                       f"{loc.line if loc else '?'}): its gradient is not generated yet")

@@ -11,6 +11,8 @@ that value (`f"{MaskMode.BLOCK_MAP}"` is `block_map`) and equals it (`LaunchPath
 - `LaunchPath`: which kernels a call of a row-streaming plan runs
   (`passes.linear.choose_path`, `RowStreamLauncher.last_path`).
 - `KernelRole`: what one kernel launch of a call does (`runtime.KernelLaunch.role`).
+- `ReadMode`: how the generated backward accumulates the gradient of a float tensor the score
+  reads (`passes.backward.ReadGradient.mode`).
 
 Adding a skeleton (a new kernel kind) adds its members here; see docs/contributing.md.
 """
@@ -67,3 +69,13 @@ class KernelRole(ShownEnum):
     BWD_PRE = "bwd_pre"            # backward: delta = rowsum(dO * O) - dLSE per query row
     BWD_DKDV = "bwd_dkdv"          # backward: dK and dV, one program per key tile
     BWD_DQ = "bwd_dq"              # backward: dQ, one program per query tile
+
+
+class ReadMode(ShownEnum):
+    """How the generated backward accumulates the gradient of one float read in the score
+    (`passes.backward.ReadGradient.mode`): by what the read's index expressions depend on."""
+
+    ROWS = "rows"        # not on the key index: summed along each query row (dQ kernel), one slot per row
+    COLS = "cols"        # not on the query index: summed along each key column (dK/dV kernel)
+    TILE = "tile"        # at the bare query and key index: one slot per (query, key) pair (dQ kernel)
+    SCATTER = "scatter"  # gathered at expressions of both (a relative-position table): scattered (dQ kernel)

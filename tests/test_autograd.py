@@ -3,9 +3,8 @@
 A generated forward used to return outputs without a `grad_fn`, so a loss mixing the output
 with any other differentiable term left q, k and v without gradient and raised nothing. Now
 the triton backend's outputs carry a backward: generated kernels for plans with one plain
-softmax when only q, k, v (and what they are computed from) require grad (tests/test_backward.py
-checks those in detail), otherwise the forward recomputed on the reference executor under
-autograd. These tests check its gradients equal the reference backend's (on odd shapes, in
+softmax (tests/test_backward.py and tests/test_backward_inputs.py check those in detail),
+otherwise the forward recomputed on the reference executor under autograd. These tests check its gradients equal the reference backend's (on odd shapes, in
 Triton's interpreter), that the reference's own gradients are right (a dense formula, float64
 gradcheck), and that no path of the launcher hands back a detached output.
 """
@@ -56,9 +55,8 @@ def grads(name, backend, kwargs, return_lse=False, weights=None):
 def test_triton_gradients_equal_the_reference_backends(name):
     kwargs = inputs(name)
     kernel, got = grads(name, "triton", kwargs, return_lse=True)
-    # slopes and table require grad: their gradients are not generated, so the reference runs the backward
-    want_backward = "reference" if name in ("alibi", "relative_bias") else "triton"
-    assert kernel.last_run["backend"] == "triton" and kernel.last_run["backward"] == want_backward
+    # slopes and table require grad too: their gradients are generated as well
+    assert kernel.last_run["backend"] == "triton" and kernel.last_run["backward"] == "triton"
     _, want = grads(name, "reference", kwargs, return_lse=True)
     assert set(got) == set(want) and len(got) >= 3  # q, k, v and slopes / table
     for n in want:
