@@ -49,6 +49,18 @@ attention pooled(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], w[H,C], z[C]) -> o[B,H,N,E]
 }
 """
 
+DOCS = """
+attention docs(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], doc_q[B,N]: int, doc_k[B,M]: int, kb[B,M],
+               table[H,W]) -> o[B,H,N,E] {
+  let R = (W - 1) // 2
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  s += kb[b,j] + table[h, clamp(j - i, -R, R) + R]
+  mask doc_q[b,i] == doc_k[b,j]
+  p = softmax(s, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}
+"""
+
 SHIFTED = """
 attention shifted(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], table[H,W]) -> o[B,H,N,E] {
   u[h,x] = table[h,x] * 2.0
@@ -136,6 +148,16 @@ def test_gate_inside_q_k_and_a_block_bias_through_a_nonlinearity():
     assert found == {("tau", ReadMode.ROWS), ("rb", ReadMode.ROWS), ("blk", ReadMode.SCATTER)}
     assert bplan.raw is not None and sum(rd.name == "tau" for rd in bplan.reads) == 2
     check(GATED, base, ("q", "k", "v", "tau", "rb", "blk"), deterministic=True)
+
+
+def test_reads_under_a_block_map_mask():
+    """A mask on document ids (a runtime block map: dQ walks the forward's lists, dK/dV the
+    transposed ones): a per-key bias and a relative table, rows without any allowed key."""
+    base = tensors(B=2, N=29, M=37, kb=(2, 37), table=(2, 7))
+    base["doc_q"] = torch.arange(29).repeat(2, 1) // 10
+    base["doc_k"] = torch.arange(37).repeat(2, 1) // 12 + torch.tensor([[0], [1]])  # batch 1: doc 0 has no key
+    kernel, _ = check(DOCS, base, ("q", "k", "v", "kb", "table"), deterministic=True)
+    assert kernel.backward_plan().dkdv_mode == "block_map"
 
 
 def test_a_precomputed_score_input_chains_to_its_inputs():
