@@ -178,7 +178,8 @@ class Registration:
                 names = {n for n, w in zip(self.spec.inputs, wanted) if w}
                 try:
                     grad_lse = grads[1] if return_lse else None
-                    found = kernel.backward_launcher().gradients(call, *saved, grads[0], grad_lse, names)
+                    found = kernel.backward_launcher().gradients(call, *saved, grads[0], grad_lse, names,
+                                                                 deterministic=kernel.deterministic)
                     found = [found.get(n) for n in self.spec.inputs]
                 except BackendError as why:
                     if not kernel.chosen_automatically:

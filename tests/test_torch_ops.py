@@ -64,6 +64,8 @@ CASES = {
     "alibi, slopes require grad": ("alibi", lambda: gallery_inputs("alibi", ("q", "k", "v", "slopes")), False),
     "document, int input": ("document", lambda: gallery_inputs("document"), False),
     "two outputs, float/int/bool params, bool and int inputs": (SEVERAL, several_inputs, False),
+    "column_mass, its optional input left out (Tensor?)": ("column_mass", lambda: {
+        n: t for n, t in gallery_inputs("causal").items()}, False),
 }
 
 
