@@ -264,7 +264,7 @@ class _BackwardCodegen(RowStreamCodegen):
             return pos or "0"
 
         return [*em.body,
-                f"ok{r} = {live}" + "".join(f" & {c}" for c in checks),
+                f"ok{r} = (({live}) != 0)" + "".join(f" & {c}" for c in checks) + "  # a bool mask for the atomics",
                 *([f"ok{r} = tl.where({' & '.join(outer)}, ok{r}, False)  # its batch / head indices in range"]
                   if outer else []),
                 "if DETERMINISTIC:",
