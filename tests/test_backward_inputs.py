@@ -9,6 +9,8 @@ float64 reference's autograd on odd shapes (N != M, 16x16 tiles that divide neit
 deterministic backward is run twice and compared bit for bit, and calls whose reads the
 generated backward cannot differentiate still say "reference" and why.
 """
+import ast
+
 import pytest
 import torch
 
@@ -180,6 +182,25 @@ def test_deterministic_gradients_are_bitwise_identical_run_to_run():
     kernel.deterministic = False  # a kernel attribute: the next call's backward uses atomics
     _, atomics = gradients("examples/relative_bias.attn", "triton", kwargs, wanted, torch.float32)
     torch.testing.assert_close(atomics["table"], runs[0]["table"], rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_kernels_launch_no_atomics():
+    """Every `tl.atomic_add` of the backward module sits in the `else` of `if DETERMINISTIC:`,
+    and a deterministic call launches both kernels with DETERMINISTIC set."""
+    kernel = attncc.compile(GATED, backend="triton", deterministic=True)
+    launcher = kernel.backward_launcher()
+    tree = ast.parse(launcher.src.source)
+    atomics = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "DETERMINISTIC":
+            body = [n for stmt in node.body for n in ast.walk(stmt)]
+            assert not any(isinstance(n, ast.Attribute) and n.attr.startswith("atomic") for n in body)
+            atomics += sum(isinstance(n, ast.Attribute) and n.attr == "atomic_add"
+                           for stmt in node.orelse for n in ast.walk(stmt))
+    assert atomics == sum(isinstance(n, ast.Attribute) and n.attr.startswith("atomic") for n in ast.walk(tree)) == 1
+    from attncc.aot import static_call
+    launches = launcher.launches(static_call(kernel, 16, 16, n=64), deterministic=True)
+    assert all(k.constexprs["DETERMINISTIC"] for k in launches if "bwd_d" in k.kernel.__name__)
 
 
 def test_scatter_sum_adds_duplicates_in_a_fixed_order():
