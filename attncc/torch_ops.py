@@ -122,6 +122,8 @@ class Registration:
             kernel.lse()
         with torch.no_grad():
             results = _run_forward(kernel, call, return_lse, backward, reason)
+        seen = set()  # outputs must not share memory (two outputs of one node, an output and the LSE)
+        results = [r.clone() if _storage(r) in seen or seen.add(_storage(r)) else r for r in results]
         return [_conform(r, d) for r, d in zip(results, self.result_dtypes(call, return_lse, backward))]
 
     def result_dtypes(self, call, return_lse: bool, backward: int) -> list[torch.dtype]:
@@ -174,7 +176,7 @@ class Registration:
         call = bind(kernel.program, self.spec.kwargs(inputs, params), data=False)
         with _autograd_enabled(), torch.no_grad():
             found = None
-            if backward == GENERATED:
+            if backward == GENERATED and kernel.backend == "triton":
                 names = {n for n, w in zip(self.spec.inputs, wanted) if w}
                 try:
                     grad_lse = grads[1] if return_lse else None
@@ -229,12 +231,12 @@ def _run_forward(kernel, call, return_lse: bool, backward: int, reason: str | No
             fallback = str(why)
     if results is None:
         results = kernel.run_reference(call, return_lse or backward == GENERATED)
-        if backward == GENERATED:  # an automatic fallback: the LSE the backward op expects, from the reference
+        if backward == GENERATED:  # a fallback (or a hand-made call): the LSE the backward op expects, from the reference
             results = results[:-1] + ([results[-1].clone()] if return_lse else []) + [results[-1].float()]
         run = {"backend": "reference", **({"reason": fallback} if fallback else {}),
                "backward": None if backward == NO_GRAPH else "reference"}
         if backward != NO_GRAPH:
-            run["backward_reason"] = fallback if backward == GENERATED else _REFERENCE_REASON
+            run["backward_reason"] = fallback or _REFERENCE_REASON
     kernel.last_run = run
     return results
 
@@ -247,6 +249,10 @@ def _reference_gradients(kernel, call, return_lse, tensors, grads, wanted) -> li
                                 return_lse=return_lse, names=tuple(call.tensors),
                                 needs_input_grad=(False,) * 4 + tuple(wanted))
     return gradients(ctx, tensors, grads)
+
+
+def _storage(t: torch.Tensor):
+    return t.untyped_storage().data_ptr() if t.numel() else id(t)
 
 
 def _conform(t: torch.Tensor, dtype: torch.dtype, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,8 +298,8 @@ def base_name(kernel) -> str:
 def register(kernel) -> Registration:
     """The operators of `kernel`, registered on first use."""
     reg = kernel._torch_op
-    if reg is not None:
-        return reg
+    if reg is not None and reg.kernel_ref is not None and reg.kernel_ref() is kernel:
+        return reg  # (a copy of a kernel, `copy.copy` or `deepcopy`, gets operators of its own)
     base, spec = base_name(kernel), OpSpec.of(kernel.program)
     for serial in range(1, 1 << 20):
         name = base if serial == 1 else f"{base}_{serial}"

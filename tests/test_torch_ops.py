@@ -9,6 +9,7 @@ operators are named and what their schemas hold (no user text). torch.compile ru
 the autograd formula) trace exactly as with Inductor, which only adds C++ code generation for
 the module's own layers (about 40 s on this CPU; the last test runs it once).
 """
+import copy
 import gc
 import os
 import re
@@ -151,6 +152,7 @@ def test_a_live_kernel_keeps_its_operator_a_freed_one_hands_it_on():
     name = first.op._schema.name
     second = compile_spec("causal", "reference")
     assert second.op._schema.name == name + "_2"  # the first is alive: a new operator
+    assert copy.copy(second).op._schema.name == name + "_3"  # a copy runs itself, not the original
     kwargs = gallery_inputs("causal", grad=())
     op = first.op
     del first
