@@ -49,7 +49,18 @@ class BoundCall:
 
 def describe_input(node: ir.Input) -> str:
     optional = f", optional (default {node.default.value})" if node.default is not None else ""
-    return f"{node.dtype} tensor [{', '.join(str(d) for d in node.dims)}]{optional}"
+    dims = ", ".join(f"{d}?" if k in node.broadcast else str(d) for k, d in enumerate(node.dims))
+    return f"{node.dtype} tensor [{dims}]{optional}"
+
+
+def _broadcast(node: ir.Input, t: torch.Tensor, scalars: dict) -> torch.Tensor:
+    """An input passed with size 1 along dims declared `H?`, viewed at the full size (stride
+    0, nothing copied); a dim that no other input binds is 1."""
+    shape = list(t.shape)
+    for k in node.broadcast:
+        if t.shape[k] == 1:
+            shape[k] = scalars.setdefault(node.dims[k].name, 1)
+    return t.expand(shape) if shape != list(t.shape) else t
 
 
 def _default_tensor(program: ir.Program, node: ir.Input, tensors: dict, scalars: dict, device) -> torch.Tensor:
@@ -107,6 +118,8 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
             raise ShapeError(f"argument '{name}' must have {len(node.dims)} dims "
                              f"[{', '.join(str(d) for d in node.dims)}], got shape {tuple(t.shape)}")
         for k, (dim, size) in enumerate(zip(node.dims, t.shape)):
+            if size == 1 and k in node.broadcast:  # `H?`: broadcast along it below, once H is bound
+                continue
             if dim.is_Integer:
                 if int(dim) != size:
                     raise ShapeError(f"argument '{name}' must have size {dim} in dim {k}, got shape "
@@ -119,6 +132,9 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
             scalars.setdefault(key, size)
             bound_by.setdefault(key, name)
         tensors[name] = t
+    for name, node in program.inputs.items():
+        if node.broadcast and name in tensors:
+            tensors[name] = _broadcast(node, tensors[name], scalars)
     for node in left_out:
         tensors[node.name] = _default_tensor(program, node, tensors, scalars, device)
     for name, node in program.params.items():

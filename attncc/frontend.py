@@ -99,8 +99,12 @@ class Frontend:
                 self.dims[d] = sym
                 self.env[d] = _Scalar(sym)
             dims.append(sympy.Symbol(d, integer=True, positive=True))
+        for k in decl.broadcast:
+            if isinstance(decl.dims[k], int):
+                raise self.error(f"dim {k} of input '{decl.name}' is a fixed size; only named dims take `?`",
+                                 decl.loc)
         node = ir.Input(name=decl.name, dims=tuple(dims), dtype=decl.dtype, loc=decl.loc,
-                        default=self.input_default(decl))
+                        default=self.input_default(decl), broadcast=tuple(decl.broadcast))
         self.inputs[decl.name] = node
         self.env[decl.name] = _Tensor(node, None)
 
@@ -122,6 +126,8 @@ class Frontend:
         if decl.default is not None:
             raise self.error(f"output '{decl.name}' has a default; only inputs can be optional", decl.default.loc,
                              "no `= value` after an output")
+        if decl.broadcast:
+            raise self.error(f"output '{decl.name}' has a dim with `?`; only inputs broadcast", decl.loc)
         binding = self.env.get(decl.name)
         if binding is None:
             raise self.error(f"output '{decl.name}' is never assigned", decl.loc,

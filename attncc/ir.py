@@ -49,6 +49,7 @@ class Input(Node):
     name: str = ""
     dims: tuple[sympy.Expr, ...] = ()
     default: "Const | None" = None  # an optional input: its value everywhere when a call leaves it out
+    broadcast: tuple[int, ...] = ()  # dims a call may pass with size 1: broadcast (stride 0)
 
 
 @dataclass(eq=False)

@@ -99,7 +99,8 @@ def format_attn(program: ast.Program) -> str:
     """The AST as `.attn` text that parses back to an equal tree (positions aside): the spec of
     a function decorated with `@attncc.attention`, as `attncc show --stage ast` prints it."""
     def decl(d: ast.Decl) -> str:
-        return f"{d.name}[{', '.join(str(x) for x in d.dims)}]" + (f": {d.dtype}" if d.dtype != "float" else "") \
+        dims = ", ".join(f"{x}?" if k in d.broadcast else str(x) for k, x in enumerate(d.dims))
+        return f"{d.name}[{dims}]" + (f": {d.dtype}" if d.dtype != "float" else "") \
             + (f" = {format_expr(d.default)}" if d.default is not None else "")
 
     outputs = ", ".join(decl(d) for d in program.outputs)

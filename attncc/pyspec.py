@@ -212,8 +212,8 @@ class _Translator:
             raise self.error(f"`return` names {len(returned)} output{'s' * (len(returned) != 1)} but the "
                              f"return annotation declares {len(output_dims)}", fn.body[-1],
                              "one name per string of dims in `-> ...`")
-        outputs = [syntax.Decl(name, dims, dtype, loc=self.loc(node))
-                   for (name, node), (dims, dtype) in zip(returned, output_dims)]
+        outputs = [syntax.Decl(name, dims, dtype, loc=self.loc(node), broadcast=broadcast)
+                   for (name, node), (dims, dtype, broadcast) in zip(returned, output_dims)]
         decls = inputs + outputs
         if len(decls) > syntax.MAX_DECLS:
             raise self.error(f"too many inputs and outputs: {len(decls)} (the limit is {syntax.MAX_DECLS})",
@@ -262,9 +262,9 @@ class _Translator:
             if isinstance(ann, ast.Name) and ann.id in TYPES:
                 raise self.error(f"'{arg.arg}: {ann.id}' is a param, and params are keyword-only arguments",
                                  where, f"the param after `*`: `*, {arg.arg}: {ann.id} = ...`")
-            dims, dtype = self.dims(ann, f"input '{arg.arg}'")
+            dims, dtype, broadcast = self.dims(ann, f"input '{arg.arg}'")
             value = None if default is None else self.default(default)
-            decls.append(syntax.Decl(arg.arg, dims, dtype, loc=where, default=value))
+            decls.append(syntax.Decl(arg.arg, dims, dtype, loc=where, default=value, broadcast=broadcast))
         return decls
 
     def arg_loc(self, arg: ast.arg) -> Loc:
@@ -332,8 +332,9 @@ class _Translator:
             return whole
         return None
 
-    def dims(self, node, what: str) -> tuple[list[str | int], str]:
-        """`"B,H,N,D"`, `"B,N: int"`, `""` (no dims): the dims and element type of a tensor."""
+    def dims(self, node, what: str) -> tuple[list[str | int], str, tuple[int, ...]]:
+        """`"B,H,N,D"`, `"B,N: int"`, `""` (no dims), `"B,H?,M"` (H may be 1): the dims, element
+        type and broadcast positions of a tensor."""
         if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
             raise self.error(f"the dims of {what} must be a string", node,
                              "a string of dims such as \"B,H,N,D\", with `: int` or `: bool` for those types")
@@ -346,6 +347,7 @@ class _Translator:
             raise self.error(f"unknown element type '{dtype}' in {what}", part(start, start + len(dtype)),
                              "float (the default), int or bool: \"B,N: int\"")
         dims: list[str | int] = []
+        broadcast: list[int] = []
         if dims_text.strip():
             offset = 0
             for piece in dims_text.split(","):
@@ -359,9 +361,12 @@ class _Translator:
                     continue
                 if not dim:
                     raise self.error(f"an empty dim in {what}", at, "names or sizes separated by commas")
+                if dim.endswith("?"):  # may be 1: broadcast
+                    dim = dim[:-1].rstrip()
+                    broadcast.append(len(dims))
                 self.check_name(dim, at, "the dim")
                 dims.append(dim)
-        return dims, dtype
+        return dims, dtype, tuple(broadcast)
 
     def string_part(self, node: ast.Constant):
         """`part(start, end)`: the Loc of characters start..end of a string constant's value, exact

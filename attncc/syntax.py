@@ -80,6 +80,11 @@ class Decl:
     dtype: str
     loc: Loc | None = field(default=None, compare=False, repr=False)
     default: Expr | None = field(default=None, kw_only=True)  # an optional input's value when left out
+    broadcast: tuple[int, ...] = field(default=(), kw_only=True)  # positions of dims written `H?` (may be 1)
+
+
+class _Broadcast(str):
+    """A dim written `H?` while the grammar is being transformed."""
 
 
 @dataclass
@@ -219,11 +224,16 @@ class _ToAst(lark.Transformer):
         tok = items[0]
         return int(tok) if tok.type == "INT" else str(tok)
 
+    def broadcast_dim(self, items):
+        return _Broadcast(str(items[0]))
+
     @lark.v_args(meta=True)
     def decl(self, meta, items):
         name, *dims, dtype, default = items
-        return Decl(str(name), [d for d in dims if d is not None], str(dtype) if dtype else "float",
-                    loc=_tok_loc(name), default=default)
+        dims = [d for d in dims if d is not None]
+        return Decl(str(name), [str(d) if isinstance(d, _Broadcast) else d for d in dims],
+                    str(dtype) if dtype else "float", loc=_tok_loc(name), default=default,
+                    broadcast=tuple(k for k, d in enumerate(dims) if isinstance(d, _Broadcast)))
 
     def one_output(self, items):
         return [items[0]]

@@ -237,7 +237,7 @@ class _BackwardCodegen(RowStreamCodegen):
                 inner.append(f"gc{r} += tl.sum(g{r}, 0)")
             elif rd.mode == ReadMode.TILE:
                 inner.append(f"tl.store(gt{r}_ptr + (flat_o * n_rows + offs_m[:, None]) * n_cols + offs_n[None, :], "
-                             f"g{r}, mask={live})")
+                             f"g{r}, mask=({live}) != 0)")  # (a mask of ints on some paths: a bool here)
             else:
                 inner += self.scatter_lines(r, rd, live)
             lines += [comment(f"the gradient of the score's read of {name} (read {r}, {rd.mode}; passes/backward.py)"),

@@ -159,7 +159,8 @@ def _literal(e) -> bool:
 def python_text(program: syntax.Program) -> str:
     """The Python spelling of a spec's syntax tree (docs/python.md)."""
     def dims(d):
-        return ",".join(map(str, d.dims)) + (f": {d.dtype}" if d.dtype != "float" else "")
+        return ",".join(f"{x}?" if k in d.broadcast else str(x) for k, x in enumerate(d.dims)) \
+            + (f": {d.dtype}" if d.dtype != "float" else "")
 
     params = [st for st in program.body if isinstance(st, syntax.Param)]
     body = [st for st in program.body if not isinstance(st, syntax.Param)]

@@ -194,3 +194,53 @@ def test_a_sink_logit_cannot_depend_on_the_normalised_axis():
     with pytest.raises(attncc.SpecError, match="the sink logit depends on 'j'") as err:
         attncc.load(spec)
     assert ":3:" in str(err.value) and "^" in str(err.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(B, H, N, M), (1, H, 1, M), (B, 1, N, 1), (1, 1, 1, 1)])
+def test_bias_tensor(backend, shape):
+    """s += bias, bias [B,H,N,M] or any of those dims of size 1 (broadcast, never copied);
+    the gradient of bias is dS summed over the broadcast dims."""
+    q, k, v = qkv(11)
+    bias = torch.randn(shape, generator=torch.Generator().manual_seed(12)).requires_grad_()
+    kernel = attncc.compile("examples/bias_tensor.attn", backend=backend)
+    o = kernel(q=q, k=k, v=v, bias=bias)
+    b64 = bias.detach().double().requires_grad_()
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * D ** -0.5 + b64
+    want = torch.einsum("bhij,bhje->bhie", torch.softmax(s.masked_fill(~CAUSAL, -math.inf), -1), v.double())
+    close(o, want, "o")
+    o.square().sum().backward()
+    gb, = torch.autograd.grad(want.square().sum(), b64)
+    assert bias.grad.shape == bias.shape
+    close(bias.grad, gb, "dbias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads_of_sets", [H, 1])
+def test_class_redistribute(backend, heads_of_sets):
+    q, k, v = qkv(13)
+    g = torch.Generator().manual_seed(14)
+    sink = torch.rand(B, heads_of_sets, M, generator=g) < 0.3
+    recv = torch.rand(B, heads_of_sets, M, generator=g) < 0.4
+    recv[0, 0, :] = False  # no receiver for some rows: the ratio is 0 there
+    p = torch.tensor([0.5, 0.0, 0.9])
+    rows = torch.rand(B, N, generator=g) < 0.7
+    kernel = attncc.compile("examples/class_redistribute.attn", backend=backend)
+    a, _, _ = dense(q, k, v, CAUSAL)
+    sk, rc = sink.expand(B, H, M)[:, :, None, :], recv.expand(B, H, M)[:, :, None, :]
+    rc_only = rc & ~sk
+    m_sink, m_recv = (a * sk).sum(-1, keepdim=True), (a * rc_only).sum(-1, keepdim=True)
+    ratio = torch.where(m_recv > 0, m_sink / m_recv.clamp_min(1e-300), torch.zeros(()))
+    ph = p.double()[None, :, None, None]
+    moved = (p[None, :, None, None] > 0) & rows[:, None, :, None]
+    scale = torch.where(sk, 1 - ph, torch.where(rc_only, 1 + ph * ratio, torch.ones(())))
+    want = torch.einsum("bhij,bhje->bhie", a * torch.where(moved, scale, torch.ones(())), v.double())
+    for given in ({"rows": rows}, {}):
+        got = kernel(q=q, k=k, v=v, sink=sink, recv=recv, p=p, **given)
+        if not given:  # every row
+            moved_all = (p[None, :, None, None] > 0).expand(B, H, N, 1)
+            want_all = torch.einsum("bhij,bhje->bhie", a * torch.where(moved_all, scale, torch.ones(())),
+                                    v.double())
+            close(got, want_all, "o (every row)")
+        else:
+            close(got, want, "o")
