@@ -259,3 +259,26 @@ def test_compile_with_inductor():
     want = torch.autograd.grad(step(x), lin.weight)[0]
     got = torch.autograd.grad(torch.compile(step, fullgraph=True)(x), lin.weight)[0]
     torch.testing.assert_close(got, want)
+
+
+@attncc.attention(backend="reference")
+def alibi_window(q: "B,H,N,D", k: "B,H,M,D", v: "B,H,M,E", slopes: "H", *, window: int = 256) -> "B,H,N,E":
+    s[b, h, i, j] = q[b, h, i, d] * k[b, h, j, d] * D ** -0.5  # noqa: F821 (the attncc language)
+    s += slopes[h] * (j - i)  # noqa: F821
+    mask(j <= i and i - j < window)  # noqa: F821
+    p = softmax(s, j)  # noqa: F821
+    o[b, h, i, e] = p[b, h, i, j] * v[b, h, j, e]  # noqa: F821
+    return o  # noqa: F821
+
+
+def test_compile_a_decorated_function_compiled_on_first_use():
+    assert not alibi_window.compiled  # the first traced call compiles it, outside the graph
+    q = torch.randn(1, 2, 9, 4, requires_grad=True)
+    slopes = torch.rand(2, requires_grad=True)
+    step = torch.compile(lambda q, s: alibi_window(q=q, k=q, v=q, slopes=s, window=3).square().sum(),
+                         fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(step(q, slopes), (q, slopes))
+    want = torch.autograd.grad(alibi_window(q=q, k=q, v=q, slopes=slopes, window=3).square().sum(), (q, slopes))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert alibi_window.op._schema.name.startswith("attncc::alibi_window_reference_")
