@@ -22,7 +22,7 @@ from attncc import torch_ops
 from oracles.inputs import make_inputs
 
 SEVERAL = """
-attention several(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], keep[B,M]: bool, shift[H]: int) -> (o[B,H,N,E], top[B,H,N]) {
+attention several(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], keep[B,M]: bool, shift[H]: int) -> (o[B,H,N,E], top[B,H,N], n[B,H,N]) {
   param cap: float = 5.0
   param window: int = 1000
   param causal: bool = false
@@ -32,6 +32,8 @@ attention several(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], keep[B,M]: bool, shift[H]:
   p = softmax(s, j)
   o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
   top = amax(s, j)
+  w[b,h,i,j] = where(s[b,h,i,j] > 0.0, 1, 0)
+  n[b,h,i] = w[b,h,i,j]
 }
 """
 
@@ -64,7 +66,7 @@ CASES = {
     "causal, return_lse": ("causal", lambda: gallery_inputs("causal"), True),
     "alibi, slopes require grad": ("alibi", lambda: gallery_inputs("alibi", ("q", "k", "v", "slopes")), False),
     "document, int input": ("document", lambda: gallery_inputs("document"), False),
-    "two outputs, float/int/bool params, bool and int inputs": (SEVERAL, several_inputs, False),
+    "three outputs (one int), float/int/bool params, bool and int inputs": (SEVERAL, several_inputs, False),
     "column_mass, its optional input left out (Tensor?)": ("column_mass", lambda: {
         n: t for n, t in gallery_inputs("causal").items()}, False),
 }
@@ -80,7 +82,7 @@ def test_opcheck_reference(case):
 
 
 @interpreted
-@pytest.mark.parametrize("case", ["causal, return_lse", "two outputs, float/int/bool params, bool and int inputs"])
+@pytest.mark.parametrize("case", ["causal, return_lse", "three outputs (one int), float/int/bool params, bool and int inputs"])
 def test_opcheck_triton(case):
     spec, make, return_lse = CASES[case]
     kernel = compile_spec(spec, "triton")
@@ -97,9 +99,10 @@ def test_operator_results_and_gradients_equal_the_eager_call():
     eager = kernel(**kwargs)
     run = kernel.last_run
     results = kernel.op(*torch_ops.arguments(kernel, **kwargs))
-    assert len(results) == 2
+    assert len(results) == 3 and results[2].dtype == torch.int64
     for a, b in zip(eager, results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    eager, results = eager[:2], results[:2]
     grads = [torch.randn_like(r) for r in results]
     floats = [kwargs[n] for n in ("q", "k", "v")]
     want = torch.autograd.grad(eager, floats, grads)
