@@ -122,7 +122,11 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
                                       f"{op.transform.loc.line if op.transform.loc else '?'}): its gradient "
                                       "is not generated yet")
     assert plan.has_lse
-    derivative = None if term.score is term.qk else Tangent(term.qk).of(term.score)
+    derivative = None  # None: the score is Q K^T itself (the derivative is 1)
+    if term.score is not term.qk:
+        derivative = Tangent(term.qk).of(term.score)
+        if derivative is None:  # the score does not change with Q K^T (floor, sign, ...): 0, not 1
+            derivative = ir.Const(value=0.0, dtype=ir.FLOAT)
     synthetic = {inp.name: node for node, inp in plan.precomputed.inputs.items()} if plan.precomputed else {}
     operands = []
     chained = []

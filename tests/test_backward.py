@@ -331,3 +331,21 @@ def test_backward_kernels_compile_for_sm90_without_spills():
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("ok ")]
     assert out.returncode == 0 and len(rows) == 3 * len(runs), out.stdout[-2000:] + out.stderr[-4000:]
     assert all(int(r[5]) == 0 for r in rows), out.stdout  # no spill stack
+
+
+def test_a_piecewise_constant_score_has_no_gradient_in_q_and_k():
+    """`floor(q . k)` does not change with q and k: their gradients are 0 (the derivative of
+    the score is 0, not the 1 of a plain score), while v's is not."""
+    spec = """attention steps(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]) -> o[B,H,N,E] {
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  t = floor(s * 4.0) * 0.25
+  p = softmax(t, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}"""
+    kernel = attncc.compile(spec, backend="triton")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, d, generator=g).requires_grad_() for n, d in ((19, 8), (23, 8), (23, 6)))
+    kernel(q=q, k=k, v=v).square().sum().backward()
+    assert kernel.last_run["backward"] == "triton"
+    assert float(q.grad.abs().max()) == 0.0 and float(k.grad.abs().max()) == 0.0
+    assert float(v.grad.abs().max()) > 0.0
