@@ -244,3 +244,28 @@ def test_class_redistribute(backend, heads_of_sets):
             close(got, want_all, "o (every row)")
         else:
             close(got, want, "o")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_block,k_block,causal", [(8, 4, False), (8, 4, True), (1, 1, False)])
+def test_block_lists(backend, q_block, k_block, causal):
+    """Key j allowed for query i iff j // k_block is listed in kidx[b, h // (H // G), i // q_block, :]
+    (-1 unused, duplicates once) and, when causal, j <= i + (M - N)."""
+    heads, groups, slots = 4, 2, 3
+    g = torch.Generator().manual_seed(15)
+    q, k, v = torch.randn(B, heads, N, D, generator=g), torch.randn(B, groups, M, D, generator=g), \
+        torch.randn(B, groups, M, E, generator=g)
+    n_qb, n_kb = -(-N // q_block), -(-M // k_block)
+    kidx = torch.randint(-1, n_kb, (B, groups, n_qb, slots), generator=g)
+    kidx[0, 0, 0] = torch.tensor([1, 1, -1])  # a duplicate and an unused slot
+    kernel = attncc.compile("examples/block_lists.attn", backend=backend)
+    o = kernel(q=q, k=k, v=v, kidx=kidx, q_block=q_block, k_block=k_block, causal=causal)
+    rep = heads // groups
+    lists = kidx.repeat_interleave(rep, dim=1)  # [B, heads, QB, K]
+    qb = torch.arange(N) // q_block
+    kb = torch.arange(M) // k_block
+    allowed = (lists[:, :, qb, :, None] == kb[None, None, None, None, :]).any(3)  # [B, heads, N, M]
+    if causal:
+        allowed = allowed & CAUSAL
+    _, want, _ = dense(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), allowed)
+    close(o, want, "o")
