@@ -128,7 +128,7 @@ def lse_output(program: ir.Program) -> ir.Output:
     node = ir.Reduce(op="logsumexp", arg=sm.arg, axes=(sm.axis,), indices=indices, loc=sm.loc)
     if sm.sink is not None:  # log(exp(sink) + sum exp(s)): logaddexp as max(a, b) + log1p(exp(-|a - b|))
         node = _logaddexp(node, sm.sink)
-        node = ir.Access(array=node, args=tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in indices),
+        node = ir.Access(array=node, args=tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices),
                          axes=node.indices, indices=indices, dtype=ir.FLOAT, loc=sm.loc) \
             if node.indices != indices else node
     return ir.Output("lse", node, indices, tuple(program.extent[ix] for ix in indices), sm.loc)

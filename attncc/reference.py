@@ -237,7 +237,8 @@ class Reference:
     def constant_slice(self, node: ir.Access):
         t = align(self.value(node.array), node.array.indices, node.axes)
         index = tuple(a.value if isinstance(a, ir.Const) else slice(None) for a in node.args)
-        return t[index]
+        kept = tuple(ax for a, ax in zip(node.args, node.axes) if not isinstance(a, ir.Const))
+        return align(t[index], kept, node.indices)  # a read may permute the axes (`x[c,a]` of `x[a,c]`)
 
     # ------------------------------------------------------------------ elementwise
     def eval_map(self, node: ir.Map):
@@ -364,6 +365,11 @@ class Reference:
             value = x.amin(dim=dims)
         else:
             value = torch.logsumexp(x, dim=dims)
+        # the result's dims in the reduction's own index order, which need not be its operand's
+        kept = tuple(ix for ix in node.arg.indices if ix not in node.axes)
+        if kept != node.indices:
+            value = align(value, kept, node.indices)
+            count = align(count, kept, node.indices) if count.dim() else count
         return value, count
 
     @staticmethod

@@ -478,7 +478,9 @@ class Lowering:
 
     @staticmethod
     def reorder(node: ir.Node, indices) -> ir.Node:
-        args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in indices)
+        """`node` read with its indices in the order `indices` (the arguments follow the
+        node's own axes; the read's indices are the wanted order)."""
+        args = tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices)
         return ir.Access(array=node, args=args, axes=node.indices, indices=tuple(indices), dtype=node.dtype,
                          loc=node.loc)
 

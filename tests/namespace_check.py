@@ -36,8 +36,12 @@ GENERATED = re.compile("|".join([
     r"(?:q\d*|k|v)_f32|S|z|a|q_past|k_to_end",
     # temporaries, host-evaluated scalars, loaded mask scalars, precomputed inputs
     r"(?:t|ld|host)\d+|mask_scalar\d+|pre\d+_(?:ptr|st\d+|sz\d+|kbase|kdesc|ktile)",
+    # the general streaming plan's pass kernels (codegen/stream_kernel.py): feature blocks,
+    # operand tiles, stored accumulators, online statistics, top-k buffers, ties, inner sums
+    r"BLOCK_[DE]\d+|KP\d+|n_\d+|mask_lo|mask_hi|(?:a|b|x|l|m|m_new|m_safe|alpha|res\d+_s|acc\d+_st|acc\d+_sz)\d+",
+    r"res\d+_ptr|acc\d+_ptr|(?:buf|kcols|xt|old|r|head_x|head_b|from_x|at_x|at_b|seen|eq|tie_rank|chosen|isum|g|sl)\d+",
 ]))
-KERNEL_SUFFIX = re.compile(r"(?:_packed|_stats\d+)?_(?:fwd|tile)|_classify|_linear_(?:state|apply)|_chunked")
+KERNEL_SUFFIX = re.compile(r"(?:_packed|_stats\d+)?_(?:fwd|tile)|_classify|_linear_(?:state|apply)|_chunked|_pass\d+")
 
 
 def identifiers(source: str) -> set[str]:

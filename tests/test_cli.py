@@ -61,7 +61,7 @@ def test_gallery_lists_every_example(capsys):
 
 def test_gallery_defaults_to_the_installed_examples(capsys):
     rc, out, _ = run(capsys, "list")
-    assert rc == 0 and "27 attention specs" in out and "permuted_blocks" in out
+    assert rc == 0 and "35 attention specs" in out and "permuted_blocks" in out
 
 
 def test_show_ir_of_causal(capsys):

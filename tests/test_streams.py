@@ -491,3 +491,26 @@ def test_gallery_block_selections_are_refused_by_the_general_planner(name, why):
 
     with pytest.raises(NotRowStreamable, match=why):
         plan_streams(attncc.load(f"examples/{name}.attn"))
+
+
+def test_a_sum_whose_term_lists_its_indices_in_another_order():
+    """`a[b,h,i] = where(keep[b,j] and j <= i + shift[h], 1.0, 0.0)` sums a term over (i, h, j, b):
+    the result keeps the statement's order on both backends (the reference returned it in the
+    term's order, and a permuting read of it kept the array's order)."""
+    spec = """attention counts(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], keep[B,M]: bool, shift[H]: int)
+        -> (o[B,H,N,E], a[B,H,N]) {
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d]
+  p = softmax(s, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+  a[b,h,i] = where(keep[b,j] and j <= i + shift[h], 1.0, 0.0)
+}"""
+    b, h, n, m = 2, 3, 5, 7
+    keep = torch.rand(b, m, generator=torch.Generator().manual_seed(0)) > 0.3
+    shift = torch.tensor([0, 1, -1])
+    want = (keep[:, None, None, :] & (torch.arange(m)[None, None, None, :] <= torch.arange(n)[None, None, :, None]
+                                      + shift[None, :, None, None])).float().sum(-1)
+    for backend in ["reference"] + (["triton"] if CAN_RUN else []):
+        kernel = attncc.compile(spec, backend=backend)
+        _, a = kernel(q=torch.randn(b, h, n, 4), k=torch.randn(b, h, m, 4), v=torch.randn(b, h, m, 2), keep=keep,
+                      shift=shift)
+        assert a.shape == (b, h, n) and torch.equal(a, want), backend
