@@ -8,7 +8,7 @@
 #
 # Only Python 3.10+ is needed. torch is installed first and pinned: the CPU build
 # of torch 2.13.0 is what pip finds on the project's machines, while an unpinned
-# `torch` (asked for directly or by attncc's own `torch>=2.5`) would pull the
+# `torch` (asked for directly or by attncc's own `torch>=2.11`) would pull the
 # newest release with several GB of CUDA packages.
 
 PYTHON ?= python3

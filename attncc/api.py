@@ -47,10 +47,12 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
 
 
 def read_spec(spec: str | Path) -> tuple[str, str]:
-    """(text, filename) of a spec that is a path or source text. A `Path` (any `os.PathLike`)
-    is a file. A string is a file when it names an existing file, or when it is one line
-    without a `{` (no spec lacks one) ending in `.attn`; anything else is the spec's text,
-    however long (a one-line spec is never handed to the file system as a name)."""
+    """(text, filename) of a spec that is a path, a gallery name or source text. A `Path` (any
+    `os.PathLike`) is a file. A string is a file when it names an existing file, or when it is
+    one line without a `{` (no spec lacks one) ending in `.attn`; a bare name that is no file
+    but names an example of the gallery installed with attncc (`"causal"`) is that example, as
+    on the command line; anything else is the spec's text, however long (a one-line spec is
+    never handed to the file system as a name)."""
     if isinstance(spec, os.PathLike):
         path = Path(spec)
     elif not isinstance(spec, str):
@@ -58,9 +60,19 @@ def read_spec(spec: str | Path) -> tuple[str, str]:
     elif "\n" not in spec and "\0" not in spec and (
             os.path.isfile(spec) or ("{" not in spec and spec.rstrip().endswith(".attn"))):
         path = Path(spec)  # os.path.isfile: False, not an error, for names too long or otherwise impossible
+    elif spec.isidentifier() and gallery_path(spec) is not None:
+        path = gallery_path(spec)
     else:
         return spec, "<string>"
     return read_spec_file(path), str(path)
+
+
+def gallery_path(name: str) -> Path | None:
+    """The gallery example `name` installed with attncc (`attncc.examples`), or None."""
+    from importlib import resources
+
+    path = Path(str(resources.files("attncc.examples"))) / f"{name}.attn"
+    return path if name.isidentifier() and path.is_file() else None
 
 
 def read_spec_file(path: Path) -> str:

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, cli_bench, cli_tune, pipeline
-from .api import BACKENDS, load, read_spec, read_spec_file
+from .api import BACKENDS, gallery_path, load, read_spec, read_spec_file
 from .api import compile as compile_spec
 from .codegen.pytext import docstring
 from .check import DTYPES, check
@@ -118,9 +118,9 @@ def resolve_spec(spec: str):
     decorated function that `module:function` or `file.py:function` names (imported)."""
     if os.path.isfile(spec):  # False, not an error, for a name too long or with a NUL
         return spec
-    for path in example_files():
-        if path.stem == spec or path.name == spec:
-            return str(path)
+    example = gallery_path(spec[:-len(".attn")] if spec.endswith(".attn") else spec)
+    if example is not None:
+        return str(example)
     if re.fullmatch(r"[^:]+:[A-Za-z_][\w.]*", spec):
         from .decorator import import_function
 

@@ -269,3 +269,14 @@ def test_block_lists(backend, q_block, k_block, causal):
         allowed = allowed & CAUSAL
     _, want, _ = dense(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), allowed)
     close(o, want, "o")
+
+
+def test_compile_finds_gallery_examples_by_name(tmp_path, monkeypatch):
+    """`attncc.compile("causal")` resolves the installed gallery, as the CLI does, from any
+    working directory; a file of that name in the working directory comes first."""
+    monkeypatch.chdir(tmp_path)
+    kernel = attncc.compile("causal", backend="reference")
+    assert kernel.name == "causal" and kernel.program.source.filename.endswith("causal.attn")
+    (tmp_path / "causal").write_text(open(kernel.program.source.filename).read().replace(
+        "attention causal(", "attention local_copy("))
+    assert attncc.compile("causal", backend="reference").name == "local_copy"
