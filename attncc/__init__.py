@@ -7,10 +7,13 @@ or, the same spec as a Python function (docs/python.md):
 
     @attncc.attention
     def causal(q: "B,H,N,D", k: "B,H,M,D", v: "B,H,M,E") -> "B,H,N,E": ...
+
+or as a module with learnable inputs: `attncc.nn.Attention("alibi", learn={"slopes": ...})`.
 """
+from . import nn
 from .api import Kernel, compile, load
 from .decorator import attention
 from .errors import ArgumentError, BackendError, ShapeError, SpecError
 
-__all__ = ["compile", "load", "attention", "Kernel", "SpecError", "ArgumentError", "ShapeError", "BackendError"]
+__all__ = ["compile", "load", "attention", "nn", "Kernel", "SpecError", "ArgumentError", "ShapeError", "BackendError"]
 __version__ = "0.1.0"
