@@ -41,6 +41,7 @@ class StreamLauncher:
         self.last_path = LaunchPath.GENERAL
         self.last_tma_fallback = None
         self.lse_launcher: StreamLauncher | None = None  # the plan with the log-sum-exp as an extra output
+        self.forms: dict = {}  # node -> its torch form (torch_form's memo), built on the first call
 
     def with_lse(self) -> "StreamLauncher":
         """The launcher of the same program planned with `return_lse`'s log-sum-exp as one more
@@ -78,7 +79,7 @@ class StreamLauncher:
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
         sizes = p.program.sizes(call.scalars)  # the plan's program: with the indices its rules made
         tensors = dict(call.tensors)
-        memo: dict = {}
+        memo = self.forms  # the torch forms of the plan's nodes: the same for every call
         device = call.device
         recording = _RECORDING.get() is not None
         for sp, source in zip(p.passes, self.src.passes):
