@@ -14,6 +14,8 @@ from . import nn
 from .api import Kernel, compile, load
 from .decorator import attention
 from .errors import ArgumentError, BackendError, ShapeError, SpecError
+from .flex import create_block_mask, flex_attention
 
-__all__ = ["compile", "load", "attention", "nn", "Kernel", "SpecError", "ArgumentError", "ShapeError", "BackendError"]
+__all__ = ["compile", "load", "attention", "nn", "Kernel", "SpecError", "ArgumentError", "ShapeError", "BackendError",
+           "flex_attention", "create_block_mask"]
 __version__ = "0.1.0"
