@@ -125,7 +125,7 @@ class PassCodegen:
         for ix in p.outer:
             env[ix] = Val(names.user("idx", ix), frozenset(), ir.INT)
         self.em = StreamEmitter(plan.program, env, owner=self)
-        self.em.inner = dict(plan.inner)
+        self.em.inner = dict(plan.planner.inner)
         self.em.lazy = {dot.node: dot for dot in p.lazy_dots}
         self.em.in_bounds = {p.row, p.stream}
         mine = {a.node for a in p.accumulators}
@@ -279,7 +279,7 @@ class PassCodegen:
             lines = ["lo = 0", "hi = n_cols"]
         else:
             size = self.em.emit(block.size).code
-            lines = [f"lo = {names.user('idx', block.name)} * {size}  # one block of {block.index!r}",
+            lines = [comment(f"one block of {block.index!r}"), f"lo = {names.user('idx', block.name)} * {size}",
                      f"hi = tl.minimum(lo + {size}, n_cols)"]
         plan = self.p.mask_plan
         if plan is None:

@@ -135,7 +135,6 @@ class StreamPlan:
     results: dict                   # accumulator node -> synthetic ir.Input it is stored as
     notes: list = field(default_factory=list)  # (node, why) for the reductions torch computes
     planner: "Planner | None" = field(default=None, repr=False)
-    inner: dict = field(default_factory=dict)  # inner sums (tile values looping over an index) -> index
 
     def describe(self) -> str:
         """The plan in words: each pass, its accumulators (and the statements they come
@@ -151,7 +150,7 @@ class StreamPlan:
                 size = " x ".join(str(self.program.extent[ix]) for ix in a.node.indices)
                 lines.append(f"    {a.kind.value} over '{a.stream}' -> [{', '.join(a.node.indices)}] = [{size}] "
                              f"({statement(self.program, a.node)}){'; ' + how if how else ''}")
-        for n, g in self.inner.items():
+        for n, g in self.planner.inner.items():
             if n.loc is not None:
                 lines.append(f"  inner sum over '{g}' (a loop inside each tile): {statement(self.program, n)}")
         for n in self.precomputed.inputs:
@@ -927,7 +926,7 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
     if not plan_passes:
         raise NotRowStreamable("no reduction streams over scores (nothing pairs a row index with a streamed one "
                                "through a contraction), so there is no kernel to generate")
-    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, planner, planner.inner)
+    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, planner)
     _check_small(plan)
     return plan
 
