@@ -5,13 +5,16 @@ outside the timed region):
 - `sdpa:<backend>`: `scaled_dot_product_attention` pinned to one backend (flash,
   efficient, cudnn, math), for the variants it expresses (dense, causal aligned
   bottom-right, GQA);
-- `flex`: `torch.compile(flex_attention)` with a block mask built on the device;
+- `flex`: `torch.compile(flex_attention)` with a block mask built on the device (learned
+  sinks: its output times sigmoid(lse - sink), the same function, compiled with it);
 - `eager`: the materialising composition of `attncc.bench_mods.eager_attention`, or for
   specs without a FlexAttention formulation the spec's own cascade of torch ops with every
   intermediate materialised;
 - `compiled`: `torch.compile` of that composition.
 
-Without compilation (CPU smoke runs) `flex` runs eagerly and `compiled` is skipped.
+Each callable returns the output; inputs that require grad make it differentiable (every
+competitor above is, except FlexAttention on the CPU). Without compilation (CPU smoke runs)
+`flex` runs eagerly and `compiled` is skipped.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 from .bench_mods import Formulation, eager_attention
 
@@ -115,17 +118,31 @@ def _sdpa(backend: SDPBackend, q, k, v, form: str | None) -> Callable:
 
 
 def _flex(q, k, v, mods, compile: bool) -> Callable:
+    if q.device.type == "cpu" and q.requires_grad:
+        raise Skip("FlexAttention has no backward on the CPU")
     block_mask = None
     if mods.mask_mod is not None:  # no example's mask depends on the head
         block_mask = create_block_mask(mods.mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
     options = dict(score_mod=mods.score_mod, block_mask=block_mask, scale=q.shape[-1] ** -0.5,
                    enable_gqa=k.shape[1] != q.shape[1])
+    attend = flex_attention if mods.sinks is None else _with_sinks
+    if mods.sinks is not None:
+        options["sinks"] = mods.sinks
     if compile:
-        compiled = torch.compile(flex_attention)
+        compiled = torch.compile(attend)
         return lambda: compiled(q, k, v, **options)
 
     def run_eagerly():
         with warnings.catch_warnings():  # eager flex warns that it is slow; smoke runs know
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            return flex_attention(q, k, v, **options)
+            return attend(q, k, v, **options)
     return run_eagerly
+
+
+def _with_sinks(q, k, v, sinks, **options):
+    """Softmax with one more key of logit sinks[h] and value 0: FlexAttention's output over the
+    real keys times their share of the mass, exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink)
+    (differentiable: FlexAttention's backward takes the LSE's gradient)."""
+    out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **options)
+    share = torch.sigmoid(aux.lse - sinks.view(1, -1, 1))
+    return (out * share.unsqueeze(-1)).to(out.dtype)

@@ -20,6 +20,9 @@ import torch
 class Mods:
     score_mod: Callable | None = None  # (score, b, h, i, j) -> score
     mask_mod: Callable | None = None   # (b, h, i, j) -> bool
+    # Per-query-head sink logits: one more virtual key whose value is 0 (gpt-oss). Not a mod
+    # FlexAttention has: its output is rescaled by sigmoid(lse - sink) (`attncc.bench_competitors`).
+    sinks: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ def _softcap(t, s):
 def _relative_bias(t, s):
     table, r = _wide(t["table"]), (s["W"] - 1) // 2
     return Mods(lambda score, b, h, i, j: score + table[h, torch.clamp(j - i, -r, r) + r])
+
+
+def _learned_sinks(t, s):
+    return Mods(mask_mod=_causal(s), sinks=_wide(t["sinks"]))
 
 
 def _document(t, s):
@@ -143,6 +150,7 @@ FORMULATIONS: dict[str, Formulation] = {
     "softcap": Formulation(_softcap, causal=True),
     "relative_bias": Formulation(_relative_bias),
     "document": Formulation(_document, causal=True),
+    "learned_sinks": Formulation(_learned_sinks, causal=True),
     "prefix_lm": Formulation(_prefix_lm),
     "key_padding": Formulation(_key_padding),
     "label_table": Formulation(_label_table),
@@ -154,7 +162,8 @@ FORMULATIONS: dict[str, Formulation] = {
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: Mods) -> torch.Tensor:
     """The composition a PyTorch user writes: materialise every score, modify and mask
-    them, softmax in float32, multiply by v. Rows without an allowed key give 0."""
+    them, softmax in float32 (over one more column holding the sink logits, if any), multiply
+    by v. Rows without an allowed key give 0."""
     heads, groups = q.shape[1], k.shape[1]
     if groups != heads:
         k, v = (x.repeat_interleave(heads // groups, dim=1) for x in (k, v))
@@ -165,7 +174,11 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: Mod
         s = mods.score_mod(s, b, h, i, j)
     if mods.mask_mod is not None:
         s = s.masked_fill(~mods.mask_mod(b, h, i, j), float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    if mods.sinks is not None:
+        sink = mods.sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, sink.to(s.dtype)], dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)
     if mods.mask_mod is not None:
         p = p.nan_to_num(0.0)
     return torch.einsum("bhij,bhje->bhie", p.to(v.dtype), v)

@@ -6,16 +6,25 @@ A results document (what `attncc.bench.run_benchmark` returns and writes as JSON
     {"schema": "attncc-bench/1", "timings_meaningful": bool, "note": str,
      "metadata": {date, gpu, driver, cuda, torch, triton, python, platform, attncc,
                   attncc_commit, attncc_dirty, device, dtype, warmup, reps, ...},
-     "variants": {name: {"spec", "date", "shapes", "params",
-                         "compile": {"dsl_to_triton_ms", "first_call_ms", "call_overhead_ms"},
-                         "results": [{"shape": {dim: size}, "params": {name: value},
-                                      "flops": {"fa", "fa_causal_halved", "effective"},
-                                      "tile_work": {"block_m", "block_n", "visited", "dense", ...},
-                                      "competitors": {name: {"status": "ok", "ms", "reps",
-                                          "first_call_ms", "wall_ms", "peak_mem_bytes", "tflops",
-                                          "max_abs_err", ...} or {"status": "skipped"|"error",
-                                          "reason"}},
-                                      "speedup": {competitor: its ms / attncc's ms}}]}}}
+     "variants": {key: {"spec", "mode", "date", "shapes", "params",
+                        "compile": {"dsl_to_triton_ms", "first_call_ms", "call_overhead_ms"},
+                        "results": [{"shape": {dim: size}, "params": {name: value}, "date",
+                                     "flops": {"fa", "fa_causal_halved", "timed", "effective"},
+                                     "tile_work": {"block_m", "block_n", "visited", "dense", ...},
+                                     "competitors": {name: {"status": "ok", "ms", "reps",
+                                         "first_call_ms", "wall_ms", "peak_mem_bytes", "tflops",
+                                         "max_abs_err", ...} or {"status": "skipped"|"error",
+                                         "reason"}},
+                                     "speedup": {competitor: its ms / attncc's ms}}]}}}
+
+A variant's key is its name for the forward (mode "fwd") and `name/fwd_bwd` or `name/bwd`
+for the training modes (`attncc.bench_train.Mode`), whose competitors also have "fwd_ms"
+(recording the graph), "fwd_bwd_ms", "bwd_ms" (their difference), "fwd_first_call_ms" and
+"grad_max_abs_err" ({input: error}, None where the reference was not differentiated), `ms`
+being the mode's own timing; attncc's also "backward" ('triton' or 'reference') and
+"backward_reason". Their results also have "speedup_by_phase" ({"fwd"|"bwd"|"fwd_bwd":
+{competitor: ratio}}) and "grad_reference" ({"status": "ok", "max_abs": {input: the
+reference gradient's largest magnitude}} or {"status": "skipped", "reason"}).
 """
 from __future__ import annotations
 
@@ -49,7 +58,7 @@ SMOKE_NOTE = ("SMOKE RUN without a GPU: kernels ran in Triton's CPU interpreter 
 def environment(device: torch.device) -> dict:
     """Versions and hardware, so that runs can be compared."""
     commit, dirty = _commit()
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    meta = {"date": utc_now(),
             "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda,
             "attncc": __version__, "attncc_commit": commit, "attncc_dirty": dirty,
@@ -61,6 +70,10 @@ def environment(device: torch.device) -> dict:
     else:
         meta["cpu"] = platform.processor() or platform.machine()
     return meta
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _version(package: str) -> str | None:
@@ -111,16 +124,23 @@ def load(source: str | Path | dict) -> dict:
 
 
 def merge(sources: list) -> dict:
-    """One document from several runs' (e.g. one per variant, to fit a time limit): the
-    first run's metadata, every variant. Each variant's numbers still come from one run
-    (its `date`); runs on different GPUs are not merged."""
+    """One document from several runs' (e.g. one per variant or per shape, to fit a time
+    limit): the first run's metadata, every variant, the results of a variant measured in
+    several runs one after the other (each result keeps its `date`, each variant the compile
+    times of its first run). Runs on different GPUs are not merged."""
     docs = [load(s) for s in sources]
     gpus = {d["metadata"].get("gpu") for d in docs}
     if len(gpus) > 1:
         raise ValueError(f"results from different devices cannot be merged: {sorted(map(str, gpus))}")
     variants = {}
     for d in docs:
-        variants.update(d["variants"])
+        for key, variant in d["variants"].items():
+            if key in variants:
+                first = variants[key]
+                variants[key] = {**first, "shapes": first["shapes"] + variant["shapes"],
+                                 "results": first["results"] + variant["results"]}
+            else:
+                variants[key] = variant
     return document(variants, docs[0]["metadata"], all(d["timings_meaningful"] for d in docs))
 
 
@@ -173,17 +193,27 @@ def _number(x, fmt: str) -> str:
     return format(x, fmt) if isinstance(x, (int, float)) else ("-" if x is None else str(x))
 
 
-def results_table(doc: dict) -> Table:
-    """One row per variant, shape and competitor that ran; `attncc x` is how many times
-    faster attncc is than that competitor."""
+def _training(variant: dict) -> bool:
+    return variant.get("mode", "fwd") != "fwd"
+
+
+def _table(doc: dict, title: str, columns: tuple[str, ...]) -> Table:
     smoke = "" if doc["timings_meaningful"] else "  [bold red](smoke: timings mean nothing)[/]"
-    title = "attncc benchmark" + smoke
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("variant", "shape", "competitor", "ms", "TFLOP/s", "eff TFLOP/s", "mem MiB", "max err",
-                   "attncc x"):
-        table.add_column(column, justify="left" if column in ("variant", "shape", "competitor") else "right",
-                         no_wrap=True)
+    table = Table(title=title + smoke, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("variant", "shape", "competitor", "backward")
+                         else "right", no_wrap=True)
+    return table
+
+
+def results_table(doc: dict) -> Table:
+    """One row per forward variant, shape and competitor that ran; `attncc x` is how many
+    times faster attncc is than that competitor."""
+    table = _table(doc, "attncc benchmark: forward", ("variant", "shape", "competitor", "ms", "TFLOP/s",
+                                                      "eff TFLOP/s", "mem MiB", "max err", "attncc x"))
     for name, variant in doc["variants"].items():
+        if _training(variant):
+            continue
         for result in variant["results"]:
             for comp, r in result["competitors"].items():
                 if r["status"] != "ok":
@@ -191,11 +221,58 @@ def results_table(doc: dict) -> Table:
                 mem = r["peak_mem_bytes"] / 2 ** 20 if r["peak_mem_bytes"] is not None else None
                 speedup = result["speedup"].get(comp)
                 table.add_row(name, shape_label(result["shape"]), comp, _number(r["ms"], ".3f"),
-                              _number(r["tflops"], ".1f"), _number(r.get("effective_tflops"), ".1f"),
+                              _number(r.get("tflops"), ".1f"), _number(r.get("effective_tflops"), ".1f"),
                               _number(mem, ".0f"), _number(r["max_abs_err"], ".1e"),
                               _number(speedup, ".2f"))
         table.add_section()
     return table
+
+
+def training_table(doc: dict) -> Table:
+    """One row per training variant, shape and competitor that ran: forward (recording the
+    graph), backward and both; `grad err`: the largest gradient error over the inputs, each
+    relative to the reference gradient's largest magnitude; `x bwd` and `x f+b`: how many
+    times faster attncc is; `backward`: what ran attncc's backward."""
+    table = _table(doc, "attncc benchmark: forward + backward",
+                   ("variant", "shape", "competitor", "fwd ms", "bwd ms", "f+b ms", "bwd TFLOP/s", "mem MiB",
+                    "max err", "grad err", "x bwd", "x f+b", "backward"))
+    for name, variant in doc["variants"].items():
+        if not _training(variant):
+            continue
+        for result in variant["results"]:
+            phases = result.get("speedup_by_phase", {})
+            scale = result.get("grad_reference", {}).get("max_abs")
+            for comp, r in result["competitors"].items():
+                if r["status"] != "ok":
+                    continue
+                mem = r["peak_mem_bytes"] / 2 ** 20 if r["peak_mem_bytes"] is not None else None
+                fa = (result["flops"] or {}).get("fa")
+                bwd_tflops = fa * 2.5 / r["bwd_ms"] / 1e9 if fa and r["bwd_ms"] > 0 else None
+                table.add_row(name, shape_label(result["shape"]), comp, _number(r["fwd_ms"], ".3f"),
+                              _number(r["bwd_ms"], ".3f"), _number(r["fwd_bwd_ms"], ".3f"),
+                              _number(bwd_tflops, ".1f"), _number(mem, ".0f"), _number(r["max_abs_err"], ".1e"),
+                              _number(_relative_grad_error(r.get("grad_max_abs_err"), scale), ".1e"),
+                              _number(phases.get("bwd", {}).get(comp), ".2f"),
+                              _number(phases.get("fwd_bwd", {}).get(comp), ".2f"),
+                              _backward(r) if comp == "attncc" else "")
+        table.add_section()
+    return table
+
+
+def _relative_grad_error(errors: dict | None, scale: dict | None) -> float | None:
+    if not errors or not scale:
+        return None
+    ratios = [e / max(scale[n], 1e-30) for n, e in errors.items()
+              if isinstance(e, float) and isinstance(scale.get(n), float)]
+    return max(ratios) if ratios else None
+
+
+def _backward(r: dict) -> str:
+    """attncc's backward: `triton`, or `reference` with the start of the reason."""
+    if r.get("backward") != "reference" or not r.get("backward_reason"):
+        return str(r.get("backward"))
+    reason = r["backward_reason"]
+    return f"reference ({reason[:60]}{'...' if len(reason) > 60 else ''})"
 
 
 def not_run(doc: dict) -> list[str]:
@@ -223,9 +300,13 @@ def compile_table(doc: dict) -> Table:
 
 
 def print_summary(doc: dict, console: Console):
-    """The results table, the compile times, what did not run and why, and (smoke runs)
-    the warning that the timings mean nothing."""
-    console.print(results_table(doc))
+    """The results tables (forward, forward + backward), the compile times, what did not run
+    and why, and (smoke runs) the warning that the timings mean nothing."""
+    modes = {_training(v) for v in doc["variants"].values()}
+    if False in modes:
+        console.print(results_table(doc))
+    if True in modes:
+        console.print(training_table(doc))
     console.print(compile_table(doc))
     for line in not_run(doc):
         console.print(f"[dim]{escape(line)}[/]", soft_wrap=True)
@@ -255,7 +336,7 @@ def plot_results(result: str | Path | dict, png_path: str | Path) -> Path:
         competitors = dict.fromkeys(c for r in results for c in r["competitors"])
         for comp in competitors:
             points = sorted((r["shape"]["N"], r["competitors"][comp]["tflops"]) for r in results
-                            if r["competitors"].get(comp, {}).get("status") == "ok")
+                            if r["competitors"].get(comp, {}).get("tflops") is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=comp, color=colour[comp],
                         linewidth=2.5 if comp == "attncc" else 1.2)

@@ -30,16 +30,14 @@ def _wall(fn: Callable, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _peak_memory(fn: Callable, device: torch.device):
-    """(output, bytes allocated at the peak of one call beyond what was allocated before)."""
-    if device.type != "cuda":
-        return fn(), None
+def _peak_memory(fn: Callable, device: torch.device) -> int:
+    """Bytes allocated at the peak of one call beyond what was allocated before."""
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    out = fn()
+    fn()
     synchronize(device)
-    return out, torch.cuda.max_memory_allocated(device) - before
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _reps_cuda(fn: Callable, device: torch.device, n: int, wall_ms: float) -> list[float]:
@@ -53,11 +51,15 @@ def _reps_cuda(fn: Callable, device: torch.device, n: int, wall_ms: float) -> li
 
 def measure(fn: Callable, device: torch.device, warmup: int = 3, reps: int = 20, budget_s: float = 1.0):
     """(output of one call, {"ms": median per call, "reps", "first_call_ms": the first call,
-    compilation included, "wall_ms": mean synchronous call after it, "peak_mem_bytes"})."""
-    walls = [_wall(fn, device) for _ in range(max(warmup, 2))]
-    out, peak = _peak_memory(fn, device)
+    compilation included, "wall_ms": mean synchronous call after it, "peak_mem_bytes"}).
+    At least 3 reps unless fewer are asked for (CPU smoke tests)."""
+    outputs = []
+    walls = [_wall(lambda: outputs.append(fn()), device) for _ in range(max(warmup, 2))]
+    out = outputs[-1]
+    del outputs[:-1]
+    peak = _peak_memory(fn, device) if device.type == "cuda" else None
     wall_ms = statistics.mean(walls[1:])
-    n = max(3, min(reps, int(budget_s * 1e3 / max(wall_ms, 1e-3))))
+    n = max(min(reps, 3), min(reps, int(budget_s * 1e3 / max(wall_ms, 1e-3))))
     times = _reps_cuda(fn, device, n, wall_ms) if device.type == "cuda" else [_wall(fn, device) for _ in range(n)]
     return out, {"ms": statistics.median(times), "reps": len(times), "first_call_ms": walls[0], "wall_ms": wall_ms,
                  "peak_mem_bytes": peak}

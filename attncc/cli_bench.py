@@ -17,8 +17,14 @@ Time the spec's generated Triton kernel and its competitors on the same inputs, 
 on one device: scaled_dot_product_attention with each backend (flash, efficient, cudnn,
 math) where SDPA can express the spec (dense, causal, GQA), torch.compile'd FlexAttention,
 the eager PyTorch composition (materialised scores) and its torch.compile. SDPA and
-FlexAttention forms exist for the 15 softmax-family examples; for the other specs the eager
+FlexAttention forms exist for the 16 softmax-family examples; for the other specs the eager
 and compiled competitors are the spec's own cascade of torch ops, fully materialised.
+
+--mode fwd_bwd times a training step's attention instead: a forward recording the graph,
+then the gradients of q, k, v and every other float input (ALiBi slopes, a bias table, sink
+logits: float32 leaves), with each gradient's error against the float32 reference's; the
+backward's time is fwd+bwd minus the forward (--mode bwd reports by it). The table then
+says what ran attncc's backward: the generated kernels ('triton') or the reference.
 
 Each row: median time of the reps (triton.testing.do_bench: CUDA events, L2 cleared before
 each rep, as `attncc tune` times configs), TFLOP/s counted as FlashAttention does
@@ -37,11 +43,13 @@ EXAMPLES = """\
   attncc bench sliding_window --param window=512 --competitors attncc,flex,sdpa:flash
   attncc bench neighborhood_2d --shape B=4,H=16,N=4096,M=4096,D=64,E=64,height=64,width=64
   attncc bench document --plot document.png              TFLOP/s against N, one line per competitor
+  attncc bench alibi --mode fwd_bwd --competitors attncc,flex   forward + backward, slopes learnable
 """
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from .bench_competitors import COMPETITORS, SDPA_BACKENDS
+    from .bench_train import Mode
     from .check import DTYPES
 
     p = subparsers.add_parser("bench", help="time a kernel against SDPA, FlexAttention and PyTorch",
@@ -53,6 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="NAME=VALUE,...",
                    help="params for every shape, e.g. --param window=512 (repeatable)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="input dtype (default: bfloat16)")
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.FWD.value,
+                   help="fwd: the forward (default); fwd_bwd: forward + backward of every float input; "
+                        "bwd: the same, reported by the backward's time")
     p.add_argument("--competitors", default=",".join(COMPETITORS), metavar="NAME,...",
                    help=f"what to time (default: all): {', '.join(COMPETITORS)}, where sdpa means every "
                         f"backend, or one of sdpa:{{{','.join(SDPA_BACKENDS)}}}")
@@ -80,7 +91,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     with progress_bar(console) as bar:
         doc = run_benchmark(spec, shapes, _assignments(args.param, str), dtype=args.dtype, device=args.device,
                             competitors=[c.strip() for c in args.competitors.split(",") if c.strip()],
-                            warmup=args.warmup, reps=args.reps, seed=args.seed,
+                            warmup=args.warmup, reps=args.reps, seed=args.seed, mode=args.mode,
                             progress=progress_callback(bar, args.spec))
     print_summary(doc, console)
     if args.json:
