@@ -6,6 +6,8 @@ import argparse
 import importlib.util
 import io
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from attncc import cli_bench
 from attncc.bench import SMOKE_SHAPES, run_benchmark, token_sweep
 from attncc.bench_competitors import Skip, build, expand
 from attncc.bench_mods import FORMULATIONS
-from attncc.bench_report import merge, not_run, plot_results, results_table
+from attncc.bench_report import merge, not_run, plot_results, print_summary, results_table
+from attncc.bench_train import REFERENCE_GRAD_PAIRS, gradients, learnable, leaves, reference_gradient_note
 from attncc.binding import bind
 from attncc.random_inputs import random_arguments
 
@@ -43,10 +46,11 @@ def test_smoke_run_document(name):
     assert "NOTHING" in doc["note"]
     assert {"date", "gpu", "driver", "torch", "triton", "python", "attncc_commit", "dtype"} <= set(doc["metadata"])
     variant = doc["variants"][name]
-    assert set(variant) == {"spec", "date", "shapes", "params", "compile", "results"}
+    assert set(variant) == {"spec", "mode", "date", "shapes", "params", "compile", "results"}
+    assert variant["mode"] == "fwd"
     assert variant["compile"]["dsl_to_triton_ms"] > 0 and variant["compile"]["first_call_ms"] > 0
     (result,) = variant["results"]
-    assert set(result) == {"shape", "params", "flops", "tile_work", "competitors", "speedup"}
+    assert set(result) == {"shape", "params", "date", "flops", "tile_work", "competitors", "speedup"}
     s = result["shape"]
     assert result["flops"]["fa"] == s["B"] * s["H"] * s["N"] * s["M"] * (s["D"] + s["E"])  # causal: halved
     work = result["tile_work"]
@@ -127,7 +131,7 @@ def _synthetic(variant, gpu="NVIDIA H100 80GB HBM3"):
     meta = {"date": "2026-06-01T12:00:00+00:00", "gpu": gpu, "device": "cuda:0", "torch": "2.11.0",
             "dtype": "bfloat16"}
     variant_entry = {"compile": {"dsl_to_triton_ms": 20.0, "first_call_ms": 900.0, "call_overhead_ms": 0.04},
-                     "results": results}
+                     "shapes": [r["shape"] for r in results], "results": results}
     return {"schema": "attncc-bench/1", "timings_meaningful": True, "note": "", "metadata": meta,
             "variants": {variant: variant_entry}}
 
@@ -171,10 +175,15 @@ def test_cli_bench_smoke(tmp_path):
     assert "examples:" in help_text and "--shape" in help_text and "height=" in help_text
 
 
-def test_suite_smoke(tmp_path):
+def _suite():
     spec = importlib.util.spec_from_file_location("run_suite", ROOT / "benchmarks" / "run_suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
+    return suite
+
+
+def test_suite_smoke(tmp_path):
+    suite = _suite()
     shapes = suite.shapes("neighborhood_2d", (1024, 2048), (64,), 16384, 16)
     assert [(s["height"], s["width"]) for s in shapes] == [(32, 32), (32, 64)]
     (epipolar,) = suite.shapes("epipolar", (4096,), (128,), 16384, 16)
@@ -202,3 +211,134 @@ def test_specs_without_flex_formulation_get_their_own_torch_composition():
     torch.testing.assert_close(eager(), kernel(**args))
     with pytest.raises(Skip):
         build("flex", args, scalars, None, False, kernel.program)
+
+
+# ----------------------------------------------------------------------------- training modes
+
+def test_fwd_bwd_smoke_run_records_gradients_and_backward(tmp_path):
+    """The suite's fwd_bwd smoke run on ALiBi with learnable slopes: every field the GPU
+    session's JSON is read by, errors against the float32 reference's gradients, which
+    backward ran; written after the shape, and --append keeps it when a second run adds to it."""
+    suite = _suite()
+    out = tmp_path / "train.json"
+    assert suite.main(["--smoke", "--mode", "fwd_bwd", "--variants", "alibi", "--competitors", "attncc,eager,flex,sdpa",
+                       "--dtype", "float32", "--warmup", "2", "--reps", "1", "--no-plot", "--out", str(out)]) == 0
+    assert not out.with_suffix(".png").exists()
+    doc = json.loads(out.read_text())
+    variant = doc["variants"]["alibi/fwd_bwd"]
+    assert variant["mode"] == "fwd_bwd" and not doc["timings_meaningful"]
+    (result,) = variant["results"]
+    assert result["flops"]["timed"] == 3.5 * result["flops"]["fa"]
+    assert result["grad_reference"]["status"] == "ok"
+    assert set(result["grad_reference"]["max_abs"]) == {"q", "k", "v", "slopes"}
+    comps = result["competitors"]
+    for name in ("attncc", "eager"):
+        r = comps[name]
+        assert r["status"] == "ok", r
+        assert r["ms"] == r["fwd_bwd_ms"] and r["bwd_ms"] == pytest.approx(r["fwd_bwd_ms"] - r["fwd_ms"])
+        assert r["max_abs_err"] < 1e-5 and set(r["grad_max_abs_err"]) == {"q", "k", "v", "slopes"}
+        scale = result["grad_reference"]["max_abs"]  # the slopes' gradient sums over every pair: tens
+        assert all(e < 1e-4 * max(1.0, scale[n]) for n, e in r["grad_max_abs_err"].items()), r["grad_max_abs_err"]
+    assert comps["attncc"]["backward"] == "triton" and comps["attncc"]["backward_reason"] is None
+    assert comps["flex"] == {"status": "skipped", "reason": "FlexAttention has no backward on the CPU"}
+    assert all(comps[f"sdpa:{b}"]["status"] == "skipped" for b in ("flash", "efficient", "cudnn", "math"))
+    assert set(result["speedup_by_phase"]) == {"fwd", "bwd", "fwd_bwd"}
+    assert set(result["speedup_by_phase"]["fwd"]) == {"eager"}
+    assert suite.main(["--smoke", "--variants", "dense", "--competitors", "eager", "--dtype", "float32",
+                       "--warmup", "2", "--reps", "1", "--no-plot", "--append", "--out", str(out)]) == 0
+    assert list(json.loads(out.read_text())["variants"]) == ["alibi/fwd_bwd", "dense"]
+
+
+def test_bwd_mode_reports_the_backward():
+    doc = run_benchmark(EXAMPLES / "learned_sinks.attn", SMOKE_SHAPES, dtype="float32", device="cpu", warmup=2,
+                        reps=1, competitors=["eager"], mode="bwd")
+    (result,) = doc["variants"]["learned_sinks/bwd"]["results"]
+    r = result["competitors"]["eager"]
+    assert r["ms"] == r["bwd_ms"] and set(r["grad_max_abs_err"]) == {"q", "k", "v", "sinks"}
+    assert max(r["grad_max_abs_err"].values()) < 1e-4
+    assert result["flops"]["timed"] == 2.5 * result["flops"]["fa"]
+    assert result["tile_work"] is None  # the general planner's kernel counts no tiles
+
+
+@pytest.mark.parametrize("name", SOFTMAX_FAMILY)
+def test_eager_gradients_match_the_reference(name):
+    """What the training mode differentiates: the eager composition's mods (which the
+    FlexAttention competitor shares) give the reference's gradients of q, k, v and every
+    learnable input (slopes, table, sinks)."""
+    program, args, scalars = _call(name)
+    args = learnable(args)
+    grad_out = torch.randn(args["q"].shape[:-1] + args["v"].shape[-1:])
+    reference = attncc.compile(EXAMPLES / f"{name}.attn", backend="reference")
+    ref_args = learnable(args)
+    want = gradients(reference(**ref_args), leaves(ref_args), grad_out)
+    got = gradients(build("eager", args, scalars, FORMULATIONS[name], compile=False)(), leaves(args), grad_out)
+    assert set(got) == set(want) >= {"q", "k", "v"}
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-4, rtol=1e-4, msg=f"d{n} differs")
+
+
+def test_reference_gradients_have_a_size_limit():
+    assert reference_gradient_note(REFERENCE_GRAD_PAIRS) is None
+    assert "not differentiated" in reference_gradient_note(REFERENCE_GRAD_PAIRS + 1)
+
+
+def _synthetic_training(variant):
+    doc = _synthetic(variant)
+    entry = doc["variants"].pop(variant)
+    for result in entry["results"]:
+        for name, r in result["competitors"].items():
+            if r["status"] == "ok":
+                r.update(fwd_ms=r["ms"] / 3, bwd_ms=2 * r["ms"] / 3, fwd_bwd_ms=r["ms"],
+                         grad_max_abs_err={"q": 1e-3, "slopes": 0.5})
+        result["competitors"]["attncc"].update(backward="reference", backward_reason="no generated backward yet")
+        result["flops"] = {"fa": 10 ** 12}
+        result["speedup_by_phase"] = {"fwd": {"flex": 1.1}, "bwd": {"flex": 1.37}, "fwd_bwd": {"flex": 1.25}}
+        result["grad_reference"] = {"status": "ok", "max_abs": {"q": 1.0, "slopes": 100.0}}
+    doc["variants"][f"{variant}/fwd_bwd"] = {**entry, "mode": "fwd_bwd"}
+    return doc
+
+
+def test_merge_concatenates_a_variant_measured_in_parts_and_prints_both_tables():
+    doc = merge([_synthetic("causal"), _synthetic_training("alibi"), _synthetic_training("alibi")])
+    assert list(doc["variants"]) == ["causal", "alibi/fwd_bwd"]
+    assert len(doc["variants"]["alibi/fwd_bwd"]["results"]) == 12
+    console = Console(file=io.StringIO(), width=250)
+    print_summary(doc, console)
+    text = console.file.getvalue()
+    assert "forward + backward" in text and "attncc benchmark: forward" in text
+    assert "1.37" in text and "5.0e-03" in text  # attncc x flex on the backward; grad err relative: 0.5 / 100
+    assert "reference (no generated backward yet)" in text
+
+
+def test_gpu_session_command_lines(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in python that records its arguments: the
+    script parses, every suite command it would run on the GPU is a valid run_suite command
+    line, the issue-10 training set comes first and everything lands under $OUT."""
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    log = tmp_path / "argv.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\t" "$@" >> {log}\necho >> {log}\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.json").write_text("{}")  # as if a part had written it: the summary collates it
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "GPU_SESSION_BUDGET_S": "100000"}
+    done = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
+    runs = [c[1:] for c in calls if c[0] == "benchmarks/run_suite.py" and "--merge" not in c]
+    suite = _suite()
+    for argv in runs:
+        args = suite.parser().parse_args(argv)
+        assert suite.problem(args) is None and args.append and args.no_plot, argv
+        assert Path(args.out).parent == out
+    first = suite.parser().parse_args(runs[0])
+    assert (first.mode, first.head_dims, first.n) == ("fwd_bwd", "128", "4096")
+    assert set(suite.chosen_variants(first)) == {"causal", "alibi", "relative_bias", "document", "learned_sinks"}
+    shapes = {(a.mode, a.head_dims, a.n) for a in map(suite.parser().parse_args, runs)}
+    assert shapes == {(m, d, n) for m in ("fwd", "fwd_bwd") for d in ("64", "128") for n in ("1024", "4096", "16384")}
+    statics = [c for c in calls if c[0] == "benchmarks/static_resources.py"]
+    assert len(statics) == len(list(EXAMPLES.glob("*.attn")))
+    (merge_call,) = [c for c in calls if "--merge" in c]
+    assert merge_call[merge_call.index("--merge") + 1] == str(out / "train.json")
