@@ -12,7 +12,8 @@
 #              CPU (nice, 3 at a time), merged at the end                        -> $OUT/static.json
 #   train ...  issue 10: forward + backward of causal, alibi (learnable slopes), relative_bias
 #              (learnable table), document, learned_sinks against compiled FlexAttention and
-#              SDPA, bf16, one (D, N) per part: D=128 N=4k, then D=64 N=4k, D=128 N=16k, ...
+#              SDPA, bf16: D=128 N=4k a part per variant, then one (D, N) per part:
+#              D=64 N=4k, D=128 N=16k, ...
 #                                                                                -> $OUT/train.json
 #   fwd ...    issue 8: the forward of the main variants, one (D, N) per part    -> $OUT/forward.json
 #   summary    both tables and what did not run; train + forward collated      -> $OUT/results.json
@@ -21,7 +22,8 @@
 #
 # Without a GPU: GPU_SESSION_DRY=1 OUT=/tmp/s PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh
 # runs every part at smoke size on the CPU (Triton's interpreter; one static example), no install;
-# GPU_SESSION_DRY=2 runs the first part of each kind only (what tests/test_bench.py runs).
+# GPU_SESSION_DRY=2 runs the first part of each kind only. tests/test_bench.py runs the script
+# with a stand-in python and checks the command lines it would run.
 set -u -o pipefail
 
 START=$(date +%s)
@@ -63,24 +65,27 @@ part() {
     STATUS+=("$name: exit $rc, $(($(date +%s) - t0))s")
 }
 
-# suite MAX_S KIND D N: the training (issue 10) or forward suite at one head dim and length
+# suite MAX_S KIND D N [VARIANTS]: the training (issue 10) or forward suite at one head dim and
+# length, for its variants or those given
 suite() {
-    local max=$1 kind=$2 d=$3 n=$4 shape common=(--warmup 2 --reps 10 --no-plot --append)
+    local max=$1 kind=$2 d=$3 n=$4 variants shape common=(--warmup 2 --reps 10 --no-plot --append)
     shape=(--n "$n" --head-dims "$d")
     if ((DRY)); then
         shape=(--smoke)
         common=(--warmup 2 --reps 1 --no-plot --append)
         if ((DRY == 2)) && [[ $RAN == *" $kind "* ]]; then
-            STATUS+=("$kind D=$d N=$n: not run (GPU_SESSION_DRY=2)")
+            STATUS+=("$kind D=$d N=$n ${5:-}: not run (GPU_SESSION_DRY=2)")
             return
         fi
     fi
     RAN+="$kind "
     if [ "$kind" = train ]; then
-        part "train D=$d N=$n" "$max" "$PY" benchmarks/run_suite.py --mode fwd_bwd --variants "$TRAIN_VARIANTS" \
+        variants=${5:-$TRAIN_VARIANTS}
+        part "train D=$d N=$n ${5:-}" "$max" "$PY" benchmarks/run_suite.py --mode fwd_bwd --variants "$variants" \
             --competitors "$TRAIN_COMPETITORS" "${shape[@]}" "${common[@]}" --out "$OUT/train.json"
     else
-        part "fwd D=$d N=$n" "$max" "$PY" benchmarks/run_suite.py --variants "$FWD_VARIANTS" \
+        variants=${5:-$FWD_VARIANTS}
+        part "fwd D=$d N=$n ${5:-}" "$max" "$PY" benchmarks/run_suite.py --variants "$variants" \
             --competitors "$FWD_COMPETITORS" "${shape[@]}" "${common[@]}" --out "$OUT/forward.json"
     fi
 }
@@ -143,9 +148,13 @@ echo "=== attncc GPU session, budget ${BUDGET}s, results in $OUT$( ((DRY)) && ec
 ((DRY)) && export TRITON_INTERPRET=1
 setup
 static_start
-# issue 10 first: forward + backward, the headline shape of every variant, then the others
-suite 150 train 128 4096
-suite 90 fwd 128 4096
+# issue 10 first: forward + backward at the headline shape, one part per variant (each gets its
+# own time: FlexAttention's compile of forward and backward takes tens of seconds), then the
+# forward's headline shape, then the other shapes, a part each
+for variant in ${TRAIN_VARIANTS//,/ }; do
+    suite 75 train 128 4096 "$variant"
+done
+suite 110 fwd 128 4096
 suite 120 train 64 4096
 suite 120 train 128 16384
 suite 80 fwd 64 4096

@@ -333,9 +333,10 @@ def test_gpu_session_command_lines(tmp_path):
         args = suite.parser().parse_args(argv)
         assert suite.problem(args) is None and args.append and args.no_plot, argv
         assert Path(args.out).parent == out
-    first = suite.parser().parse_args(runs[0])
-    assert (first.mode, first.head_dims, first.n) == ("fwd_bwd", "128", "4096")
-    assert set(suite.chosen_variants(first)) == {"causal", "alibi", "relative_bias", "document", "learned_sinks"}
+    first = [suite.parser().parse_args(argv) for argv in runs[:5]]  # the headline: a part per variant
+    assert {(a.mode, a.head_dims, a.n) for a in first} == {("fwd_bwd", "128", "4096")}
+    assert [v for a in first for v in suite.chosen_variants(a)] == suite.TRAINING
+    assert suite.TRAINING == ["causal", "alibi", "relative_bias", "document", "learned_sinks"]
     shapes = {(a.mode, a.head_dims, a.n) for a in map(suite.parser().parse_args, runs)}
     assert shapes == {(m, d, n) for m in ("fwd", "fwd_bwd") for d in ("64", "128") for n in ("1024", "4096", "16384")}
     statics = [c for c in calls if c[0] == "benchmarks/static_resources.py"]
