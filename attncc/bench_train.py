@@ -22,6 +22,7 @@ import enum
 
 import torch
 
+from .bench_mods import wide as wide_dtype
 from .bench_report import finite
 from .bench_timing import measure
 
@@ -54,11 +55,11 @@ class Mode(enum.Enum):
 
 def learnable(args: dict) -> dict:
     """The call's arguments with every float tensor a fresh leaf requiring grad: q, k, v in
-    their dtype, the others (slopes, tables, sinks) in float32."""
+    their dtype, the others (slopes, tables, sinks) in at least float32."""
     out = dict(args)
     for name, t in args.items():
         if torch.is_tensor(t) and t.is_floating_point():
-            t = t.detach() if name in QKV else t.detach().float()
+            t = t.detach() if name in QKV else t.detach().to(wide_dtype(t.dtype))
             out[name] = t.clone().requires_grad_()
     return out
 
@@ -83,8 +84,10 @@ def output_gradient(like: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.
 
 def reference(reference_kernel, args: dict, differentiate: bool, grad_out_dtype: torch.dtype, seed: int):
     """(float32 output, the output gradient every competitor gets, {name: float32 gradient}).
-    The reference runs on float32 copies of the inputs, differentiated only if asked."""
-    wide = {n: t.detach().float() if torch.is_tensor(t) and t.is_floating_point() else t for n, t in args.items()}
+    The reference runs on float32 copies of the inputs (float64 ones stay), differentiated
+    only if asked."""
+    wide = {n: t.detach().to(wide_dtype(t.dtype)) if torch.is_tensor(t) and t.is_floating_point() else t
+            for n, t in args.items()}
     if not differentiate:
         with torch.no_grad():
             want = reference_kernel(**wide)
@@ -92,7 +95,7 @@ def reference(reference_kernel, args: dict, differentiate: bool, grad_out_dtype:
     wide = learnable(wide)
     want = reference_kernel(**wide)
     grad_out = output_gradient(want, grad_out_dtype, seed)
-    grads = gradients(want, leaves(wide), grad_out.float())
+    grads = gradients(want, leaves(wide), grad_out)
     return want.detach(), grad_out, {n: g.detach() for n, g in grads.items()}
 
 

@@ -31,7 +31,8 @@ SOFTMAX_FAMILY = sorted(FORMULATIONS)
 SMALL = {"sliding_window": {"window": 8}, "sink_window": {"window": 8, "sinks": 3}, "softcap": {"cap": 1.5},
          "neighborhood_2d": {"height": 4, "width": 8, "kernel": 3}, "criss_cross": {"height": 4, "width": 8},
          "epipolar": {"views": 2, "height": 4, "width": 4}}
-CROSS = {"dense", "causal", "gqa_causal", "alibi", "softcap", "relative_bias", "key_padding", "label_table"}
+CROSS = {"dense", "causal", "gqa_causal", "alibi", "softcap", "relative_bias", "key_padding", "label_table",
+         "learned_sinks"}
 
 
 def smoke(name, **kw):
@@ -173,6 +174,7 @@ def test_cli_bench_smoke(tmp_path):
     assert (tmp_path / "bench.png").exists()
     help_text = cli_bench.add_parser(argparse.ArgumentParser().add_subparsers()).format_help()
     assert "examples:" in help_text and "--shape" in help_text and "height=" in help_text
+    assert "--mode" in help_text and "fwd_bwd" in help_text
 
 
 def _suite():
