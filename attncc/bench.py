@@ -111,8 +111,9 @@ def _announce_smoke_run():
 
 def _compile_times(dsl_ms: float, results: list[dict]) -> dict:
     """Spec -> Triton source; attncc's first call on the first shape (Triton JIT and block
-    maps included; training modes: the forward and backward kernels); host time per cached
-    call beyond the kernel's own time."""
+    maps included; training modes: the first forward + backward, after the forward's own
+    first call `fwd_first_call_ms`: the backward kernels' JIT); host time per cached call
+    beyond the kernel's own time."""
     first = results[0]["competitors"].get("attncc", {}) if results else {}
     ok = first.get("status") == "ok"
     return {"dsl_to_triton_ms": dsl_ms, "first_call_ms": first["first_call_ms"] if ok else None,

@@ -110,7 +110,8 @@ def reference_gradient_note(pairs: int) -> str | None:
 def measure_training(fn, wrt: dict, grad_out: torch.Tensor, device: torch.device, warmup: int, reps: int):
     """(output, gradients, timings) of a competitor's forward `fn` (a zero-argument callable
     whose output depends on the leaves `wrt`): `fwd_ms` recording the graph, `fwd_bwd_ms`,
-    `bwd_ms` their difference; the first call, wall time and peak memory of fwd+bwd."""
+    `bwd_ms` their difference; `fwd_first_call_ms` (the forward's compilation), then the
+    first call (the backward's compilation), wall time and peak memory of fwd+bwd."""
     def fwd_bwd():
         out = fn()
         return out.detach(), gradients(out, wrt, grad_out)

@@ -74,18 +74,18 @@ suite() {
         shape=(--smoke)
         common=(--warmup 2 --reps 1 --no-plot --append)
         if ((DRY == 2)) && [[ $RAN == *" $kind "* ]]; then
-            STATUS+=("$kind D=$d N=$n ${5:-}: not run (GPU_SESSION_DRY=2)")
+            STATUS+=("$kind D=$d N=$n${5:+ $5}: not run (GPU_SESSION_DRY=2)")
             return
         fi
     fi
     RAN+="$kind "
     if [ "$kind" = train ]; then
         variants=${5:-$TRAIN_VARIANTS}
-        part "train D=$d N=$n ${5:-}" "$max" "$PY" benchmarks/run_suite.py --mode fwd_bwd --variants "$variants" \
+        part "train D=$d N=$n${5:+ $5}" "$max" "$PY" benchmarks/run_suite.py --mode fwd_bwd --variants "$variants" \
             --competitors "$TRAIN_COMPETITORS" "${shape[@]}" "${common[@]}" --out "$OUT/train.json"
     else
         variants=${5:-$FWD_VARIANTS}
-        part "fwd D=$d N=$n ${5:-}" "$max" "$PY" benchmarks/run_suite.py --variants "$variants" \
+        part "fwd D=$d N=$n${5:+ $5}" "$max" "$PY" benchmarks/run_suite.py --variants "$variants" \
             --competitors "$FWD_COMPETITORS" "${shape[@]}" "${common[@]}" --out "$OUT/forward.json"
     fi
 }

@@ -132,7 +132,7 @@ def problem(args: argparse.Namespace) -> str | None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 160)  # a log: wide enough for the table
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a log: wide enough for the tables
 
     if args.merge:
         doc = merge(args.merge)
