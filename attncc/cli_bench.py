@@ -83,7 +83,9 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     from .bench_report import plot_results, print_summary, progress_bar, progress_callback, write_json
     from .cli import _assignments, resolve_spec
 
-    console = console or Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 200)
+    console = console or Console(file=sys.stdout, highlight=False)
+    if not console.is_terminal:  # a log: wide enough for the training table's 13 columns
+        console.width = max(console.width, 200)
     smoke = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type != "cuda"
     shapes = [_assignments([s], int) for s in args.shape] if args.shape else \
         (SMOKE_SHAPES if smoke else token_sweep())
