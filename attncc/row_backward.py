@@ -69,7 +69,7 @@ class RowStreamBackward:
         """dQ, dK, dV of the operand tiles (fp32), each laid out (outer..., rows, features) with
         one slice per (batch, query head), for a call whose tensors hold every operand (the
         precomputed ones included), and the partials of the score's float reads (read number
-        -> fp32 tensor, see `read_buffers`). `o`: the forward's output; `lse`: its fp32
+        -> fp32 tensor, see `read_buffers`), and delta (fp32, (batch x head, rows)). `o`: the forward's output; `lse`: its fp32
         log-sum-exp; `grad_o`, `grad_lse`: the incoming gradients (None: zero). `reads`: the
         numbers of the reads whose gradients are wanted (None: all); the kernels skip the others.
         `deterministic`: gathered reads reduced per program in a fixed order, no atomics."""
@@ -141,7 +141,7 @@ class RowStreamBackward:
                             common(self.src.dq, [dq], kv_lists), flags(self.src.dq), options, interpret,
                             KernelRole.BWD_DQ))
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
-        return dq, dk, dv, bufs
+        return (dq, dk, dv), bufs, delta
 
     def read_buffers(self, call: BoundCall, combos: int, n_rows: int, n_cols: int, n_qtiles: int,
                      deterministic: bool, reads=None) -> dict:
@@ -211,11 +211,15 @@ class RowStreamBackward:
         kernel_call = dataclasses.replace(call, tensors={n: t.detach() for n, t in graphed.items()})
         reads = {r for r, rd in enumerate(bplan.reads)
                  if (graphed[rd.name].requires_grad if names.is_synthetic(rd.name) else rd.name in wanted)}
-        *partials, bufs = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config, deterministic,
-                                                 reads)
+        partials, bufs, delta = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config, deterministic,
+                                                       reads)
         sizes = call.sizes or p.program.sizes(call.scalars)
         found: dict[str, torch.Tensor] = {}
         pairs = []
+        if bplan.sink is not None:
+            sink = self.sink_gradient(graphed, call.scalars, lse, delta, sizes)
+            if sink is not None:
+                pairs.append(sink)
         for r in sorted(reads):
             rd = bplan.reads[r]
             if r not in bufs:  # a piecewise-constant read: no gradient flows through it
@@ -252,6 +256,29 @@ class RowStreamBackward:
                 if g is not None:
                     found[n] = g if n not in found else found[n] + g
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
+
+    def sink_gradient(self, graphed: dict, scalars: dict, lse, delta, sizes: dict):
+        """(the sink logit, recomputed by the reference's torch ops from the inputs under
+        autograd; d loss / d sink), or None when no input it reads requires grad. The sink is
+        one more key of value 0: its probability is `exp(sink - LSE)` and its gradient
+        `-exp(sink - LSE) * delta` per query row (rows with LSE = -inf: 0), summed over the
+        rows and the batch / head indices the sink does not have by `torch.sum` (a fixed order,
+        no atomics: deterministic)."""
+        p, node = self.plan, self.bplan.sink
+        with torch.enable_grad():
+            value = Reference(p.program, graphed, scalars).full(node)
+        if not value.requires_grad:
+            return None
+        rows_axes = (*p.outer, p.i)
+        shape = [sizes[ix] for ix in rows_axes]
+        lse = align(lse.float(), p.lse_axes, rows_axes).expand(shape)
+        logit = align(value.detach().float(), node.indices, rows_axes)
+        prob = torch.where(lse == -math.inf, 0.0, torch.exp(logit - torch.where(lse == -math.inf, 0.0, lse)))
+        grad = -prob * delta.view(shape)
+        extra = [k for k, ix in enumerate(rows_axes) if ix not in node.indices]
+        grad = grad.sum(extra) if extra else grad
+        kept = tuple(ix for ix in rows_axes if ix in node.indices)
+        return value, align(grad, kept, node.indices).to(value.dtype)
 
     def read_gradient(self, rd, buf: torch.Tensor, call: BoundCall, sizes: dict, deterministic: bool):
         """The fp32 gradient of the tensor a score read reads, from the kernels' partial."""

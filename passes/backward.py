@@ -1,6 +1,6 @@
-"""Planning the generated backward of a row-streaming plan (the first slice: one plain softmax).
+"""Planning the generated backward of a row-streaming plan with one softmax over the keys.
 
-A plan with one plain softmax over the keys (`RowStreamPlan.has_lse`) has a FlashAttention-
+A plan with one softmax over the keys (`RowStreamPlan.has_lse`) has a FlashAttention-
 style backward derived from it: the forward saves O and the log-sum-exp, a preprocessing
 kernel computes `delta = rowsum(dO * O) - dLSE`, and two kernels recompute the scores tile
 by tile (the forward's score modifications and masks), `P = exp(S - LSE)`, and accumulate
@@ -9,6 +9,12 @@ tile) and `dQ += dS K` (one program per query tile). `dS/dQK` is the derivative 
 score expression with respect to its Q K^T contraction, built here as IR from the score's
 own nodes (forward mode, one rule per elementwise op) so that the tile emitter prints it
 next to the score.
+
+A softmax with a sink logit (`softmax1`'s 0, `softmax(s, j, sinks[h])`) needs nothing more in
+the kernels: the stored log-sum-exp includes the sink, so `P = exp(S - LSE)` are the real keys'
+probabilities, and the sink's value is 0, so `delta` is unchanged. The sink's own gradient,
+`d loss / d sink = -sum over rows of exp(sink - LSE) * delta`, is a sum over the rows of
+O(B*H*N) values that the launcher takes on the host (`BackwardPlan.sink`).
 
 This module decides, as data:
 
@@ -73,6 +79,7 @@ class BackwardPlan:
     reads: tuple = ()           # ReadGradient of every float read in the score (and Q K^T's factors)
     read_reasons: dict = field(default_factory=dict)  # score input -> why its gradient is not generated
     raw: ir.Node | None = None  # the scaled Q K^T dot before its per-pair factors (what `qk` holds in a tile)
+    sink: ir.Node | None = None  # the softmax's sink logit when float inputs flow into it (their gradient)
 
     def reads_in(self, kernel: str) -> list[tuple[int, ReadGradient]]:
         """(number, read) of the reads a backward kernel accumulates: column sums need a
@@ -111,9 +118,6 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     if term.kind == WeightKind.POINTWISE:
         raise NoGeneratedBackward("pointwise weights (no softmax over the keys: linear attention, "
                                   "sigmoids): their backward is not generated yet")
-    if term.kind != WeightKind.SOFTMAX:
-        raise NoGeneratedBackward(f"a {term.kind} over the keys: only a plain softmax has a generated "
-                                  "backward yet")
     if term.coef is not None:
         raise NoGeneratedBackward("the softmax is weighed by a coefficient: its backward is not generated yet")
     for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
@@ -141,9 +145,11 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
                       loc=term.qk.loc) if term.qk_factors else None
     reads, reasons = score_reads(plan, derivative, raw)
     grad_inputs |= score_inputs - set(reasons)
+    sink_inputs = float_reads([term.sink]) if term.sink is not None else set()
+    grad_inputs |= sink_inputs
     key_masks, key_symbols = transposed_masks(plan)
     return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained),
-                        key_masks, key_symbols, tuple(reads), reasons, raw)
+                        key_masks, key_symbols, tuple(reads), reasons, raw, term.sink if sink_inputs else None)
 
 
 def score_reads(plan: RowStreamPlan, dscore_dqk: ir.Node | None, raw: ir.Node | None
