@@ -34,6 +34,7 @@ def spec(name):
     return GQA_SINKS if name == "gqa_sinks" else f"examples/{name}.attn"
 
 
+
 def tensors(name, seed=0, B=2, H=3, G=None, N=29, M=37, D=12, E=10):
     g = torch.Generator().manual_seed(seed)
     kv = G or H
@@ -46,16 +47,18 @@ def tensors(name, seed=0, B=2, H=3, G=None, N=29, M=37, D=12, E=10):
     return out
 
 
-def gradients(name, backend, base, dtype, return_lse, seed=1, deterministic=False):
+def gradients(name, backend, base, dtype, return_lse, seed=1, deterministic=False, **params):
+    """(kernel, gradients of every float tensor of `base`) for loss = <o, w> (+ <lse, w'>)."""
     kernel = attncc.compile(spec(name), backend=backend, deterministic=deterministic)
-    args = {n: t.to(dtype).requires_grad_() for n, t in base.items()}
-    out = kernel(**args, return_lse=return_lse)
+    args = {n: t.to(dtype).requires_grad_() if t.is_floating_point() else t for n, t in base.items()}
+    out = kernel(**args, **params, return_lse=return_lse)
     o, lse = out if return_lse else (out, None)
     g = torch.Generator().manual_seed(seed)
     loss = (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
     if lse is not None:
         loss = loss + (lse * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
-    return kernel, dict(zip(args, torch.autograd.grad(loss, list(args.values()))))
+    floats = [n for n, t in args.items() if t.is_floating_point()]
+    return kernel, dict(zip(floats, torch.autograd.grad(loss, [args[n] for n in floats])))
 
 
 def close(got, want, what, rel=1e-4):
@@ -90,8 +93,47 @@ def test_sink_gradients_match_the_float64_reference(name, shape, return_lse):
     assert kernel.last_run["backend"] == "triton" and kernel.last_run["backward"] == "triton", kernel.last_run
     assert "backward_reason" not in kernel.last_run
     _, want = gradients(name, "reference", base, torch.float64, return_lse)
-    for n in base:
+    for n in got:
         assert got[n].dtype == torch.float32 and torch.isfinite(got[n]).all()
+        close(got[n], want[n], f"{name} d{n}")
+
+
+def gallery_inputs(name, shape, B=2, N=19, M=27, D=12, E=10):
+    """Inputs of the new softmax gallery contracts (VARIANTS.md section 3) that take the fused
+    plan: bias_tensor with a bias of `shape`, label_causal, block_lists with `shape` = (H, G)."""
+    g = torch.Generator().manual_seed(7)
+    H, G = shape if name == "block_lists" else (2, 2)
+    out = {"q": torch.randn(B, H, N, D, generator=g), "k": torch.randn(B, G, M, D, generator=g),
+           "v": torch.randn(B, G, M, E, generator=g)}
+    if name == "bias_tensor":
+        out["bias"] = torch.randn(*(n if keep else 1 for n, keep in zip((B, H, N, M), shape)), generator=g)
+    elif name == "label_causal":
+        out["label_q"] = torch.randint(0, 3, (B, N), generator=g)
+        out["label_k"] = torch.randint(0, 3, (B, M), generator=g) % torch.tensor([2, 3])[:, None]
+        out["label_q"][0, 3] = 2  # batch 0 has no key of label 2: row 3 has no allowed key
+        out["rule"] = torch.tensor([[1, 0, 2], [2, 1, 0], [0, 0, 1]])
+    else:
+        n_qb, n_kb = -(-N // 8), -(-M // 4)
+        out["kidx"] = torch.randint(-1, n_kb, (B, G, n_qb, 3), generator=g)
+    return out
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("bias_tensor", (1, 1, 1, 1)), ("bias_tensor", (0, 1, 1, 1)), ("bias_tensor", (1, 0, 0, 1)),
+    ("bias_tensor", (0, 0, 1, 0)), ("bias_tensor", (0, 0, 0, 0)),   # 0: a broadcast (size-1) dim
+    ("label_causal", None), ("block_lists", (4, 2)), ("block_lists", (6, 2)),  # GQA groups of 2 and 3
+])
+def test_gallery_contracts_on_the_fused_plan_have_generated_gradients(name, shape):
+    """q, k, v and a bias of every broadcast pattern (its gradient summed over the broadcast
+    dims) through the generated kernels, against the float64 reference's autograd."""
+    base = gallery_inputs(name, shape)
+    params = {"q_block": 8, "k_block": 4} if name == "block_lists" else {}
+    kernel, got = gradients(name, "triton", base, torch.float32, True, **params)
+    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run, kernel.last_run
+    _, want = gradients(name, "reference", base, torch.float64, True, **params)
+    assert set(got) == {"q", "k", "v", *(["bias"] if name == "bias_tensor" else [])}
+    for n in got:
+        assert got[n].shape == base[n].shape
         close(got[n], want[n], f"{name} d{n}")
 
 
