@@ -18,7 +18,7 @@ from .errors import ArgumentError, BackendError, Loc, Source, SpecError
 from .reference import Reference
 from attncc.autotune.cache import TuningCache, tuning_key
 from attncc.codegen.tile_expr import Unsupported
-from attncc.passes.backward import NoGeneratedBackward, call_reason, plan_backward
+from attncc.passes.backward import NoGeneratedBackward, call_reason, general_plan_reason, plan_backward
 from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan
 
 BACKENDS = ("auto", "triton", "reference")
@@ -298,7 +298,7 @@ class Kernel:
         planned, and its kernels generated, on the first call that records a graph."""
         if self._backward is None:
             if not isinstance(self.generated.plan, RowStreamPlan):
-                self._backward = "the general streaming planner's plans have no generated backward yet"
+                self._backward = general_plan_reason(self.program)
             else:
                 from .row_backward import RowStreamBackward
 

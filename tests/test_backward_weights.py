@@ -194,3 +194,13 @@ def test_gqa_packed_decoding_reads_each_rows_sink():
     assert kernel.generated.launcher.last_group == 2
     want = attncc.compile(GQA_SINKS, backend="reference")(**{n: t.double() for n, t in base.items()})
     close(o, want, "o", rel=1e-5)
+
+
+@pytest.mark.parametrize("name,why", [("prob_columns", "several outputs (o, pm)"),
+                                      ("column_mass", "several outputs (o, colsum)"),
+                                      ("class_redistribute", "not a contraction of weights with values"),
+                                      ("linear_kernel", "not a contraction of weights with values")])
+def test_general_plans_take_the_reference_backward_and_say_why(name, why):
+    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
+    reason = kernel.backward_plan()
+    assert isinstance(reason, str) and "general streaming planner" in reason and why in reason
