@@ -1,4 +1,4 @@
-"""Launching the generated backward of a row-streaming plan (one plain softmax over the keys).
+"""Launching the generated backward of a row-streaming plan (one softmax over the keys).
 
 The forward runs with its log-sum-exp stored and saves O and the LSE (O(N) beyond the
 inputs). The backward launches three generated kernels (`codegen/row_backward.py`): delta,
@@ -15,6 +15,7 @@ atomics into the tensor's layout, or with `deterministic` as per-program slots s
 `onto_tensor` puts the partials at the read's indices (evaluated by the reference executor),
 adding duplicates with `scatter_sum` (sorted, then summed pairwise: a fixed order, no
 atomics), so that every step but the non-deterministic atomics gives the same bits every run.
+A sink logit's gradient (`sink_gradient`) is a row sum of the saved LSE and delta, on the host.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Triton source of the generated backward of a row-streaming plan with one plain softmax.
+"""Triton source of the generated backward of a row-streaming plan with one softmax.
+
+(A softmax with a sink logit takes the same kernels: the stored LSE includes the sink, whose
+value is 0, so P and delta need nothing more; the sink's gradient is taken by the launcher.)
 
 Three kernels, all derived from the plan (`passes/backward.py` says which plans have them):
 
