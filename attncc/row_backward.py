@@ -70,8 +70,9 @@ class RowStreamBackward:
         """dQ, dK, dV of the operand tiles (fp32), each laid out (outer..., rows, features) with
         one slice per (batch, query head), for a call whose tensors hold every operand (the
         precomputed ones included), and the partials of the score's float reads (read number
-        -> fp32 tensor, see `read_buffers`), and delta (fp32, (batch x head, rows)). `o`: the forward's output; `lse`: its fp32
-        log-sum-exp; `grad_o`, `grad_lse`: the incoming gradients (None: zero). `reads`: the
+        -> fp32 tensor, see `read_buffers`), and delta (fp32, (batch x head, rows)). `o`: the
+        forward's output; `lse`: its fp32 log-sum-exp (pointwise weights: none, and no delta);
+        `grad_o`, `grad_lse`: the incoming gradients (None: zero). `reads`: the
         numbers of the reads whose gradients are wanted (None: all); the kernels skip the others.
         `deterministic`: gathered reads reduced per program in a fixed order, no atomics."""
         p = self.plan
@@ -90,19 +91,21 @@ class RowStreamBackward:
         rows_axes, out_axes = (*p.outer, p.i), (*p.outer, p.i, p.e)
         o = align(o, p.output.axes, out_axes)
         grad_o = torch.zeros_like(o) if grad_o is None else align(grad_o, p.output.axes, out_axes)
-        lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
-        dlse = None if grad_lse is None else \
-            align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
-        delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
         upcast = interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         block_d, block_e = pow2(n_feat), pow2(n_vfeat)
-
-        launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
-                            [o, grad_o, dlse if dlse is not None else delta, delta, *o.stride(), *grad_o.stride(),
-                             *outer_sizes, n_rows, n_vfeat],
-                            dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
-                            KernelRole.BWD_PRE))
+        if self.bplan.pointwise:  # P is the weight itself: the kernels read no LSE and no delta
+            lse = delta = torch.zeros(1, dtype=torch.float32, device=device)
+        else:
+            lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
+            dlse = None if grad_lse is None else \
+                align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
+            delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
+            launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
+                                [o, grad_o, dlse if dlse is not None else delta, delta, *o.stride(),
+                                 *grad_o.stride(), *outer_sizes, n_rows, n_vfeat],
+                                dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
+                                KernelRole.BWD_PRE))
         dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
         dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
         dv = torch.empty((*outer_sizes, n_cols, n_vfeat), dtype=torch.float32, device=device)

@@ -10,6 +10,10 @@ score expression with respect to its Q K^T contraction, built here as IR from th
 own nodes (forward mode, one rule per elementwise op) so that the tile emitter prints it
 next to the score.
 
+Pointwise weights (`sigmoid(s + bias)`, `q.k * lam ** (i - j)`) are the same kernels with the
+weight itself as P and `dS = dP * d weight / d QK` (the weight is the term's "score"): no
+log-sum-exp and no delta.
+
 A softmax with a sink logit (`softmax1`'s 0, `softmax(s, j, sinks[h])`) needs nothing more in
 the kernels: the stored log-sum-exp includes the sink, so `P = exp(S - LSE)` are the real keys'
 probabilities, and the sink's value is 0, so `delta` is unchanged. The sink's own gradient,
@@ -81,6 +85,12 @@ class BackwardPlan:
     raw: ir.Node | None = None  # the scaled Q K^T dot before its per-pair factors (what `qk` holds in a tile)
     sink: ir.Node | None = None  # the softmax's sink logit when float inputs flow into it (their gradient)
 
+    @property
+    def pointwise(self) -> bool:
+        """Pointwise weights (`sigmoid(s + bias)`, decayed linear attention): P is the weight
+        itself, recomputed per tile, and dS = dP * d weight / d QK: no LSE, no delta."""
+        return self.plan.terms[0].kind == WeightKind.POINTWISE
+
     def reads_in(self, kernel: str) -> list[tuple[int, ReadGradient]]:
         """(number, read) of the reads a backward kernel accumulates: column sums need a
         program per key tile (`"dkdv"`); the others are accumulated by the dQ kernel (`"dq"`),
@@ -115,17 +125,16 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     if plan.statistics:
         raise NoGeneratedBackward("a softmax along another axis than the keys (a statistics pass, then "
                                   "pointwise weights): its backward is not generated yet")
-    if term.kind == WeightKind.POINTWISE:
-        raise NoGeneratedBackward("pointwise weights (no softmax over the keys: linear attention, "
-                                  "sigmoids): their backward is not generated yet")
+    if term.kind == WeightKind.POINTWISE and plan.row_sum:
+        raise NoGeneratedBackward("pointwise weights divided by their row sums (normalised linear attention): "
+                                  "their backward is not generated yet")
     if term.coef is not None:
-        raise NoGeneratedBackward("the softmax is weighed by a coefficient: its backward is not generated yet")
+        raise NoGeneratedBackward("the weights are weighed by a coefficient: their backward is not generated yet")
     for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
         if op.transform is not None:
             raise NoGeneratedBackward(f"the {role} pass through a feature map (line "
                                       f"{op.transform.loc.line if op.transform.loc else '?'}): its gradient "
                                       "is not generated yet")
-    assert plan.has_lse
     derivative = None  # None: the score is Q K^T itself (the derivative is 1)
     if term.score is not term.qk:
         derivative = Tangent(term.qk).of(term.score)

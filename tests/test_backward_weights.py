@@ -29,9 +29,20 @@ attention gqa_sinks(q[B,H,N,D], k[B,G,M,D], v[B,G,M,E], sinks[H], rs[B,N]) -> o[
 }
 """
 
+SIGMOID_GQA = """
+attention sigmoid_gqa(q[B,H,N,D], k[B,G,M,D], v[B,G,M,E], bias[H]) -> o[B,H,N,E] {
+  require H % G == 0
+  let R = H // G
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h // R,j,d] * D ** -0.5
+  mask j <= i + (M - N)
+  p = sigmoid(s + bias[h])
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h // R,j,e]
+}
+"""
+
 
 def spec(name):
-    return GQA_SINKS if name == "gqa_sinks" else f"examples/{name}.attn"
+    return {"gqa_sinks": GQA_SINKS, "sigmoid_gqa": SIGMOID_GQA}.get(name, f"examples/{name}.attn")
 
 
 
@@ -44,6 +55,10 @@ def tensors(name, seed=0, B=2, H=3, G=None, N=29, M=37, D=12, E=10):
         out["sinks"] = torch.randn(H, generator=g) * 2
     if name == "gqa_sinks":
         out["rs"] = torch.randn(B, N, generator=g)
+    if name == "sigmoid_gqa":
+        out["bias"] = torch.randn(H, generator=g) - 1.0
+    if name == "lightning":
+        out["lam"] = torch.rand(H, generator=g) * 0.3 + 0.7
     return out
 
 
@@ -204,3 +219,31 @@ def test_general_plans_take_the_reference_backward_and_say_why(name, why):
     kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
     reason = kernel.backward_plan()
     assert isinstance(reason, str) and "general streaming planner" in reason and why in reason
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("sigmoid", {}),                                                # N != M, D != E, no mask
+    ("sigmoid_gqa", {"H": 4, "G": 2}),
+    ("sigmoid_gqa", {"H": 6, "G": 2, "N": 33, "M": 21}),           # groups of 3; N > M: empty rows
+    ("lightning", {"N": 23, "M": 23}),                              # decay lam[h] ** (i - j), lam's gradient
+])
+def test_pointwise_weight_gradients_match_the_float64_reference(name, shape):
+    """P is the weight itself and dS = dP * d weight / d QK (sigmoid: p (1 - p)): no LSE, no delta."""
+    assert plan_backward(pipeline.plan(attncc.load(spec(name)))).pointwise
+    base = tensors(name, **shape)
+    kernel, got = gradients(name, "triton", base, torch.float32, False)
+    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run, kernel.last_run
+    _, want = gradients(name, "reference", base, torch.float64, False)
+    for n in got:
+        assert torch.isfinite(got[n]).all()
+        close(got[n], want[n], f"{name} d{n}")
+
+
+def test_pointwise_weights_through_the_operator_take_the_reference_and_say_why():
+    """The torch.library operator's generated backward reads a saved LSE: pointwise weights
+    (which have none) take the reference there, and say so; eager calls generate theirs."""
+    from attncc import torch_ops
+
+    kernel = attncc.compile("examples/sigmoid.attn", backend="triton")
+    choice, reason = torch_ops.backward_choice(kernel, {"q"}, True)
+    assert choice == torch_ops.REFERENCE and "pointwise" in reason
