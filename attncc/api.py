@@ -300,11 +300,11 @@ class Kernel:
             if not isinstance(self.generated.plan, RowStreamPlan):
                 self._backward = general_plan_reason(self.program)
             else:
-                from .row_backward import RowStreamBackward
+                from .row_backward import make_backward
 
                 try:
                     plan = plan_backward(self.generated.plan)
-                    self._backward_launcher = RowStreamBackward(plan, self.generated.launcher)
+                    self._backward_launcher = make_backward(plan, self.generated.launcher)
                     self._backward = plan
                 except (NoGeneratedBackward, Unsupported) as why:
                     self._backward = str(why)

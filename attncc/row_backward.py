@@ -52,6 +52,75 @@ def default_backward_config(interpret: bool, d: int, e: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
+def make_backward(bplan: BackwardPlan, forward) -> "RowStreamBackward | TermsBackward":
+    """The launcher of a kernel's generated backward: one set of kernels, or one per weight term."""
+    return TermsBackward(bplan) if bplan.parts else RowStreamBackward(bplan, forward)
+
+
+class TermsBackward:
+    """The backward of weights that are a sum of terms, `o = sum_t c_t W_t V` (a difference of
+    softmaxes): per term, the forward kernel of the term alone recomputes its output O_t and
+    log-sum-exp (O(N) memory), and that term's generated backward runs with `c_t * dO`; the
+    gradients add up. A coefficient that reads float inputs gets `d loss / d c_t = rowsum(dO * O_t)`,
+    chained into them through the reference's torch ops for the coefficient."""
+
+    def __init__(self, bplan: BackwardPlan):
+        from attncc.codegen.row_stream import generate_module
+
+        self.bplan = bplan
+        self.plan = bplan.plan
+        self.parts = []
+        for t, (part, coef) in enumerate(bplan.parts):
+            name = f"{self.plan.program.name}_term{t}"
+            forward = runtime.RowStreamLauncher(part.plan, generate_module(part.plan, name))
+            self.parts.append((RowStreamBackward(part, forward, generate_backward(part, name)), coef))
+
+    def gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, wanted, config: dict | None = None,
+                  deterministic: bool = False) -> dict:
+        """Gradients of the inputs named in `wanted` (`o`, `lse`, `grad_lse`: unused, the terms
+        have their own)."""
+        p = self.plan
+        found: dict[str, torch.Tensor] = {}
+        if grad_o is None:
+            return found
+        leaves = {n: t.detach().requires_grad_(n in wanted and t.is_floating_point()) for n, t in call.tensors.items()}
+        pairs = []
+        for part, coef in self.parts:
+            o_t, *lse_t = part.forward(call, part.plan.has_lse)
+            lse_t = lse_t[0] if lse_t else None
+            g = grad_o
+            if coef is not None:
+                with torch.enable_grad():
+                    c = Reference(p.program, leaves, call.scalars).full(coef)
+                g = grad_o * align(c.detach().to(grad_o.dtype), coef.indices, p.output.axes)
+                if c.requires_grad:
+                    dc = grad_o.float() * o_t.float()
+                    extra = [k for k, ix in enumerate(p.output.axes) if ix not in coef.indices]
+                    dc = dc.sum(extra) if extra else dc
+                    kept = tuple(ix for ix in p.output.axes if ix in coef.indices)
+                    pairs.append((c, align(dc, kept, coef.indices).to(c.dtype)))
+            for n, grad in part.gradients(call, o_t, lse_t, g, None, wanted, config, deterministic).items():
+                found[n] = grad.float() if n not in found else found[n] + grad.float()
+        if pairs:
+            targets = [n for n in wanted if leaves[n].requires_grad]
+            with torch.enable_grad():
+                chained = torch.autograd.grad([v for v, _ in pairs], [leaves[n] for n in targets],
+                                              [g for _, g in pairs], allow_unused=True)
+            for n, grad in zip(targets, chained):
+                if grad is not None:
+                    found[n] = grad.float() if n not in found else found[n] + grad.float()
+        return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
+
+    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
+                 deterministic: bool = False) -> list[KernelLaunch]:
+        """Each term's recomputing forward launches, then its backward launches, recorded."""
+        out = []
+        for part, _ in self.parts:
+            out += part.forward.launches(call, part.plan.has_lse)
+            out += part.launches(call, False, config, deterministic)
+        return out
+
+
 class RowStreamBackward:
     """The generated backward of one kernel; `forward` is its `RowStreamLauncher` (block maps,
     scalar arguments and the score scale come from it)."""

@@ -14,6 +14,13 @@ Pointwise weights (`sigmoid(s + bias)`, `q.k * lam ** (i - j)`) are the same ker
 weight itself as P and `dS = dP * d weight / d QK` (the weight is the term's "score"): no
 log-sum-exp and no delta.
 
+Weights that are a sum of terms (`softmax(s1, j) - lam * softmax(s2, j)`, each with its own
+Q K^T and a coefficient per row or head) are differentiated term by term: `o = sum_t c_t W_t V`,
+so term t's backward is that of the plan of the term alone (`term_plan`), with `c_t * dO` as
+its output gradient (`BackwardPlan.parts`); the launcher recomputes each term's output and
+log-sum-exp with that plan's forward kernel (O(N) memory), and a coefficient's gradient is
+`rowsum(dO * O_t)`.
+
 A softmax with a sink logit (`softmax1`'s 0, `softmax(s, j, sinks[h])`) needs nothing more in
 the kernels: the stored log-sum-exp includes the sink, so `P = exp(S - LSE)` are the real keys'
 probabilities, and the sink's value is 0, so `delta` is unchanged. The sink's own gradient,
@@ -39,6 +46,7 @@ This module decides, as data:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from attncc import ir
@@ -84,6 +92,7 @@ class BackwardPlan:
     read_reasons: dict = field(default_factory=dict)  # score input -> why its gradient is not generated
     raw: ir.Node | None = None  # the scaled Q K^T dot before its per-pair factors (what `qk` holds in a tile)
     sink: ir.Node | None = None  # the softmax's sink logit when float inputs flow into it (their gradient)
+    parts: tuple = ()           # several terms: (BackwardPlan of the term alone, its coefficient or None) each
 
     @property
     def pointwise(self) -> bool:
@@ -116,20 +125,17 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     term = plan.terms[0]
     if plan.statistics_only or plan.v is None:
         raise NoGeneratedBackward("a statistics pass has no generated backward")
-    if len(plan.terms) > 1:
-        raise NoGeneratedBackward(f"the weights are a sum of {len(plan.terms)} terms (a difference of "
-                                  "softmaxes): their backward is not generated yet")
     if plan.summed_outer:
         raise NoGeneratedBackward(f"the output sums over '{plan.summed_outer[0]}' (heads mixed by "
                                   "coefficients): its backward is not generated yet")
     if plan.statistics:
         raise NoGeneratedBackward("a softmax along another axis than the keys (a statistics pass, then "
                                   "pointwise weights): its backward is not generated yet")
+    if len(plan.terms) > 1 or term.coef is not None:  # o = sum_t c_t W_t V: term by term
+        return _terms_backward(plan)
     if term.kind == WeightKind.POINTWISE and plan.row_sum:
         raise NoGeneratedBackward("pointwise weights divided by their row sums (normalised linear attention): "
                                   "their backward is not generated yet")
-    if term.coef is not None:
-        raise NoGeneratedBackward("the weights are weighed by a coefficient: their backward is not generated yet")
     for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
         if op.transform is not None:
             raise NoGeneratedBackward(f"the {role} pass through a feature map (line "
@@ -159,6 +165,33 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     key_masks, key_symbols = transposed_masks(plan)
     return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained),
                         key_masks, key_symbols, tuple(reads), reasons, raw, term.sink if sink_inputs else None)
+
+
+def term_plan(plan: RowStreamPlan, t: int) -> RowStreamPlan:
+    """The plan of weight term t alone, without its coefficient: what the backward of a sum
+    of terms recomputes and differentiates for that term."""
+    term = plan.terms[t]
+    return dataclasses.replace(plan, terms=[dataclasses.replace(term, coef=None)], group=None)
+
+
+def _terms_backward(plan: RowStreamPlan) -> BackwardPlan:
+    """The backward plan of weights that are a sum of terms: one part per term."""
+    parts = []
+    for t, term in enumerate(plan.terms):
+        try:
+            part = plan_backward(term_plan(plan, t))
+        except NoGeneratedBackward as why:
+            raise NoGeneratedBackward(f"term {t} of the weights: {why}") from None
+        parts.append((part, term.coef))
+    coefs = [c for _, c in parts if c is not None]
+    reasons: dict = {}
+    for part, _ in parts:
+        for name, why in part.read_reasons.items():
+            reasons.setdefault(name, why)
+    grad_inputs = set().union(*(p.grad_inputs for p, _ in parts)) | float_reads(coefs)
+    score_inputs = set().union(*(p.score_inputs for p, _ in parts))
+    return BackwardPlan(plan, None, frozenset(grad_inputs - set(reasons)), frozenset(score_inputs), (),
+                        read_reasons=reasons, parts=tuple(parts))
 
 
 def score_reads(plan: RowStreamPlan, dscore_dqk: ir.Node | None, raw: ir.Node | None
