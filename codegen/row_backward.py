@@ -1,7 +1,9 @@
 """Triton source of the generated backward of a row-streaming plan with one softmax.
 
 (A softmax with a sink logit takes the same kernels: the stored LSE includes the sink, whose
-value is 0, so P and delta need nothing more; the sink's gradient is taken by the launcher.)
+value is 0, so P and delta need nothing more; the sink's gradient is taken by the launcher.
+Pointwise weights take them too, with P the weight itself and `dS = dP * d weight / d QK`: no
+LSE, no delta. A sum of terms runs one set per term: `passes/backward.py`.)
 
 Three kernels, all derived from the plan (`passes/backward.py` says which plans have them):
 
