@@ -285,3 +285,13 @@ def test_sums_of_weight_terms_are_differentiated_term_by_term(name, shape):
     for n in got:
         assert torch.isfinite(got[n]).all()
         close(got[n], want[n], f"{name} d{n}")
+
+
+def test_sink_gradients_in_bfloat16():
+    base = tensors("learned_sinks", N=21, M=27)
+    kernel, got = gradients("learned_sinks", "triton", base, torch.bfloat16, True)
+    assert kernel.last_run["backward"] == "triton"
+    _, want = gradients("learned_sinks", "reference", base, torch.float64, True)
+    for n in got:
+        assert got[n].dtype == torch.bfloat16
+        close(got[n], want[n], f"d{n}", rel=3e-2)
