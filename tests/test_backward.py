@@ -1,11 +1,12 @@
-"""Generated backward kernels (plans with one plain softmax over the keys), in Triton's interpreter.
+"""Generated backward kernels (plans with one softmax over the keys), in Triton's interpreter.
 
 Every gallery example whose row-streaming plan has a log-sum-exp (`RowStreamPlan.has_lse`)
 differentiates q, k and v through the generated delta, dK/dV and dQ kernels; the gradients
 are checked against the float64 reference's autograd on odd shapes (N != M where the spec
 allows, D != E, 16x16 tiles that do not divide N or M, GQA), with the returned LSE's gradient
 (dLSE) in the loss where the spec has one. Calls the generated backward does not take say
-"reference" and why. (Gradients of the other float tensors a score reads: test_backward_inputs.py.)
+"reference" and why. (Gradients of the other float tensors a score reads: test_backward_inputs.py;
+sinks, pointwise weights and sums of terms: test_backward_weights.py.)
 """
 import ast
 
