@@ -18,7 +18,7 @@ from .errors import ArgumentError, BackendError, Loc, Source, SpecError
 from .reference import Reference
 from attncc.autotune.cache import TuningCache, tuning_key
 from attncc.codegen.tile_expr import Unsupported
-from attncc.passes.backward import NoGeneratedBackward, call_reason, plan_backward
+from attncc.passes.backward import NoGeneratedBackward, call_reason, general_plan_reason, plan_backward
 from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan
 
 BACKENDS = ("auto", "triton", "reference")
@@ -298,13 +298,13 @@ class Kernel:
         planned, and its kernels generated, on the first call that records a graph."""
         if self._backward is None:
             if not isinstance(self.generated.plan, RowStreamPlan):
-                self._backward = "the general streaming planner's plans have no generated backward yet"
+                self._backward = general_plan_reason(self.program)
             else:
-                from .row_backward import RowStreamBackward
+                from .row_backward import make_backward
 
                 try:
                     plan = plan_backward(self.generated.plan)
-                    self._backward_launcher = RowStreamBackward(plan, self.generated.launcher)
+                    self._backward_launcher = make_backward(plan, self.generated.launcher)
                     self._backward = plan
                 except (NoGeneratedBackward, Unsupported) as why:
                     self._backward = str(why)
@@ -433,8 +433,8 @@ def _reference_gradients(ctx, tensors, grads) -> list:
 
 
 class _GeneratedBackward(torch.autograd.Function):
-    """The generated kernel forward and the generated backward kernels (plans with one plain
-    softmax over the keys, `passes/backward.py`).
+    """The generated kernel forward and the generated backward kernels (plans with one softmax
+    or one pointwise weight over the keys, `passes/backward.py`).
 
     The forward runs with the log-sum-exp stored and saves the inputs (references), the
     output O and the fp32 LSE: O(N) memory beyond the inputs, never a score-sized tensor.
@@ -448,7 +448,10 @@ class _GeneratedBackward(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.kernel, ctx.call = kernel, dataclasses.replace(call, tensors={})
         ctx.return_lse, ctx.names, ctx.deterministic = return_lse, names, kernel.deterministic
-        o, lse = kernel.generated.launcher(call, True, config=kernel.tuned_config(call))  # the LSE stored
+        if kernel.generated.plan.has_lse:  # the LSE stored
+            o, lse = kernel.generated.launcher(call, True, config=kernel.tuned_config(call))
+        else:  # pointwise weights: the backward recomputes them, no statistic to save
+            (o,), lse = kernel.generated.launcher(call, False, config=kernel.tuned_config(call)), torch.zeros(0)
         o = kernel._cast(o, call)
         ctx.save_for_backward(*tensors, o, lse)
         return (o, kernel._cast(lse, call)) if return_lse else (o,)

@@ -112,6 +112,9 @@ class _PlanText:
             out.append(f"  term {n}: {_KINDS[t.kind].format(j=p.j)}")
             if t.coef is not None:
                 out.append(f"    coefficient: {self.text(t.coef)}")
+            if t.sink is not None and t.kind == WeightKind.SOFTMAX:
+                out.append(f"    sink logit {self.text(t.sink)}: a virtual key of value 0; the running max and sum "
+                           "start from it, the log-sum-exp includes it")
             log2e = " (times log2(e), for exp2)" if t.folds_log2e else ""
             scale = " * ".join(self.text(f) for f in t.scale)
             out.append(f"    Q K^T over {p.d}; " + (f"the scale {scale} is folded into the queries once{log2e}"

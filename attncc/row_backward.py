@@ -1,4 +1,4 @@
-"""Launching the generated backward of a row-streaming plan (one plain softmax over the keys).
+"""Launching the generated backward of a row-streaming plan (one softmax over the keys).
 
 The forward runs with its log-sum-exp stored and saves O and the LSE (O(N) beyond the
 inputs). The backward launches three generated kernels (`codegen/row_backward.py`): delta,
@@ -15,6 +15,7 @@ atomics into the tensor's layout, or with `deterministic` as per-program slots s
 `onto_tensor` puts the partials at the read's indices (evaluated by the reference executor),
 adding duplicates with `scatter_sum` (sorted, then summed pairwise: a fixed order, no
 atomics), so that every step but the non-deterministic atomics gives the same bits every run.
+A sink logit's gradient (`sink_gradient`) is a row sum of the saved LSE and delta, on the host.
 """
 from __future__ import annotations
 
@@ -51,6 +52,75 @@ def default_backward_config(interpret: bool, d: int, e: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
+def make_backward(bplan: BackwardPlan, forward) -> "RowStreamBackward | TermsBackward":
+    """The launcher of a kernel's generated backward: one set of kernels, or one per weight term."""
+    return TermsBackward(bplan) if bplan.parts else RowStreamBackward(bplan, forward)
+
+
+class TermsBackward:
+    """The backward of weights that are a sum of terms, `o = sum_t c_t W_t V` (a difference of
+    softmaxes): per term, the forward kernel of the term alone recomputes its output O_t and
+    log-sum-exp (O(N) memory), and that term's generated backward runs with `c_t * dO`; the
+    gradients add up. A coefficient that reads float inputs gets `d loss / d c_t = rowsum(dO * O_t)`,
+    chained into them through the reference's torch ops for the coefficient."""
+
+    def __init__(self, bplan: BackwardPlan):
+        from attncc.codegen.row_stream import generate_module
+
+        self.bplan = bplan
+        self.plan = bplan.plan
+        self.parts = []
+        for t, (part, coef) in enumerate(bplan.parts):
+            name = f"{self.plan.program.name}_term{t}"
+            forward = runtime.RowStreamLauncher(part.plan, generate_module(part.plan, name))
+            self.parts.append((RowStreamBackward(part, forward, generate_backward(part, name)), coef))
+
+    def gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, wanted, config: dict | None = None,
+                  deterministic: bool = False) -> dict:
+        """Gradients of the inputs named in `wanted` (`o`, `lse`, `grad_lse`: unused, the terms
+        have their own)."""
+        p = self.plan
+        found: dict[str, torch.Tensor] = {}
+        if grad_o is None:
+            return found
+        leaves = {n: t.detach().requires_grad_(n in wanted and t.is_floating_point()) for n, t in call.tensors.items()}
+        pairs = []
+        for part, coef in self.parts:
+            o_t, *lse_t = part.forward(call, part.plan.has_lse)
+            lse_t = lse_t[0] if lse_t else None
+            g = grad_o
+            if coef is not None:
+                with torch.enable_grad():
+                    c = Reference(p.program, leaves, call.scalars).full(coef)
+                g = grad_o * align(c.detach().to(grad_o.dtype), coef.indices, p.output.axes)
+                if c.requires_grad:
+                    dc = grad_o.float() * o_t.float()
+                    extra = [k for k, ix in enumerate(p.output.axes) if ix not in coef.indices]
+                    dc = dc.sum(extra) if extra else dc
+                    kept = tuple(ix for ix in p.output.axes if ix in coef.indices)
+                    pairs.append((c, align(dc, kept, coef.indices).to(c.dtype)))
+            for n, grad in part.gradients(call, o_t, lse_t, g, None, wanted, config, deterministic).items():
+                found[n] = grad.float() if n not in found else found[n] + grad.float()
+        if pairs:
+            targets = [n for n in wanted if leaves[n].requires_grad]
+            with torch.enable_grad():
+                chained = torch.autograd.grad([v for v, _ in pairs], [leaves[n] for n in targets],
+                                              [g for _, g in pairs], allow_unused=True)
+            for n, grad in zip(targets, chained):
+                if grad is not None:
+                    found[n] = grad.float() if n not in found else found[n] + grad.float()
+        return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
+
+    def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
+                 deterministic: bool = False) -> list[KernelLaunch]:
+        """Each term's recomputing forward launches, then its backward launches, recorded."""
+        out = []
+        for part, _ in self.parts:
+            out += part.forward.launches(call, part.plan.has_lse)
+            out += part.launches(call, False, config, deterministic)
+        return out
+
+
 class RowStreamBackward:
     """The generated backward of one kernel; `forward` is its `RowStreamLauncher` (block maps,
     scalar arguments and the score scale come from it)."""
@@ -69,8 +139,9 @@ class RowStreamBackward:
         """dQ, dK, dV of the operand tiles (fp32), each laid out (outer..., rows, features) with
         one slice per (batch, query head), for a call whose tensors hold every operand (the
         precomputed ones included), and the partials of the score's float reads (read number
-        -> fp32 tensor, see `read_buffers`). `o`: the forward's output; `lse`: its fp32
-        log-sum-exp; `grad_o`, `grad_lse`: the incoming gradients (None: zero). `reads`: the
+        -> fp32 tensor, see `read_buffers`), and delta (fp32, (batch x head, rows)). `o`: the
+        forward's output; `lse`: its fp32 log-sum-exp (pointwise weights: none, and no delta);
+        `grad_o`, `grad_lse`: the incoming gradients (None: zero). `reads`: the
         numbers of the reads whose gradients are wanted (None: all); the kernels skip the others.
         `deterministic`: gathered reads reduced per program in a fixed order, no atomics."""
         p = self.plan
@@ -89,19 +160,21 @@ class RowStreamBackward:
         rows_axes, out_axes = (*p.outer, p.i), (*p.outer, p.i, p.e)
         o = align(o, p.output.axes, out_axes)
         grad_o = torch.zeros_like(o) if grad_o is None else align(grad_o, p.output.axes, out_axes)
-        lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
-        dlse = None if grad_lse is None else \
-            align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
-        delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
         upcast = interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         block_d, block_e = pow2(n_feat), pow2(n_vfeat)
-
-        launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
-                            [o, grad_o, dlse if dlse is not None else delta, delta, *o.stride(), *grad_o.stride(),
-                             *outer_sizes, n_rows, n_vfeat],
-                            dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
-                            KernelRole.BWD_PRE))
+        if self.bplan.pointwise:  # P is the weight itself: the kernels read no LSE and no delta
+            lse = delta = torch.zeros(1, dtype=torch.float32, device=device)
+        else:
+            lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
+            dlse = None if grad_lse is None else \
+                align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
+            delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
+            launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
+                                [o, grad_o, dlse if dlse is not None else delta, delta, *o.stride(),
+                                 *grad_o.stride(), *outer_sizes, n_rows, n_vfeat],
+                                dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
+                                KernelRole.BWD_PRE))
         dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
         dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
         dv = torch.empty((*outer_sizes, n_cols, n_vfeat), dtype=torch.float32, device=device)
@@ -141,7 +214,7 @@ class RowStreamBackward:
                             common(self.src.dq, [dq], kv_lists), flags(self.src.dq), options, interpret,
                             KernelRole.BWD_DQ))
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
-        return dq, dk, dv, bufs
+        return (dq, dk, dv), bufs, delta
 
     def read_buffers(self, call: BoundCall, combos: int, n_rows: int, n_cols: int, n_qtiles: int,
                      deterministic: bool, reads=None) -> dict:
@@ -211,11 +284,15 @@ class RowStreamBackward:
         kernel_call = dataclasses.replace(call, tensors={n: t.detach() for n, t in graphed.items()})
         reads = {r for r, rd in enumerate(bplan.reads)
                  if (graphed[rd.name].requires_grad if names.is_synthetic(rd.name) else rd.name in wanted)}
-        *partials, bufs = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config, deterministic,
-                                                 reads)
+        partials, bufs, delta = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config, deterministic,
+                                                       reads)
         sizes = call.sizes or p.program.sizes(call.scalars)
         found: dict[str, torch.Tensor] = {}
         pairs = []
+        if bplan.sink is not None:
+            sink = self.sink_gradient(graphed, call.scalars, lse, delta, sizes)
+            if sink is not None:
+                pairs.append(sink)
         for r in sorted(reads):
             rd = bplan.reads[r]
             if r not in bufs:  # a piecewise-constant read: no gradient flows through it
@@ -252,6 +329,29 @@ class RowStreamBackward:
                 if g is not None:
                     found[n] = g if n not in found else found[n] + g
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
+
+    def sink_gradient(self, graphed: dict, scalars: dict, lse, delta, sizes: dict):
+        """(the sink logit, recomputed by the reference's torch ops from the inputs under
+        autograd; d loss / d sink), or None when no input it reads requires grad. The sink is
+        one more key of value 0: its probability is `exp(sink - LSE)` and its gradient
+        `-exp(sink - LSE) * delta` per query row (rows with LSE = -inf: 0), summed over the
+        rows and the batch / head indices the sink does not have by `torch.sum` (a fixed order,
+        no atomics: deterministic)."""
+        p, node = self.plan, self.bplan.sink
+        with torch.enable_grad():
+            value = Reference(p.program, graphed, scalars).full(node)
+        if not value.requires_grad:
+            return None
+        rows_axes = (*p.outer, p.i)
+        shape = [sizes[ix] for ix in rows_axes]
+        lse = align(lse.float(), p.lse_axes, rows_axes).expand(shape)
+        logit = align(value.detach().float(), node.indices, rows_axes)
+        prob = torch.where(lse == -math.inf, 0.0, torch.exp(logit - torch.where(lse == -math.inf, 0.0, lse)))
+        grad = -prob * delta.view(shape)
+        extra = [k for k, ix in enumerate(rows_axes) if ix not in node.indices]
+        grad = grad.sum(extra) if extra else grad
+        kept = tuple(ix for ix in rows_axes if ix in node.indices)
+        return value, align(grad, kept, node.indices).to(value.dtype)
 
     def read_gradient(self, rd, buf: torch.Tensor, call: BoundCall, sizes: dict, deterministic: bool):
         """The fp32 gradient of the tensor a score read reads, from the kernels' partial."""

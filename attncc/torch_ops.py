@@ -329,6 +329,9 @@ def backward_choice(kernel, requiring, grad_enabled: bool) -> tuple[int, str | N
     reason = plan if isinstance(plan, str) else call_reason(plan, list(requiring))
     if reason is None and len(kernel.program.outputs) != 1:
         reason = "the generated backward differentiates one output"
+    if reason is None and not plan.plan.has_lse:  # (eager calls generate it)
+        reason = ("pointwise weights or a sum of weight terms: the operator's generated backward reads one "
+                  "saved log-sum-exp, which they do not have")
     return (REFERENCE, reason) if reason else (GENERATED, None)
 
 

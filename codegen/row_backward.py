@@ -1,4 +1,9 @@
-"""Triton source of the generated backward of a row-streaming plan with one plain softmax.
+"""Triton source of the generated backward of a row-streaming plan with one softmax.
+
+(A softmax with a sink logit takes the same kernels: the stored LSE includes the sink, whose
+value is 0, so P and delta need nothing more; the sink's gradient is taken by the launcher.
+Pointwise weights take them too, with P the weight itself and `dS = dP * d weight / d QK`: no
+LSE, no delta. A sum of terms runs one set per term: `passes/backward.py`.)
 
 Three kernels, all derived from the plan (`passes/backward.py` says which plans have them):
 
@@ -97,9 +102,15 @@ class _BackwardCodegen(RowStreamCodegen):
                 f"do_base = do_ptr + {self.do_offset()}"]
 
     def load_rows(self) -> list[str]:
-        """Queries, dO, LSE and delta of the query tile `offs_m` (zero / no weight past the last row)."""
+        """Queries, dO, LSE and delta of the query tile `offs_m` (zero / no weight past the last
+        row); pointwise weights need no LSE and no delta."""
         q = self.plan.q
         qn = q.input.name
+        stats = [] if self.bplan.pointwise else [
+            "lse = tl.load(lse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=float('-inf'))",
+            "# base 2; a row with no allowed key (lse = -inf) or past the last row gets p = 0",
+            f"lse2 = tl.where(lse == float('-inf'), float('inf'), lse * {LOG2E})",
+            "delta = tl.load(delta_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)"]
         return [
             "row_ok = offs_m < n_rows",
             f"q = tl.load(q_base + offs_m[:, None] * {names.tensor('st', qn, q.row)} + offs_d[None, :] * "
@@ -109,10 +120,7 @@ class _BackwardCodegen(RowStreamCodegen):
             "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
             "    q = q.to(tl.float32)",
             "    do = do.to(tl.float32)",
-            "lse = tl.load(lse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=float('-inf'))",
-            "# base 2; a row with no allowed key (lse = -inf) or past the last row gets p = 0",
-            f"lse2 = tl.where(lse == float('-inf'), float('inf'), lse * {LOG2E})",
-            "delta = tl.load(delta_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)"]
+            *stats]
 
     def load_cols(self) -> list[str]:
         """Keys (as [features, keys], like the forward) and values of the key tile `offs_n`."""
@@ -163,15 +171,17 @@ class _BackwardCodegen(RowStreamCodegen):
 
     def gradient_of_scores(self) -> list[str]:
         """P, dP = dO V^T and dS (with respect to the raw Q K^T dot), masked entries 0; with
-        reads to differentiate, `dsc`: the gradient of the score itself."""
+        reads to differentiate, `dsc`: the gradient of the score itself (of the weight, for
+        pointwise weights: P is the weight, dS = dP times its derivative)."""
         factor = " * dsdqk" if self.has_dsdqk() else ""
-        lines = ["p = tl.exp2(s - lse2[:, None])",
+        dscore = "dp" if self.bplan.pointwise else "p * (dp - delta[:, None])"
+        lines = [*([] if self.bplan.pointwise else ["p = tl.exp2(s - lse2[:, None])"]),
                  "p = tl.where(allowed, p, 0.0)",
                  "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)"]
         if self.reads:
-            lines += ["dsc = p * (dp - delta[:, None])  # d loss / d score", f"ds = dsc{factor}"]
+            lines += [f"dsc = {dscore}  # d loss / d score", f"ds = dsc{factor}"]
         else:
-            lines.append(f"ds = p * (dp - delta[:, None]){factor}")
+            lines.append(f"ds = {dscore}{factor}")
         return lines + ["ds = tl.where(allowed, ds * ds_scale, 0.0)  # the chain rule through Q K^T's scale"]
 
     # ------------------------------------------------------------------ float reads of the score

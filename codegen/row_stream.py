@@ -21,7 +21,7 @@ from attncc import ir
 from attncc.codegen import block_map, names
 from attncc.codegen.pytext import docstring
 from attncc.codegen.mask_code import guard_code, printed
-from attncc.codegen.tile_expr import TileEmitter, Val
+from attncc.codegen.tile_expr import TileEmitter, Val, as_float
 from attncc.passes.kinds import MaskMode, WeightKind
 from attncc.passes.linear import chunkable, reassociable
 from attncc.passes.mask_sympy import code_name
@@ -227,9 +227,7 @@ class RowStreamCodegen:
         if term.kind == WeightKind.POINTWISE:
             row_sum = [f"l_i{x} += tl.sum(p{x}, 1)  # the row sums the output is divided by"] if self.plan.row_sum else []
             return [*row_sum, f"acc{x} += tl.dot(p{x}.to(v.dtype), v, input_precision=PRECISION)"]
-        if term.kind == WeightKind.SOFTMAX1:  # m_i starts at the virtual key's 0: never -inf
-            guard = ["m_safe = m_new"]
-        elif term.folds_log2e:  # plain scores are finite wherever a tile allows every pair
+        if term.folds_log2e:  # plain scores are finite wherever a tile allows every pair
             guard = ["if MASKED:",
                      "    m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no allowed key yet",
                      "else:",
@@ -353,13 +351,20 @@ class RowStreamCodegen:
                 lines.append(f"acc{x} = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)")
             if term.kind == WeightKind.POINTWISE and self.plan.row_sum:
                 lines.append(f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)")
-            if term.kind == WeightKind.SOFTMAX:
+            if term.kind == WeightKind.POINTWISE:
+                continue
+            if term.sink is None:
                 lines += [f"m_i{x} = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)",
                           f"l_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)"]
-            elif term.kind == WeightKind.SOFTMAX1:
-                lines += [f"m_i{x} = tl.zeros([BLOCK_M], dtype=tl.float32)"
-                          "  # softmax1: a virtual key with logit 0 (and value 0)",
-                          f"l_i{x} = tl.full([BLOCK_M], 1.0, dtype=tl.float32)"]
+                continue
+            sink = self.em.emit(term.sink)  # in the prologue: a scalar, or a column over the rows
+            lines += ["# the sink logit: a virtual key with value 0 that the max and sum start from (base 2)",
+                      f"sink{x} = tl.max(tl.zeros([BLOCK_M, 1], dtype=tl.float32) + {as_float(sink)}, 1)",
+                      f"m_i{x} = sink{x} * {LOG2E}",
+                      f"l_i{x} = tl.full([BLOCK_M], 1.0, dtype=tl.float32)",
+                      "if SPLIT:  # the sink counts once, in the first key split",
+                      f"    m_i{x} = tl.where(pid_split == 0, m_i{x}, float('-inf'))",
+                      f"    l_i{x} = tl.where(pid_split == 0, l_i{x}, 0.0)"]
         return lines
 
     def combine_lines(self) -> list[str]:
@@ -382,6 +387,15 @@ class RowStreamCodegen:
                 self.coefs.append(coef.code)
             parts.append(part)
         return lines + ["out = " + " + ".join(parts)]
+
+    def lse_lines(self) -> list[str]:
+        """The log-sum-exp of a row from its max and sum; where the max is still the sink's
+        (no key scored higher: a row with no allowed key among them) it is `sink + log(l_i)`,
+        so an empty row's is the sink logit exactly."""
+        lse = f"m_i / {LOG2E} + tl.log(l_safe)"
+        if self.plan.terms[0].sink is not None:
+            lse = f"tl.where(m_i == sink * {LOG2E}, sink + tl.log(l_safe), {lse})"
+        return [f"lse = tl.where(l_i == 0.0, float('-inf'), {lse})"]
 
     def skip_dead_heads(self, lines: list[str]) -> list[str]:
         """With a sum over heads, a head whose coefficients are 0 on every row of the tile
@@ -441,6 +455,7 @@ class RowStreamCodegen:
         tile_body = self.tile_body()
         combine = self.combine_lines()
         range_lines = self.range_lines()
+        initial = self.initial_state()  # (a sink logit's loads go to the prologue)
         prologue = list(em.prologue)
         state = self.states()
         constexprs = ["MASKED", "KEY_MASK", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E", "USE_TMA",
@@ -527,7 +542,7 @@ class RowStreamCodegen:
                 *prologue,
                 *queries,
                 *(self.value_base(v_off) if p.v else []),
-                *self.initial_state(),
+                *initial,
                 *self.skip_dead_heads(range_lines(call_args)),
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
                 *combine]),
@@ -538,7 +553,7 @@ class RowStreamCodegen:
               [f"    o_ptrs = o_ptr + {axis_offset(out_axes, o_strides, True)}",
                "    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat))"]),
             *(["    if STORE_LSE:",
-               f"        lse = tl.where(l_i == 0.0, float('-inf'), m_i / {LOG2E} + tl.log(l_safe))",
+               *_indent(self.lse_lines(), 2),
                f"        tl.store(lse_ptr + {axis_offset(lse_axes, lse_strides, False)}, lse, mask=row_ok)"]
               if p.has_lse else []),
             "",

@@ -1,6 +1,6 @@
-"""Planning the generated backward of a row-streaming plan (the first slice: one plain softmax).
+"""Planning the generated backward of a row-streaming plan with one softmax over the keys.
 
-A plan with one plain softmax over the keys (`RowStreamPlan.has_lse`) has a FlashAttention-
+A plan with one softmax over the keys (`RowStreamPlan.has_lse`) has a FlashAttention-
 style backward derived from it: the forward saves O and the log-sum-exp, a preprocessing
 kernel computes `delta = rowsum(dO * O) - dLSE`, and two kernels recompute the scores tile
 by tile (the forward's score modifications and masks), `P = exp(S - LSE)`, and accumulate
@@ -9,6 +9,23 @@ tile) and `dQ += dS K` (one program per query tile). `dS/dQK` is the derivative 
 score expression with respect to its Q K^T contraction, built here as IR from the score's
 own nodes (forward mode, one rule per elementwise op) so that the tile emitter prints it
 next to the score.
+
+Pointwise weights (`sigmoid(s + bias)`, `q.k * lam ** (i - j)`) are the same kernels with the
+weight itself as P and `dS = dP * d weight / d QK` (the weight is the term's "score"): no
+log-sum-exp and no delta.
+
+Weights that are a sum of terms (`softmax(s1, j) - lam * softmax(s2, j)`, each with its own
+Q K^T and a coefficient per row or head) are differentiated term by term: `o = sum_t c_t W_t V`,
+so term t's backward is that of the plan of the term alone (`term_plan`), with `c_t * dO` as
+its output gradient (`BackwardPlan.parts`); the launcher recomputes each term's output and
+log-sum-exp with that plan's forward kernel (O(N) memory), and a coefficient's gradient is
+`rowsum(dO * O_t)`.
+
+A softmax with a sink logit (`softmax1`'s 0, `softmax(s, j, sinks[h])`) needs nothing more in
+the kernels: the stored log-sum-exp includes the sink, so `P = exp(S - LSE)` are the real keys'
+probabilities, and the sink's value is 0, so `delta` is unchanged. The sink's own gradient,
+`d loss / d sink = -sum over rows of exp(sink - LSE) * delta`, is a sum over the rows of
+O(B*H*N) values that the launcher takes on the host (`BackwardPlan.sink`).
 
 This module decides, as data:
 
@@ -29,13 +46,14 @@ This module decides, as data:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from attncc import ir
 from attncc.passes.kinds import MaskMode, ReadMode, WeightKind
 from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.row_stream import RowStreamPlan
+from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
 
 
 class NoGeneratedBackward(Exception):
@@ -73,6 +91,14 @@ class BackwardPlan:
     reads: tuple = ()           # ReadGradient of every float read in the score (and Q K^T's factors)
     read_reasons: dict = field(default_factory=dict)  # score input -> why its gradient is not generated
     raw: ir.Node | None = None  # the scaled Q K^T dot before its per-pair factors (what `qk` holds in a tile)
+    sink: ir.Node | None = None  # the softmax's sink logit when float inputs flow into it (their gradient)
+    parts: tuple = ()           # several terms: (BackwardPlan of the term alone, its coefficient or None) each
+
+    @property
+    def pointwise(self) -> bool:
+        """Pointwise weights (`sigmoid(s + bias)`, decayed linear attention): P is the weight
+        itself, recomputed per tile, and dS = dP * d weight / d QK: no LSE, no delta."""
+        return self.plan.terms[0].kind == WeightKind.POINTWISE
 
     def reads_in(self, kernel: str) -> list[tuple[int, ReadGradient]]:
         """(number, read) of the reads a backward kernel accumulates: column sums need a
@@ -99,29 +125,22 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     term = plan.terms[0]
     if plan.statistics_only or plan.v is None:
         raise NoGeneratedBackward("a statistics pass has no generated backward")
-    if len(plan.terms) > 1:
-        raise NoGeneratedBackward(f"the weights are a sum of {len(plan.terms)} terms (a difference of "
-                                  "softmaxes): their backward is not generated yet")
     if plan.summed_outer:
         raise NoGeneratedBackward(f"the output sums over '{plan.summed_outer[0]}' (heads mixed by "
                                   "coefficients): its backward is not generated yet")
     if plan.statistics:
         raise NoGeneratedBackward("a softmax along another axis than the keys (a statistics pass, then "
                                   "pointwise weights): its backward is not generated yet")
-    if term.kind == WeightKind.POINTWISE:
-        raise NoGeneratedBackward("pointwise weights (no softmax over the keys: linear attention, "
-                                  "sigmoids): their backward is not generated yet")
-    if term.kind != WeightKind.SOFTMAX:
-        raise NoGeneratedBackward(f"a {term.kind} over the keys: only a plain softmax has a generated "
-                                  "backward yet")
-    if term.coef is not None:
-        raise NoGeneratedBackward("the softmax is weighed by a coefficient: its backward is not generated yet")
+    if len(plan.terms) > 1 or term.coef is not None:  # o = sum_t c_t W_t V: term by term
+        return _terms_backward(plan)
+    if term.kind == WeightKind.POINTWISE and plan.row_sum:
+        raise NoGeneratedBackward("pointwise weights divided by their row sums (normalised linear attention): "
+                                  "their backward is not generated yet")
     for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
         if op.transform is not None:
             raise NoGeneratedBackward(f"the {role} pass through a feature map (line "
                                       f"{op.transform.loc.line if op.transform.loc else '?'}): its gradient "
                                       "is not generated yet")
-    assert plan.has_lse
     derivative = None  # None: the score is Q K^T itself (the derivative is 1)
     if term.score is not term.qk:
         derivative = Tangent(term.qk).of(term.score)
@@ -141,9 +160,38 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
                       loc=term.qk.loc) if term.qk_factors else None
     reads, reasons = score_reads(plan, derivative, raw)
     grad_inputs |= score_inputs - set(reasons)
+    sink_inputs = float_reads([term.sink]) if term.sink is not None else set()
+    grad_inputs |= sink_inputs
     key_masks, key_symbols = transposed_masks(plan)
     return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained),
-                        key_masks, key_symbols, tuple(reads), reasons, raw)
+                        key_masks, key_symbols, tuple(reads), reasons, raw, term.sink if sink_inputs else None)
+
+
+def term_plan(plan: RowStreamPlan, t: int) -> RowStreamPlan:
+    """The plan of weight term t alone, without its coefficient: what the backward of a sum
+    of terms recomputes and differentiates for that term."""
+    term = plan.terms[t]
+    return dataclasses.replace(plan, terms=[dataclasses.replace(term, coef=None)], group=None)
+
+
+def _terms_backward(plan: RowStreamPlan) -> BackwardPlan:
+    """The backward plan of weights that are a sum of terms: one part per term."""
+    parts = []
+    for t, term in enumerate(plan.terms):
+        try:
+            part = plan_backward(term_plan(plan, t))
+        except NoGeneratedBackward as why:
+            raise NoGeneratedBackward(f"term {t} of the weights: {why}") from None
+        parts.append((part, term.coef))
+    coefs = [c for _, c in parts if c is not None]
+    reasons: dict = {}
+    for part, _ in parts:
+        for name, why in part.read_reasons.items():
+            reasons.setdefault(name, why)
+    grad_inputs = set().union(*(p.grad_inputs for p, _ in parts)) | float_reads(coefs)
+    score_inputs = set().union(*(p.score_inputs for p, _ in parts))
+    return BackwardPlan(plan, None, frozenset(grad_inputs - set(reasons)), frozenset(score_inputs), (),
+                        read_reasons=reasons, parts=tuple(parts))
 
 
 def score_reads(plan: RowStreamPlan, dscore_dqk: ir.Node | None, raw: ir.Node | None
@@ -271,6 +319,23 @@ def transposed_masks(plan: RowStreamPlan) -> tuple[MaskPlan | None, dict]:
     if key_masks is None or opaque or key_masks.needs_block_map:
         return None, {}
     return key_masks, symbols
+
+
+def general_plan_reason(program: ir.Program) -> str:
+    """Why a spec that the general streaming planner took has no generated backward: the
+    generated backward is derived from row-streaming plans only, and the fused skeleton said
+    why it does not take this spec (several outputs, an output that is not weights times
+    values, ...)."""
+    if len(program.outputs) > 1:
+        why = f"several outputs ({', '.join(o.name for o in program.outputs)})"
+    else:
+        try:
+            plan_row_stream(program)
+            why = "its plan was not chosen"
+        except NotRowStreamable as err:
+            why = str(err)
+    return ("the general streaming planner's plans have no generated backward yet (the row-streaming "
+            f"skeleton, whose backward is generated, does not take this spec: {why})")
 
 
 def call_reason(bplan: BackwardPlan, requires_grad) -> str | None:

@@ -46,7 +46,10 @@ class Operand:
 class Term:
     """One weight matrix of the output: `coef * norm_j(score)` contracted with the values.
     `kind` is `WeightKind.SOFTMAX` (online max and sum), `SOFTMAX1` (the same with a virtual
-    zero logit) or `POINTWISE` (an elementwise weight such as a sigmoid: no normaliser)."""
+    zero logit) or `POINTWISE` (an elementwise weight such as a sigmoid: no normaliser).
+    `sink`: the logit of a virtual key with value 0 that the softmax also normalises over
+    (`softmax(s, j, sinks[h])`; the constant 0 for softmax1), None without one: the online
+    max and sum start from it, so the log-sum-exp includes it."""
 
     kind: WeightKind
     coef: ir.Node | None      # a factor that does not depend on the key index (None: 1)
@@ -56,6 +59,7 @@ class Term:
     k: Operand
     scale: tuple[ir.Node, ...]       # scalar factors of Q K^T, one multiply of the fp32 scores
     qk_factors: tuple[ir.Node, ...]  # non-scalar extra factors of Q K^T (e.g. decays)
+    sink: ir.Node | None = None      # the sink logit, over batch, head and query indices only
 
     @property
     def has_score_mods(self) -> bool:
@@ -120,8 +124,9 @@ class RowStreamPlan:
 
     @property
     def has_lse(self) -> bool:
-        """The log-sum-exp side output exists for a single plain softmax."""
-        return len(self.terms) == 1 and self.terms[0].kind == WeightKind.SOFTMAX and self.terms[0].coef is None \
+        """The log-sum-exp side output exists for a single softmax (with a sink logit or not:
+        the log-sum-exp then includes the sink's exp)."""
+        return len(self.terms) == 1 and self.terms[0].kind != WeightKind.POINTWISE and self.terms[0].coef is None \
             and not self.summed_outer
 
     @property
@@ -245,8 +250,9 @@ def _off_axis_normalisers(node: ir.Node, j: str, memo: dict | None = None) -> ir
     return result
 
 
-def _weight_terms(node: ir.Node, j: str, memo: dict | None = None) -> list[tuple[WeightKind, ir.Node | None, ir.Node]]:
-    """Split the weights contracted with the values into (kind, coefficient, score) terms:
+def _weight_terms(node: ir.Node, j: str, memo: dict | None = None
+                  ) -> list[tuple[WeightKind, ir.Node | None, ir.Node, ir.Node | None]]:
+    """Split the weights contracted with the values into (kind, coefficient, score, sink) terms:
     `softmax(s1, j) - lam * softmax(s2, j)` gives two softmax terms, `sigmoid(s + bias)` one
     pointwise term. Terms of one score merge (their coefficients add) and shared operands
     are split once (`memo`), so `p = (p + p) * 0.5` repeated gives one term, not 2 ** n."""
@@ -254,24 +260,26 @@ def _weight_terms(node: ir.Node, j: str, memo: dict | None = None) -> list[tuple
     if node in memo:
         return memo[node]
     if isinstance(node, ir.Normalize):
-        if node.sink is not None:
-            raise NotRowStreamable("a softmax with a sink logit (the general planner's)")
         if node.axis != j:
             raise NotRowStreamable(f"a {node.op} along '{node.axis}', not along the keys '{j}'")
-        terms = [(WeightKind(node.op), None, node.arg)]
+        sink = ir.Const(value=0.0, dtype=ir.FLOAT) if node.op == "softmax1" else node.sink
+        if node.op == "softmax1" and node.sink is not None:
+            raise NotRowStreamable("a softmax1 with a sink logit as well (two virtual keys)")
+        terms = [(WeightKind(node.op), None, node.arg, sink)]
     elif isinstance(node, ir.Map) and node.op in ("+", "-"):
         right = _weight_terms(node.args[1], j, memo)
         if node.op == "-":
-            right = [(kind, _times(_minus_one(), c), score) for kind, c, score in right]
+            right = [(kind, _times(_minus_one(), c), score, sink) for kind, c, score, sink in right]
         terms = _merge_terms(_weight_terms(node.args[0], j, memo) + right)
     elif isinstance(node, ir.Map) and node.op == "neg":
-        terms = [(kind, _times(_minus_one(), c), score) for kind, c, score in _weight_terms(node.args[0], j, memo)]
+        terms = [(kind, _times(_minus_one(), c), score, sink)
+                 for kind, c, score, sink in _weight_terms(node.args[0], j, memo)]
     elif isinstance(node, ir.Map) and node.op == "*" and any(j not in a.indices for a in node.args):
         a, b = node.args
         c, t = (a, b) if j not in a.indices else (b, a)  # a coefficient per row or per head
-        terms = [(kind, _times(c, tc), score) for kind, tc, score in _weight_terms(t, j, memo)]
+        terms = [(kind, _times(c, tc), score, sink) for kind, tc, score, sink in _weight_terms(t, j, memo)]
     elif j in node.indices and not _has_normalize(node):
-        terms = [(WeightKind.POINTWISE, None, node)]
+        terms = [(WeightKind.POINTWISE, None, node, None)]
     else:
         raise NotRowStreamable("the weights are not a sum of softmaxes and elementwise terms over the keys")
     memo[node] = terms
@@ -288,23 +296,24 @@ def _times(coef: ir.Node | None, factor: ir.Node | None) -> ir.Node | None:
 
 
 def _merge_terms(terms: list) -> list:
-    """One term per (kind, score), its coefficients summed (None stands for 1)."""
+    """One term per (kind, score, sink), its coefficients summed (None stands for 1)."""
     merged: dict = {}
-    for kind, coef, score in terms:
-        key = (kind, score)
+    for kind, coef, score, sink in terms:
+        key = (kind, score, sink)
         if key not in merged:
             merged[key] = coef
             continue
         a, b = (x if x is not None else ir.Const(value=1.0, dtype=ir.FLOAT) for x in (merged[key], coef))
         merged[key] = ir.Map(op="+", args=(a, b), indices=ir.union_indices((a, b)), dtype=ir.FLOAT)
-    return [(kind, coef, score) for (kind, score), coef in merged.items()]
+    return [(kind, coef, score, sink) for (kind, score, sink), coef in merged.items()]
 
 
 def _has_normalize(node: ir.Node) -> bool:
     return any(isinstance(n, ir.Normalize) for n in _score_nodes(None, node))
 
 
-def _term(program, kind: WeightKind, coef, score, j, pre: Precomputed, i_hint=None) -> tuple[Term, str, str]:
+def _term(program, kind: WeightKind, coef, score, j, pre: Precomputed, i_hint=None, sink=None
+          ) -> tuple[Term, str, str]:
     """A term's Q K^T contraction and operands; returns the term, its query index and d."""
     contracts = [n for n in _score_nodes(program, score) if isinstance(n, ir.Contract)
                  and len(n.summed) == 1 and j in n.indices and n.summed[0] not in small_indices(program)]
@@ -328,7 +337,7 @@ def _term(program, kind: WeightKind, coef, score, j, pre: Precomputed, i_hint=No
     folded = [f for f in extra if f.is_scalar and host_evaluable(f)]
     term = Term(kind, coef, score, qk, _operand(q_access, i, d, "the queries", pre, j),
                 _operand(k_access, j, d, "the keys", pre, i),
-                tuple(folded), tuple(f for f in extra if f not in folded))
+                tuple(folded), tuple(f for f in extra if f not in folded), sink)
     return term, i, d
 
 
@@ -353,8 +362,8 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
     if len(raw_terms) > 2:
         raise NotRowStreamable("more than two weight terms")
     terms, i, d = [], None, None
-    for kind, coef, score in raw_terms:
-        term, i, d_term = _term(program, kind, coef, score, j, pre, i)
+    for kind, coef, score, sink in raw_terms:
+        term, i, d_term = _term(program, kind, coef, score, j, pre, i, sink)
         if d is not None and program.extent[d_term] != program.extent[d]:
             raise NotRowStreamable("the terms' Q K^T contract over different extents")
         d = d or d_term
@@ -377,12 +386,16 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
         if set(t.score.indices) - {i, j, *outer, *summed_outer} or \
                 (t.coef is not None and set(t.coef.indices) - {i, *outer, *summed_outer}):
             raise NotRowStreamable("the scores have indices that the output does not keep")
+        if t.sink is not None and set(t.sink.indices) - {i, *outer}:
+            raise NotRowStreamable(f"the sink logit depends on '{sorted(set(t.sink.indices) - {i, *outer})[0]}', "
+                                   "no query, batch or head index of the program")
     masks = list(dict.fromkeys(m for node in (pv, *(t.score for t in terms)) for m in _masks_of(program, node, pv)))
     for m in masks:
         if set(m.pred.indices) - {i, j, *outer, *summed_outer}:
             raise NotRowStreamable("a mask depends on indices outside the score tile")
     try:
         for node in [*(t.score for t in terms), *(t.coef for t in terms if t.coef is not None),
+                     *(t.sink for t in terms if t.sink is not None),
                      *(f for t in terms for f in t.qk_factors), *(m.pred for m in masks)]:
             scan_for_precompute(node, {t.qk for t in terms}, pre, i, j)
         mask_plan, symbols, opaque = analyse_masks(program, masks, i, j, (*outer, *summed_outer))

@@ -1,11 +1,12 @@
-"""Generated backward kernels (plans with one plain softmax over the keys), in Triton's interpreter.
+"""Generated backward kernels (plans with one softmax over the keys), in Triton's interpreter.
 
 Every gallery example whose row-streaming plan has a log-sum-exp (`RowStreamPlan.has_lse`)
 differentiates q, k and v through the generated delta, dK/dV and dQ kernels; the gradients
 are checked against the float64 reference's autograd on odd shapes (N != M where the spec
 allows, D != E, 16x16 tiles that do not divide N or M, GQA), with the returned LSE's gradient
 (dLSE) in the loss where the spec has one. Calls the generated backward does not take say
-"reference" and why. (Gradients of the other float tensors a score reads: test_backward_inputs.py.)
+"reference" and why. (Gradients of the other float tensors a score reads: test_backward_inputs.py;
+sinks, pointwise weights and sums of terms: test_backward_weights.py.)
 """
 import ast
 
@@ -95,7 +96,7 @@ def test_every_gallery_plan_with_a_log_sum_exp_has_a_generated_backward():
 @pytest.mark.parametrize("name", HAS_LSE)
 def test_generated_gradients_match_the_float64_reference(name):
     kwargs = inputs(name)
-    has_lse_output = name != "agent"  # agent's output chains two softmaxes: no return_lse
+    has_lse_output = name not in ("agent", "softmax_one")  # two chained softmaxes; softmax1: no return_lse
     kernel, got, weights = run(name, "triton", kwargs, return_lse=has_lse_output)
     assert kernel.last_run["backend"] == "triton" and kernel.last_run["backward"] == "triton", kernel.last_run
     assert "backward_reason" not in kernel.last_run
@@ -139,7 +140,8 @@ def test_every_derivative_rule_of_the_score():
 
 @pytest.mark.parametrize("name,params", [("causal", {}), ("gqa_causal", {}), ("alibi", {}),
                                          ("sliding_window", {"window": 8}),
-                                         ("sink_window", {"window": 8, "sinks": 3}), ("prefix_lm", {})])
+                                         ("sink_window", {"window": 8, "sinks": 3}), ("prefix_lm", {}),
+                                         ("learned_sinks", {}), ("softmax_one", {})])
 def test_dkdv_visits_exactly_the_query_tiles_with_an_allowed_pair(name, params):
     """The mask analysed with keys as rows gives each key tile the query tiles the dK/dV kernel
     walks: every tile holding an allowed pair (the forward's classification, transposed), no
@@ -236,8 +238,7 @@ def test_learnable_score_inputs_are_generated_too():
         assert_close_to_scale(got[n], want[n], what=f"d{n}")
 
 
-@pytest.mark.parametrize("name,why", [("differential", "2 terms"), ("softmax_one", "softmax1"),
-                                      ("sigmoid", "pointwise"), ("moh", "sums over 'h'"),
+@pytest.mark.parametrize("name,why", [("linear_elu", "row sums"), ("moh", "sums over 'h'"),
                                       ("query_softmax", "another axis")])
 def test_plans_without_a_generated_backward_say_reference_and_why(name, why):
     with pytest.raises(NoGeneratedBackward, match=why):
