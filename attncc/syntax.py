@@ -411,7 +411,12 @@ def parse(text: str, filename: str = "<string>") -> Program:
         raise SpecError("unexpected end of file", source, source.end(),
                         _describe_expected(err.expected)) from None
     _check_limits(tree, source)
-    return _ToAst(source).transform(tree)
+    try:
+        return _ToAst(source).transform(tree)
+    except lark.exceptions.VisitError as err:  # a SpecError raised while building the tree
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc from None
+        raise
 
 
 def _first_token(tree) -> lark.Token | None:
