@@ -3,6 +3,7 @@ both backends, how calls pass them, and the located errors for their misuse.
 
 Run with TRITON_INTERPRET=1 for the generated-kernel cases (skipped otherwise without a GPU).
 """
+import importlib.util
 import inspect
 import os
 
@@ -240,3 +241,55 @@ def with_body(params: str, extra: str = "") -> str:
 ])
 def test_located_errors(text, message, needle, nth, expected):
     assert_located(text, message, needle, nth, expected)
+
+
+# ----------------------------------------------------------------------------- the Python spelling
+@attncc.attention(backend="reference")
+def py_derived(q: "B,H,N,D", k: "B,H,M,D", v: "B,H,M,E", tab: "H, ceil(M / blk)" = 0.0,
+               band: "H, 2 * w[0] + 1: float" = 0.0, *, blk: int = 4, w: (int, int) = 3) -> "B,H,N,E":
+    s[b, h, i, j] = q[b, h, i, d] * k[b, h, j, d]  # noqa: F821
+    s += tab[h, j // blk] + band[h, clamp(j - i, -w[0], w[0]) + w[0]]  # noqa: F821
+    p = softmax(s, j)  # noqa: F821
+    o[b, h, i, e] = p[b, h, i, j] * v[b, h, j, e]  # noqa: F821
+    return o  # noqa: F821
+
+
+@attncc.attention(backend="reference")
+def py_enum(q: "B,H,N,D", k: "B,H,M,D", v: "B,H,M,E", *, mode: {"full", "causal", "window"} = "causal") \
+        -> "B,H,N,E":
+    s[b, h, i, j] = q[b, h, i, d] * k[b, h, j, d]  # noqa: F821
+    mask(mode == full or (j <= i and (mode != window or i - j < 4)))  # noqa: F821
+    p = softmax(s, j)  # noqa: F821
+    o[b, h, i, e] = p[b, h, i, j] * v[b, h, j, e]  # noqa: F821
+    return o  # noqa: F821
+
+
+@pytest.mark.parametrize("fn,text", [(py_derived, DERIVED.replace("int[2]", "(int, int)")), (py_enum, ENUM)])
+def test_python_spelling_is_the_same_tree(fn, text):
+    fn.spec.name = "t"
+    want = parse(text)
+    assert fn.spec.inputs == want.inputs and fn.spec.body == want.body
+    a = qkv(13, 13)
+    torch.testing.assert_close(fn(**a), attncc.compile(text, backend="reference")(**a))
+
+
+@pytest.mark.parametrize("header,message,needle", [
+    ('*, mode: {"a", 1} = "a"', "a choice of enum param 'mode' must be a name in quotes", "1}"),
+    ('*, mode: {"a", "b"} = "c"', "the default of enum param 'mode' is 'c', not one of its choices", 'c"'),
+    ("*, w: (int, str) = 1", "an entry type of tuple param 'w' must be int, float or bool", "str"),
+    ('t: "H, 2 * w[0] +" = 0.0, *, w: (int,) = 1', "the dim '2 * w[0] +' of input 't' is not a name", "2 * w"),
+])
+def test_python_spelling_errors(tmp_path, header, message, needle):
+    text = ("import attncc\n\n@attncc.attention\n"
+            f'def f(q: "B,H,N,D", k: "B,H,M,D", v: "B,H,M,E", {header}) -> "B,H,N,E":\n'
+            "    s[b, h, i, j] = q[b, h, i, d] * k[b, h, j, d]\n    p = softmax(s, j)\n"
+            "    o[b, h, i, e] = p[b, h, i, j] * v[b, h, j, e]\n    return o\n")
+    path = tmp_path / "spec_with_error.py"
+    path.write_text(text)
+    module_spec = importlib.util.spec_from_file_location("spec_with_error", path)
+    with pytest.raises(SpecError) as info:
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        module.f.program
+    assert info.value.message.startswith(message)
+    assert (info.value.line, info.value.column) == pos(text, needle)
