@@ -25,6 +25,7 @@ import torch
 
 from .api import compile as compile_spec
 from .binding import bind
+from .call_params import collapse
 from .bench_competitors import COMPETITORS, Skip, build, expand
 from .bench_mods import FORMULATIONS
 from .bench_report import SMOKE_NOTE, document, environment, finite, plot_results, shape_label
@@ -110,8 +111,9 @@ class _Bench:
 
     def shape(self, shape: dict, params: dict, inputs: Callable, seed: int) -> dict:
         program = self.kernel.program
-        dims = {k: v for k, v in shape.items() if k not in program.params}
-        args = inputs(program, dims, {**params, **{k: v for k, v in shape.items() if k in program.params}},
+        named = program.call_params()
+        dims = {k: v for k, v in shape.items() if k not in named}
+        args = inputs(program, dims, {**params, **{k: v for k, v in shape.items() if k in named}},
                       self.dtype, self.device, seed)
         call = bind(program, args)
         low = (torch.float16, torch.bfloat16)
@@ -134,7 +136,7 @@ class _Bench:
         speedup = {name: r["ms"] / mine["ms"] for name, r in competitors.items()
                    if name != "attncc" and r["status"] == "ok" and mine.get("status") == "ok"}
         return {"shape": {d: call.scalars[d] for d in program.dims},
-                "params": {p: call.scalars[p] for p in program.params},
+                "params": collapse(program, call.scalars),
                 "flops": flops, "tile_work": work, "competitors": competitors, "speedup": speedup}
 
     def competitor(self, name: str, args: dict, scalars: dict, want: torch.Tensor) -> dict:

@@ -92,8 +92,7 @@ def _statement(st: ast.Stmt) -> str:
     raise TypeError(f"no text form for {type(st).__name__}")
 
 
-_KIND_WIDTH = max(len(kind.__name__) for kind in (ast.Param, ast.TupleParam, ast.EnumParam, ast.Let, ast.Require,
-                                                   ast.Mask, ast.Assign))
+_KIND_WIDTH = max(len(kind.__name__) for kind in (ast.Param, ast.Let, ast.Require, ast.Mask, ast.Assign))
 
 
 def format_ast(program: ast.Program) -> str:

@@ -153,6 +153,19 @@ def test_derived_dims(backend):
     torch.testing.assert_close(kernel(**a, blk=5).double(), plain, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_ranges_over_a_derived_dim(backend):
+    """`tot[h] = tab[h, c]` sums over `c`, whose range is `ceil(M / blk)`."""
+    spec = DERIVED.replace("  s += tab[h, j // blk]", "  tot[h] = tab[h, c]\n  s += tot[h] * tab[h, j // blk]")
+    a = qkv(dtype=torch.float32)
+    tab = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))  # ceil(13 / 5)
+    got = attncc.compile(spec, backend=backend)(**a, tab=tab, blk=5)
+    j = torch.arange(13)
+    bias = (tab.sum(1)[:, None] * tab[:, j // 5]).double()[:, None, :]
+    want = attend(scores(a).double() + bias, torch.ones(11, 13, dtype=torch.bool), a["v"].double())
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(tab=torch.zeros(2, 3)), r"argument 'tab' must have size 4 in dim 1 \(`ceil\(M / blk\)` with M = 13, "
                                   r"blk = 4\), got shape \(2, 3\)"),
