@@ -136,6 +136,15 @@ def test_enum_param_in_signature_and_bad_values():
         kernel(**qkv(13, 13), mode=1)
 
 
+@pytest.mark.parametrize("spec,kwargs", [(ENUM, dict(mode="window")), (TUPLE, dict(reach=(1, -2.0)))])
+def test_traced_calls_take_tuple_and_enum_params(spec, kwargs):
+    """Under torch.compile(fullgraph=True) a call reaches the kernel's operator with the scalars."""
+    kernel = attncc.compile(spec, backend="reference")
+    a = qkv(13, 13, dtype=torch.float32)
+    traced = torch.compile(lambda q, k, v: kernel(q=q, k=k, v=v, **kwargs), fullgraph=True, backend="eager")
+    torch.testing.assert_close(traced(a["q"], a["k"], a["v"]), kernel(**a, **kwargs))
+
+
 # ----------------------------------------------------------------------------- derived dims
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_derived_dims(backend):
