@@ -551,12 +551,12 @@ class Frontend:
         enums = [(side, b) for side, b in sides if isinstance(b, _Group) and b.group.is_enum]
         if not enums:
             return None
-        (mine, binding), = enums[:1]
+        mine, binding = enums[0]
         group = binding.group
         other = e.right if mine is e.left else e.left
         if e.op not in ("==", "!="):
             raise self.error(f"enum param '{group.name}' is compared with '{e.op}'", e.loc,
-                             f"`==` or `!=` (its choices have no order)")
+                             "`==` or `!=` (its choices have no order)")
         if not isinstance(other, ast.Name) or other.id not in group.choices:
             raise self.error(f"enum param '{group.name}' is compared with something other than one of its "
                              "choices", other.loc, "one of: " + ", ".join(group.choices))
