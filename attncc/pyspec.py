@@ -432,7 +432,7 @@ class _Translator:
         try:
             tree = ast.parse(text, mode="eval")
         except SyntaxError as err:
-            raise self.error(f"the dim {text!r} of {what} is not a name, a size or an expression: {err.msg}", at,
+            raise self.error(f"the dim {text!r} is not a name, a size or an expression ({what}: {err.msg})", at,
                              "a dim name, an integer, or an expression such as \"2 * kernel[0] - 1\"") from None
         where = (at.line, at.column) if self.plain_string(node) is not None else None
         self.inner, self.inner_whole = (text, where), at

@@ -299,7 +299,7 @@ def test_python_spelling_is_the_same_tree(fn, text):
     ('*, mode: {"a", 1} = "a"', "a choice of enum param 'mode' must be a name in quotes", "1}"),
     ('*, mode: {"a", "b"} = "c"', "the default of enum param 'mode' is 'c', not one of its choices", 'c"'),
     ("*, w: (int, str) = 1", "an entry type of tuple param 'w' must be int, float or bool", "str"),
-    ('t: "H, 2 * w[0] +" = 0.0, *, w: (int,) = 1', "the dim '2 * w[0] +' of input 't' is not a name", "2 * w"),
+    ('t: "H, 2 * w[0] +" = 0.0, *, w: (int,) = 1', "the dim '2 * w[0] +' is not a name, a size or an expression (input 't'", "2 * w"),
 ])
 def test_python_spelling_errors(tmp_path, header, message, needle):
     text = ("import attncc\n\n@attncc.attention\n"
