@@ -67,20 +67,25 @@ def report_shape(program: ir.Program, plan, d: int, e: int, n: int = 4096) -> di
 
 def size_params(program: ir.Program, shape: dict) -> dict:
     """Values for the int params without a default that a spec's `require`s tie to the
-    sequence length (`N == height * width`, `N == views * height * width`): a grid as
-    square as powers of two allow, 4 views; other such params get 8 (floats 1.0)."""
+    sequence length (`N == height * width`, `N == views * height * width`, a tuple `shape`):
+    a grid as square as powers of two allow, 4 views; other such params get 8 (floats 1.0)."""
     n = shape.get("N", 4096)
     out = {}
-    missing = [name for name, node in program.params.items() if node.default is None]
+    params = program.call_params()
+    missing = [name for name, p in params.items()
+               if any(s.default is None for s in (p.scalars if isinstance(p, ir.ParamGroup) else (p,)))]
     if "views" in missing:
         out["views"] = 4
         n //= 4
     height = 2 ** (int(math.log2(max(n, 1))) // 2)
     for name in missing:
-        node = program.params[name]
+        node = params[name]
         if name in out:
             continue
-        if name == "height":
+        if isinstance(node, ir.ParamGroup):  # an enum: its first name; a tuple: a grid (1, ..., height, width)
+            k = len(node.scalars)
+            out[name] = node.choices[0] if node.is_enum else ((1,) * k + (height, max(1, n // height)))[-k:]
+        elif name == "height":
             out[name] = height
         elif name == "width":
             out[name] = max(1, n // height)

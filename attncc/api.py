@@ -180,16 +180,21 @@ class Kernel:
 
     @property
     def params(self) -> dict[str, object]:
-        """Each param's default value, or the text of its default expression when it
-        depends on dims (`-log(M)`), or `inspect.Parameter.empty` when it has none."""
+        """Each param's default value as a call passes it (a tuple for a tuple param, the
+        chosen name for an enum param), None when it is computed from dims at call time
+        (`-log(M)`: pass None for the default), or `inspect.Parameter.empty` when it has none."""
         out = {}
-        for name, node in self.program.params.items():
-            if node.default is None:
+        for name, param in self.program.call_params().items():
+            scalars = param.scalars if isinstance(param, ir.ParamGroup) else (param,)
+            defaults = [s.default for s in scalars]
+            if any(d is None for d in defaults):
                 out[name] = inspect.Parameter.empty
-            elif isinstance(node.default, ir.Const):
-                out[name] = node.default.value
+            elif not all(isinstance(d, ir.Const) for d in defaults):
+                out[name] = None
+            elif isinstance(param, ir.ParamGroup):
+                out[name] = param.choices[defaults[0].value] if param.is_enum else tuple(d.value for d in defaults)
             else:
-                out[name] = None  # computed from dims at call time; pass None for the default
+                out[name] = defaults[0].value
         return out
 
     @property
@@ -202,8 +207,13 @@ class Kernel:
         parameter (`lambda`, `None`) are passed through `**kwargs` instead (`**{"lambda": x}`)."""
         named = [(n, torch.Tensor, inspect.Parameter.empty if node.default is None else None)  # optional: None
                  for n, node in self.program.inputs.items()]
-        for name, default in self.params.items():
-            named.append((name, {"int": int, "float": float, "bool": bool}[self.program.params[name].dtype], default))
+        types = {ir.INT: int, ir.FLOAT: float, ir.BOOL: bool}
+        for (name, param), default in zip(self.program.call_params().items(), self.params.values()):
+            if isinstance(param, ir.ParamGroup):
+                ann = str if param.is_enum else tuple
+            else:
+                ann = types[param.dtype]
+            named.append((name, ann, default))
         params, unspellable = [], []
         for name, ann, default in named:
             if keyword.iskeyword(name):
@@ -215,7 +225,7 @@ class Kernel:
                                         annotation=bool))
         if unspellable:
             rest = "kwargs"
-            while rest in self.program.inputs or rest in self.program.params:
+            while rest in self.program.inputs or rest in self.program.call_params():
                 rest += "_"
             params.append(inspect.Parameter(rest, inspect.Parameter.VAR_KEYWORD))
         return inspect.Signature(params)

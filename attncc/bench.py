@@ -28,6 +28,7 @@ import torch
 
 from .api import compile as compile_spec
 from .binding import bind
+from .call_params import collapse
 from .bench_competitors import COMPETITORS, Skip, build, expand
 from .bench_mods import FORMULATIONS
 from .bench_report import SMOKE_NOTE, document, environment, finite, plot_results, shape_label, utc_now
@@ -137,8 +138,9 @@ class _Bench:
 
     def shape(self, shape: dict, params: dict, inputs: Callable, seed: int) -> dict:
         program = self.kernel.program
-        dims = {k: v for k, v in shape.items() if k not in program.params}
-        args = inputs(program, dims, {**params, **{k: v for k, v in shape.items() if k in program.params}},
+        named = program.call_params()
+        dims = {k: v for k, v in shape.items() if k not in named}
+        args = inputs(program, dims, {**params, **{k: v for k, v in shape.items() if k in named}},
                       self.dtype, self.device, seed)
         call = bind(program, args)
         geometry = self.geometry(call, args)
@@ -162,7 +164,7 @@ class _Bench:
                     r["effective_tflops"] = flops["effective"] * self.mode.flops_factor / r["ms"] / 1e9 \
                         if r["ms"] > 0 else None
         result = {"shape": {d: call.scalars[d] for d in program.dims},
-                  "params": {p: call.scalars[p] for p in program.params}, "date": utc_now(),
+                  "params": collapse(program, call.scalars), "date": utc_now(),
                   "flops": flops, "tile_work": work, "competitors": competitors,
                   "speedup": _speedups(competitors, "ms")}
         if self.mode.training:

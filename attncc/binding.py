@@ -16,6 +16,7 @@ import sympy
 import torch
 
 from . import ir
+from .call_params import expand
 from .errors import ArgumentError, ShapeError
 from .reference import _scalar_function, evaluate_scalar
 
@@ -66,11 +67,14 @@ def _broadcast(node: ir.Input, t: torch.Tensor, scalars: dict) -> torch.Tensor:
 def _default_tensor(program: ir.Program, node: ir.Input, tensors: dict, scalars: dict, device) -> torch.Tensor:
     """An optional input left out of a call: its default everywhere, as one value expanded
     (stride 0) to its declared shape, so nothing is materialised. Each of its dims must be
-    bound by another input; floats take the type of the call's float tensors."""
+    bound by another input or derived (`2 * kernel[0] - 1`); floats take the type of the
+    call's float tensors."""
     shape = []
-    for dim in node.dims:
+    for k, dim in enumerate(node.dims):
         if dim.is_Integer:
             shape.append(int(dim))
+        elif k in node.derived:
+            shape.append(_derived_size(program, node, k, scalars))
         elif dim.name in scalars:
             shape.append(scalars[dim.name])
         else:
@@ -81,10 +85,40 @@ def _default_tensor(program: ir.Program, node: ir.Input, tensors: dict, scalars:
     return torch.tensor(node.default.value, dtype=dtype, device=device or "cpu").expand(shape)
 
 
-def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
+def _derived_size(program: ir.Program, node: ir.Input, k: int, scalars: dict) -> int:
+    """The size of a derived dim (`ceil(N / q_block)`) for this call's dims and params."""
+    dim = node.dims[k]
+    values = ", ".join(f"{program.param_label(s.name)} = {scalars[s.name]}"
+                       for s in sorted(dim.free_symbols, key=lambda s: s.name))
+    value = dim.xreplace({s: scalars[s.name] for s in dim.free_symbols})
+    if not (value.is_finite and value.is_integer):
+        raise ShapeError(f"{program.name}: dim {k} of input '{node.name}' (`{node.derived[k]}`) has no integer "
+                         f"value for this call ({value}): {values}")
+    size = int(value)
+    if size < 0:
+        raise ShapeError(f"{program.name}: dim {k} of input '{node.name}' (`{node.derived[k]}`) is {size} for "
+                         f"this call: {values}")
+    return size
+
+
+def _check_derived(program: ir.Program, name: str, node: ir.Input, t: torch.Tensor, scalars: dict):
+    """A passed tensor's derived dims against their expressions."""
+    for k in node.derived:
+        want = _derived_size(program, node, k, scalars)
+        if t.shape[k] != want:
+            values = ", ".join(f"{program.param_label(s.name)} = {scalars[s.name]}"
+                               for s in sorted(node.dims[k].free_symbols, key=lambda s: s.name))
+            raise ShapeError(f"argument '{name}' must have size {want} in dim {k} (`{node.derived[k]}` with "
+                             f"{values}), got shape {tuple(t.shape)}")
+
+
+def bind(program: ir.Program, kwargs: dict, *, data: bool = True, expanded: bool = False) -> BoundCall:
     """Check a call's keyword arguments and bind every dim and param to a value.
     `data=False` binds tensors without data (meta tensors) for static analysis (what a
-    launch would compile, `attncc.aot`): the checks that read values are skipped."""
+    launch would compile, `attncc.aot`): the checks that read values are skipped.
+    `expanded`: tuple and enum params are already given as their scalars (`call_params`)."""
+    if not expanded:
+        kwargs = expand(program, kwargs)
     expected = list(program.inputs) + list(program.params)
     for name in kwargs:
         if name not in program.inputs and name not in program.params:
@@ -120,6 +154,8 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
         for k, (dim, size) in enumerate(zip(node.dims, t.shape)):
             if size == 1 and k in node.broadcast:  # `H?`: broadcast along it below, once H is bound
                 continue
+            if k in node.derived:  # checked once the params are bound
+                continue
             if dim.is_Integer:
                 if int(dim) != size:
                     raise ShapeError(f"argument '{name}' must have size {dim} in dim {k}, got shape "
@@ -135,13 +171,16 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
     for name, node in program.inputs.items():
         if node.broadcast and name in tensors:
             tensors[name] = _broadcast(node, tensors[name], scalars)
-    for node in left_out:
-        tensors[node.name] = _default_tensor(program, node, tensors, scalars, device)
     for name, node in program.params.items():
         scalars[name] = _param_value(program, node, kwargs.get(name), scalars)
+    for name, node in program.inputs.items():
+        if node.derived and name in tensors:
+            _check_derived(program, name, node, tensors[name], scalars)
+    for node in left_out:
+        tensors[node.name] = _default_tensor(program, node, tensors, scalars, device)
     for req in program.requires:
         names = sorted({s for s in _scalar_names(req.cond)})
-        values = ", ".join(f"{n} = {scalars[n]}" for n in names if n in scalars)
+        values = ", ".join(f"{program.param_label(n)} = {scalars[n]}" for n in names if n in scalars)
         where = f" (line {req.loc.line})" if req.loc else ""
         try:
             holds = evaluate_scalar(req.cond, scalars)
@@ -328,7 +367,7 @@ def _values_of(names, scalars) -> str:
 
 
 def _param_value(program, node: ir.Scalar, value, scalars):
-    name = node.name
+    name = program.param_label(node.name)
     if value is None:
         if node.default is None:
             raise ArgumentError(f"{program.name}() is missing the argument '{name}' ({node.dtype} param)")

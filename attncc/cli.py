@@ -302,10 +302,11 @@ def cmd_check(args, console: Console) -> int:
 
 
 def _assignments(items: list[str] | None, convert) -> dict:
-    """`["B=2,N=37", "M=45"]` -> {"B": 2, "N": 37, "M": 45}."""
+    """`["B=2,N=37", "M=45"]` -> {"B": 2, "N": 37, "M": 45}; a tuple param's value keeps its
+    commas inside parentheses: `shape=(1,5,7),kernel=3`."""
     out = {}
     for item in items or []:
-        for part in filter(None, (p.strip() for p in item.split(","))):
+        for part in filter(None, (p.strip() for p in re.split(r",(?![^()]*\))", item))):
             name, eq, value = part.partition("=")
             if not eq or not name.strip():
                 raise ValueError(f"expected NAME=VALUE, got '{part}'")

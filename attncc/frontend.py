@@ -14,6 +14,7 @@ import sympy
 from . import ir
 from . import syntax as ast
 from .errors import SpecError, Source
+from .passes.infer import to_sympy
 
 UNARY = {"exp", "log", "tanh", "sigmoid", "elu", "relu", "abs", "sqrt", "sin", "cos", "floor", "ceil",
          "log1p", "expm1", "rsqrt", "gelu", "silu", "sign"}
@@ -41,6 +42,15 @@ class _Scalar:
     node: ir.Node
 
 
+@dataclass
+class _Group(_Scalar):
+    """A tuple or enum param, read only as `kernel[0]` or in `mode == shift` (`entry` None);
+    or the name of entry `entry` of a tuple param, reserved so that nothing else takes it."""
+
+    group: ir.ParamGroup
+    entry: int | None = None
+
+
 def _promote(*dtypes: str) -> str:
     if ir.FLOAT in dtypes:
         return ir.FLOAT
@@ -61,6 +71,8 @@ class Frontend:
         self.params: dict[str, ir.Scalar] = {}
         self.requires: list[ir.Require] = []
         self.masks: list[ir.Mask] = []
+        self.groups: dict[str, ir.ParamGroup] = {}
+        self.derived: list[tuple[ir.Input, int, ast.Expr]] = []  # dims given by expressions, resolved last
         self.used: set[str] = set()
 
     def error(self, message, loc, expected=None):
@@ -72,13 +84,15 @@ class Frontend:
             self.declare_input(decl)
         for stmt in self.ast.body:
             getattr(self, "stmt_" + type(stmt).__name__.lower())(stmt)
+        for node, k, e in self.derived:
+            self.derive_dim(node, k, e)
         outputs = [self.output(decl) for decl in self.ast.outputs]
         for name, inp in self.inputs.items():
             if name not in self.used:
                 raise self.error(f"input '{name}' is never used", inp.loc,
                                  "every declared input to be read by some statement")
         program = ir.Program(self.ast.name, self.source, self.inputs, self.dims, self.params,
-                             self.requires, self.masks, outputs)
+                             self.requires, self.masks, outputs, groups=self.groups)
         roots = [o.node for o in outputs] + [m.pred for m in self.masks] + [r.cond for r in self.requires]
         program.graph = ir.build_graph(roots)
         return program
@@ -87,10 +101,14 @@ class Frontend:
         if decl.name in self.env:
             raise self.error(f"input '{decl.name}' is declared twice", decl.loc)
         self.check_call_keyword(decl.name, decl.loc)
-        dims = []
-        for d in decl.dims:
+        dims, derived = [], []
+        for k, d in enumerate(decl.dims):
             if isinstance(d, int):
                 dims.append(sympy.Integer(d))
+                continue
+            if isinstance(d, ast.Expr):  # derived: may use params declared in the body, so resolved last
+                dims.append(None)
+                derived.append((k, d))
                 continue
             if d not in self.dims:
                 if d in self.env:
@@ -107,6 +125,33 @@ class Frontend:
                         default=self.input_default(decl), broadcast=tuple(decl.broadcast))
         self.inputs[decl.name] = node
         self.env[decl.name] = _Tensor(node, None)
+        self.derived += [(node, k, e) for k, e in derived]
+
+    def derive_dim(self, node: ir.Input, k: int, e: ast.Expr):
+        """`rpb[H, 2 * kernel[0] - 1]`, `kidx[B, ceil(N / q_block)]`: a dim computed from dims
+        and params, which a call's tensor must match (and an absent optional input takes)."""
+        what = f"dim {k} of input '{node.name}'"
+        value = self.scalar_expr(e, what)
+        rounded = isinstance(value, ir.Map) and value.op in ("ceil", "floor")
+        if value.dtype != ir.INT and not rounded:
+            raise self.error(f"{what} is a {value.dtype} expression", e.loc,
+                             "an integer expression of dims and params (`//`, or `ceil(...)` / `floor(...)` "
+                             "around a division)")
+        try:
+            expr = to_sympy(value.args[0] if rounded else value)
+        except NotImplementedError:
+            raise self.error(f"{what} cannot be computed before the call", e.loc,
+                             "arithmetic of dims, params and numbers") from None
+        if rounded:
+            expr = (sympy.ceiling if value.op == "ceil" else sympy.floor)(expr)
+        node.dims = tuple(expr if j == k else d for j, d in enumerate(node.dims))
+        node.derived = {**node.derived, k: self.source_text(e.loc)}
+
+    def source_text(self, loc) -> str:
+        """The spec text of a span on one line (a derived dim, for call-time messages)."""
+        line = self.source.line(loc.line)
+        end = loc.end_column if loc.end_line == loc.line and loc.end_column else len(line) + 1
+        return line[loc.column - 1:end - 1].strip()
 
     def input_default(self, decl: ast.Decl) -> ir.Const | None:
         """The constant an optional input holds everywhere when a call leaves it out
@@ -153,17 +198,65 @@ class Frontend:
     def stmt_param(self, st: ast.Param):
         self.check_new_name(st.name, st.loc)
         self.check_call_keyword(st.name, st.loc)
-        default = None
-        if st.default is not None:
-            default = self.scalar_expr(st.default, f"the default of param '{st.name}'")
-            ok = {ir.INT: {ir.INT}, ir.FLOAT: {ir.INT, ir.FLOAT}, ir.BOOL: {ir.BOOL}}[st.dtype]
-            if default.dtype not in ok:
-                article = "an" if st.dtype == ir.INT else "a"
-                raise self.error(f"param '{st.name}: {st.dtype}' has a default of type {default.dtype}",
-                                 st.default.loc, f"{article} {st.dtype} default")
+        default = None if st.default is None else self.param_default(st.name, st.dtype, st.default)
         node = ir.Scalar(name=st.name, role="param", dtype=st.dtype, default=default, loc=st.loc)
         self.params[st.name] = node
         self.env[st.name] = _Scalar(node)
+
+    def stmt_tupleparam(self, st: ast.TupleParam):
+        """`param kernel: int[3] = 7`: one scalar param per entry, named `kernel_0` ... inside
+        the program (names reserved here), read in the spec as `kernel[0]` ..."""
+        self.check_new_name(st.name, st.loc)
+        self.check_call_keyword(st.name, st.loc)
+        n = len(st.dtypes)
+        if isinstance(st.default, list) and len(st.default) != n:
+            raise self.error(f"tuple param '{st.name}' has {n} entries but its default lists {len(st.default)}",
+                             st.default[0].loc, f"{n} values, or one value for every entry")
+        defaults = st.default if isinstance(st.default, list) else [st.default] * n
+        scalars = []
+        for k, (dtype, default) in enumerate(zip(st.dtypes, defaults)):
+            name = f"{st.name}_{k}"
+            if name in self.env:
+                raise self.error(f"entry {k} of tuple param '{st.name}' is held as '{name}', which is already "
+                                 "defined", st.loc, "another name for the param or for that definition")
+            value = None if default is None else self.param_default(f"{st.name}[{k}]", dtype, default)
+            scalars.append(ir.Scalar(name=name, role="param", dtype=dtype, default=value, loc=st.loc))
+        group = ir.ParamGroup(st.name, tuple(scalars), loc=st.loc)
+        self.groups[st.name] = group
+        self.env[st.name] = _Group(None, group)
+        for k, node in enumerate(scalars):
+            self.params[node.name] = node
+            self.env[node.name] = _Group(None, group, k)
+
+    def stmt_enumparam(self, st: ast.EnumParam):
+        """`param mode: {shift, cut} = shift`: an int param holding the position of the name a
+        call passes; the spec compares it (`mode == cut`), never computes with it."""
+        self.check_new_name(st.name, st.loc)
+        self.check_call_keyword(st.name, st.loc)
+        for k, (choice, loc) in enumerate(zip(st.choices, st.choice_locs)):
+            if choice in st.choices[:k]:
+                raise self.error(f"enum param '{st.name}' lists '{choice}' twice", loc, "distinct names")
+        default = None
+        if st.default is not None:
+            if st.default not in st.choices:
+                raise self.error(f"the default of enum param '{st.name}' is '{st.default}', not one of its "
+                                 "choices", st.default_loc, "one of: " + ", ".join(st.choices))
+            default = ir.Const(value=st.choices.index(st.default), dtype=ir.INT, loc=st.default_loc)
+        node = ir.Scalar(name=st.name, role="param", dtype=ir.INT, default=default, loc=st.loc)
+        group = ir.ParamGroup(st.name, (node,), tuple(st.choices), loc=st.loc)
+        self.groups[st.name] = group
+        self.params[st.name] = node
+        self.env[st.name] = _Group(node, group)
+
+    def param_default(self, label: str, dtype: str, e: ast.Expr) -> ir.Node:
+        """A param's default: a scalar expression of its type (an int is a fine float)."""
+        default = self.scalar_expr(e, f"the default of param '{label}'")
+        ok = {ir.INT: {ir.INT}, ir.FLOAT: {ir.INT, ir.FLOAT}, ir.BOOL: {ir.BOOL}}[dtype]
+        if default.dtype not in ok:
+            article = "an" if dtype == ir.INT else "a"
+            raise self.error(f"param '{label}: {dtype}' has a default of type {default.dtype}",
+                             e.loc, f"{article} {dtype} default")
+        return default
 
     def stmt_let(self, st: ast.Let):
         self.check_new_name(st.name, st.loc)
@@ -374,6 +467,8 @@ class Frontend:
 
     def expr_name(self, e: ast.Name):
         binding = self.env.get(e.id)
+        if isinstance(binding, _Group):
+            raise self.group_misuse(e.id, binding, e.loc)
         if isinstance(binding, _Scalar):
             self.used.add(e.id)
             return binding.node
@@ -398,6 +493,10 @@ class Frontend:
         binding = self.env.get(e.name)
         if binding is None:
             raise self.unknown_tensor(e.name, e.loc)
+        if isinstance(binding, _Group) and binding.entry is None and not binding.group.is_enum:
+            return self.tuple_entry(binding.group, e)
+        if isinstance(binding, _Group):
+            raise self.group_misuse(e.name, binding, e.loc)
         if isinstance(binding, _Scalar):
             raise self.error(f"'{e.name}' is a scalar and takes no indices", e.loc, f"`{e.name}`")
         self.used.add(e.name)
@@ -419,6 +518,51 @@ class Frontend:
         indices = ir.union_indices(args)
         return ir.Access(array=array, args=tuple(args), axes=binding.axes or (), indices=indices,
                          dtype=array.dtype, loc=e.loc)
+
+    def tuple_entry(self, group: ir.ParamGroup, e: ast.Access) -> ir.Node:
+        """`kernel[1]`: one entry of a tuple param, at a constant position."""
+        n = len(group.scalars)
+        expected = f"a constant position from 0 to {n - 1}"
+        if len(e.args) != 1:
+            raise self.error(f"tuple param '{group.name}' is read one entry at a time", e.loc, expected)
+        k = self.expr(e.args[0])
+        if not (isinstance(k, ir.Const) and k.dtype == ir.INT and 0 <= k.value < n):
+            raise self.error(f"tuple param '{group.name}' has {n} entries", e.args[0].loc, expected)
+        self.used.add(group.name)
+        return group.scalars[k.value]
+
+    def group_misuse(self, name: str, binding: _Group, loc) -> SpecError:
+        group = binding.group
+        if binding.entry is not None:
+            return self.error(f"'{name}' is entry {binding.entry} of tuple param '{group.name}'", loc,
+                              f"`{group.name}[{binding.entry}]`")
+        if group.is_enum:
+            return self.error(f"enum param '{name}' is only compared with one of its choices", loc,
+                              f"`{name} == {group.choices[0]}` or `{name} != {group.choices[0]}`")
+        last = len(group.scalars) - 1
+        return self.error(f"tuple param '{name}' is read one entry at a time", loc,
+                          f"`{name}[0]`" + (f" ... `{name}[{last}]`" if last else ""))
+
+    def enum_comparison(self, e: ast.BinOp) -> ir.Node | None:
+        """`mode == cut`: the enum's int against the position of the name (the name is a
+        choice of that enum, whatever else it may name in the spec); None if no side is an enum."""
+        sides = [(side, self.env.get(side.id)) if isinstance(side, ast.Name) else (side, None)
+                 for side in (e.left, e.right)]
+        enums = [(side, b) for side, b in sides if isinstance(b, _Group) and b.group.is_enum]
+        if not enums:
+            return None
+        mine, binding = enums[0]
+        group = binding.group
+        other = e.right if mine is e.left else e.left
+        if e.op not in ("==", "!="):
+            raise self.error(f"enum param '{group.name}' is compared with '{e.op}'", e.loc,
+                             "`==` or `!=` (its choices have no order)")
+        if not isinstance(other, ast.Name) or other.id not in group.choices:
+            raise self.error(f"enum param '{group.name}' is compared with something other than one of its "
+                             "choices", other.loc, "one of: " + ", ".join(group.choices))
+        choice = ir.Const(value=group.choices.index(other.id), dtype=ir.INT, loc=other.loc)
+        args = (binding.node, choice) if mine is e.left else (choice, binding.node)
+        return self.node_map(e.op, args, ir.BOOL, e.loc)
 
     def in_declared_order(self, binding: _Tensor, loc) -> ir.Node:
         """A defined tensor used by name carries its declared index order: after
@@ -443,6 +587,10 @@ class Frontend:
         return self.expr(e)
 
     def expr_binop(self, e: ast.BinOp):
+        if e.op in COMPARE:
+            enum = self.enum_comparison(e)
+            if enum is not None:
+                return enum
         left, right = self.expr(e.left), self.expr(e.right)
         if e.op in ("and", "or"):
             for side, node in ((e.left, left), (e.right, right)):

@@ -50,6 +50,7 @@ class Input(Node):
     dims: tuple[sympy.Expr, ...] = ()
     default: "Const | None" = None  # an optional input: its value everywhere when a call leaves it out
     broadcast: tuple[int, ...] = ()  # dims a call may pass with size 1: broadcast (stride 0)
+    derived: dict[int, str] = field(default_factory=dict)  # dims computed from others: position -> spec text
 
 
 @dataclass(eq=False)
@@ -62,6 +63,32 @@ class Scalar(Node):
 
     def operands(self):
         return (self.default,) if self.default is not None else ()
+
+
+@dataclass(eq=False)
+class ParamGroup:
+    """A param that a call passes as one argument but the program holds as int, float or bool
+    scalar params, so no later stage needs to know it: a tuple param (`kernel: int[3]`, one
+    scalar per entry, a single value broadcast to all) or an enum param (`mode: {shift, cut}`,
+    one int scalar: the position of the chosen name)."""
+
+    name: str
+    scalars: tuple[Scalar, ...]
+    choices: tuple[str, ...] = ()  # an enum param's names; empty for a tuple param
+    loc: Loc | None = None
+
+    @property
+    def is_enum(self) -> bool:
+        return bool(self.choices)
+
+    def label(self, scalar: Scalar) -> str:
+        """How messages name one of its scalars: `kernel[1]`, or the enum's own name."""
+        return self.name if self.is_enum else f"{self.name}[{self.scalars.index(scalar)}]"
+
+    def describe(self) -> str:
+        if self.is_enum:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        return "(" + ", ".join(s.dtype for s in self.scalars) + ")"
 
 
 @dataclass(eq=False)
@@ -200,6 +227,25 @@ class Program:
     outputs: list[Output]
     extent: dict[str, sympy.Expr] = field(default_factory=dict)
     graph: nx.DiGraph = field(default_factory=nx.DiGraph, repr=False)
+    groups: dict[str, ParamGroup] = field(default_factory=dict)  # tuple and enum params, by name
+
+    def call_params(self) -> dict[str, "Scalar | ParamGroup"]:
+        """The params as a call passes them, in declaration order: a tuple or enum param is
+        one argument (its group), every other param its scalar."""
+        owner = {s.name: g for g in self.groups.values() for s in g.scalars}
+        out: dict[str, Scalar | ParamGroup] = {}
+        for name, node in self.params.items():
+            group = owner.get(name)
+            out.setdefault(group.name if group else name, group or node)
+        return out
+
+    def param_label(self, name: str) -> str:
+        """How messages name a scalar param: `kernel[1]` for an entry of a tuple param."""
+        for group in self.groups.values():
+            for s in group.scalars:
+                if s.name == name:
+                    return group.label(s)
+        return name
 
     def nodes(self) -> list[Node]:
         """Every node in an order where operands come first."""

@@ -17,6 +17,7 @@ import sympy
 
 from . import ir
 from .binding import bind
+from .call_params import collapse
 from .printer import _ASSIGNMENT, _INFIX, _IrPrinter, _columns, _leaf
 from .random_inputs import random_arguments
 from .runtime import default_config, split_count
@@ -204,7 +205,8 @@ class _PlanText:
             return ["work: not counted with the default sizes", *_wrap(str(why))]
         w = mask_tile_work(p, call, block_m, block_n)
         size = self.kernel.program.sizes(call.scalars)
-        bound = " ".join(f"{name}={call.scalars[name]}" for name in (*program.dims, *program.params))
+        values = {**{name: call.scalars[name] for name in program.dims}, **collapse(program, call.scalars)}
+        bound = " ".join(f"{name}={value}".replace(" ", "") for name, value in values.items())
         gpu, interp = (default_config(on, size[p.d], size[p.e]) for on in (False, True))
         header = ["dense", "minimum", "full", "visited", "visited/minimum", "visited/dense"]
         cells = [w.dense, w.minimum, w.full, w.visited, _ratio(w.visited, w.minimum), _ratio(w.visited, w.dense)]

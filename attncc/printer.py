@@ -59,14 +59,29 @@ def _expr(e: ast.Expr) -> tuple[str, int]:
     raise TypeError(f"no text form for {type(e).__name__}")
 
 
+def _dim(x) -> str:
+    """A header dim: a name, a size, or the expression of a derived dim."""
+    return format_expr(x) if isinstance(x, ast.Expr) else str(x)
+
+
 def _decl(d: ast.Decl) -> str:
-    return f"{d.name}[{', '.join(str(x) for x in d.dims)}]: {d.dtype}"
+    return f"{d.name}[{', '.join(_dim(x) for x in d.dims)}]: {d.dtype}"
 
 
 def _statement(st: ast.Stmt) -> str:
     if isinstance(st, ast.Param):
         default = f" = {format_expr(st.default)}" if st.default is not None else ""
         return f"{st.name}: {st.dtype}{default}"
+    if isinstance(st, ast.TupleParam):
+        default = st.default
+        if isinstance(default, list):
+            default = f" = ({', '.join(format_expr(e) for e in default)})"
+        else:
+            default = f" = {format_expr(default)}" if default is not None else ""
+        return f"{st.name}: ({', '.join(st.dtypes)}){default}"
+    if isinstance(st, ast.EnumParam):
+        default = f" = {st.default}" if st.default is not None else ""
+        return f"{st.name}: {{{', '.join(st.choices)}}}{default}"
     if isinstance(st, ast.Let):
         return f"{st.name} = {format_expr(st.value)}"
     if isinstance(st, (ast.Require, ast.Mask)):
@@ -99,14 +114,14 @@ def format_attn(program: ast.Program) -> str:
     """The AST as `.attn` text that parses back to an equal tree (positions aside): the spec of
     a function decorated with `@attncc.attention`, as `attncc show --stage ast` prints it."""
     def decl(d: ast.Decl) -> str:
-        dims = ", ".join(f"{x}?" if k in d.broadcast else str(x) for k, x in enumerate(d.dims))
+        dims = ", ".join(f"{x}?" if k in d.broadcast else _dim(x) for k, x in enumerate(d.dims))
         return f"{d.name}[{dims}]" + (f": {d.dtype}" if d.dtype != "float" else "") \
             + (f" = {format_expr(d.default)}" if d.default is not None else "")
 
     outputs = ", ".join(decl(d) for d in program.outputs)
     if len(program.outputs) != 1:
         outputs = f"({outputs})"
-    keyword = {ast.Param: "param ", ast.Let: "let ", ast.Require: "require ", ast.Mask: "mask "}
+    keyword = {ast.Param: "param ", ast.TupleParam: "param ", ast.EnumParam: "param ", ast.Let: "let ", ast.Require: "require ", ast.Mask: "mask "}
     out = [f"attention {program.name}({', '.join(decl(d) for d in program.inputs)}) -> {outputs} {{"]
     for st in program.body:
         out.append(f"  {keyword.get(type(st), '')}{_statement(st)}")
@@ -228,7 +243,9 @@ class _IrPrinter:
             out.append("params:")
             for name, s in p.params.items():
                 default = f" = {_scalar_text(s.default)}" if s.default is not None else "  (no default)"
-                out.append(f"  {name}: {s.dtype}{default}")
+                group = next((g for g in p.groups.values() if s in g.scalars), None)
+                note = f"  # {group.label(s)}: {group.describe()}" if group else ""
+                out.append(f"  {name}: {s.dtype}{default}{note}")
         if p.requires:
             out.append("requires:")
             out += [f"  {r.text}" + (f"  # line {r.loc.line}" if r.loc else "") for r in p.requires]

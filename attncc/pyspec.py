@@ -126,6 +126,18 @@ def translate(fn_source: FunctionSource) -> syntax.Program:
     return _Translator(fn_source).program()
 
 
+def _top_level_split(text: str) -> list[str]:
+    """Split at the commas outside brackets: `"H, clamp(W, 1, 9)"` has two pieces."""
+    pieces, depth, start = [], 0, 0
+    for k, c in enumerate(text):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            pieces.append(text[start:k])
+            start = k + 1
+    return pieces + [text[start:]]
+
+
 def _char_column(line: str, byte_offset: int) -> int:
     """A 0-based character column from the UTF-8 byte offset `ast` gives."""
     if line.isascii():
@@ -280,6 +292,12 @@ class _Translator:
             if ann is None:
                 raise self.error(f"param '{arg.arg}' has no type", where,
                                  f"`{arg.arg}: int`, `{arg.arg}: float` or `{arg.arg}: bool`")
+            if isinstance(ann, ast.Tuple):
+                params.append(self.tuple_param(arg, ann, default, where))
+                continue
+            if isinstance(ann, ast.Set):
+                params.append(self.enum_param(arg, ann, default, where))
+                continue
             if not (isinstance(ann, ast.Name) and ann.id in TYPES):
                 if isinstance(ann, ast.Constant) and isinstance(ann.value, str):
                     raise self.error(f"'{arg.arg}' comes after `*`, so it is a param, and a param's "
@@ -291,6 +309,44 @@ class _Translator:
             value = None if default is None else self.default(default)
             params.append(syntax.Param(arg.arg, ann.id, value, loc=where))
         return params
+
+    def tuple_param(self, arg: ast.arg, ann: ast.Tuple, default, where: Loc) -> syntax.TupleParam:
+        """`kernel: (int, int, int) = 7` or `= (3, 5, 7)`: a tuple param (`int[3]` in .attn)."""
+        for t in ann.elts:
+            if not (isinstance(t, ast.Name) and t.id in TYPES):
+                raise self.error(f"an entry type of tuple param '{arg.arg}' must be int, float or bool", t,
+                                 "`(int, int, int)`")
+        if not 1 <= len(ann.elts) <= syntax.MAX_TUPLE:
+            raise self.error(f"a tuple param has {len(ann.elts)} entries", ann,
+                             f"between 1 and {syntax.MAX_TUPLE} entries")
+        if isinstance(default, ast.Tuple):
+            value = [self.default(e) for e in default.elts]
+        else:
+            value = None if default is None else self.default(default)
+        return syntax.TupleParam(arg.arg, tuple(t.id for t in ann.elts), value, loc=where)
+
+    def enum_param(self, arg: ast.arg, ann: ast.Set, default, where: Loc) -> syntax.EnumParam:
+        """`mode: {"shift", "cut"} = "shift"`: an enum param (`{shift, cut}` in .attn)."""
+        choices, locs = [], []
+        for c in ann.elts:
+            if not (isinstance(c, ast.Constant) and isinstance(c.value, str)):
+                raise self.error(f"a choice of enum param '{arg.arg}' must be a name in quotes", c,
+                                 '`{"shift", "cut"}`')
+            locs.append(self.quoted_loc(c))
+            self.check_name(c.value, locs[-1], "the choice")
+            choices.append(c.value)
+        name, name_loc = None, None
+        if default is not None:
+            if not (isinstance(default, ast.Constant) and isinstance(default.value, str)):
+                raise self.error(f"the default of enum param '{arg.arg}' must be one of its choices, in quotes",
+                                 default, "one of: " + ", ".join(f'"{c}"' for c in choices))
+            name, name_loc = default.value, self.quoted_loc(default)
+        return syntax.EnumParam(arg.arg, choices, name, choice_locs=locs, default_loc=name_loc, loc=where)
+
+    def quoted_loc(self, node: ast.Constant) -> Loc:
+        """The characters of a string constant without its quotes when they are the file's."""
+        whole = self.loc(node)
+        return self.string_part(node)(0, len(node.value)) if self.plain_string(node) else whole
 
     def default(self, node) -> syntax.Expr:
         """A param's default, read from the source: Python evaluates defaults when the `def` runs,
@@ -346,11 +402,11 @@ class _Translator:
             start = len(dims_text) + 1 + len(rest) - len(rest.lstrip())
             raise self.error(f"unknown element type '{dtype}' in {what}", part(start, start + len(dtype)),
                              "float (the default), int or bool: \"B,N: int\"")
-        dims: list[str | int] = []
+        dims: list[str | int | syntax.Expr] = []
         broadcast: list[int] = []
         if dims_text.strip():
             offset = 0
-            for piece in dims_text.split(","):
+            for piece in _top_level_split(dims_text):
                 dim = piece.strip()
                 at = part(offset + len(piece) - len(piece.lstrip()), offset + len(piece.rstrip()))
                 offset += len(piece) + 1
@@ -361,12 +417,29 @@ class _Translator:
                     continue
                 if not dim:
                     raise self.error(f"an empty dim in {what}", at, "names or sizes separated by commas")
+                if not _NAME.fullmatch(dim.removesuffix("?").rstrip()):  # derived: `2 * kernel[0] - 1`
+                    dims.append(self.dim_expr(dim, node, at, what))
+                    continue
                 if dim.endswith("?"):  # may be 1: broadcast
                     dim = dim[:-1].rstrip()
                     broadcast.append(len(dims))
                 self.check_name(dim, at, "the dim")
                 dims.append(dim)
         return dims, dtype, tuple(broadcast)
+
+    def dim_expr(self, text: str, node: ast.Constant, at: Loc, what: str) -> syntax.Expr:
+        """A derived dim inside a dims string, translated like a string default."""
+        try:
+            tree = ast.parse(text, mode="eval")
+        except SyntaxError as err:
+            raise self.error(f"the dim {text!r} is not a name, a size or an expression ({what}: {err.msg})", at,
+                             "a dim name, an integer, or an expression such as \"2 * kernel[0] - 1\"") from None
+        where = (at.line, at.column) if self.plain_string(node) is not None else None
+        self.inner, self.inner_whole = (text, where), at
+        try:
+            return self.expr(tree.body)
+        finally:
+            self.inner = None
 
     def string_part(self, node: ast.Constant):
         """`part(start, end)`: the Loc of characters start..end of a string constant's value, exact

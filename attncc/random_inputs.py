@@ -14,6 +14,8 @@ import sympy
 import torch
 
 from . import ir
+from .call_params import collapse, expand
+from .errors import ArgumentError
 from .passes.infer import to_sympy
 from .reference import evaluate_scalar
 
@@ -51,22 +53,42 @@ def random_arguments(program: ir.Program, shape: dict[str, int] | None = None,
         else:
             t = _integers(program, node, sizes[name], scalars, gen)
         args[name] = t.to(device)
-    return {**args, **params}
+    return {**args, **collapse(program, params)}
 
 
 # ----------------------------------------------------------------------------- params
 
 def _param_values(program: ir.Program, given: dict) -> dict:
-    unknown = sorted(set(given) - set(program.params))
+    """The given params (as a call names them) as the program's scalar params."""
+    params = program.call_params()
+    unknown = sorted(set(given) - set(params))
     if unknown:
         raise ValueError(f"{program.name} has no param {', '.join(unknown)}; its params are "
-                         f"{', '.join(program.params) or 'none'}")
-    missing = [n for n, s in program.params.items() if s.default is None and n not in given]
+                         f"{', '.join(params) or 'none'}")
+    missing = [n for n, p in params.items() if n not in given
+               and any(s.default is None for s in (p.scalars if isinstance(p, ir.ParamGroup) else (p,)))]
     if missing:
         how = " ".join(f"--param {n}=VALUE" for n in missing)
         raise ValueError(f"{program.name} needs a value for param {', '.join(missing)} (no default); "
                          f"pass it with {how}")
-    return {n: _parse_param(program.params[n], v) for n, v in given.items()}
+    parsed = {n: _parse_group(params[n], v) if isinstance(params[n], ir.ParamGroup) else _parse_param(params[n], v)
+              for n, v in given.items()}
+    try:
+        return expand(program, parsed)
+    except ArgumentError as err:
+        raise ValueError(str(err)) from None
+
+
+def _parse_group(group: ir.ParamGroup, value):
+    """A tuple param from text (`"(1, 5, 7)"`, or `"7"` for every entry) or an enum's name."""
+    if not isinstance(value, str) or group.is_enum:
+        return value.strip() if isinstance(value, str) else value
+    parts = [p for p in value.strip().strip("()").split(",") if p.strip()]
+    if len(parts) == 1:
+        return _parse_param(group.scalars[0], parts[0])
+    if len(parts) != len(group.scalars):
+        raise ValueError(f"param '{group.name}' takes {len(group.scalars)} entries, got '{value}'")
+    return tuple(_parse_param(s, p) for s, p in zip(group.scalars, parts))
 
 
 def _parse_param(node: ir.Scalar, value):

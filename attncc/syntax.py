@@ -76,7 +76,7 @@ class IfElse(Expr):
 @dataclass
 class Decl:
     name: str
-    dims: list[str | int]
+    dims: list[str | int | Expr]  # a dim name, a fixed size, or an expression deriving it (`2 * R + 1`)
     dtype: str
     loc: Loc | None = field(default=None, compare=False, repr=False)
     default: Expr | None = field(default=None, kw_only=True)  # an optional input's value when left out
@@ -97,6 +97,27 @@ class Param(Stmt):
     name: str
     dtype: str
     default: Expr | None
+
+
+@dataclass
+class TupleParam(Stmt):
+    """`param kernel: int[3] = 7` or `param shape: (int, int, int)`: one call argument with
+    an entry per type; `default` is one expression for every entry or one per entry."""
+
+    name: str
+    dtypes: tuple[str, ...]
+    default: Expr | list[Expr] | None
+
+
+@dataclass
+class EnumParam(Stmt):
+    """`param mode: {shift, cut} = shift`: one of the listed names at call time."""
+
+    name: str
+    choices: list[str]
+    default: str | None
+    choice_locs: list[Loc] = field(default_factory=list, compare=False, repr=False)
+    default_loc: Loc | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -141,6 +162,7 @@ MAX_DEPTH = 100        # operators, calls, accesses and conditionals inside one 
 MAX_DECLS = 100        # inputs plus outputs
 MAX_STATEMENTS = 1000  # statements in a body
 MAX_TEXT = 1_000_000   # characters in a spec
+MAX_TUPLE = 16         # entries of a tuple param
 INT_MAX = 2 ** 63 - 1  # integer literals (and integer constant expressions) fit in int64
 
 _EXPRESSIONS = {"number", "name", "access", "call", "blocked_axis", "binop", "comparison", "or_",
@@ -221,8 +243,13 @@ class _ToAst(lark.Transformer):
 
     # declarations and statements
     def dim(self, items):
-        tok = items[0]
-        return int(tok) if tok.type == "INT" else str(tok)
+        """A dim name, a fixed size, or (any other expression) a derived dim."""
+        e = items[0]
+        if isinstance(e, Name):
+            return e.id
+        if isinstance(e, Num) and isinstance(e.value, int):
+            return e.value
+        return e
 
     def broadcast_dim(self, items):
         return _Broadcast(str(items[0]))
@@ -245,6 +272,37 @@ class _ToAst(lark.Transformer):
     def param(self, meta, items):
         name, dtype, default = items
         return Param(str(name), str(dtype), default, loc=_tok_loc(name))
+
+    def repeated_type(self, items):
+        dtype, count = items
+        if not 1 <= int(count) <= MAX_TUPLE:
+            raise SpecError(f"a tuple param has {count} entries", self.source, _tok_loc(count),
+                            f"between 1 and {MAX_TUPLE} entries")
+        return (str(dtype),) * int(count)
+
+    def listed_types(self, items):
+        if len(items) > MAX_TUPLE:
+            raise SpecError(f"a tuple param has {len(items)} entries", self.source, _tok_loc(items[MAX_TUPLE]),
+                            f"at most {MAX_TUPLE} entries")
+        return tuple(str(t) for t in items)
+
+    def broadcast_value(self, items):
+        return items[0]
+
+    def listed_values(self, items):
+        return list(items)
+
+    @lark.v_args(meta=True)
+    def tuple_param(self, meta, items):
+        name, dtypes, default = items
+        return TupleParam(str(name), dtypes, default, loc=_tok_loc(name))
+
+    @lark.v_args(meta=True)
+    def enum_param(self, meta, items):
+        name, *choices, default = items
+        return EnumParam(str(name), [str(c) for c in choices], str(default) if default is not None else None,
+                         choice_locs=[_tok_loc(c) for c in choices],
+                         default_loc=_tok_loc(default) if default is not None else None, loc=_tok_loc(name))
 
     @lark.v_args(meta=True)
     def let(self, meta, items):
@@ -353,7 +411,12 @@ def parse(text: str, filename: str = "<string>") -> Program:
         raise SpecError("unexpected end of file", source, source.end(),
                         _describe_expected(err.expected)) from None
     _check_limits(tree, source)
-    return _ToAst(source).transform(tree)
+    try:
+        return _ToAst(source).transform(tree)
+    except lark.exceptions.VisitError as err:  # a SpecError raised while building the tree
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc from None
+        raise
 
 
 def _first_token(tree) -> lark.Token | None:

@@ -43,6 +43,7 @@ import torch
 
 from . import ir
 from .binding import bind
+from .call_params import expand
 from .errors import ArgumentError, BackendError
 
 NAMESPACE = "attncc"
@@ -117,7 +118,7 @@ class Registration:
     def _forward(self, *args):
         tensors, params, (return_lse, backward, reason) = self.split(args)
         kernel = self.kernel()
-        call = bind(kernel.program, self.spec.kwargs(tensors, params))
+        call = bind(kernel.program, self.spec.kwargs(tensors, params), expanded=True)
         if return_lse:
             kernel.lse()
         with torch.no_grad():
@@ -133,7 +134,7 @@ class Registration:
     def _forward_fake(self, *args):
         tensors, params, (return_lse, backward, _) = self.split(args)
         kernel = self.kernel()
-        call = bind(kernel.program, self.spec.kwargs(tensors, params), data=False)
+        call = bind(kernel.program, self.spec.kwargs(tensors, params), data=False, expanded=True)
         shapes = [axes for axes, _ in self.spec.outputs]
         if return_lse or backward == GENERATED:
             lse_axes = tuple(kernel.lse().axes)
@@ -162,7 +163,7 @@ class Registration:
             return (None,) * n + rest
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients from the reference
             kernel = self.kernel()
-            call = bind(kernel.program, self.spec.kwargs(tensors, ctx.params), data=False)
+            call = bind(kernel.program, self.spec.kwargs(tensors, ctx.params), data=False, expanded=True)
             full = [t if t is not None else d for t, d in zip(tensors, call.tensors.values())]
             found = _reference_gradients(kernel, call, ctx.return_lse, full, grads, wanted)
             return (*found, *rest)
@@ -173,7 +174,7 @@ class Registration:
     def _backward(self, inputs, saved, grads, *rest):
         params, (return_lse, backward, wanted) = rest[:-3], rest[-3:]
         kernel = self.kernel()
-        call = bind(kernel.program, self.spec.kwargs(inputs, params), data=False)
+        call = bind(kernel.program, self.spec.kwargs(inputs, params), data=False, expanded=True)
         with _autograd_enabled(), torch.no_grad():
             found = None
             if backward == GENERATED and kernel.backend == "triton":
@@ -338,7 +339,8 @@ def backward_choice(kernel, requiring, grad_enabled: bool) -> tuple[int, str | N
 def arguments(kernel, *, return_lse: bool = False, **kwargs) -> tuple:
     """The positional arguments of `kernel.op` for a call with these keyword arguments
     (checked by `bind`; the backward chosen from which tensors require grad)."""
-    call = bind(kernel.program, kwargs)
+    kwargs = expand(kernel.program, kwargs)
+    call = bind(kernel.program, kwargs, expanded=True)
     spec = register(kernel).spec
     requiring = tuple(n for n, t in call.tensors.items() if t.requires_grad)
     backward, reason = backward_choice(kernel, requiring, torch.is_grad_enabled())
@@ -391,6 +393,8 @@ def _prepare(kernel, positional: int, names: tuple, types_: tuple, return_lse, r
 def call(kernel, args: tuple, return_lse, kwargs: dict):
     """A call of `kernel` while torch.compile traces it: one call of its forward operator."""
     inputs, params, dtypes, n_outputs = _signature(kernel)
+    if kernel.program.groups:  # tuple and enum params as the operator's scalars
+        kwargs = expand(kernel.program, kwargs)
     requiring = tuple(n for n in inputs if isinstance(kwargs.get(n), torch.Tensor) and kwargs[n].requires_grad)
     kinds = tuple(type(kwargs.get(n)).__name__ for n in params)
     backward, reason = _prepare(kernel, len(args), tuple(kwargs), kinds, return_lse, requiring,

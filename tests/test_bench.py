@@ -259,7 +259,16 @@ def test_bwd_mode_reports_the_backward():
     assert r["ms"] == r["bwd_ms"] and set(r["grad_max_abs_err"]) == {"q", "k", "v", "sinks"}
     assert max(r["grad_max_abs_err"].values()) < 1e-4
     assert result["flops"]["timed"] == 2.5 * result["flops"]["fa"]
-    assert result["tile_work"] is None  # the general planner's kernel counts no tiles
+    assert result["tile_work"]["block_m"] == 16  # learned_sinks: a fused plan, which counts its tiles
+
+
+def test_general_plans_are_benchmarked_without_a_tile_count():
+    doc = run_benchmark(EXAMPLES / "linear_kernel.attn", SMOKE_SHAPES[:1], dtype="float32", device="cpu",
+                        warmup=1, reps=1, competitors=["attncc"])
+    (variant,) = doc["variants"].values()
+    (result,) = variant["results"]
+    assert result["competitors"]["attncc"]["status"] == "ok"
+    assert result["tile_work"] is None  # the general planner's kernels count no tiles
 
 
 @pytest.mark.parametrize("name", SOFTMAX_FAMILY)

@@ -35,6 +35,7 @@ def ungenerated(tmp_path):
 # Params that grid examples need (no defaults); N is then solved from their requires.
 REQUIRED_PARAMS = {
     "neighborhood_2d": ["--param", "height=6,width=7"],
+    "neighborhood_nd": ["--param", "shape=(2,3,5),kernel=(1,3,3)"],
     "criss_cross": ["--param", "height=5", "--param", "width=6"],
     "epipolar": ["--param", "views=2,height=4,width=5"],
 }
@@ -52,7 +53,7 @@ def flat(text: str) -> str:
 
 
 def test_gallery_lists_every_example(capsys):
-    assert len(NAMES) == 35
+    assert len(NAMES) == 36
     rc, out, _ = run(capsys, "list", "--dir", str(EXAMPLES))
     assert rc == 0
     for name in NAMES:
@@ -61,7 +62,7 @@ def test_gallery_lists_every_example(capsys):
 
 def test_gallery_defaults_to_the_installed_examples(capsys):
     rc, out, _ = run(capsys, "list")
-    assert rc == 0 and "35 attention specs" in out and "permuted_blocks" in out
+    assert rc == 0 and "36 attention specs" in out and "permuted_blocks" in out
 
 
 def test_show_ir_of_causal(capsys):

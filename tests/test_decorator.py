@@ -159,19 +159,33 @@ def _literal(e) -> bool:
 def python_text(program: syntax.Program) -> str:
     """The Python spelling of a spec's syntax tree (docs/python.md)."""
     def dims(d):
-        return ",".join(f"{x}?" if k in d.broadcast else str(x) for k, x in enumerate(d.dims)) \
-            + (f": {d.dtype}" if d.dtype != "float" else "")
+        return ",".join(f"{x}?" if k in d.broadcast else format_expr(x) if isinstance(x, syntax.Expr) else str(x)
+                        for k, x in enumerate(d.dims)) + (f": {d.dtype}" if d.dtype != "float" else "")
 
-    params = [st for st in program.body if isinstance(st, syntax.Param)]
-    body = [st for st in program.body if not isinstance(st, syntax.Param)]
+    def value(e):
+        return py(e) if _literal(e) else f'"{format_expr(e)}"'
+
+    kinds = (syntax.Param, syntax.TupleParam, syntax.EnumParam)
+    params = [st for st in program.body if isinstance(st, kinds)]
+    body = [st for st in program.body if not isinstance(st, kinds)]
     assert program.body[:len(params)] == params, "params come first in the gallery"
     header = [f'{d.name}: "{dims(d)}"' + ("" if d.default is None else f" = {py(d.default)}") for d in program.inputs]
     if params:
         header.append("*")
     for p in params:
-        default = "" if p.default is None else \
-            f" = {py(p.default)}" if _literal(p.default) else f' = "{format_expr(p.default)}"'
-        header.append(f"{p.name}: {p.dtype}{default}")
+        if isinstance(p, syntax.EnumParam):  # `{a, b} = a` is `{"a", "b"} = "a"`
+            choices = ", ".join(f'"{c}"' for c in p.choices)
+            header.append(f"{p.name}: {{{choices}}}" + ("" if p.default is None else f' = "{p.default}"'))
+            continue
+        if isinstance(p, syntax.TupleParam):  # `int[3]` is `(int, int, int)`
+            dtype = f"({', '.join(p.dtypes)}{',' if len(p.dtypes) == 1 else ''})"
+        else:
+            dtype = p.dtype
+        if isinstance(p.default, list):
+            default = f" = ({', '.join(value(e) for e in p.default)})"
+        else:
+            default = "" if p.default is None else f" = {value(p.default)}"
+        header.append(f"{p.name}: {dtype}{default}")
     outs = [f'"{dims(d)}"' for d in program.outputs]
     returns = outs[0] if len(outs) == 1 else f"({', '.join(outs)})"
     lines = ["@attncc.attention(backend='reference')",

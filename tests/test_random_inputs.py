@@ -12,6 +12,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.attn"))
 REQUIRED_PARAMS = {
     "neighborhood_2d": {"height": 6, "width": 7},
+    "neighborhood_nd": {"shape": "(2, 3, 5)", "kernel": "3"},  # text, as from the command line
     "criss_cross": {"height": "5", "width": "6"},  # text, as from the command line
     "epipolar": {"views": 2, "height": 4, "width": 5},
 }
