@@ -74,10 +74,13 @@ def _statement(st: ast.Stmt) -> str:
     if isinstance(st, ast.Assign):
         target = st.name if st.indices is None else f"{st.name}[{', '.join(st.indices)}]"
         return f"{target} {st.op} {format_expr(st.value)}"
+    if isinstance(st, ast.MultiAssign):
+        return f"{', '.join(st.names)} = {format_expr(st.value)}"
     raise TypeError(f"no text form for {type(st).__name__}")
 
 
-_KIND_WIDTH = max(len(kind.__name__) for kind in (ast.Param, ast.Let, ast.Require, ast.Mask, ast.Assign))
+_KIND_WIDTH = max(len(kind.__name__) for kind in (ast.Param, ast.Let, ast.Require, ast.Mask, ast.Assign,
+                                                                ast.MultiAssign))
 
 
 def format_ast(program: ast.Program) -> str:
@@ -182,7 +185,8 @@ class _IrPrinter:
                         f"as {b.name}")
             return f"reduce {node.op}({self.arg(node.arg)}) over {','.join(node.axes)}"
         if isinstance(node, ir.Normalize):
-            return f"normalize {node.op}({self.arg(node.arg)}) along {node.axis}"
+            sets = "".join(f", {self.arg(x)} along {axis}" for x, axis in node.joint)
+        return f"normalize {node.op}({self.arg(node.arg)}) along {node.axis}{sets}"
         if isinstance(node, ir.Select):
             return f"select {node.op}({self.arg(node.arg)}, {self.arg(node.amount)}) along {node.axis}"
         raise TypeError(f"no text form for {type(node).__name__}")
