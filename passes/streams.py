@@ -494,20 +494,32 @@ class Lowering:
         return self.lses[key]
 
     def normalize(self, n: ir.Normalize, x: ir.Node) -> ir.Node:
+        """`exp(x - L_x) * exp(L_x - L)`: the first factor is online in the log-sum-exp pass of
+        this key set, the second a value per row; `L` adds the other key sets' log-sum-exps (a
+        joint softmax), softmax1's zero logit or the sink (rule: a joint normaliser is per-set
+        passes merged by their log-sum-exps)."""
         masks = tuple(self.program.masks_on(n))
         lse = self.logsumexp(x, n.axis, masks, n.loc)
-        empty = _map("==", lse, _const(-math.inf), dtype=ir.BOOL)
-        safe = _map("where", empty, _const(0.0), lse)  # nothing allowed: weights 0, not nan
+        safe = _finite(lse)  # nothing allowed: weights 0, not nan
         weight = _map("exp", _map("-", x, safe, loc=n.loc), loc=n.loc)
         self.softmax[weight] = lse
         if masks:
             weight = _map("where", self.conjunction(masks), weight, _const(0.0), loc=n.loc)
-        sink = _const(0.0) if n.op == "softmax1" else self(n.sink) if n.sink is not None else None
-        if sink is not None:  # one more virtual logit: exp(x - L) * exp(L - logaddexp(L, sink))
-            total = _map("+", _map("max", lse, sink), _map("log1p", _map("exp", _map("neg", _map("abs", _map(
-                "-", lse, sink))))))
+        others = [self.logsumexp(self(arg), axis, tuple(self.program.set_masks(arg, axis)), n.loc)
+                  for arg, axis in n.joint]
+        if n.op == "softmax1":
+            others.append(_const(0.0))
+        if n.sink is not None:
+            others.append(self(n.sink))
+        if others:
+            total = _finite(ir.logaddexp(lse, *others, loc=n.loc))
             weight = _map("*", weight, _map("exp", _map("-", safe, total)), loc=n.loc)
         return weight
+
+
+def _finite(lse: ir.Node) -> ir.Node:
+    """A log-sum-exp with -inf (nothing allowed) read as 0, so `exp(x - L)` is 0, not nan."""
+    return _map("where", _map("==", lse, _const(-math.inf), dtype=ir.BOOL), _const(0.0), lse)
 
 
 # ---------------------------------------------------------------------------- analysis helpers

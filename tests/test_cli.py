@@ -52,7 +52,7 @@ def flat(text: str) -> str:
 
 
 def test_gallery_lists_every_example(capsys):
-    assert len(NAMES) == 35
+    assert len(NAMES) == 37
     rc, out, _ = run(capsys, "list", "--dir", str(EXAMPLES))
     assert rc == 0
     for name in NAMES:
@@ -61,7 +61,7 @@ def test_gallery_lists_every_example(capsys):
 
 def test_gallery_defaults_to_the_installed_examples(capsys):
     rc, out, _ = run(capsys, "list")
-    assert rc == 0 and "35 attention specs" in out and "permuted_blocks" in out
+    assert rc == 0 and "37 attention specs" in out and "permuted_blocks" in out
 
 
 def test_show_ir_of_causal(capsys):

@@ -117,6 +117,23 @@ def test_window_summary_without_summaries(backend):
     want_o, want_lse = window_summary_oracle(**x, window=4)
     close(o, want_o, "o")
     close_lse(lse, want_lse)
+    assert kernel.last_run["backend"] == backend
+
+
+@pytest.mark.parametrize("name,streams", [("window_summary", ["j", "c"]), ("epipolar_views", ["t", "j"])])
+def test_the_general_plan_streams_each_key_set_once(name, streams):
+    """One online pass per key set (its log-sum-exp and its weighted values), merged by
+    torch: the raw-key pass of window_summary visits only the causal hull of its tiles."""
+    from attncc.passes.streams import Reduction, plan_streams
+    plan = plan_streams(attncc.load(f"examples/{name}.attn"))
+    assert [p.stream for p in plan.passes] == streams
+    for p in plan.passes:
+        kinds = sorted(a.kind.name for a in p.accumulators)
+        assert kinds == ["DOT", "LSE"], kinds
+        dot = next(a for a in p.accumulators if a.kind is Reduction.DOT)
+        assert dot.online is next(a for a in p.accumulators if a.kind is Reduction.LSE)
+    if name == "window_summary":
+        assert plan.passes[0].mask_plan is not None  # the causal bound
 
 
 # ------------------------------------------------------------------------- epipolar_views

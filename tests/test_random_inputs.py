@@ -14,6 +14,7 @@ REQUIRED_PARAMS = {
     "neighborhood_2d": {"height": 6, "width": 7},
     "criss_cross": {"height": "5", "width": "6"},  # text, as from the command line
     "epipolar": {"views": 2, "height": 4, "width": 5},
+    "epipolar_views": {"views": 2, "height": 3, "width": 4},
 }
 
 
