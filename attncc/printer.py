@@ -79,8 +79,7 @@ def _statement(st: ast.Stmt) -> str:
     raise TypeError(f"no text form for {type(st).__name__}")
 
 
-_KIND_WIDTH = max(len(kind.__name__) for kind in (ast.Param, ast.Let, ast.Require, ast.Mask, ast.Assign,
-                                                                ast.MultiAssign))
+_KIND_WIDTH = max(len(kind.__name__) for kind in (ast.Param, ast.Let, ast.Require, ast.Mask, ast.Assign))
 
 
 def format_ast(program: ast.Program) -> str:
@@ -186,7 +185,7 @@ class _IrPrinter:
             return f"reduce {node.op}({self.arg(node.arg)}) over {','.join(node.axes)}"
         if isinstance(node, ir.Normalize):
             sets = "".join(f", {self.arg(x)} along {axis}" for x, axis in node.joint)
-        return f"normalize {node.op}({self.arg(node.arg)}) along {node.axis}{sets}"
+            return f"normalize {node.op}({self.arg(node.arg)}) along {node.axis}{sets}"
         if isinstance(node, ir.Select):
             return f"select {node.op}({self.arg(node.arg)}, {self.arg(node.amount)}) along {node.axis}"
         raise TypeError(f"no text form for {type(node).__name__}")

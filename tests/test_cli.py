@@ -37,6 +37,7 @@ REQUIRED_PARAMS = {
     "neighborhood_2d": ["--param", "height=6,width=7"],
     "criss_cross": ["--param", "height=5", "--param", "width=6"],
     "epipolar": ["--param", "views=2,height=4,width=5"],
+    "epipolar_views": ["--param", "views=2,height=3,width=4"],
 }
 
 
