@@ -96,6 +96,22 @@ def test_window_summary(backend, shape, window, sinks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_window_summary_long_rows_skip_summarised_tiles(backend, sinks):
+    """N = M = 70 with a short window: the raw-key pass starts each row tile after the
+    smallest `last` of its rows (a bound read from data), and must still be exact."""
+    x = window_inputs(B=1, H=2, G=1, N=70, M=70, C=6, D=8, E=4, seed=9)
+    x["ks_end"] = torch.tensor([[7, 15, 23, 31, 47, 55]])
+    kernel = attncc.compile("examples/window_summary.attn", backend=backend)
+    o, lse = kernel(**x, window=8, sinks=sinks, return_lse=True)
+    want_o, want_lse = window_summary_oracle(**x, window=8, sinks=sinks)
+    close(o, want_o, "o")
+    close_lse(lse, want_lse)
+    if backend == "triton":
+        assert "a bound read from the rows' data" in kernel.generated.source.source
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_window_summary_counts_of_allowed_summaries(backend):
     """Rows that see no summary, some, and all of them, checked to occur."""
     x = window_inputs(N=16, M=16, C=3, bias=False)
@@ -321,3 +337,20 @@ def test_key_set_errors_are_located(line, why, caret):
     shown = next(k for k, ln in enumerate(lines) if ln.strip() == line.strip())
     col = lines[shown + 1].index("^")
     assert lines[shown][col:].startswith(caret), message
+
+
+def test_row_data_bounds_read_from_mask_atoms():
+    """The atoms that cut a row tile's streamed range at the extreme of a per-row integer
+    (`j > last[b,i]`), with the side, sign and inclusive offset; others are left alone."""
+    import sympy
+    from attncc.codegen.stream_kernel import _row_data_bound
+    i, j = sympy.Symbol("i", integer=True), sympy.Symbol("j", integer=True)
+    f = sympy.Function("opaque0")(i)
+    rows = {"opaque0": "last"}
+    assert _row_data_bound(sympy.StrictGreaterThan(j - f, 0), j, rows, "i") == ("lo", "last", 1, 1)
+    assert _row_data_bound(sympy.GreaterThan(j, f + 2), j, rows, "i") == ("lo", "last", 1, 2)
+    assert _row_data_bound(sympy.StrictLessThan(j, 3 - f), j, rows, "i") == ("hi", "last", -1, 2)
+    assert _row_data_bound(sympy.GreaterThan(f - j, 0), j, rows, "i") == ("hi", "last", 1, 0)
+    assert _row_data_bound(sympy.StrictGreaterThan(j - f - i, 0), j, rows, "i") is None  # also the row index
+    assert _row_data_bound(sympy.StrictGreaterThan(2 * j - f, 0), j, rows, "i") is None   # not unit in j
+    assert _row_data_bound(sympy.StrictGreaterThan(j - sympy.Function("opaque1")(i), 0), j, rows, "i") is None
