@@ -303,9 +303,9 @@ class PassCodegen:
                 side, node, sign, rest = bound
                 f = self.em.emit(node).code
                 # its extreme over the tile's rows, clipped to int32 (keys are smaller; an empty
-                # amax's int64 minimum must not overflow when negated)
+                # amax's int64 minimum must not overflow when negated; a loop bound is an int)
                 pick, far = ("min", "2147483647") if (side == "lo") == (sign > 0) else ("max", "-2147483647")
-                f = f"tl.minimum(tl.maximum({f}, -2147483647), 2147483647) + tl.zeros([BLOCK_M, 1], tl.int32)"
+                f = f"tl.minimum(tl.maximum({f}, -2147483647), 2147483647).to(tl.int32) + tl.zeros([BLOCK_M, 1], tl.int32)"
                 extreme = f"tl.{pick}(tl.where(row_ok[:, None], {f}, {far}))"
                 value = f"{'-' if sign < 0 else ''}rb{n}_{t} + ({printed(rest, codes)})"
                 lines += [comment(f"a bound read from the rows' data: {atom}"), f"rb{n}_{t} = {extreme}"]
