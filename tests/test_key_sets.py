@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import attncc
+from attncc.binding import bind
+from attncc.reference import Reference
 
 BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
@@ -109,6 +111,21 @@ def test_window_summary_long_rows_skip_summarised_tiles(backend, sinks):
     close_lse(lse, want_lse)
     if backend == "triton":
         assert "a bound read from the rows' data" in kernel.generated.source.source
+
+
+@pytest.mark.parametrize("shape", [dict(B=1, H=1, G=1, N=1, M=40, C=5, E=1), dict(N=13, M=29, C=7)])
+def test_window_summary_reference_in_stream_chunks(shape):
+    """The reference executor streams one index in chunks: the query rows, or for a single
+    query (decoding) a key set's own axis, whose log-sum-exp is then folded over the chunks."""
+    x = window_inputs(**shape, seed=11)
+    program = attncc.load("examples/window_summary.attn")
+    call = bind(program, {**x, "window": 6, "sinks": 1})
+    assert Reference(program, call.tensors, call.scalars, 5).chunk_index == ("j" if shape["N"] == 1 else "i")
+    kernel = attncc.compile("examples/window_summary.attn", backend="reference", reference_block=5)
+    o, lse = kernel(**x, window=6, sinks=1, return_lse=True)
+    want_o, want_lse = window_summary_oracle(**x, window=6, sinks=1)
+    close(o, want_o, "o")
+    close_lse(lse, want_lse)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
