@@ -127,30 +127,27 @@ def _newlines(text: str) -> str:
 
 
 def lse_output(program: ir.Program) -> ir.Output:
-    """The log-sum-exp side output of the softmax that feeds the first output."""
+    """The log-sum-exp side output of the softmax that feeds the first output (of a joint
+    softmax: over all its key sets and its sink)."""
     first = program.outputs[0]
     ancestors = nx.ancestors(program.graph, first.node) | {first.node}
     softmaxes = [n for n in ancestors if isinstance(n, ir.Normalize) and n.op == "softmax"
                  and n.axis not in first.node.indices]
-    if len(softmaxes) != 1:
+    groups = {frozenset((x.id, axis) for x, axis in n.key_sets()): n for n in softmaxes}
+    if len(groups) != 1:
         raise SpecError(f"return_lse needs exactly one softmax over the summed axis feeding "
-                        f"'{first.name}', found {len(softmaxes)}", program.source, first.loc)
-    sm = softmaxes[0]
+                        f"'{first.name}', found {len(groups)}", program.source, first.loc)
+    sm = next(iter(groups.values()))
     indices = tuple(ix for ix in sm.arg.indices if ix != sm.axis)
-    node = ir.Reduce(op="logsumexp", arg=sm.arg, axes=(sm.axis,), indices=indices, loc=sm.loc)
-    if sm.sink is not None:  # log(exp(sink) + sum exp(s)): logaddexp as max(a, b) + log1p(exp(-|a - b|))
-        node = _logaddexp(node, sm.sink)
+    terms = [ir.Reduce(op="logsumexp", arg=x, axes=(axis,), indices=tuple(ix for ix in x.indices if ix != axis),
+                       loc=sm.loc) for x, axis in sm.key_sets()]
+    if sm.sink is not None:  # log(exp(sink) + sum exp(s))
+        terms.append(sm.sink)
+    node = terms[0] if len(terms) == 1 else ir.logaddexp(*terms, loc=sm.loc)
+    if node.indices != indices:
         node = ir.Access(array=node, args=tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices),
-                         axes=node.indices, indices=indices, dtype=ir.FLOAT, loc=sm.loc) \
-            if node.indices != indices else node
+                         axes=node.indices, indices=indices, dtype=ir.FLOAT, loc=sm.loc)
     return ir.Output("lse", node, indices, tuple(program.extent[ix] for ix in indices), sm.loc)
-
-
-def _logaddexp(a: ir.Node, b: ir.Node) -> ir.Node:
-    def m(op, *args):
-        ordered = sorted(args, key=lambda x: -len(x.indices))
-        return ir.Map(op=op, args=args, indices=ir.union_indices(ordered), dtype=ir.FLOAT, loc=a.loc)
-    return m("+", m("max", a, b), m("log1p", m("exp", m("neg", m("abs", m("-", a, b))))))
 
 
 class Kernel:

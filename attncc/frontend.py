@@ -293,6 +293,25 @@ class Frontend:
             node, axes = self.update(st, previous)
         self.env[st.name] = _Tensor(node, axes)
 
+    def stmt_multiassign(self, st: ast.MultiAssign):
+        """`p, ps = softmax(s, j, ss, c)`: the weights of each key set, in order."""
+        call = st.value
+        if not (isinstance(call, ast.Call) and call.func == "softmax"):
+            raise self.error(f"{len(st.names)} names on the left need a softmax over {len(st.names)} key sets",
+                             call.loc, f"`{', '.join(st.names)} = softmax(s, j, ss, c, ...)`")
+        for k, (name, loc) in enumerate(zip(st.names, st.name_locs)):
+            previous = self.env.get(name)
+            if isinstance(previous, _Scalar) or (isinstance(previous, _Tensor) and previous.axes is None) \
+                    or name in st.names[:k]:
+                raise self.error(f"'{name}' cannot name a key set's weights", loc, "a new tensor name")
+        nodes = self.normalizers(call)
+        if len(nodes) != len(st.names):
+            raise self.error(f"{len(st.names)} names on the left, but this softmax has {len(nodes)} key "
+                             f"set{'s' if len(nodes) > 1 else ''}", call.loc,
+                             "one name per key set (an operand and its axis each)")
+        for name, node in zip(st.names, nodes):
+            self.env[name] = _Tensor(node, node.indices)
+
     # ------------------------------------------------------------------ assignment helpers
     def check_new_name(self, name, loc):
         if name in self.env:
@@ -664,11 +683,11 @@ class Frontend:
         if f in REDUCTIONS:
             return self.reduction(e)
         if f in NORMALIZERS:
-            self.check_arity(e, 3 if f == "softmax" and len(e.args) == 3 else 2)
-            x = self.operand(e.args[0])
-            axis = self.axis(e.args[1], x, e)
-            sink = self.sink_logit(e.args[2], axis) if len(e.args) == 3 else None
-            return ir.Normalize(op=f, arg=x, axis=axis, indices=x.indices, dtype=ir.FLOAT, loc=e.loc, sink=sink)
+            nodes = self.normalizers(e)
+            if len(nodes) > 1:
+                raise self.error(f"this softmax over {len(nodes)} key sets makes {len(nodes)} tensors, one per set",
+                                 e.loc, f"{len(nodes)} names on the left, e.g. `p, ps = softmax(s, j, ss, c)`")
+            return nodes[0]
         if f in SELECTIONS:
             self.check_arity(e, 3)
             x = self.operand(e.args[0])
@@ -677,13 +696,52 @@ class Frontend:
                              indices=x.indices, dtype=SELECTIONS[f], loc=e.loc)
         raise self.error(f"unknown function '{f}'", e.loc, FUNCTION_HELP)
 
-    def sink_logit(self, arg: ast.Expr, axis: str) -> ir.Node:
+    def normalizers(self, e: ast.Call) -> list[ir.Normalize]:
+        """`softmax(s, j)`, with a sink logit `softmax(s, j, sinks[h])`, or one softmax over
+        several key sets `softmax(s, j, ss, c[, sink])`: one weight tensor per set, all
+        divided by one denominator (the sum over every set, and the sink)."""
+        if e.func != "softmax" or len(e.args) < 3:
+            self.check_arity(e, 2)
+        else:
+            self.check_arity(e, len(e.args))
+        pairs = [(self.operand(x), a) for x, a in zip(e.args[0:len(e.args) - 1:2], e.args[1::2])]
+        sets = [(x, self.axis(a, x, e)) for x, a in pairs]
+        sink = self.sink_logit(e.args[-1], sets) if len(e.args) % 2 else None
+        self.check_key_sets(sets, e)
+        return [ir.Normalize(op=e.func, arg=x, axis=axis, indices=x.indices, dtype=ir.FLOAT, loc=e.loc, sink=sink,
+                             joint=tuple(other for other in sets if other[0] is not x or other[1] != axis))
+                for x, axis in sets]
+
+    def check_key_sets(self, sets, e: ast.Call):
+        """The sets of a joint softmax share their row indices (all but each set's axis), so
+        the one denominator is a value per row, and a set's axis is no row index of another."""
+        rows0 = set(sets[0][0].indices) - {sets[0][1]}
+        for k, (x, axis) in enumerate(sets[1:], 1):
+            arg = e.args[2 * k]
+            if x.dtype == ir.BOOL:
+                raise self.error("a key set's scores are numbers, not booleans", arg.loc)
+            rows = set(x.indices) - {axis}
+            if rows != rows0:
+                show = ", ".join(sorted(rows0))
+                raise self.error(f"key set {k + 1} has the row indices ({', '.join(sorted(rows))}) besides its axis "
+                                 f"'{axis}', the first set ({show})", arg.loc,
+                                 f"scores over ({show}) and the set's own axis")
+            if any(x is y and axis == b for y, b in sets[:k]):
+                raise self.error("the same key set twice in one softmax", arg.loc, "distinct key sets")
+
+    def sink_logit(self, arg: ast.Expr, sets) -> ir.Node:
         """`softmax(s, j, sinks[h])`: the logit of one more virtual key (value 0), per row, so
         `p = exp(s) / (exp(sink) + sum_j exp(s))`; it cannot depend on the normalised axis."""
         node = self.expr(arg)
-        if axis in node.indices:
-            raise self.error(f"the sink logit depends on '{axis}', the axis the softmax normalises", arg.loc,
-                             f"a value per row, without '{axis}' (e.g. `sinks[h]`)")
+        for _, axis in sets:
+            if axis in node.indices:
+                raise self.error(f"the sink logit depends on '{axis}', the axis the softmax normalises", arg.loc,
+                                 f"a value per row, without '{axis}' (e.g. `sinks[h]`)")
+        x, axis = sets[0]
+        extra = [ix for ix in node.indices if ix not in x.indices]
+        if extra:
+            raise self.error(f"the sink logit has index '{extra[0]}', which the scores lack", arg.loc,
+                             f"a value per row, over indices of the scores besides '{axis}' (e.g. `sinks[h]`)")
         if node.dtype == ir.BOOL:
             raise self.error("the sink logit is a number, not a boolean", arg.loc)
         return node

@@ -165,15 +165,22 @@ class Reduce(Node):
 @dataclass(eq=False)
 class Normalize(Node):
     """softmax (or softmax1: with a virtual zero logit) of `arg` along `axis`; `sink`: the
-    logit of one more virtual entry (a learned attention sink), not over `axis`."""
+    logit of one more virtual entry (a learned attention sink), not over `axis`; `joint`:
+    the other key sets (operand, axis) of a joint softmax (`p, ps = softmax(s, j, ss, c)`),
+    whose entries share this one's denominator. Each set applies its own masks."""
 
     op: str = "softmax"
     arg: Node = None
     axis: str = ""
     sink: Node | None = None
+    joint: tuple[tuple[Node, str], ...] = ()
 
     def operands(self):
-        return (self.arg,) if self.sink is None else (self.arg, self.sink)
+        return (self.arg, *(x for x, _ in self.joint), *((self.sink,) if self.sink is not None else ()))
+
+    def key_sets(self) -> tuple[tuple[Node, str], ...]:
+        """Every (operand, axis) the denominator sums over, this node's own set first."""
+        return ((self.arg, self.axis), *self.joint)
 
 
 @dataclass(eq=False)
@@ -257,9 +264,16 @@ class Program:
         along = reduced_axes(node)
         if not along:
             return []
+        if isinstance(node, Normalize):  # its own key set only: each joint set has its masks
+            return self.set_masks(node.arg, node.axis)
         space = set(union_indices(node.operands()))
         return [m for m in self.masks
                 if set(m.pred.indices) <= space and set(m.pred.indices) & set(along)]
+
+    def set_masks(self, arg: Node, axis: str) -> list[Mask]:
+        """The masks of one key set of a softmax: those over its operand's space that
+        involve its axis."""
+        return [m for m in self.masks if set(m.pred.indices) <= set(arg.indices) and axis in m.pred.indices]
 
     def shape(self, node: Node) -> tuple[sympy.Expr, ...]:
         return tuple(self.extent[ix] for ix in node.indices)
@@ -280,6 +294,23 @@ def reduced_axes(node: Node) -> tuple[str, ...]:
     if isinstance(node, (Normalize, Select)):
         return (node.axis,)
     return ()
+
+
+def logaddexp(*terms: Node, loc: Loc | None = None) -> Node:
+    """`log(sum_k exp(t_k))` of per-row values as elementwise nodes, stable (shifted by the
+    largest) and -inf, not nan, when every term is -inf (a row with nothing allowed)."""
+    def m(op, *args, dtype=FLOAT):
+        ordered = sorted(args, key=lambda x: -len(x.indices))
+        return Map(op=op, args=args, indices=union_indices(ordered), dtype=dtype, loc=loc)
+    top = terms[0]
+    for t in terms[1:]:
+        top = m("max", top, t)
+    shift = m("where", m("==", top, Const(value=-float("inf")), dtype=BOOL), Const(value=0.0), top)
+    total = None
+    for t in terms:
+        e = m("exp", m("-", t, shift))
+        total = e if total is None else m("+", total, e)
+    return m("+", shift, m("log", total))
 
 
 def union_indices(nodes) -> tuple[str, ...]:

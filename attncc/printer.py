@@ -89,6 +89,8 @@ def _statement(st: ast.Stmt) -> str:
     if isinstance(st, ast.Assign):
         target = st.name if st.indices is None else f"{st.name}[{', '.join(st.indices)}]"
         return f"{target} {st.op} {format_expr(st.value)}"
+    if isinstance(st, ast.MultiAssign):
+        return f"{', '.join(st.names)} = {format_expr(st.value)}"
     raise TypeError(f"no text form for {type(st).__name__}")
 
 
@@ -197,7 +199,8 @@ class _IrPrinter:
                         f"as {b.name}")
             return f"reduce {node.op}({self.arg(node.arg)}) over {','.join(node.axes)}"
         if isinstance(node, ir.Normalize):
-            return f"normalize {node.op}({self.arg(node.arg)}) along {node.axis}"
+            sets = "".join(f", {self.arg(x)} along {axis}" for x, axis in node.joint)
+            return f"normalize {node.op}({self.arg(node.arg)}) along {node.axis}{sets}"
         if isinstance(node, ir.Select):
             return f"select {node.op}({self.arg(node.arg)}, {self.arg(node.amount)}) along {node.axis}"
         raise TypeError(f"no text form for {type(node).__name__}")

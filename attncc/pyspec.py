@@ -528,6 +528,11 @@ class _Translator:
         return call.args[0]
 
     def assign(self, target, op: str, value) -> syntax.Stmt:
+        if isinstance(target, ast.Tuple) and op == "=" and all(isinstance(t, ast.Name) for t in target.elts):
+            for t in target.elts:  # `p, ps = softmax(s, j, ss, c)`: one tensor per key set
+                self.check_name(t.id, t, "the tensor")
+            return syntax.MultiAssign([t.id for t in target.elts], self.expr(value),
+                                      name_locs=[self.loc(t) for t in target.elts], loc=self.loc(target.elts[0]))
         if isinstance(target, ast.Name):
             name, name_node, indices, index_locs = target.id, target, None, []
         elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):

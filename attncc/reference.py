@@ -164,7 +164,12 @@ class Reference:
             return () if self.streams(node, node.summed) else (*node.factors, *preds)
         if isinstance(node, ir.Reduce):
             return () if node.block is not None or self.streams(node, node.axes) else (node.arg, *preds)
-        if isinstance(node, (ir.Normalize, ir.Select)):
+        if isinstance(node, ir.Normalize):
+            sets = node.key_sets()
+            if any(axis == self.chunk_index for _, axis in sets):
+                return ()
+            return (*node.operands(), *(m.pred for x, axis in sets for m in self.p.set_masks(x, axis)))
+        if isinstance(node, ir.Select):
             return () if node.axis == self.chunk_index else (*node.operands(), *preds)
         return ()
 
@@ -357,6 +362,9 @@ class Reference:
             count = valid.expand(x.shape).sum(dim=dims)
         else:
             count = torch.tensor(math.prod(x.shape[d] for d in dims))
+        if x.numel() == 0 and node.op in ("amax", "amin"):  # an empty axis (C = 0): nothing, like all masked
+            x = torch.full([n if d not in dims else 1 for d, n in enumerate(x.shape)], fill, dtype=x.dtype,
+                           device=x.device)
         if node.op in ("sum", "mean"):
             value = x.sum(dim=dims)
         elif node.op == "amax":
@@ -451,25 +459,42 @@ class Reference:
 
     # ------------------------------------------------------------------ normalisations and selections
     def eval_normalize(self, node: ir.Normalize):
-        x = self.value(node.arg).to(self.fdtype)
-        valid = self.valid(node, node.arg.indices)
-        if valid is not None:
-            x = torch.where(valid, x, torch.tensor(-math.inf, dtype=self.fdtype))
-        dim = node.arg.indices.index(node.axis)
-        if node.axis == self.chunk_index:
-            lse = self.shared.get(("lse", node))
-            if lse is None:
-                lse = self.over_chunks(node, lambda acc, _: self.masked_lse(node, dim) if acc is None
-                                       else torch.logaddexp(acc, self.masked_lse(node, dim)))
-                self.shared[("lse", node)] = lse
-        else:
-            lse = torch.logsumexp(x, dim=dim, keepdim=True)
+        """exp(x - L), L the log-sum-exp of the denominator: this node's key set, the other
+        sets of a joint softmax (each under its own masks) and the sink or softmax1's zero."""
+        x = self.masked(node.arg, self.p.masks_on(node))
+        lse = self.set_lse(node, node.arg, node.axis)
+        for arg, axis in node.joint:
+            lse = torch.logaddexp(lse, align(self.set_lse(node, arg, axis), arg.indices, node.arg.indices))
         if node.op == "softmax1":
             lse = torch.logaddexp(lse, torch.zeros((), dtype=self.fdtype))
         if node.sink is not None:  # one more virtual entry with this logit
             lse = torch.logaddexp(lse, align(self.value(node.sink), node.sink.indices, node.arg.indices)
                                   .to(self.fdtype))
         return self.normalized(x, lse)
+
+    def masked(self, arg: ir.Node, masks) -> torch.Tensor:
+        """A key set's scores, -inf where its masks remove an entry."""
+        x = self.value(arg).to(self.fdtype)
+        for m in masks:
+            x = torch.where(align(self.value(m.pred), m.pred.indices, arg.indices).to(torch.bool), x,
+                            torch.tensor(-math.inf, dtype=self.fdtype))
+        return x
+
+    def set_lse(self, node: ir.Normalize, arg: ir.Node, axis: str) -> torch.Tensor:
+        """The log-sum-exp of one key set along its axis (kept, size 1) under its masks; over
+        the stream chunks when the axis is the chunk index (once per set, then shared)."""
+        masks = self.p.set_masks(arg, axis)
+        dim = arg.indices.index(axis)
+        if axis != self.chunk_index:
+            return torch.logsumexp(self.masked(arg, masks), dim=dim, keepdim=True)
+        key = ("lse", arg, axis)
+        if key not in self.shared:
+            self.shared[key] = self.over_chunks(node, lambda acc, _: self.chunk_lse(arg, masks, dim, acc))
+        return self.shared[key]
+
+    def chunk_lse(self, arg, masks, dim, acc):
+        part = torch.logsumexp(self.masked(arg, masks), dim=dim, keepdim=True)
+        return part if acc is None else torch.logaddexp(acc, part)
 
     @staticmethod
     def normalized(x, lse):
@@ -479,13 +504,6 @@ class Reference:
         empty = lse == -math.inf
         out = torch.exp(x - torch.where(empty, 0, lse))
         return torch.where(torch.isnan(lse) | (lse == math.inf), math.nan, torch.where(empty, 0, out))
-
-    def masked_lse(self, node: ir.Normalize, dim: int):
-        x = self.value(node.arg).to(self.fdtype)
-        valid = self.valid(node, node.arg.indices)
-        if valid is not None:
-            x = torch.where(valid, x, torch.tensor(-math.inf, dtype=self.fdtype))
-        return torch.logsumexp(x, dim=dim, keepdim=True)
 
     def eval_select(self, node: ir.Select):
         if node.axis == self.chunk_index:  # needs the whole axis: select once, then slice

@@ -146,6 +146,14 @@ class Assign(Stmt):
 
 
 @dataclass
+class MultiAssign(Stmt):
+    """`p, ps = softmax(s, j, ss, c)`: one tensor per name, from a call that makes several."""
+    names: list[str]
+    value: Expr
+    name_locs: list[Loc | None] = field(default_factory=list, compare=False, repr=False)
+
+
+@dataclass
 class Program:
     name: str
     inputs: list[Decl]
@@ -329,6 +337,12 @@ class _ToAst(lark.Transformer):
             idx = [str(t) for t in indices if t is not None]
         locs = [_tok_loc(t) for t in indices if t is not None] if idx is not None else []
         return Assign(str(name), idx, str(op), value, index_locs=locs, loc=_tok_loc(name))
+
+    @lark.v_args(meta=True)
+    def multi_assign(self, meta, items):
+        *names, value = items
+        return MultiAssign([str(n) for n in names], value, name_locs=[_tok_loc(n) for n in names],
+                           loc=_tok_loc(names[0]))
 
     def program(self, items):
         name, *rest = items

@@ -295,9 +295,24 @@ class PassCodegen:
         for n, c in enumerate(plan.conjuncts):
             ok = [f"({guard_code(g, codes)})" for g in c.guards]
             ok.append(f"({printed(sympy.Max(plan.i0, c.row_lo), codes)} <= {printed(sympy.Min(plan.i1, c.row_hi), codes)})")
+            lo, hi = printed(c.lo, codes), printed(c.hi, codes)
+            for t, atom in enumerate(c.opaque):
+                bound = _row_data_bound(atom, plan.j, self.p.mask_opaque, self.p.row)
+                if bound is None:
+                    continue
+                side, node, sign, rest = bound
+                f = self.em.emit(node).code
+                # its extreme over the tile's rows, clipped to int32 (keys are smaller; an empty
+                # amax's int64 minimum must not overflow when negated; a loop bound is an int)
+                pick, far = ("min", "2147483647") if (side == "lo") == (sign > 0) else ("max", "-2147483647")
+                f = f"tl.minimum(tl.maximum({f}, -2147483647), 2147483647).to(tl.int32) + tl.zeros([BLOCK_M, 1], tl.int32)"
+                extreme = f"tl.{pick}(tl.where(row_ok[:, None], {f}, {far}))"
+                value = f"{'-' if sign < 0 else ''}rb{n}_{t} + ({printed(rest, codes)})"
+                lines += [comment(f"a bound read from the rows' data: {atom}"), f"rb{n}_{t} = {extreme}"]
+                lo, hi = (f"tl.maximum({lo}, {value})", hi) if side == "lo" else (lo, f"tl.minimum({hi}, {value})")
             lines += [f"ok{n} = " + " & ".join(ok),
-                      f"mask_lo = tl.where(ok{n} != 0, tl.minimum(mask_lo, {printed(c.lo, codes)}), mask_lo)",
-                      f"mask_hi = tl.where(ok{n} != 0, tl.maximum(mask_hi, {printed(c.hi, codes)} + 1), mask_hi)"]
+                      f"mask_lo = tl.where(ok{n} != 0, tl.minimum(mask_lo, {lo}), mask_lo)",
+                      f"mask_hi = tl.where(ok{n} != 0, tl.maximum(mask_hi, {hi} + 1), mask_hi)"]
         return lines + ["lo = tl.maximum(lo, mask_lo)", "hi = tl.minimum(hi, mask_hi)"]
 
     def accumulate(self, k: int, acc: Accumulator, init, update, final):
@@ -408,6 +423,38 @@ class PassCodegen:
             else:
                 parts.append(f"{names.user('idx', ix)} * res{k}_s{a}")
         return f"tl.store(res{k}_ptr + {' + '.join(parts) or '0'}, acc{k}, mask={ok})"
+
+
+def _row_data_bound(atom, j, opaque: dict, row: str) -> tuple | None:
+    """An opaque mask atom that bounds the streamed index by an integer value per row,
+    `j > f[b,i] + r` (or `>=`, `<`, `<=`; f read from a tensor, r free of the row): ("lo" or
+    "hi", f's node, the sign of f in the inclusive bound, r adjusted to inclusive), so a row
+    tile's range is cut at the extreme of f over its rows (window_summary: the raw keys
+    after the last summarised one). None for any other atom."""
+    if not isinstance(atom, (sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan)):
+        return None
+    expr = sympy.expand(atom.lhs - atom.rhs)  # the atom is `expr OP 0`
+    symbols = {s.name: s for s in expr.free_symbols}
+    js = symbols.get(str(j))
+    calls = list(expr.atoms(sympy.core.function.AppliedUndef))
+    if js is None or len(calls) != 1 or str(calls[0].func) not in opaque:
+        return None
+    cj = sympy.diff(expr, js)
+    if cj not in (1, -1):
+        return None
+    node = opaque[str(calls[0].func)]
+    greater = isinstance(atom, (sympy.StrictGreaterThan, sympy.GreaterThan))
+    strict = isinstance(atom, (sympy.StrictGreaterThan, sympy.StrictLessThan))
+    if cj == -1:  # -j + ... OP 0 is j OP' ...
+        expr, greater = -expr, not greater
+    cf = sympy.diff(expr, calls[0])
+    rest = -(expr - js - cf * calls[0])  # j OP (-cf) * f + rest
+    if cf not in (1, -1) or {s.name for s in rest.free_symbols} & {js.name, row} or \
+            rest.atoms(sympy.core.function.AppliedUndef):
+        return None
+    if strict:
+        rest = rest + (1 if greater else -1)
+    return ("lo" if greater else "hi"), node, int(-cf), rest
 
 
 def generate_streams(plan: StreamPlan, name: str) -> StreamSource:

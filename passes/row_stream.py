@@ -234,7 +234,8 @@ def _off_axis_normalisers(node: ir.Node, j: str, memo: dict | None = None) -> ir
     if node in memo:
         return memo[node]
     result = node
-    if isinstance(node, ir.Normalize) and node.axis != j and node.op == "softmax" and node.sink is None:
+    if isinstance(node, ir.Normalize) and node.axis != j and node.op == "softmax" and node.sink is None \
+            and not node.joint:
         x = node.arg
         rest = tuple(ix for ix in x.indices if ix != node.axis)
         lse = ir.Reduce(op="logsumexp", arg=x, axes=(node.axis,), indices=rest, dtype=ir.FLOAT, loc=node.loc)
@@ -260,6 +261,8 @@ def _weight_terms(node: ir.Node, j: str, memo: dict | None = None
     if node in memo:
         return memo[node]
     if isinstance(node, ir.Normalize):
+        if node.joint:
+            raise NotRowStreamable("a softmax over several key sets (the general planner's)")
         if node.axis != j:
             raise NotRowStreamable(f"a {node.op} along '{node.axis}', not along the keys '{j}'")
         sink = ir.Const(value=0.0, dtype=ir.FLOAT) if node.op == "softmax1" else node.sink

@@ -124,6 +124,7 @@ class StreamPass:
     lazy_dots: list = field(default_factory=list)  # tile dots inside inner sums: computed in their loops
     mask_plan: object = None       # the sympy plan of the masks every accumulator applies: tile ranges
     mask_symbols: dict = field(default_factory=dict)  # its loaded scalars (sympy name -> IR node)
+    mask_opaque: dict = field(default_factory=dict)   # its opaque row values (sympy name -> IR node)
 
 
 @dataclass(eq=False)
@@ -494,20 +495,32 @@ class Lowering:
         return self.lses[key]
 
     def normalize(self, n: ir.Normalize, x: ir.Node) -> ir.Node:
+        """`exp(x - L_x) * exp(L_x - L)`: the first factor is online in the log-sum-exp pass of
+        this key set, the second a value per row; `L` adds the other key sets' log-sum-exps (a
+        joint softmax), softmax1's zero logit or the sink (rule: a joint normaliser is per-set
+        passes merged by their log-sum-exps)."""
         masks = tuple(self.program.masks_on(n))
         lse = self.logsumexp(x, n.axis, masks, n.loc)
-        empty = _map("==", lse, _const(-math.inf), dtype=ir.BOOL)
-        safe = _map("where", empty, _const(0.0), lse)  # nothing allowed: weights 0, not nan
+        safe = _finite(lse)  # nothing allowed: weights 0, not nan
         weight = _map("exp", _map("-", x, safe, loc=n.loc), loc=n.loc)
         self.softmax[weight] = lse
         if masks:
             weight = _map("where", self.conjunction(masks), weight, _const(0.0), loc=n.loc)
-        sink = _const(0.0) if n.op == "softmax1" else self(n.sink) if n.sink is not None else None
-        if sink is not None:  # one more virtual logit: exp(x - L) * exp(L - logaddexp(L, sink))
-            total = _map("+", _map("max", lse, sink), _map("log1p", _map("exp", _map("neg", _map("abs", _map(
-                "-", lse, sink))))))
+        others = [self.logsumexp(self(arg), axis, tuple(self.program.set_masks(arg, axis)), n.loc)
+                  for arg, axis in n.joint]
+        if n.op == "softmax1":
+            others.append(_const(0.0))
+        if n.sink is not None:
+            others.append(self(n.sink))
+        if others:
+            total = _finite(ir.logaddexp(lse, *others, loc=n.loc))
             weight = _map("*", weight, _map("exp", _map("-", safe, total)), loc=n.loc)
         return weight
+
+
+def _finite(lse: ir.Node) -> ir.Node:
+    """A log-sum-exp with -inf (nothing allowed) read as 0, so `exp(x - L)` is 0, not nan."""
+    return _map("where", _map("==", lse, _const(-math.inf), dtype=ir.BOOL), _const(0.0), lse)
 
 
 # ---------------------------------------------------------------------------- analysis helpers
@@ -914,7 +927,7 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
         inside = {m for n in planner.inner for m in _walk(n, lambda x: False) if m is not n}
         p.dots = [t for t in seen.values() if t.node not in inside]
         p.lazy_dots = [t for t in seen.values() if t.node in inside]
-        p.mask_plan, p.mask_symbols = _tile_ranges(planner, p)
+        p.mask_plan, p.mask_symbols, p.mask_opaque = _tile_ranges(planner, p)
         for acc in p.accumulators:
             if acc.online is not None and acc.online not in p.accumulators:
                 raise NotRowStreamable("an online sum lost its log-sum-exp pass (planner error)")
@@ -934,16 +947,20 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
 def _tile_ranges(planner: Planner, p: StreamPass):
     """The mask plan that bounds the streamed range of a pass's row tiles (rule: skip the
     tiles every accumulator masks): when all accumulators apply the same masks and no
-    selection counts ties across tiles. (None, {}) when every tile is visited."""
+    selection counts ties across tiles. (None, {}, {}) when every tile is visited."""
     masks = {tuple(a.spec_masks) for a in p.accumulators}
     if len(masks) != 1 or not next(iter(masks)) or \
             any(isinstance(n, Chosen) for a in p.accumulators for n in _walk(a.arg, lambda n: False)):
-        return None, {}
+        return None, {}, {}
     try:
-        plan, symbols, _ = analyse_masks(planner.program, list(next(iter(masks))), p.row, p.stream, p.outer)
+        plan, symbols, opaque = analyse_masks(planner.program, list(next(iter(masks))), p.row, p.stream, p.outer)
     except (NotAffineExtents, NotImplementedError):
-        return None, {}
-    return plan, symbols
+        return None, {}, {}
+    # integer values per row (`last[b,i]`) can bound a row tile's range from its rows' data:
+    # kept in the form the kernel evaluates (reductions read from torch's precomputed tensors)
+    rows = {name: planner.kernel_form(planner.lower(node), {}) for name, node in opaque.items()
+            if node.dtype == ir.INT and set(node.indices) <= {p.row, *p.outer}}
+    return plan, symbols, rows
 
 
 def _row_major(program: ir.Program, row: str, stream: str) -> bool:

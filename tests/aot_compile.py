@@ -1,5 +1,5 @@
 """Compile every gallery example's generated kernels for a Hopper GPU (sm_90), without one
-(`--trials`: the general streaming plans of some trial variants instead).
+(`--trials`: the general streaming plans of some trial variants and gallery examples instead).
 
 Run by tests/test_gpu_compile.py in a fresh process: Triton compiles only when it was not
 imported in interpreter mode, which the rest of the suite uses. Prints `ok NAME` per example
@@ -23,13 +23,16 @@ CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # gather, a grid over two batches, feature maps, inner sums over heads
 TRIALS = ("column_importance", "kca_topk", "landmark", "sinkhorn", "var_redistribute", "content_relative",
           "filip", "cosformer", "talking_heads")
+# gallery examples whose kernels are general plans (one pass per key set of a joint softmax)
+GENERAL = ("window_summary", "epipolar_views")
 TMA = ("causal", "dense", "gqa_causal", "differential", "document")
 POINTERS = ("causal", "gqa_causal")
 
 def compile_trials():
     """The general plans' pass kernels at their default configs, down to a cubin."""
-    for trial in TRIALS:
-        kernel = attncc.compile(f"tests/trials/{trial}.attn", backend="triton")
+    for trial in (*TRIALS, *GENERAL):
+        path = f"examples/{trial}.attn" if trial in GENERAL else f"tests/trials/{trial}.attn"
+        kernel = attncc.compile(path, backend="triton")
         compiled = compile_kernels(kernel, 64, 64)
         if not compiled or not all("cubin" in c.asm for c in compiled.values()):
             raise SystemExit(f"{trial}: no cubin")

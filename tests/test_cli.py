@@ -38,6 +38,7 @@ REQUIRED_PARAMS = {
     "neighborhood_nd": ["--param", "shape=(2,3,5),kernel=(1,3,3)"],
     "criss_cross": ["--param", "height=5", "--param", "width=6"],
     "epipolar": ["--param", "views=2,height=4,width=5"],
+    "epipolar_views": ["--param", "views=2,height=3,width=4"],
 }
 
 
@@ -53,7 +54,7 @@ def flat(text: str) -> str:
 
 
 def test_gallery_lists_every_example(capsys):
-    assert len(NAMES) == 36
+    assert len(NAMES) == 38
     rc, out, _ = run(capsys, "list", "--dir", str(EXAMPLES))
     assert rc == 0
     for name in NAMES:
@@ -62,7 +63,7 @@ def test_gallery_lists_every_example(capsys):
 
 def test_gallery_defaults_to_the_installed_examples(capsys):
     rc, out, _ = run(capsys, "list")
-    assert rc == 0 and "36 attention specs" in out and "permuted_blocks" in out
+    assert rc == 0 and "38 attention specs" in out and "permuted_blocks" in out
 
 
 def test_show_ir_of_causal(capsys):

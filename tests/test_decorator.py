@@ -197,6 +197,8 @@ def python_text(program: syntax.Program) -> str:
             lines.append(f"    require({py(st.cond)})")
         elif isinstance(st, syntax.Mask):
             lines.append(f"    mask({py(st.cond)})")
+        elif isinstance(st, syntax.MultiAssign):
+            lines.append(f"    {', '.join(st.names)} = {py(st.value)}")
         else:
             target = st.name if st.indices is None else f"{st.name}[{', '.join(st.indices)}]"
             lines.append(f"    {target} {st.op} {py(st.value)}")

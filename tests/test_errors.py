@@ -544,7 +544,7 @@ def test_input_declared_twice():
 def test_all_examples_parse_and_check():
     """Correctness only; how fast this is belongs to a benchmark."""
     files = sorted(EXAMPLES_DIR.glob("*.attn"))
-    assert len(files) == 36
+    assert len(files) == 38
     for path in files:
         program = parse(path.read_text(), str(path))
         assert program.name == path.stem

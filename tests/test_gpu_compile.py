@@ -32,7 +32,7 @@ def test_general_plans_compile_for_sm90():
     out = subprocess.run([sys.executable, str(script), "--trials"], env=env, capture_output=True, text=True,
                          timeout=900, cwd=Path(__file__).parent.parent)
     sys.path.insert(0, str(script.parent))
-    from aot_compile import TRIALS
+    from aot_compile import GENERAL, TRIALS
 
     compiled = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")]
-    assert out.returncode == 0 and compiled == list(TRIALS), out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.returncode == 0 and compiled == [*TRIALS, *GENERAL], out.stdout[-2000:] + out.stderr[-4000:]

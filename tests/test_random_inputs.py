@@ -15,6 +15,7 @@ REQUIRED_PARAMS = {
     "neighborhood_nd": {"shape": "(2, 3, 5)", "kernel": "3"},  # text, as from the command line
     "criss_cross": {"height": "5", "width": "6"},  # text, as from the command line
     "epipolar": {"views": 2, "height": 4, "width": 5},
+    "epipolar_views": {"views": 2, "height": 3, "width": 4},
 }
 
 
