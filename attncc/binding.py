@@ -17,6 +17,7 @@ import torch
 
 from . import ir
 from .errors import ArgumentError, ShapeError
+from .read_check import check_reads
 from .reference import _scalar_function, evaluate_scalar
 
 # The element types both backends take. Other floats (float8) and unsigned ints wider than
@@ -151,6 +152,7 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
         if not holds:
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} does not hold: {values}")
     sizes = _check_sizes(program, scalars)
+    check_reads(program, scalars)
     if data:
         _check_index_ranges(program, tensors, sizes)
     floats = [t for n, t in tensors.items() if t.is_floating_point()]
