@@ -29,8 +29,8 @@ from .errors import Loc, Source, SpecError
 # Words the .attn grammar reserves: a tensor, index, dim, param or let may not take them, so that
 # every tree built here also has a `.attn` text (attncc.printer.format_attn). Python's own
 # keywords (if, else, and, or, not, as) cannot be names anyway.
-RESERVED = frozenset({"attention", "param", "let", "require", "mask", "if", "else", "and", "or", "not",
-                      "by", "as"})
+RESERVED = frozenset({"attention", "param", "let", "require", "mask", "repeat", "if", "else", "and", "or", "not",
+                      "in", "by", "as"})
 TYPES = ("float", "int", "bool")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 _INT = re.compile(r"[0-9]+")
