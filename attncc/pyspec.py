@@ -621,6 +621,8 @@ class _Translator:
         if len(node.ops) > 1:
             raise self.error("comparisons do not chain in the attncc language", node,
                              "`a < b and b < c`")
+        if isinstance(node.ops[0], ast.In) and isinstance(node.comparators[0], ast.Subscript):
+            return self.membership(node.left, node.comparators[0], node)
         op = _COMPARE.get(type(node.ops[0]))
         if op is None:
             symbol = _OTHER_COMPARE[type(node.ops[0])]
@@ -628,6 +630,17 @@ class _Translator:
                              self.operator_loc(node, node.left, node.comparators[0], symbol.split()[0]),
                              "`==`, `!=`, `<`, `<=`, `>` or `>=`")
         return syntax.BinOp(op, self.sub(node.left), self.sub(node.comparators[0]), loc=self.loc(node))
+
+    def membership(self, value, table: ast.Subscript, node) -> syntax.Member:
+        """`x in t[b, :]`: a bare `:` marks the searched axis, as in the .attn text."""
+        if not isinstance(table.value, ast.Name):
+            raise self.error("only a tensor's name can be searched", table.value, "`x in t[b, :]`")
+        self.check_name(table.value.id, table.value, "the tensor")
+        items = table.slice.elts if isinstance(table.slice, ast.Tuple) else [table.slice]
+        args = [None if isinstance(a, ast.Slice) and a.lower is None and a.upper is None and a.step is None
+                else self.sub(a) for a in items]
+        return syntax.Member(self.sub(value), table.value.id, args, loc=self.loc(node),
+                             name_loc=self.loc(table.value))
 
     def expr_IfExp(self, node: ast.IfExp):
         return syntax.IfElse(self.sub(node.test), self.sub(node.body), self.sub(node.orelse), loc=self.loc(node))
