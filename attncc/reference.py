@@ -79,7 +79,7 @@ class Reference:
         self.local: dict[ir.Node, torch.Tensor] = {}
         self.chunk: Chunk | None = None
         # (read, argument) pairs that may leave the tensor where masks exclude the point: read as 0 there
-        self.guarded = {(r.access, r.dim) for r in checked_reads(program)}
+        self.guarded = {(r.access, r.dim) for r in checked_reads(program) if r.guards}
 
     # ------------------------------------------------------------------ planning
     def pick_chunk_index(self) -> str | None:

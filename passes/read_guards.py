@@ -92,8 +92,13 @@ def _find(program: ir.Program):
 
 
 def _index_only(program: ir.Program, node: ir.Node) -> bool:
-    """Whether a value depends on indices, dims, params and constants only (no tensor data)."""
-    return not any(isinstance(n, ir.Input) for n in (nx.ancestors(program.graph, node) | {node}))
+    """Whether a value depends on indices, dims, params and constants only (no tensor data),
+    also through the masks its reductions apply."""
+    nodes = nx.ancestors(program.graph, node) | {node}
+    if any(isinstance(n, ir.Input) for n in nodes):
+        return False
+    masks = {id(m): m for n in nodes for m in program.masks_on(n)}
+    return all(_index_only(program, m.pred) for m in masks.values())
 
 
 def _symbols(program: ir.Program, expr: sympy.Expr) -> dict[sympy.Symbol, sympy.Expr]:
