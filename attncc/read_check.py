@@ -60,11 +60,11 @@ def _check(ref, read: CheckedRead):
     point = [int(x) for x in torch.nonzero(outside)[0]]
     at = dict(zip(space, point))
     bad = int(align(value, arg.indices, space).expand(outside.shape)[tuple(point)])
-    where = ", ".join(f"{ix} = {v}" for ix, v in at.items())
+    where = " at " + ", ".join(f"{ix} = {v}" for ix, v in at.items()) if at else ""
     masked = "no mask excludes it" if read.guards else "no mask over these indices guards this read"
     name = read.access.array.name
     raise GuardedReadError(SpecError(
-        f"index {bad} is out of range for dim {read.dim} of '{name}' (size {size}) at {where}, and {masked}",
+        f"index {bad} is out of range for dim {read.dim} of '{name}' (size {size}){where}, and {masked}",
         ref.p.source, read.access.loc,
         "indices inside the tensor wherever the masks allow the point (clamp them, or add a mask that "
         "excludes these points)").render())

@@ -68,9 +68,9 @@ def check_static(program: ir.Program) -> ir.Program:
         size = read.size.xreplace(dim_equalities(program))
         if (hi - (size - 1)).is_positive or lo.is_negative:
             name = read.access.array.name
-            reach = f"{hi} (the size is {size})" if (hi - (size - 1)).is_positive else lo
-            raise SpecError(f"index {read.dim} of this read of '{name}' reaches {reach}, outside the tensor, "
-                            "and no mask excludes those points", program.source, read.access.loc,
+            reach = hi if (hi - (size - 1)).is_positive else lo
+            raise SpecError(f"dim {read.dim} of this read of '{name}' reaches index {reach} (size {size}), outside "
+                            "the tensor, and no mask excludes those points", program.source, read.access.loc,
                             "an index inside the tensor (clamp it), or a mask over the read's indices "
                             "that excludes where it leaves")
     return program

@@ -136,9 +136,11 @@ def test_a_read_provably_outside_with_no_mask_is_a_compile_error():
   p = softmax(s, j)
   o[i,e] = p[i,j] * v[j,e]
 }"""
-    with pytest.raises(SpecError, match=r"<string>:2:21: error: index 0 of this read of 'k' reaches M "
-                                        r"\(the size is M\), outside the tensor, and no mask excludes"):
+    with pytest.raises(SpecError, match=r"<string>:2:21: error: dim 0 of this read of 'k' reaches index M "
+                                        r"\(size M\), outside the tensor, and no mask excludes"):
         attncc.compile(spec, backend="reference")
+    with pytest.raises(SpecError, match=r"dim 0 of this read of 'c' reaches index -1 \(size 4\)"):
+        attncc.load(spec.replace("v[M,E])", "v[M,E], c[4])").replace("k[j + 1,d]", "k[j,d] * c[i - 1]"))
 
 
 def test_reads_sympy_proves_in_range_are_not_checked():
@@ -164,3 +166,16 @@ def test_unguarded_data_free_read_checked_once_per_scalars():
     assert len(read_check._PASSED[kernel.program]) == 1
     kernel(**args)
     assert len(read_check._PASSED[kernel.program]) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_index_out_of_range_is_a_call_error(backend):
+    """`c[h, W]` reads one column chosen by a param: in range for W < T, an error past it."""
+    spec = WINDOW_1D.replace("c[h, j - i + W]", "c[h, W]").replace("require T == 2 * W + 1", "")
+    kernel = attncc.compile(spec, backend=backend)
+    q, k, v = rand(1, 1, 3, 4, seed=1), rand(1, 1, 4, 4, seed=2), rand(1, 1, 4, 3, seed=3)
+    c = rand(1, 5, seed=4)
+    kernel(q=q, k=k, v=v, c=c, W=4)
+    with pytest.raises(GuardedReadError, match=r"index 5 is out of range for dim 1 of 'c' \(size 5\), and no mask "
+                                               r"over these indices guards this read"):
+        kernel(q=q, k=k, v=v, c=c, W=5)
