@@ -152,7 +152,7 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
         if not holds:
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} does not hold: {values}")
     sizes = _check_sizes(program, scalars)
-    check_reads(program, scalars)
+    check_reads(program, scalars, tensors if data else None)
     if data:
         _check_index_ranges(program, tensors, sizes)
     floats = [t for n, t in tensors.items() if t.is_floating_point()]

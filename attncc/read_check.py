@@ -3,9 +3,10 @@
 A read whose index sympy cannot keep inside its tensor is evaluated exactly over its
 index space for the call's dims and params: where it leaves the tensor, some guarding
 mask must exclude the point, else the call is an error naming the input, the index
-value, the point and the spec line (with a caret). The index and the masks read no
-tensor, so one check per program and set of scalars suffices; `bind` runs it for every
-backend and the reference executor runs it again (free, cached) for direct use.
+value, the point and the spec line (with a caret). The guards read no tensor, so for an
+index that reads none either one check per program and set of scalars suffices; an index
+computed from a tensor is checked on every call. `bind` runs the check for every backend
+and the reference executor runs it again (free for the cached part) for direct use.
 """
 from __future__ import annotations
 
@@ -26,22 +27,28 @@ class GuardedReadError(ShapeError, IndexError):
     """A read leaves its tensor, for this call's dims and params, at a point no mask excludes."""
 
 
-def check_reads(program: ir.Program, scalars: dict):
-    """Raise `GuardedReadError` when a checked read leaves its tensor at an allowed point."""
+def check_reads(program: ir.Program, scalars: dict, tensors: dict | None = None):
+    """Raise `GuardedReadError` when a checked read leaves its tensor at an allowed point.
+    Reads whose index reads a tensor are checked only when `tensors` are given."""
     reads = checked_reads(program)
-    if not reads:
-        return
+    fixed = [r for r in reads if not r.data]
     key = tuple(sorted(scalars.items()))
     passed = _PASSED.setdefault(program, set())
-    if key in passed:
-        return
-    ref = Reference(program, {}, scalars)
-    ref.chunk_index = None  # index-only values: evaluated whole, without streaming
-    for read in reads:
-        _check(ref, read)
-    if len(passed) >= _MAX_REMEMBERED:
-        passed.clear()
-    passed.add(key)
+    if fixed and key not in passed:
+        _check_all(Reference(program, {}, scalars), fixed)
+        if len(passed) >= _MAX_REMEMBERED:
+            passed.clear()
+        passed.add(key)
+    varying = [r for r in reads if r.data]
+    if varying and tensors is not None:
+        _check_all(Reference(program, tensors, scalars), varying)
+
+
+def _check_all(ref, reads):
+    ref.chunk_index = None  # the indices' values are evaluated whole, without streaming
+    with torch.no_grad():
+        for read in reads:
+            _check(ref, read)
 
 
 def _check(ref, read: CheckedRead):

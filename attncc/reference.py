@@ -100,7 +100,7 @@ class Reference:
     def run(self, extra_outputs=()) -> list[torch.Tensor]:
         from .read_check import check_reads  # it evaluates index expressions with this executor
 
-        check_reads(self.p, self.scalars)
+        check_reads(self.p, self.scalars, self.tensors)
         results = []
         for out in [*self.p.outputs, *extra_outputs]:
             value = align(self.full(out.node), out.node.indices, out.axes)

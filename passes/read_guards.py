@@ -11,10 +11,11 @@ keep those entries out of every softmax and sum.
 This pass finds, for every input read, the index expressions that sympy cannot
 prove in range over the whole index box, with their guarding masks. An index that
 is provably out of range at some point and has no guard is a located `SpecError`
-here; the rest are checked exactly per call (`attncc.read_check`), once per set of
-dims and params, since they depend on nothing else. Index expressions that read
-tensors (`allow[label_q[b, i], ...]`) are left to the call-time checks of the data
-(`binding._check_index_ranges`) and the reference's own check.
+here; the rest are checked exactly per call (`attncc.read_check`): once per set of
+dims and params when the index reads no tensor, on every call when it does
+(`c[h, lab[b, j] + 1]`). A plain read of an int tensor as the index
+(`allow[label_q[b, i], ...]`) is left to `binding._check_index_ranges`, which checks
+the index tensor's range directly.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class CheckedRead:
     dim: int
     size: sympy.Expr
     guards: tuple[ir.Mask, ...]
+    data: bool  # the index reads a tensor: checked on every call, with the call's tensors
 
     @property
     def arg(self) -> ir.Node:
@@ -59,7 +61,7 @@ def check_static(program: ir.Program) -> ir.Program:
     """A located error for a read that leaves its tensor at some point no mask can exclude
     (`k[b, h, j + 1, d]`: j + 1 reaches M). Runs in the `ir` stage."""
     for read in checked_reads(program):
-        if read.guards:
+        if read.guards or read.data:
             continue
         bounds = _exact_bounds(program, read.arg)
         if bounds is None:
@@ -84,11 +86,19 @@ def _find(program: ir.Program):
             continue
         for k, arg in enumerate(node.args):
             size = node.array.dims[k]
-            if isinstance(arg, ir.Index) or not _index_only(program, arg) or _in_range(program, arg, size, subs):
+            if isinstance(arg, ir.Index) or _int_tensor_read(arg):
+                continue
+            data = not _index_only(program, arg)
+            if not data and _in_range(program, arg, size, subs):
                 continue
             guards = tuple(m for m in index_masks if set(m.pred.indices) <= set(node.indices)
                            and set(m.pred.indices) & set(arg.indices))
-            yield CheckedRead(node, k, size, guards)
+            yield CheckedRead(node, k, size, guards, data)
+
+
+def _int_tensor_read(arg: ir.Node) -> bool:
+    """`label_q[b, i]` as an index: the binding checks the range of the int tensor itself."""
+    return isinstance(arg, ir.Access) and isinstance(arg.array, ir.Input) and arg.array.dtype == ir.INT
 
 
 def _index_only(program: ir.Program, node: ir.Node) -> bool:

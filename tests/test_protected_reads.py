@@ -179,3 +179,34 @@ def test_a_param_index_out_of_range_is_a_call_error(backend):
     with pytest.raises(GuardedReadError, match=r"index 5 is out of range for dim 1 of 'c' \(size 5\), and no mask "
                                                r"over these indices guards this read"):
         kernel(q=q, k=k, v=v, c=c, W=5)
+
+
+POSITIONS = """attention relpos(q[B,H,N,D], k[B,H,N,D], v[B,H,N,E], c[H,T], pos[B,N]: int) -> o[B,H,N,E] {
+  param W: int = 2
+  require T == 2 * W + 1
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  s += c[h, pos[b, j] - pos[b, i] + W]
+  mask j - i <= W and i - j <= W
+  p = softmax(s, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_computed_from_a_tensor_is_checked_on_every_call(backend):
+    """`c[h, pos[b, j] - pos[b, i] + W]`: with pos[b, i] = i + offset it leaves the table only
+    at masked pairs (guarded: both backends equal the oracle); a pos that stretches one
+    allowed pair past the table is the located error, on the call that passes it."""
+    B, H, n, D, E, w = 2, 2, 9, 4, 3, 2
+    q, k, v = rand(B, H, n, D, seed=1), rand(B, H, n, D, seed=2), rand(B, H, n, E, seed=3)
+    c = rand(H, 2 * w + 1, seed=4)
+    pos = torch.arange(n).repeat(B, 1) + torch.tensor([[0], [7]])
+    kernel = attncc.compile(POSITIONS, backend=backend)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    bias = c.double()[:, (j - i + w).clamp(0, 2 * w)]
+    close(kernel(q=q, k=k, v=v, c=c, pos=pos, W=w), oracle(q, k, v, bias, (j - i).abs() <= w))
+    bad = pos.clone()
+    bad[1, 4] += 1  # pos[1, 2] - pos[1, 4] + W = -1: outside the table at an allowed pair (the first)
+    with pytest.raises(GuardedReadError, match=r"<string>:5:8: error: index -1 is out of range for dim 1 of 'c' "
+                                               r"\(size 5\) at b = 1, j = 2, i = 4, and no mask excludes it"):
+        kernel(q=q, k=k, v=v, c=c, pos=bad, W=w)
