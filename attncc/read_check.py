@@ -53,7 +53,11 @@ def _check_all(ref, reads):
 
 def _check(ref, read: CheckedRead):
     arg = read.arg
-    size = int(read.size.xreplace({s: ref.scalars[s.name] for s in read.size.free_symbols}))
+    size = _value(read.size, ref.scalars)
+    if read.bounds is not None:  # the interval bounds for this call's scalars: no grid when they suffice
+        lo, hi = (_value(b, ref.scalars) for b in read.bounds)
+        if 0 <= lo and hi < size:
+            return
     value = ref.value(arg)
     outside = (value < 0) | (value >= size)
     if not bool(outside.any()):
@@ -75,3 +79,7 @@ def _check(ref, read: CheckedRead):
         ref.p.source, read.access.loc,
         "indices inside the tensor wherever the masks allow the point (clamp them, or add a mask that "
         "excludes these points)").render())
+
+
+def _value(expr, scalars: dict) -> int:
+    return int(expr.xreplace({s: scalars[s.name] for s in expr.free_symbols}))

@@ -40,6 +40,7 @@ class CheckedRead:
     size: sympy.Expr
     guards: tuple[ir.Mask, ...]
     data: bool  # the index reads a tensor: checked on every call, with the call's tensors
+    bounds: tuple[sympy.Expr, sympy.Expr] | None = None  # interval bounds over the box, when sympy has them
 
     @property
     def arg(self) -> ir.Node:
@@ -89,11 +90,12 @@ def _find(program: ir.Program):
             if isinstance(arg, ir.Index) or _int_tensor_read(arg):
                 continue
             data = not _index_only(program, arg)
-            if not data and _in_range(program, arg, size, subs):
+            bounds = None if data else _bounds(program, arg)
+            if bounds is not None and _in_range(bounds, size, subs):
                 continue
             guards = tuple(m for m in index_masks if set(m.pred.indices) <= set(node.indices)
                            and set(m.pred.indices) & set(arg.indices))
-            yield CheckedRead(node, k, size, guards, data)
+            yield CheckedRead(node, k, size, guards, data, bounds)
 
 
 def _int_tensor_read(arg: ir.Node) -> bool:
@@ -117,15 +119,17 @@ def _symbols(program: ir.Program, expr: sympy.Expr) -> dict[sympy.Symbol, sympy.
             if s.name in program.extent and s.is_nonnegative and not s.is_positive}
 
 
-def _in_range(program: ir.Program, arg: ir.Node, size: sympy.Expr, subs) -> bool:
-    """Whether sympy proves 0 <= arg < size over the whole index box."""
+def _bounds(program: ir.Program, arg: ir.Node) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """Interval bounds of an index expression over the whole index box, or None."""
     try:
         expr = to_sympy(arg)
     except NotImplementedError:
-        return False
-    bounds = _interval(expr, _symbols(program, expr))
-    if bounds is None:
-        return False
+        return None
+    return _interval(expr, _symbols(program, expr))
+
+
+def _in_range(bounds, size: sympy.Expr, subs) -> bool:
+    """Whether sympy proves 0 <= lo and hi < size for every dim and param."""
     lo, hi = (b.xreplace(subs) for b in bounds)
     return bool(lo.is_nonnegative) and bool((size.xreplace(subs) - 1 - hi).is_nonnegative)
 
