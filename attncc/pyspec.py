@@ -49,7 +49,12 @@ STATEMENTS = ("an assignment `t[i, j] = ...` or `t = ...`, an update `t += ...`,
               "`require(...)`, `mask(...)`, or the final `return`")
 EXPRESSIONS = ("numbers, names, accesses `t[i, j]`, calls of the language's functions, the operators "
                "+ - * / // % ** == != < <= > >= and or not, and `x if c else y`")
-LOOPS = "einsum statements: an index on the right but not on the left is summed (`o[i] = x[i, j]` sums over j)"
+LOOPS = ("einsum statements: an index on the right but not on the left is summed (`o[i] = x[i, j]` sums over j); "
+         "`for _ in repeat(3):` repeats assignments")
+def _is_call_of(node, name: str) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+
+
 _STATEMENT_KINDS = {  # Python statement -> (its keyword, how to say it, what to write instead)
     "For": ("for", "a `for` loop", LOOPS), "AsyncFor": ("async", "an `async for` loop", LOOPS),
     "While": ("while", "a `while` loop", LOOPS),
@@ -439,11 +444,22 @@ class _Translator:
                 return kind(self.expr(cond), loc=self.loc(call))
             raise self.error("an expression alone is not a statement", st,
                              f"{STATEMENTS}; `require(c)` and `mask(c)` are the statements written as calls")
+        if isinstance(st, ast.For) and _is_call_of(st.iter, "repeat"):
+            return self.repeat(st)
         kind = _STATEMENT_KINDS.get(type(st).__name__)
         if kind is not None:
             word, what, expected = kind
             raise self.error(f"{what} is not part of the attncc language", self.keyword_loc(st, word), expected)
         raise self.error(f"a `{type(st).__name__}` statement is not part of the attncc language", st, STATEMENTS)
+
+    def repeat(self, st: ast.For) -> syntax.Repeat:
+        """`for _ in repeat(3):` (or `repeat(n <= 8)`) over assignments: the .attn `repeat 3 { ... }`."""
+        if not isinstance(st.target, ast.Name):
+            raise self.error("the loop variable of a repeat is a plain name", st.target, "`for _ in repeat(3):`")
+        if st.orelse:
+            raise self.error("a repeat has no `else` block", st.orelse[0], "the loop body only")
+        count = self.expr(self.only_argument(st.iter, "count"))
+        return syntax.Repeat(count, [self.statement(b) for b in st.body], loc=self.loc(st))
 
     def only_argument(self, call: ast.Call, what: str):
         name = call.func.id

@@ -120,3 +120,35 @@ def test_misuses_are_located(body, message, where):
 def test_repeat_and_in_are_keywords(word):
     with pytest.raises(SpecError, match=r"<string>:2:\d+: error: unexpected token"):
         attncc.load(f"attention t(x[N]) -> y[N] {{\n  {word}[i] = x[i]\n  y[i] = x[i]\n}}")
+
+
+@attncc.attention(backend="reference")
+def py_sinkhorn(q: "B,H,N,D", k: "B,H,M,D", v: "B,H,M,E") -> "B,H,N,E":  # noqa: F821
+    s[b, h, i, j] = q[b, h, i, d] * k[b, h, j, d] * D ** -0.5  # noqa: F821
+    a = softmax(s, j)  # noqa: F821
+    for _ in repeat(3):  # noqa: F821
+        a = a / sum(a, i)  # noqa: F821
+        a = a / sum(a, j)  # noqa: F821
+    o[b, h, i, e] = a[b, h, i, j] * v[b, h, j, e]  # noqa: F821
+    return o  # noqa: F821
+
+
+@attncc.attention(backend="reference")
+def py_sinkhorn_n(q: "B,H,N,D", k: "B,H,M,D", v: "B,H,M,E", *, steps: int = 2) -> "B,H,N,E":  # noqa: F821
+    s[b, h, i, j] = q[b, h, i, d] * k[b, h, j, d] * D ** -0.5  # noqa: F821
+    a = softmax(s, j)  # noqa: F821
+    for _ in repeat(steps <= 3):  # noqa: F821
+        a = a / sum(a, i)  # noqa: F821
+        a = a / sum(a, j)  # noqa: F821
+    o[b, h, i, e] = a[b, h, i, j] * v[b, h, j, e]  # noqa: F821
+    return o  # noqa: F821
+
+
+def test_the_python_spelling_is_the_same_tree():
+    """`for _ in repeat(3):` in an `@attncc.attention` function is the .attn `repeat 3 { ... }`."""
+    from attncc import syntax
+
+    assert py_sinkhorn.spec == syntax.parse(SINKHORN.replace("attention sinkhorn(", "attention py_sinkhorn("))
+    assert py_sinkhorn_n.spec == syntax.parse(BOUNDED.replace("attention sinkhorn_n(", "attention py_sinkhorn_n("))
+    q, k, v = qkv(seed=3)
+    close(py_sinkhorn_n(q=q, k=k, v=v, steps=1), sinkhorn(q, k, v, 1))
