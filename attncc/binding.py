@@ -85,7 +85,8 @@ def _default_tensor(program: ir.Program, node: ir.Input, tensors: dict, scalars:
 def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
     """Check a call's keyword arguments and bind every dim and param to a value.
     `data=False` binds tensors without data (meta tensors) for static analysis (what a
-    launch would compile, `attncc.aot`): the checks that read values are skipped."""
+    launch would compile, `attncc.aot`): the checks that read values, and the call-time
+    check of reads that may leave their tensor (`read_check`), are skipped."""
     expected = list(program.inputs) + list(program.params)
     for name in kwargs:
         if name not in program.inputs and name not in program.params:
@@ -152,8 +153,8 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True) -> BoundCall:
         if not holds:
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} does not hold: {values}")
     sizes = _check_sizes(program, scalars)
-    check_reads(program, scalars, tensors if data else None)
     if data:
+        check_reads(program, scalars, tensors)
         _check_index_ranges(program, tensors, sizes)
     floats = [t for n, t in tensors.items() if t.is_floating_point()]
     out_dtype = floats[0].dtype if floats else torch.float32

@@ -178,7 +178,7 @@ def _exact_bounds(program: ir.Program, arg: ir.Node) -> tuple[sympy.Expr, sympy.
     box = _symbols(program, expr)
     if not box or not expr.is_polynomial(*box):
         return None
-    lo = hi = expr.xreplace({s: 0 for s in box})
+    lo = hi = expr.xreplace({s: sympy.Integer(0) for s in box})
     for s, extent in box.items():
         c = sympy.diff(expr, s)
         if not c.is_number:

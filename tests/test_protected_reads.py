@@ -244,3 +244,14 @@ def test_gradients_of_a_guarded_table(backend):
         assert err <= 1e-4 * max(1.0, float(b.grad.abs().max())), f"d{name} off by {err:.3g}"
     if backend == "triton":
         assert kernel.last_run["backward"] == "triton"
+
+
+def test_an_index_that_simplifies_to_a_bare_index_loads():
+    """`c[j * 1]` is `j` to sympy (a bound of plain 0 once substituted); c has N entries where
+    j ranges over M: not provable either way, so it is checked per call, not refused."""
+    attncc.load("""attention t(q[N,D], k[M,D], v[M,E], c[N]) -> o[N,E] {
+  s[i,j] = q[i,d] * k[j,d]
+  s += c[j * 1]
+  p = softmax(s, j)
+  o[i,e] = p[i,j] * v[j,e]
+}""")
