@@ -13,9 +13,9 @@ or as a module with learnable inputs: `attncc.nn.Attention("alibi", learn={"slop
 from . import nn
 from .api import Kernel, compile, load
 from .decorator import attention
-from .errors import ArgumentError, BackendError, ShapeError, SpecError
+from .errors import ArgumentError, BackendError, ShapeError, SpecError, SpecWarning
 from .flex import create_block_mask, flex_attention
 
-__all__ = ["compile", "load", "attention", "nn", "Kernel", "SpecError", "ArgumentError", "ShapeError", "BackendError",
-           "flex_attention", "create_block_mask"]
+__all__ = ["compile", "load", "attention", "nn", "Kernel", "SpecError", "SpecWarning", "ArgumentError", "ShapeError",
+           "BackendError", "flex_attention", "create_block_mask"]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ import torch
 from . import ir
 from .call_params import expand
 from .errors import ArgumentError, ShapeError
+from .read_check import check_reads
 from .reference import _scalar_function, evaluate_scalar
 
 # The element types both backends take. Other floats (float8) and unsigned ints wider than
@@ -115,7 +116,8 @@ def _check_derived(program: ir.Program, name: str, node: ir.Input, t: torch.Tens
 def bind(program: ir.Program, kwargs: dict, *, data: bool = True, expanded: bool = False) -> BoundCall:
     """Check a call's keyword arguments and bind every dim and param to a value.
     `data=False` binds tensors without data (meta tensors) for static analysis (what a
-    launch would compile, `attncc.aot`): the checks that read values are skipped.
+    launch would compile, `attncc.aot`): the checks that read values, and the call-time
+    check of reads that may leave their tensor (`read_check`), are skipped.
     `expanded`: tuple and enum params are already given as their scalars (`call_params`)."""
     if not expanded:
         kwargs = expand(program, kwargs)
@@ -191,6 +193,7 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True, expanded: bool
             raise ShapeError(f"{program.name}: requirement `{req.text}`{where} does not hold: {values}")
     sizes = _check_sizes(program, scalars)
     if data:
+        check_reads(program, scalars, tensors)
         _check_index_ranges(program, tensors, sizes)
     floats = [t for n, t in tensors.items() if t.is_floating_point()]
     out_dtype = floats[0].dtype if floats else torch.float32

@@ -67,25 +67,35 @@ class SpecError(Exception):
         return self.loc.column if self.loc else None
 
     def render(self) -> str:
-        filename = self.source.filename if self.source else "<spec>"
-        if self.loc is None:
-            head = f"{filename}: error: {self.message}"
-            return head + (f"\n  expected {self.expected}" if self.expected else "")
-        text = self.source.line(self.loc.line) if self.source else ""
-        width = 1
-        if self.loc.end_line == self.loc.line and self.loc.end_column:
-            width = max(1, self.loc.end_column - self.loc.column)
-        # Characters that would move the cursor or end the line on a terminal (CR, NUL,
-        # U+2028 ...) are shown as one visible character each, so the caret stays under its
-        # column; tabs are kept, and copied into the caret's indent.
-        text = "".join(c if c.isprintable() or c == "\t" else "\ufffd" for c in text)
-        caret = "".join("\t" if c == "\t" else " " for c in text[:self.loc.column - 1])
-        caret = caret.ljust(self.loc.column - 1) + "^" * width
-        parts = [f"{filename}:{self.loc.line}:{self.loc.column}: error: {self.message}",
-                 f"  {text}", f"  {caret}"]
-        if self.expected:
-            parts.append(f"  expected {self.expected}")
-        return "\n".join(parts)
+        return render(self.message, self.source, self.loc, self.expected)
+
+
+class SpecWarning(UserWarning):
+    """A spec that is valid but almost surely not what was meant; its text is located like
+    a `SpecError`'s (`file:line:col: warning: ...`, the line, a caret)."""
+
+
+def render(message: str, source: Source | None, loc: Loc | None, expected: str | None,
+           label: str = "error") -> str:
+    """`file:line:col: LABEL: message`, the line, a caret under the span, what was expected."""
+    filename = source.filename if source else "<spec>"
+    if loc is None:
+        head = f"{filename}: {label}: {message}"
+        return head + (f"\n  expected {expected}" if expected else "")
+    text = source.line(loc.line) if source else ""
+    width = 1
+    if loc.end_line == loc.line and loc.end_column:
+        width = max(1, loc.end_column - loc.column)
+    # Characters that would move the cursor or end the line on a terminal (CR, NUL,
+    # U+2028 ...) are shown as one visible character each, so the caret stays under its
+    # column; tabs are kept, and copied into the caret's indent.
+    text = "".join(c if c.isprintable() or c == "\t" else "\ufffd" for c in text)
+    caret = "".join("\t" if c == "\t" else " " for c in text[:loc.column - 1])
+    caret = caret.ljust(loc.column - 1) + "^" * width
+    parts = [f"{filename}:{loc.line}:{loc.column}: {label}: {message}", f"  {text}", f"  {caret}"]
+    if expected:
+        parts.append(f"  expected {expected}")
+    return "\n".join(parts)
 
 
 class ArgumentError(TypeError):

@@ -14,6 +14,7 @@ import sympy
 from . import ir
 from . import syntax as ast
 from .errors import SpecError, Source
+from .frontend_extensions import MembershipTests, NestedSumWarnings, RepeatStatements
 from .passes.infer import to_sympy
 
 UNARY = {"exp", "log", "tanh", "sigmoid", "elu", "relu", "abs", "sqrt", "sin", "cos", "floor", "ceil",
@@ -59,7 +60,7 @@ def _promote(*dtypes: str) -> str:
     return ir.BOOL
 
 
-class Frontend:
+class Frontend(RepeatStatements, MembershipTests, NestedSumWarnings):
     """Builds an `ir.Program` from an `ast.Program`, one statement at a time."""
 
     def __init__(self, program: ast.Program):
@@ -357,6 +358,7 @@ class Frontend:
         if not summed:
             return value, lhs
         self.check_summed_terms(st, summed)
+        self.warn_summed_through(st, summed)
         factors = self.factors(st.value) if isinstance(st.value, ast.BinOp) and st.value.op == "*" else None
         if factors is not None:
             nodes = tuple(self.expr(f) for f in factors)

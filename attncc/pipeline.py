@@ -24,6 +24,7 @@ from .frontend import lower
 from .syntax import parse
 from attncc.codegen.tile_expr import Unsupported
 from attncc.passes.infer import infer_extents
+from attncc.passes.read_guards import check_static
 from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
 
 
@@ -35,7 +36,7 @@ class Stage:
 
 
 def checked_program(tree) -> ir.Program:
-    return infer_extents(lower(tree))
+    return check_static(infer_extents(lower(tree)))
 
 
 def plan(program: ir.Program):

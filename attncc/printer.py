@@ -49,6 +49,9 @@ def _expr(e: ast.Expr) -> tuple[str, int]:
     if isinstance(e, ast.IfElse):
         return (f"{format_expr(e.then, _OR)} if {format_expr(e.cond, _OR)} else "
                 f"{format_expr(e.other, _TERNARY)}"), _TERNARY
+    if isinstance(e, ast.Member):
+        args = ", ".join(":" if a is None else format_expr(a) for a in e.args)
+        return f"{format_expr(e.value, _SUM)} in {e.name}[{args}]", _COMPARE
     if isinstance(e, ast.BinOp):
         if e.op in _COMPARISONS:  # not associative: `a < b < c` does not parse
             return f"{format_expr(e.left, _SUM)} {e.op} {format_expr(e.right, _SUM)}", _COMPARE
@@ -91,6 +94,9 @@ def _statement(st: ast.Stmt) -> str:
         return f"{target} {st.op} {format_expr(st.value)}"
     if isinstance(st, ast.MultiAssign):
         return f"{', '.join(st.names)} = {format_expr(st.value)}"
+    if isinstance(st, ast.Repeat):  # one line: `repeat 3 { a = ...  b = ... }`
+        body = "  ".join(("repeat " if isinstance(s, ast.Repeat) else "") + _statement(s) for s in st.body)
+        return f"{format_expr(st.count)} {{ {body} }}"
     raise TypeError(f"no text form for {type(st).__name__}")
 
 
@@ -123,7 +129,8 @@ def format_attn(program: ast.Program) -> str:
     outputs = ", ".join(decl(d) for d in program.outputs)
     if len(program.outputs) != 1:
         outputs = f"({outputs})"
-    keyword = {ast.Param: "param ", ast.TupleParam: "param ", ast.EnumParam: "param ", ast.Let: "let ", ast.Require: "require ", ast.Mask: "mask "}
+    keyword = {ast.Param: "param ", ast.TupleParam: "param ", ast.EnumParam: "param ", ast.Let: "let ",
+               ast.Require: "require ", ast.Mask: "mask ", ast.Repeat: "repeat "}
     out = [f"attention {program.name}({', '.join(decl(d) for d in program.inputs)}) -> {outputs} {{"]
     for st in program.body:
         out.append(f"  {keyword.get(type(st), '')}{_statement(st)}")

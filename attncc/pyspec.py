@@ -29,8 +29,8 @@ from .errors import Loc, Source, SpecError
 # Words the .attn grammar reserves: a tensor, index, dim, param or let may not take them, so that
 # every tree built here also has a `.attn` text (attncc.printer.format_attn). Python's own
 # keywords (if, else, and, or, not, as) cannot be names anyway.
-RESERVED = frozenset({"attention", "param", "let", "require", "mask", "if", "else", "and", "or", "not",
-                      "by", "as"})
+RESERVED = frozenset({"attention", "param", "let", "require", "mask", "repeat", "if", "else", "and", "or", "not",
+                      "in", "by", "as"})
 TYPES = ("float", "int", "bool")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 _INT = re.compile(r"[0-9]+")
@@ -49,7 +49,12 @@ STATEMENTS = ("an assignment `t[i, j] = ...` or `t = ...`, an update `t += ...`,
               "`require(...)`, `mask(...)`, or the final `return`")
 EXPRESSIONS = ("numbers, names, accesses `t[i, j]`, calls of the language's functions, the operators "
                "+ - * / // % ** == != < <= > >= and or not, and `x if c else y`")
-LOOPS = "einsum statements: an index on the right but not on the left is summed (`o[i] = x[i, j]` sums over j)"
+LOOPS = ("einsum statements: an index on the right but not on the left is summed (`o[i] = x[i, j]` sums over j); "
+         "`for _ in repeat(3):` repeats assignments")
+def _is_call_of(node, name: str) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+
+
 _STATEMENT_KINDS = {  # Python statement -> (its keyword, how to say it, what to write instead)
     "For": ("for", "a `for` loop", LOOPS), "AsyncFor": ("async", "an `async for` loop", LOOPS),
     "While": ("while", "a `while` loop", LOOPS),
@@ -512,11 +517,22 @@ class _Translator:
                 return kind(self.expr(cond), loc=self.loc(call))
             raise self.error("an expression alone is not a statement", st,
                              f"{STATEMENTS}; `require(c)` and `mask(c)` are the statements written as calls")
+        if isinstance(st, ast.For) and _is_call_of(st.iter, "repeat"):
+            return self.repeat(st)
         kind = _STATEMENT_KINDS.get(type(st).__name__)
         if kind is not None:
             word, what, expected = kind
             raise self.error(f"{what} is not part of the attncc language", self.keyword_loc(st, word), expected)
         raise self.error(f"a `{type(st).__name__}` statement is not part of the attncc language", st, STATEMENTS)
+
+    def repeat(self, st: ast.For) -> syntax.Repeat:
+        """`for _ in repeat(3):` (or `repeat(n <= 8)`) over assignments: the .attn `repeat 3 { ... }`."""
+        if not isinstance(st.target, ast.Name):
+            raise self.error("the loop variable of a repeat is a plain name", st.target, "`for _ in repeat(3):`")
+        if st.orelse:
+            raise self.error("a repeat has no `else` block", st.orelse[0], "the loop body only")
+        count = self.expr(self.only_argument(st.iter, "count"))
+        return syntax.Repeat(count, [self.statement(b) for b in st.body], loc=self.loc(st))
 
     def only_argument(self, call: ast.Call, what: str):
         name = call.func.id
@@ -699,6 +715,8 @@ class _Translator:
         if len(node.ops) > 1:
             raise self.error("comparisons do not chain in the attncc language", node,
                              "`a < b and b < c`")
+        if isinstance(node.ops[0], ast.In) and isinstance(node.comparators[0], ast.Subscript):
+            return self.membership(node.left, node.comparators[0], node)
         op = _COMPARE.get(type(node.ops[0]))
         if op is None:
             symbol = _OTHER_COMPARE[type(node.ops[0])]
@@ -706,6 +724,17 @@ class _Translator:
                              self.operator_loc(node, node.left, node.comparators[0], symbol.split()[0]),
                              "`==`, `!=`, `<`, `<=`, `>` or `>=`")
         return syntax.BinOp(op, self.sub(node.left), self.sub(node.comparators[0]), loc=self.loc(node))
+
+    def membership(self, value, table: ast.Subscript, node) -> syntax.Member:
+        """`x in t[b, :]`: a bare `:` marks the searched axis, as in the .attn text."""
+        if not isinstance(table.value, ast.Name):
+            raise self.error("only a tensor's name can be searched", table.value, "`x in t[b, :]`")
+        self.check_name(table.value.id, table.value, "the tensor")
+        items = table.slice.elts if isinstance(table.slice, ast.Tuple) else [table.slice]
+        args = [None if isinstance(a, ast.Slice) and a.lower is None and a.upper is None and a.step is None
+                else self.sub(a) for a in items]
+        return syntax.Member(self.sub(value), table.value.id, args, loc=self.loc(node),
+                             name_loc=self.loc(table.value))
 
     def expr_IfExp(self, node: ast.IfExp):
         return syntax.IfElse(self.sub(node.test), self.sub(node.body), self.sub(node.orelse), loc=self.loc(node))

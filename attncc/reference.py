@@ -21,6 +21,7 @@ import torch
 from . import ir
 from .errors import SpecError
 from attncc.passes.infer import to_sympy
+from attncc.passes.read_guards import checked_reads
 
 _EINSUM_LETTERS = string.ascii_letters
 
@@ -77,6 +78,8 @@ class Reference:
         self.shared: dict[ir.Node, torch.Tensor] = {}
         self.local: dict[ir.Node, torch.Tensor] = {}
         self.chunk: Chunk | None = None
+        # (read, argument) pairs that may leave the tensor where masks exclude the point: read as 0 there
+        self.guarded = {(r.access, r.dim) for r in checked_reads(program) if r.guards}
 
     # ------------------------------------------------------------------ planning
     def pick_chunk_index(self) -> str | None:
@@ -95,6 +98,9 @@ class Reference:
 
     # ------------------------------------------------------------------ driver
     def run(self, extra_outputs=()) -> list[torch.Tensor]:
+        from .read_check import check_reads  # it evaluates index expressions with this executor
+
+        check_reads(self.p, self.scalars, self.tensors)
         results = []
         for out in [*self.p.outputs, *extra_outputs]:
             value = align(self.full(out.node), out.node.indices, out.axes)
@@ -218,14 +224,21 @@ class Reference:
         if not node.args:
             return array.reshape(())
         args = [align(self.value(a), a.indices, node.indices) for a in node.args]
+        inside = None  # where the guarded arguments are in range (checked by `read_check` per call)
         for k, a in enumerate(args):
-            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= array.shape[k]):
+            if (node, k) in self.guarded:
+                ok = (a >= 0) & (a < array.shape[k])
+                inside = ok if inside is None else inside & ok
+                args[k] = a.clamp(0, array.shape[k] - 1)
+            elif a.numel() and (int(a.min()) < 0 or int(a.max()) >= array.shape[k]):
                 bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
                 where = SpecError(f"index {bad} is out of range for dim {k} (size {array.shape[k]}) of this read",
                                   self.p.source, node.loc, "indices inside the tensor (clamp them, or "
                                   "let a where() pick another value)")
                 raise IndexError(where.render())
-        return array[tuple(args)]
+        if inside is None:
+            return array[tuple(args)]
+        return torch.where(inside, array[tuple(args)], torch.zeros((), dtype=array.dtype, device=array.device))
 
     @staticmethod
     def reads_in_place(node: ir.Access) -> bool:

@@ -66,6 +66,16 @@ class Unary(Expr):
 
 
 @dataclass
+class Member(Expr):
+    """`x in t[b, g, :]`: whether some entry of `t` along the `:` axis (None in `args`) equals `x`."""
+
+    value: Expr
+    name: str
+    args: list[Expr | None]
+    name_loc: Loc | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
 class IfElse(Expr):
     cond: Expr
     then: Expr
@@ -154,6 +164,14 @@ class MultiAssign(Stmt):
 
 
 @dataclass
+class Repeat(Stmt):
+    """`repeat 3 { ... }`: the body's statements, unrolled `count` times by the frontend."""
+
+    count: Expr
+    body: list[Stmt]
+
+
+@dataclass
 class Program:
     name: str
     inputs: list[Decl]
@@ -174,7 +192,7 @@ MAX_TUPLE = 16         # entries of a tuple param
 INT_MAX = 2 ** 63 - 1  # integer literals (and integer constant expressions) fit in int64
 
 _EXPRESSIONS = {"number", "name", "access", "call", "blocked_axis", "binop", "comparison", "or_",
-                "and_", "not_", "neg", "ifelse"}
+                "and_", "not_", "neg", "ifelse", "membership"}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -227,6 +245,17 @@ class _ToAst(lark.Transformer):
         return BinOp(str(op), left, right, loc=Loc.of(meta))
 
     comparison = binop
+
+    @lark.v_args(meta=True)
+    def membership(self, meta, items):
+        value, name, *args = items
+        return Member(value, str(name), args, loc=Loc.of(meta), name_loc=_tok_loc(name))
+
+    def member_arg(self, items):
+        return items[0]
+
+    def searched_axis(self, items):
+        return None
 
     @lark.v_args(meta=True)
     def or_(self, meta, items):
@@ -324,6 +353,11 @@ class _ToAst(lark.Transformer):
     def mask(self, meta, items):
         return Mask(items[0], loc=Loc.of(meta))
 
+    @lark.v_args(meta=True)
+    def repeat(self, meta, items):
+        count, *body = items
+        return Repeat(count, [st for st in body if st is not None], loc=Loc.of(meta))
+
     def target(self, items):
         name, *indices = items
         return name, indices
@@ -362,14 +396,15 @@ _TOKEN_WORDS = {
     "COMMA": "','", "COLON": "':'", "ASSIGN_OP": "'=' or an update like '+='", "COMP_OP": "a comparison",
     "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/', '//' or '%'", "POW_OP": "'**'", "MINUS": "'-'", "PLUS": "'+'",
     "__ANON_0": "'->'", "ATTENTION": "'attention'", "PARAM": "'param'", "LET": "'let'",
-    "REQUIRE": "'require'", "MASK": "'mask'", "IF": "'if'", "ELSE": "'else'", "AND": "'and'", "OR": "'or'",
+    "REQUIRE": "'require'", "MASK": "'mask'", "REPEAT": "'repeat'", "IN": "'in'",
+    "IF": "'if'", "ELSE": "'else'", "AND": "'and'", "OR": "'or'",
     "NOT": "'not'", "BY": "'by'", "AS": "'as'", "$END": "the end of the file",
 }
 
 
 _CLOSERS = ("RBRACE", "RPAR", "RSQB", "COMMA")
-_GROUPS = (({"ADD_OP", "MUL_OP", "POW_OP", "COMP_OP", "AND", "OR", "IF"}, "an operator"),
-           ({"PARAM", "LET", "REQUIRE", "MASK", "NAME"}, "another statement"))
+_GROUPS = (({"ADD_OP", "MUL_OP", "POW_OP", "COMP_OP", "IN", "AND", "OR", "IF"}, "an operator"),
+           ({"PARAM", "LET", "REQUIRE", "MASK", "REPEAT", "NAME"}, "another statement"))
 
 
 def _describe_expected(expected) -> str:

@@ -18,6 +18,7 @@ from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.pytext import comment
 from attncc.passes.infer import host_evaluable, to_sympy
+from attncc.passes.read_guards import checked_reads
 
 MAX_UNROLL = 16  # largest constant extent of an index unrolled inside a tile
 
@@ -166,8 +167,11 @@ class TileEmitter:
         return self.load(node.array, node.args, env, node)
 
     def load(self, array: ir.Input, args, env, node: ir.Node) -> Val:
-        """A (gathered) read of an input tensor, bounds-masked where indices can run out."""
+        """A (gathered) read of an input tensor, bounds-masked where indices can run out
+        (0 there: a guarded read, `passes.read_guards`, reads 0 where masks exclude the point,
+        as the reference does)."""
         self.tensors[array.name] = array
+        guarded = {r.dim for r in checked_reads(self.program) if r.access is node and r.guards}
         offsets, checks, axes = [], [], set()
         for k, arg in enumerate(args):
             a = self.emit(arg, env)
@@ -175,7 +179,7 @@ class TileEmitter:
             if a.const == 0:
                 continue
             offsets.append(f"{a.code} * {names.tensor('st', array.name, k)}")
-            if a.axes and not self.provably_in_range(arg):
+            if (a.axes or k in guarded) and not self.provably_in_range(arg):
                 checks.append(f"({a.code} >= 0) & ({a.code} < {names.tensor('sz', array.name, k)})")
         pointer = names.tensor("ptr", array.name) + "".join(f" + {o}" for o in offsets)
         if checks:

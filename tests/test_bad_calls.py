@@ -302,6 +302,7 @@ def test_a_read_out_of_range_on_the_reference_points_at_the_spec():
   p = softmax(s, j)
   o[i,e] = p[i,j] * v[j,e]
 }""", backend="reference")
-    with pytest.raises(IndexError, match=r"<string>:3:8: error: index -2 is out of range for dim 0 \(size 5\)"
+    with pytest.raises(IndexError, match=r"<string>:3:8: error: index -1 is out of range for dim 0 of 'table' "
+                                         r"\(size 5\) at j = 0, i = 3, and no mask over these indices guards"
                                          r"[\s\S]*\^\^\^[\s\S]*expected indices inside the tensor"):
         kernel(q=torch.randn(5, 4), k=torch.randn(5, 4), v=torch.randn(5, 3), table=torch.randn(5))

@@ -355,7 +355,7 @@ def test_a_for_loop_is_reported_at_its_line_with_a_caret(tmp_path):
                         "      for t in range(3):\n"
                         "      ^^^\n"
                         "  expected einsum statements: an index on the right but not on the left is summed "
-                        "(`o[i] = x[i, j]` sums over j)")
+                        "(`o[i] = x[i, j]` sums over j); `for _ in repeat(3):` repeats assignments")
     assert (err.line, err.column) == (6, 5)
 
 

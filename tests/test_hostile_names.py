@@ -27,7 +27,8 @@ from attncc.frontend import CALL_OPTIONS, CONSTANTS, FUNCTION_HELP
 from attncc.random_inputs import random_arguments
 from namespace_check import identifiers
 
-LANGUAGE_WORDS = {"attention", "param", "let", "require", "mask", "if", "else", "and", "or", "not", "by", "as",
+LANGUAGE_WORDS = {"attention", "param", "let", "require", "mask", "repeat", "if", "else", "and", "or", "not", "in",
+                  "by", "as",
                   *CONSTANTS, *CALL_OPTIONS, *re.findall(r"[a-z_0-9]+", FUNCTION_HELP)}
 
 TEMPLATE = """{description}

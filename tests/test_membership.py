@@ -1,0 +1,124 @@
+"""Membership tests `x in t[b, :]` (true iff some entry along the `:` axis equals x): in masks
+and in expressions, on both backends against float64 oracles on odd shapes, and the located
+errors of their misuses."""
+import math
+import os
+
+import pytest
+import torch
+
+import attncc
+from attncc import ir
+from attncc.errors import SpecError
+
+BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+KEEP_LABELS = """attention keep_labels(q[B,N,D], k[B,M,D], v[B,M,E], lab[B,M]: int, keep[B,T]: int) -> o[B,N,E] {
+  s[b,i,j] = q[b,i,d] * k[b,j,d] * D ** -0.5
+  mask lab[b, j] in keep[b, :]
+  p = softmax(s, j)
+  o[b,i,e] = p[b,i,j] * v[b,j,e]
+}"""
+
+BOOST = """attention boost(q[B,N,D], k[B,M,D], v[B,M,E], lab[B,M]: int, hot[B,T]: int) -> o[B,N,E] {
+  param bonus: float = 1.5
+  s[b,i,j] = q[b,i,d] * k[b,j,d] * D ** -0.5
+  s += where(lab[b, j] + 1 in hot[b, :], bonus, 0.0)
+  p = softmax(s, j)
+  o[b,i,e] = p[b,i,j] * v[b,j,e]
+}"""
+
+BLOCKS = """attention blocks(q[N,D], k[M,D], v[M,E], kidx[QB,K]: int) -> o[N,E] {
+  param qb: int = 4
+  param kb: int = 3
+  s[i,j] = q[i,d] * k[j,d] * D ** -0.5
+  mask j // kb in kidx[i // qb, :] or j == 0
+  p = softmax(s, j)
+  o[i,e] = p[i,j] * v[j,e]
+}"""
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def attend(q, k, v, allowed, bias=0.0):
+    s = torch.einsum("...id,...jd->...ij", q.double(), k.double()) * q.shape[-1] ** -0.5 + bias
+    s = s.masked_fill(~allowed, -math.inf)
+    return torch.einsum("...ij,...je->...ie", torch.softmax(s, -1).nan_to_num(0.0), v.double())
+
+
+def close(got, want):
+    err = float((got.double() - want).abs().max())
+    assert err <= 1e-4 * max(1.0, float(want.abs().max())), f"off by {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_membership_in_a_mask(backend):
+    B, N, M, D, E = 2, 7, 13, 6, 5
+    q, k, v = rand(B, N, D, seed=1), rand(B, M, D, seed=2), rand(B, M, E, seed=3)
+    lab = torch.randint(0, 6, (B, M), generator=torch.Generator().manual_seed(4))
+    keep = torch.tensor([[1, 3, 3], [0, 5, -1]])  # a duplicate, a value no label has
+    kernel = attncc.compile(KEEP_LABELS, backend=backend)
+    allowed = (lab[:, :, None] == keep[:, None, :]).any(-1)[:, None, :]
+    close(kernel(q=q, k=k, v=v, lab=lab, keep=keep), attend(q, k, v, allowed))
+    assert kernel.last_run["backend"] == backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_membership_in_an_expression(backend):
+    B, N, M, D, E = 1, 9, 5, 4, 3
+    q, k, v = rand(B, N, D, seed=5), rand(B, M, D, seed=6), rand(B, M, E, seed=7)
+    lab = torch.tensor([[0, 1, 2, 3, 4]])
+    hot = torch.tensor([[2, 5]])  # lab + 1 in {2, 5}: keys 1 and 4
+    kernel = attncc.compile(BOOST, backend=backend)
+    bias = torch.tensor([0.0, 2.0, 0.0, 0.0, 2.0], dtype=torch.float64)
+    close(kernel(q=q, k=k, v=v, lab=lab, hot=hot, bonus=2.0),
+          attend(q, k, v, torch.ones(N, M, dtype=torch.bool), bias))
+
+
+def test_membership_of_an_index_expression_over_query_and_key():
+    """Block lists in one mask line: key block j // kb listed for query block i // qb. The
+    reference runs it; Triton refuses (the test runs per (i, j) pair, a score-sized
+    intermediate): examples/block_lists.attn builds the block table first, which it takes."""
+    N, M, D, E, qb, kb = 11, 10, 5, 4, 4, 3
+    q, k, v = rand(N, D, seed=8), rand(M, D, seed=9), rand(M, E, seed=10)
+    kidx = torch.tensor([[1, -1], [0, 3], [2, 2]])
+    with pytest.raises(attncc.BackendError, match=r"line 5: `mask j // kb in kidx\[i // qb, :\] or j == 0` "
+                                                  "needs a score-sized intermediate"):
+        attncc.compile(BLOCKS, backend="triton")
+    kernel = attncc.compile(BLOCKS, backend="reference")
+    i, j = torch.arange(N)[:, None], torch.arange(M)[None, :]
+    listed = (kidx[i // qb] == (j // kb)[..., None]).any(-1)
+    close(kernel(q=q, k=k, v=v, kidx=kidx, qb=qb, kb=kb), attend(q, k, v, listed | (j == 0)))
+
+
+def test_membership_lowers_to_an_amax_over_a_fresh_index():
+    program = attncc.load(KEEP_LABELS)
+    (found,) = [n for n in program.nodes() if isinstance(n, ir.Reduce)]
+    assert found.op == "amax" and found.axes == ("_in0",) and found.indices == ("b", "j")
+    assert program.extent["_in0"].name == "T"
+
+
+def test_the_fresh_index_avoids_every_name_of_the_spec():
+    spec = KEEP_LABELS.replace("keep[B,T]", "_in0[B,T]").replace("keep[b, :]", "_in0[b, :]")
+    program = attncc.load(spec)
+    (found,) = [n for n in program.nodes() if isinstance(n, ir.Reduce)]
+    assert found.axes == ("_in1",)
+
+
+@pytest.mark.parametrize("expr,message,where", [
+    ("lab[b, j] in keep[:, :]", "a membership test searches one axis of 'keep', marked `:`; found 2", "3:8"),
+    ("lab[b, j] in keep[b, 0]", "a membership test searches one axis of 'keep', marked `:`; found 0", "3:8"),
+    ("lab[b, j] > 0 in keep[b, :]", "unexpected token 'in'", "3:22"),
+    ("(lab[b, j] > 0) in keep[b, :]", "a bool value looked up among the int entries of 'keep'", "3:8"),
+    ("lab[b, j] in nope[b, :]", "unknown tensor 'nope'", "3:8"),
+    ("lab[b, j] in keep[b, :, 0]", "'keep' has 2 dims but is indexed with 3", "3:8"),
+])
+def test_misuses_are_located(expr, message, where):
+    spec = KEEP_LABELS.replace("lab[b, j] in keep[b, :]", expr)
+    with pytest.raises(SpecError) as err:
+        attncc.load(spec)
+    text = str(err.value)
+    assert message in text, text
+    assert text.startswith(f"<string>:{where}: error:"), text
