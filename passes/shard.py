@@ -65,6 +65,7 @@ class ShardForm:
     k_offset: str
     global_dims: dict[str, Side]  # each token-length dim, now a param: the global query or key count
     lse_axes: tuple[str, ...]  # the indices of the log-sum-exp output
+    local_dims: tuple[str, str]  # the dims of the shard's query and key lengths
 
 
 def _fresh(name: str, taken: set[str]) -> str:
@@ -254,4 +255,4 @@ def shard_form(program: ir.Program, query_axis: str | None = None) -> ShardForm:
     extent = {ix: local.get(ix, e) for ix, e in program.extent.items()}
     shard = ir.Program(program.name, program.source, inputs, dims, params, requires, masks, outputs, extent)
     shard.graph = ir.build_graph([o.node for o in outputs] + [m.pred for m in masks] + [r.cond for r in requires])
-    return ShardForm(shard, q, k, feeds, q_off, k_off, global_dims, lse.axes)
+    return ShardForm(shard, q, k, feeds, q_off, k_off, global_dims, lse.axes, (qloc.name, kloc.name))
