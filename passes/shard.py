@@ -78,7 +78,15 @@ def _fresh(name: str, taken: set[str]) -> str:
 def _softmax_output(program: ir.Program):
     """The softmax whose partial results merge, its key axis, and checks that nothing else
     combines entries along the key or query axis (such a sum would need the whole sequence)."""
-    lse = lse_output(program)  # exactly one softmax over the summed axis feeding the first output
+    if not any(isinstance(n, ir.Normalize) and n.op == "softmax" for n in program.nodes()):
+        raise NotShardable(f"'{program.name}' has no softmax over the keys: linear attention would pass its "
+                           "carried state across ranks (a prefix scan), which is not implemented yet "
+                           "(issue 13, item 4)", program.source, program.outputs[0].loc)
+    try:  # exactly one softmax over the summed axis feeding the first output
+        lse = lse_output(program)
+    except SpecError as why:
+        raise NotShardable(f"context parallelism merges one softmax by its log-sum-exp: {why.message}",
+                           program.source, why.loc) from None
     out = program.outputs[0]
     if len(program.outputs) != 1:
         raise NotShardable(f"context parallelism shards one output; '{program.name}' has "
