@@ -159,6 +159,7 @@ class _Run:
                        for k, side in enumerate((Side.QUERY, Side.KEY))}
         self.globals = {name: self.totals[side] for name, side in form.global_dims.items()}
         self.global_scalars = self._bind_globally()
+        self.gathered_bytes = 0  # the key-side mask inputs all-gathered to skip pairs by data
         need = cp.planner.row(self)  # this rank's pairs, and how each skipped one was proven empty
         self.pairs, self.proofs = need
         row = torch.zeros(self.world, dtype=torch.int64, device=self.device)
@@ -172,7 +173,9 @@ class _Run:
                       "pairs_total": len(self.pieces[Side.QUERY][self.rank]) * sum(
                           len(p) for p in self.pieces[Side.KEY]),
                       "sources": sorted({p.source for p in self.pairs}), "skipped_by": dict(self.proofs),
-                      "bytes_sent": 0, "bytes_received": 0}
+                      "pairs": [(*self.pieces[Side.QUERY][self.rank][p.qpiece], *self.pieces[Side.KEY][p.source][p.kpiece])
+                                for p in self.pairs],  # (query start, length, key start, length)
+                      "bytes_sent": 0, "bytes_received": 0, "bytes_gathered_for_masks": self.gathered_bytes}
         self.stats["pairs_skipped"] = self.stats["pairs_total"] - len(self.pairs)
 
     def _bind_globally(self) -> dict:
@@ -238,10 +241,11 @@ class _Run:
                 self.form.q_offset: qs, self.form.k_offset: ks}
 
     # ------------------------------------------------------------------ communication
-    def exchange(self, step: int, send: list[torch.Tensor], like: list[torch.Tensor], reverse: bool = False):
+    def exchange(self, step: int, send: list[torch.Tensor], like: list[torch.Tensor], dims: list[int],
+                 reverse: bool = False):
         """Post step `step` of the ring: send `send` to rank r + step when it needs this rank's keys,
-        and receive tensors shaped like `like` (at the source's key length) from rank r - step when
-        this rank needs its keys. `reverse`: the gradients' way back, from the rank that computed
+        and receive tensors shaped like `like` (at the source's key length along `dims`) from rank
+        r - step when this rank needs its keys. `reverse`: the gradients' way back, from the rank that computed
         with a key shard to its owner. Returns (the pending works, the receive buffers or None)."""
         ahead, behind = (self.rank + step) % self.world, (self.rank - step) % self.world
         if reverse:
@@ -259,7 +263,7 @@ class _Run:
             buffers = []
             for k, t in enumerate(like):
                 shape = list(t.shape)
-                shape[self.key_dim[k]] = self.lens[owner][1]
+                shape[dims[k]] = self.lens[owner][1]
                 buffers.append(torch.empty(shape, dtype=t.dtype, device=t.device))
                 ops.append(dist.P2POp(dist.irecv, buffers[-1], self.peer(src), self.group, tag + k))
                 self.stats["bytes_received"] += buffers[-1].numel() * buffers[-1].element_size()
@@ -272,13 +276,14 @@ class _Run:
         source's keys; they go back to the source, and the sum over ranks of the gradients of
         this rank's own keys is returned."""
         names = list(keys)
-        self.key_dim = [self._key_token_dim(n) for n in names]
+        dims = [self._key_token_dim(n) for n in names]
+        grad_dims = [self._key_token_dim(n) for n in grads or ()]
         tensors = [keys[n] for n in names]
         pending = {}
         back, own = [], None
         for step in range(self.world):
             if step + 1 < self.world:
-                pending[step + 1] = self.exchange(step + 1, tensors, tensors)
+                pending[step + 1] = self.exchange(step + 1, tensors, tensors, dims)
             works, buffers = pending.pop(step, ([], None))
             for w in works:
                 w.wait()
@@ -291,10 +296,8 @@ class _Run:
             if step == 0:
                 own = found
                 continue
-            self.key_dim = [self._key_token_dim(n) for n in grads]
             back.append(self.exchange(step, [found[n] for n in grads] if found else [],
-                                      [keys[n] for n in grads], reverse=True))
-            self.key_dim = [self._key_token_dim(n) for n in names]
+                                      [keys[n] for n in grads], grad_dims, reverse=True))
         if grads is None:
             return None
         total = {n: (own[n] if own else torch.zeros_like(keys[n])) for n in grads}
@@ -536,8 +539,7 @@ class ShardPlanner:
             padded = torch.cat([t, t.new_zeros(pad)], dim).contiguous()
             parts = [torch.empty_like(padded) for _ in range(run.world)]
             dist.all_gather(parts, padded, group=run.group)
-            run.stats_gathered = getattr(run, "stats_gathered", 0) + padded.numel() * padded.element_size() * (
-                run.world - 1)
+            run.gathered_bytes += padded.numel() * padded.element_size() * (run.world - 1)
             for r, part in enumerate(parts):
                 out[r][name] = part.narrow(dim, 0, run.lens[r][1])
         return out

@@ -21,31 +21,31 @@ from attncc.passes.shard import NotShardable, Side, shard_form
 TOKEN_DIM = {"q": 2, "k": 2, "v": 2, "doc": 1}
 PARAMS = {"sliding_window": {"window": 5}}
 
-# (name, world, layout, N, backend); N odd or not a multiple of the pieces
+# (name, world, layout, N, M, backend); lengths odd or not a multiple of the pieces
 CASES = [
-    ("causal", 2, "contiguous", 13, "reference"),
-    ("document", 2, "zigzag", 15, "reference"),
-    ("alibi", 2, "contiguous", 11, "reference"),
-    ("relative_bias", 2, "zigzag", 13, "reference"),
-    ("causal", 2, "zigzag", 9, "triton"),  # the generated kernel, in Triton's interpreter
-    ("gqa_causal", 3, "zigzag", 14, "reference"),
-    ("sliding_window", 3, "contiguous", 13, "reference"),
-    ("prefix_lm", 3, "zigzag", 13, "reference"),
-    ("document", 3, "contiguous", 16, "reference"),
-    ("causal", 4, "zigzag", 17, "reference"),
-    ("sliding_window", 4, "zigzag", 19, "reference"),
-    ("document", 4, "zigzag", 17, "reference"),
-    ("alibi", 4, "contiguous", 10, "reference"),
+    ("causal", 2, "contiguous", 13, 13, "reference"),
+    ("document", 2, "zigzag", 15, 15, "reference"),
+    ("alibi", 2, "contiguous", 11, 11, "reference"),
+    ("relative_bias", 2, "zigzag", 13, 13, "reference"),
+    ("causal", 2, "zigzag", 9, 9, "triton"),  # the generated kernel, in Triton's interpreter
+    ("gqa_causal", 3, "zigzag", 14, 14, "reference"),
+    ("sliding_window", 3, "contiguous", 13, 13, "reference"),
+    ("prefix_lm", 3, "zigzag", 13, 13, "reference"),
+    ("alibi", 3, "contiguous", 7, 17, "reference"),  # N != M: bottom-right aligned, KV-cache style
+    ("causal", 4, "zigzag", 17, 17, "reference"),
+    ("causal", 4, "zigzag", 6, 6, "reference"),  # 8 chunks of 6 tokens: some pieces are empty
+    ("sliding_window", 4, "zigzag", 19, 19, "reference"),
+    ("document", 4, "zigzag", 17, 17, "reference"),
 ]
 
 
-def _inputs(name: str, n: int, dtype, tiny: bool):
+def _inputs(name: str, n: int, m: int, dtype, tiny: bool):
     g = torch.Generator().manual_seed(n)
     b, h, d, e = (1, 1, 4, 3) if tiny else (2, 2, 8, 6)
     g_heads = 1 if name == "gqa_causal" else h
     a = {"q": torch.randn(b, h, n, d, generator=g, dtype=dtype),
-         "k": torch.randn(b, g_heads, n, d, generator=g, dtype=dtype),
-         "v": torch.randn(b, g_heads, n, e, generator=g, dtype=dtype)}
+         "k": torch.randn(b, g_heads, m, d, generator=g, dtype=dtype),
+         "v": torch.randn(b, g_heads, m, e, generator=g, dtype=dtype)}
     if name == "document":  # documents of 1 to 6 tokens: some pairs are empty by data only
         lengths = torch.randint(1, 7, (b, n), generator=g)
         a["doc"] = torch.stack([torch.repeat_interleave(torch.arange(n), row)[:n] for row in lengths])
@@ -58,11 +58,11 @@ def _inputs(name: str, n: int, dtype, tiny: bool):
     return a
 
 
-def _run_case(name, world, rank, layout, n, backend, group=None):
+def _run_case(name, world, rank, layout, n, m, backend, group=None):
     """One case on one rank: the errors against one device, and the call's statistics."""
     dtype = torch.float32 if backend == "triton" else torch.float64
     kernel = attncc.compile(name, backend=backend)
-    a = _inputs(name, n, dtype, tiny=backend == "triton")
+    a = _inputs(name, n, m, dtype, tiny=backend == "triton")
     for t in a.values():
         if t.is_floating_point():
             t.requires_grad_()
@@ -93,9 +93,8 @@ def _worker(rank, store, out_dir):
     groups = {4: None, 3: dist.new_group([0, 1, 2]), 2: dist.new_group([0, 1])}
     results = {}
     for case in sorted(CASES, key=lambda c: -c[1]):
-        name, world, layout, n, backend = case
-        if rank < world:
-            results["-".join(map(str, case))] = _run_case(name, world, rank, layout, n, backend, groups[world])
+        if rank < case[1]:
+            results["-".join(map(str, case))] = _run_case(*case[:2], rank, *case[2:], group=groups[case[1]])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()
@@ -114,32 +113,34 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_equals_one_device(ranks, case):
-    tol = 2e-5 if case[4] == "triton" else 1e-10
+    tol = 2e-5 if case[5] == "triton" else 1e-10
     for rank, results in enumerate(ranks(case[1])):
         found = results["-".join(map(str, case))]
         bad = {k: v for k, v in found["errors"].items() if not v <= tol}
         assert not bad, f"rank {rank}: {bad}"
-        assert found["run"]["backend"] == case[4]
+        assert found["run"]["backend"] == case[5]
 
 
 def test_causal_skips_pairs_and_sends_nothing_unneeded(ranks):
     """Causal: the mask analysis proves the pairs above the diagonal empty. Contiguous on 2
     ranks, rank 0 needs only its own keys (it receives nothing) and rank 1's keys go nowhere."""
     results = ranks(4)
-    case = "causal-4-zigzag-17-reference"
+    case = "causal-4-zigzag-17-17-reference"
     total = sum(r[case]["run"]["pairs_computed"] for r in results)
     skipped = sum(r[case]["run"]["skipped_by"]["symbolic"] for r in results)
     assert total + skipped == 4 * 2 * 8 and skipped >= 4 * 2 * 8 // 2 - 8  # two pieces a rank
-    case = "causal-2-contiguous-13-reference"
+    case = "causal-2-contiguous-13-13-reference"
     run0, run1 = (r[case]["run"] for r in ranks(2))
     assert run0["pairs_computed"] == 1 and run0["sources"] == [0] and run0["bytes_received"] == 0
     assert run1["pairs_computed"] == 2 and run1["bytes_sent"] == 0 and run1["bytes_received"] > 0
     assert run0["bytes_sent"] == run1["bytes_received"]
+    empty = [r["causal-4-zigzag-6-6-reference"]["run"]["skipped_by"]["empty"] for r in results]
+    assert sum(empty) > 0  # zero-length pieces (6 tokens in 8 chunks)
 
 
 def test_documents_skip_pairs_by_data(ranks):
     """Pairs the causal bound keeps but whose document ids never match are skipped by data."""
-    runs = [r["document-4-zigzag-17-reference"]["run"] for r in ranks(4)]
+    runs = [r["document-4-zigzag-17-17-reference"]["run"] for r in ranks(4)]
     assert sum(r["skipped_by"]["data"] for r in runs) > 0
 
 
