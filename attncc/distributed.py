@@ -33,7 +33,7 @@ from .errors import ArgumentError, ShapeError
 from .reference import Reference, align
 from attncc.passes.mask_analysis import MaskTooComplex, evaluate
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.shard import ShardForm, Side, shard_form
+from attncc.passes.shard import Merge, ShardForm, Side, shard_form
 
 __all__ = ["Layout", "context_parallel", "ContextParallel", "pieces", "shard", "unshard"]
 
@@ -123,6 +123,8 @@ class ContextParallel:
         for name in kwargs:
             if name not in program.inputs and name not in program.params:
                 raise ArgumentError(f"{program.name}() got an unknown argument '{name}'")
+        if return_lse and self.form.merge == Merge.SUM:
+            raise ArgumentError(f"{program.name}() has no softmax, so no log-sum-exp to return")
         tensors = {n: kwargs[n] for n in program.inputs if kwargs.get(n) is not None}
         scalars = {n: kwargs[n] for n in program.params if n in kwargs}
         run = _Run(self, tensors, scalars)
@@ -324,30 +326,50 @@ class _Run:
     def forward(self, local: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's output and log-sum-exp: each pair's partial results, merged by their LSE."""
         parts: dict[int, list] = {k: [] for k in range(len(self.pieces[Side.QUERY][self.rank]))}
-        kernel = self.cp.shard_kernel
+        kernel, softmax = self.cp.shard_kernel, self.form.merge == Merge.LSE
 
         def compute(source, remote):
             for p in self.by_piece(source):
-                parts[p.qpiece].append(kernel(**self.shard_args(p.qpiece, source, p.kpiece, local, remote),
-                                              return_lse=True))
+                found = kernel(**self.shard_args(p.qpiece, source, p.kpiece, local, remote), return_lse=softmax)
+                parts[p.qpiece].append(found if softmax else (found, None))
                 self.stats["backend"] = kernel.last_run["backend"]
 
         self.ring({n: local[n] for n in self.key_side()}, compute)
-        merged = [_merge(ps, self.out_axes, self.form.lse_axes) if ps else self._nothing(qp)
-                  for qp, ps in parts.items()]
-        qo, ql = self.out_axes.index(self.form.query_axis), self.form.lse_axes.index(self.form.query_axis)
-        return torch.cat([o for o, _ in merged], qo), torch.cat([lse for _, lse in merged], ql)
+        merged = [self._nothing(qp) if not ps else _merge(ps, self.out_axes, self.form.lse_axes) if softmax
+                  else (sum(o for o, _ in ps), None) for qp, ps in parts.items()]
+        o = torch.cat([o for o, _ in merged], self.out_axes.index(self.form.query_axis))
+        if not softmax:
+            return o, None
+        return o, torch.cat([lse for _, lse in merged], self.form.lse_axes.index(self.form.query_axis))
 
     def _nothing(self, qpiece: int):
         """A query piece no key can reach: output 0 and log-sum-exp -inf, as on one device."""
         sizes = self.form.program.sizes(self.pair_scalars(qpiece, self.rank, 0))
         like = next(t for t in self.tensors.values() if t.is_floating_point())
         o = like.new_zeros([sizes[ax] for ax in self.out_axes])
+        if self.form.merge == Merge.SUM:
+            return o, None
         return o, like.new_full([sizes[ax] for ax in self.form.lse_axes], -math.inf)
 
     @property
     def out_axes(self) -> tuple[str, ...]:
         return self.form.program.outputs[0].axes
+
+    def _pulled_back(self, found_p, qpiece: int, o, lse, go_q, grad_lse) -> list[torch.Tensor]:
+        """The gradients of one pair's (o_p, lse_p) from those of the merged (o, lse):
+        dO_p = w dO and dlse_p = w (rowsum(dO * (o_p - o)) + dLSE), w = exp(lse_p - lse)."""
+        form, out_axes = self.form, self.out_axes
+        o_p, lse_p = (t.detach() for t in found_p)
+        o_q, lse_q = self.query_slice(o, out_axes, qpiece), self.query_slice(lse, form.lse_axes, qpiece)
+        w = _weight(lse_p, lse_q)
+        summed = tuple(k for k, ax in enumerate(out_axes) if ax not in form.lse_axes)
+        kept = tuple(ax for ax in out_axes if ax in form.lse_axes)
+        delta = go_q * (o_p - o_q)
+        delta = delta.sum(dim=summed) if summed else delta
+        g_lse = w * align(delta, kept, form.lse_axes).reshape(w.shape)
+        if grad_lse is not None:
+            g_lse = g_lse + w * self.query_slice(grad_lse, form.lse_axes, qpiece)
+        return [align(w, form.lse_axes, out_axes) * go_q, g_lse]
 
     def backward(self, local: dict, o, lse, grad_o, grad_lse, wanted: set[str]) -> dict:
         """The gradients of this rank's inputs: every pair recomputed under autograd, its share of
@@ -359,8 +381,6 @@ class _Run:
         replicated = {s.original for s in form.inputs.values() if s.side == Side.REPLICATED} & floats
         found = {n: torch.zeros_like(local[n]) for n in query | replicated}
         grad_o = torch.zeros_like(o) if grad_o is None else grad_o
-        summed = tuple(k for k, ax in enumerate(self.out_axes) if ax not in form.lse_axes)
-        kept = tuple(ax for ax in self.out_axes if ax in form.lse_axes)
 
         def compute(source, remote):
             remote_grads = {n: torch.zeros_like(remote[n]) for n in key_grads}
@@ -368,19 +388,15 @@ class _Run:
                 args = self.shard_args(p.qpiece, source, p.kpiece, local, remote)
                 leaves = {n: args[n].detach().requires_grad_() for n, s in form.inputs.items()
                           if s.original in floats and n in args}
+                go_q = self.query_slice(grad_o, self.out_axes, p.qpiece)
                 with torch.enable_grad():
-                    o_p, lse_p = kernel(**{**args, **leaves}, return_lse=True)
-                piece = [self.query_slice(t, axes, p.qpiece) for t, axes in
-                         ((o, self.out_axes), (lse, form.lse_axes), (grad_o, self.out_axes))]
-                o_q, lse_q, go_q = piece
-                w = _weight(lse_p.detach(), lse_q)
-                g_o = align(w, form.lse_axes, self.out_axes) * go_q
-                delta = (go_q * (o_p.detach() - o_q)).sum(dim=summed) if summed else go_q * (o_p.detach() - o_q)
-                g_lse = w * align(delta, kept, form.lse_axes).reshape(w.shape)
-                if grad_lse is not None:
-                    g_lse = g_lse + w * self.query_slice(grad_lse, form.lse_axes, p.qpiece)
+                    found_p = kernel(**{**args, **leaves}, return_lse=form.merge == Merge.LSE)
+                if form.merge == Merge.LSE:
+                    outs, seeds = found_p, self._pulled_back(found_p, p.qpiece, o, lse, go_q, grad_lse)
+                else:  # a plain sum: each pair's output gets the whole incoming gradient
+                    outs, seeds = [found_p], [go_q]
                 names = list(leaves)
-                gs = torch.autograd.grad([o_p, lse_p], [leaves[n] for n in names], [g_o, g_lse], allow_unused=True)
+                gs = torch.autograd.grad(outs, [leaves[n] for n in names], seeds, allow_unused=True)
                 for n, g in zip(names, gs):
                     if g is None:
                         continue

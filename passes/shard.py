@@ -17,8 +17,9 @@ are the whole sequence's lengths. The shard form is the same program rewritten s
   one and a key-side one (which travels with the key/value shard).
 
 The shard form compiles with the normal pipeline, so every backend runs it unchanged.
-Only programs whose first output is `softmax(s, j)` contracted over `j` are sharded: their
-partial (output, log-sum-exp) pairs merge exactly (`attncc/distributed.py`).
+Only programs whose one output is `softmax(s, j)` contracted over `j` (partial (output,
+log-sum-exp) pairs merge exactly) or a plain sum over `j` without a softmax (`lightning`:
+partial outputs add up) are sharded (`attncc/distributed.py`).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class ShardForm:
     q_offset: str  # the param names of the shard's first query / key position
     k_offset: str
     global_dims: dict[str, Side]  # each token-length dim, now a param: the global query or key count
-    lse_axes: tuple[str, ...]  # the indices of the log-sum-exp output
+    merge: Merge
+    lse_axes: tuple[str, ...]  # the indices of the log-sum-exp output (none for Merge.SUM)
     local_dims: tuple[str, str]  # the dims of the shard's query and key lengths
 
 
@@ -75,22 +77,33 @@ def _fresh(name: str, taken: set[str]) -> str:
     return name
 
 
-def _softmax_output(program: ir.Program):
-    """The softmax whose partial results merge, its key axis, and checks that nothing else
-    combines entries along the key or query axis (such a sum would need the whole sequence)."""
+class Merge(enum.Enum):
+    """How the partial results of key shards combine into the output."""
+
+    LSE = "lse"  # softmax outputs, weighted by exp(lse_p - lse)
+    SUM = "sum"  # a plain sum over the keys (linear attention without a normaliser): added
+
+
+def _merged_output(program: ir.Program):
+    """(the key axis, how key shards merge, the node whose indices hold the scores, the LSE axes),
+    checking that the first and only output is the softmax weights (or plain weights) contracted
+    over the key axis."""
+    out = program.outputs[0]
+    if len(program.outputs) != 1:
+        raise NotShardable(f"context parallelism shards one output; '{program.name}' has "
+                           f"{len(program.outputs)}", program.source, program.outputs[1].loc)
     if not any(isinstance(n, ir.Normalize) and n.op == "softmax" for n in program.nodes()):
-        raise NotShardable(f"'{program.name}' has no softmax over the keys: linear attention would pass its "
-                           "carried state across ranks (a prefix scan), which is not implemented yet "
-                           "(issue 13, item 4)", program.source, program.outputs[0].loc)
+        if isinstance(out.node, ir.Contract) and len(out.node.summed) == 1:  # o = sum_j a[i,j] v[j]
+            return out.node.summed[0], Merge.SUM, out.node, ()
+        raise NotShardable(f"'{program.name}' has no softmax over the keys and its output is not one sum over "
+                           "them: linear attention with a normaliser would pass its carried state across "
+                           "ranks (a prefix scan), which is not implemented yet (issue 13, item 4)",
+                           program.source, out.loc)
     try:  # exactly one softmax over the summed axis feeding the first output
         lse = lse_output(program)
     except SpecError as why:
         raise NotShardable(f"context parallelism merges one softmax by its log-sum-exp: {why.message}",
                            program.source, why.loc) from None
-    out = program.outputs[0]
-    if len(program.outputs) != 1:
-        raise NotShardable(f"context parallelism shards one output; '{program.name}' has "
-                           f"{len(program.outputs)}", program.source, program.outputs[1].loc)
     sm = next(n for n in program.nodes() if isinstance(n, ir.Normalize) and n.op == "softmax"
               and n.axis not in out.node.indices)
     if sm.sink is not None:
@@ -100,12 +113,13 @@ def _softmax_output(program: ir.Program):
         raise NotShardable(f"the output must be the softmax weights contracted over '{sm.axis}' "
                            f"(p[...,{sm.axis}] * v[...,{sm.axis},...]) for key shards to merge by their "
                            f"log-sum-exp", program.source, out.loc)
-    return sm, lse
+    return sm.axis, Merge.LSE, sm.arg, lse.axes
 
 
-def _query_axis(program: ir.Program, sm: ir.Normalize, query_axis: str | None) -> str:
+def _query_axis(program: ir.Program, scores: ir.Node, query_axis: str | None) -> str:
     out = program.outputs[0]
-    candidates = [ix for ix in out.axes if ix in sm.arg.indices and program.extent[ix].is_Symbol]
+    candidates = [ix for ix in out.axes if ix in ir.union_indices((scores, *scores.operands()))
+                  and program.extent[ix].is_Symbol]
     if query_axis is not None:
         if query_axis not in candidates:
             raise NotShardable(f"query_axis '{query_axis}' is not an index of both the output and the "
@@ -148,15 +162,15 @@ def _token_positions(program: ir.Program, q: str, k: str, token_dims: set) -> di
 
 def shard_form(program: ir.Program, query_axis: str | None = None) -> ShardForm:
     """The shard form of `program` (see the module docstring); `NotShardable` says why not."""
-    sm, lse = _softmax_output(program)
-    k = sm.axis
-    q = _query_axis(program, sm, query_axis)
+    k, merge, scores, lse_axes = _merged_output(program)
+    q = _query_axis(program, scores, query_axis)
     for node in program.nodes():
         along = set(ir.reduced_axes(node)) & {q, k}
-        if along and node is not sm and node is not program.outputs[0].node:
+        softmax = isinstance(node, ir.Normalize) and merge == Merge.LSE and node.arg is scores
+        if along and not softmax and node is not program.outputs[0].node:
             raise NotShardable(f"'{type(node).__name__.lower()}' along '{', '.join(sorted(along))}' combines "
-                               "entries of the whole sequence; only the softmax over the keys merges "
-                               "across shards", program.source, node.loc)
+                               "entries of the whole sequence; only the softmax over the keys (or "
+                               "the output's own sum over them) merges across shards", program.source, node.loc)
     equal = dim_equalities(program)
     qdim, kdim = program.extent[q], program.extent[k]
     token_dims = {qdim, kdim}  # and the dims a `require` equates with them
@@ -263,4 +277,4 @@ def shard_form(program: ir.Program, query_axis: str | None = None) -> ShardForm:
     extent = {ix: local.get(ix, e) for ix, e in program.extent.items()}
     shard = ir.Program(program.name, program.source, inputs, dims, params, requires, masks, outputs, extent)
     shard.graph = ir.build_graph([o.node for o in outputs] + [m.pred for m in masks] + [r.cond for r in requires])
-    return ShardForm(shard, q, k, feeds, q_off, k_off, global_dims, lse.axes, (qloc.name, kloc.name))
+    return ShardForm(shard, q, k, feeds, q_off, k_off, global_dims, merge, lse_axes, (qloc.name, kloc.name))

@@ -36,6 +36,7 @@ CASES = [
     ("causal", 4, "zigzag", 6, 6, "reference"),  # 8 chunks of 6 tokens: some pieces are empty
     ("sliding_window", 4, "zigzag", 19, 19, "reference"),
     ("document", 4, "zigzag", 17, 17, "reference"),
+    ("lightning", 3, "zigzag", 13, 13, "reference"),  # no softmax: partial outputs add up (decay global)
 ]
 
 
@@ -53,6 +54,8 @@ def _inputs(name: str, n: int, m: int, dtype, tiny: bool):
         a["slopes"] = torch.rand(h, generator=g, dtype=dtype)
     if name == "relative_bias":
         a["table"] = torch.randn(h, 7, generator=g, dtype=dtype)
+    if name == "lightning":
+        a["lam"] = 0.5 + 0.4 * torch.rand(h, generator=g, dtype=dtype)
     if name == "prefix_lm":
         a["prefix"] = torch.tensor([3, n - 4][:b])
     return a
@@ -66,23 +69,28 @@ def _run_case(name, world, rank, layout, n, m, backend, group=None):
     for t in a.values():
         if t.is_floating_point():
             t.requires_grad_()
-    params = PARAMS.get(name, {})
-    o, lse = kernel(**a, **params, return_lse=True)
+    params, softmax = PARAMS.get(name, {}), name != "lightning"
+    o, lse = kernel(**a, **params, return_lse=True) if softmax else (kernel(**a, **params), torch.zeros(1, 1, 1))
     g = torch.Generator().manual_seed(7)
     go, gl = torch.randn(o.shape, generator=g, dtype=dtype), torch.randn(lse.shape, generator=g, dtype=dtype)
     floats = [k for k, t in a.items() if t.requires_grad]
-    whole = torch.autograd.grad((o * go).sum() + (lse * gl).sum(), [a[k] for k in floats])
+    whole = torch.autograd.grad((o * go).sum() + (lse * gl).sum() * softmax, [a[k] for k in floats])
 
     def local(key, t):
         return D.shard(t, TOKEN_DIM[key], world, rank, layout) if key in TOKEN_DIM else t
 
     mine = {k: local(k, t.detach()).requires_grad_(t.requires_grad) for k, t in a.items()}
     cp = D.context_parallel(kernel, group=group, layout=layout)
-    o_r, lse_r = cp(**mine, **params, return_lse=True)
-    grads = torch.autograd.grad((o_r * local("q", go)).sum() + (lse_r * D.shard(gl, 2, world, rank, layout)).sum(),
-                                [mine[k] for k in floats])
-    errors = {"o": (o_r - local("q", o.detach())).abs().max().item(),
-              "lse": (lse_r - D.shard(lse.detach(), 2, world, rank, layout)).abs().max().item()}
+    if not softmax:
+        o_r = cp(**mine, **params)
+        grads = torch.autograd.grad((o_r * local("q", go)).sum(), [mine[k] for k in floats])
+        errors = {"o": (o_r - local("q", o.detach())).abs().max().item()}
+    else:
+        o_r, lse_r = cp(**mine, **params, return_lse=True)
+        grads = torch.autograd.grad((o_r * local("q", go)).sum() + (lse_r * D.shard(gl, 2, world, rank, layout)).sum(),
+                                    [mine[k] for k in floats])
+        errors = {"o": (o_r - local("q", o.detach())).abs().max().item(),
+                  "lse": (lse_r - D.shard(lse.detach(), 2, world, rank, layout)).abs().max().item()}
     for k, got, want in zip(floats, grads, whole):
         errors["d" + k] = (got - local(k, want)).abs().max().item()
     return {"errors": errors, "run": cp.last_run, "backward": cp.last_backward}
