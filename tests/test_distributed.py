@@ -171,7 +171,51 @@ def test_shard_form_keeps_local_token_reads():
 
 
 @pytest.mark.parametrize("name, why", [("linear_elu", "linear attention"), ("learned_sinks", "sink"),
-                                       ("query_softmax", "")])
+                                       ("query_softmax", "log-sum-exp"), ("bias_tensor", "two token dims"),
+                                       ("topk_blocks", "whole sequence"), ("column_mass", "one output")])
 def test_unshardable_programs_say_why(name, why):
     with pytest.raises(NotShardable, match=why):
         shard_form(attncc.load(name))
+
+
+SHARDABLE = ["alibi", "causal", "dense", "document", "gqa_causal", "key_padding", "label_causal", "label_table",
+             "lightning", "neighborhood_2d", "prefix_lm", "relative_bias", "sigmoid", "sink_window",
+             "sliding_window", "softcap"]
+
+
+@pytest.mark.parametrize("name", SHARDABLE)
+def test_shard_form_over_cuts_equals_one_device(name):
+    """Without processes: the shard form of a gallery example on every (query cut, key cut)
+    pair of uneven cuts, merged, equals the kernel on the whole inputs (float64 reference)."""
+    from attncc.api import Kernel
+    from attncc.random_inputs import random_arguments
+    from attncc.passes.shard import Merge
+
+    program = attncc.load(name)
+    form = shard_form(program)
+    shape = {d: v for d, v in dict(N=12, M=12, B=2, H=2, D=4, E=3).items() if d in program.dims}
+    params = {p: v for p, v in dict(window=5, sinks=2, height=3, width=4).items() if p in program.params}
+    a = random_arguments(program, shape, params, dtype=torch.float64, seed=1)
+    softmax = form.merge == Merge.LSE
+    want = attncc.compile(name, backend="reference")(**a, return_lse=softmax)
+    pieces = Kernel(form.program, "reference")
+    cuts = {Side.QUERY: (0, 5, 7, 12), Side.KEY: (0, 3, 8, 12)}
+    out_axes = form.program.outputs[0].axes
+    rows = []
+    for q0, q1 in zip(cuts[Side.QUERY], cuts[Side.QUERY][1:]):
+        parts = []
+        for k0, k1 in zip(cuts[Side.KEY], cuts[Side.KEY][1:]):
+            at = {Side.QUERY: (q0, q1 - q0), Side.KEY: (k0, k1 - k0)}
+            kw = {n: v for n, v in a.items() if n in program.params}
+            for n, s in form.inputs.items():
+                t = a[s.original]
+                kw[n] = t if s.side == Side.REPLICATED else t.narrow(s.token_dim, *at[s.side])
+            kw.update({g: 12 for g in form.global_dims}, **{form.q_offset: q0, form.k_offset: k0})
+            found = pieces(**kw, return_lse=softmax)
+            parts.append(found if softmax else (found, None))
+        rows.append(D._merge(parts, out_axes, form.lse_axes) if softmax else (sum(o for o, _ in parts), None))
+    o = torch.cat([r[0] for r in rows], out_axes.index(form.query_axis))
+    torch.testing.assert_close(o, want[0] if softmax else want, rtol=0, atol=1e-12)
+    if softmax:
+        lse = torch.cat([r[1] for r in rows], form.lse_axes.index(form.query_axis))
+        torch.testing.assert_close(lse, want[1], rtol=0, atol=1e-12)
