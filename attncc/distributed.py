@@ -1,4 +1,4 @@
-"""Context parallelism: one softmax attention over a sequence sharded across ranks.
+"""Context parallelism: one attention over a sequence sharded across ranks.
 
     cp = attncc.distributed.context_parallel(kernel, layout="zigzag")
     o_local = cp(q=q_local, k=k_local, v=v_local, doc=doc_local)
@@ -6,7 +6,8 @@
 Each rank holds a slice of the queries and of the keys (`pieces` says which positions).
 A rank computes its queries against every key shard that can matter to them with the
 kernel's *shard form* (`passes/shard.py`: global token positions through offset params)
-and merges the partial (output, log-sum-exp) pairs exactly. Shard pairs that the mask
+and merges the partial (output, log-sum-exp) pairs exactly (partial outputs add up for a
+plain sum over the keys, as in `lightning`). Shard pairs that the mask
 provably leaves empty are neither sent nor computed: symbolically from the mask analysis
 (causal, windows, prefixes), or from the data of the mask's token inputs (document ids),
 see `ShardPlanner`. Key/value shards go point to point, each straight to the ranks that
@@ -320,7 +321,7 @@ class _Run:
         n = self.pieces[Side.QUERY][self.rank][qpiece][1]
         return t.narrow(axes.index(self.form.query_axis), at, n)
 
-    def by_piece(self, source: int):
+    def pairs_with(self, source: int) -> list[_Pair]:
         return [p for p in self.pairs if p.source == source]
 
     def forward(self, local: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +330,7 @@ class _Run:
         kernel, softmax = self.cp.shard_kernel, self.form.merge == Merge.LSE
 
         def compute(source, remote):
-            for p in self.by_piece(source):
+            for p in self.pairs_with(source):
                 found = kernel(**self.shard_args(p.qpiece, source, p.kpiece, local, remote), return_lse=softmax)
                 parts[p.qpiece].append(found if softmax else (found, None))
                 self.stats["backend"] = kernel.last_run["backend"]
@@ -384,7 +385,7 @@ class _Run:
 
         def compute(source, remote):
             remote_grads = {n: torch.zeros_like(remote[n]) for n in key_grads}
-            for p in self.by_piece(source):
+            for p in self.pairs_with(source):
                 args = self.shard_args(p.qpiece, source, p.kpiece, local, remote)
                 leaves = {n: args[n].detach().requires_grad_() for n, s in form.inputs.items()
                           if s.original in floats and n in args}

@@ -133,6 +133,7 @@ def main():
             rows.append({"rank": r, "pairs_computed": fwd["pairs_computed"], "pairs_total": fwd["pairs_total"],
                          "skipped_by": fwd["skipped_by"], "bytes_sent_forward": fwd["bytes_sent"],
                          "bytes_received_forward": fwd["bytes_received"],
+                         "bytes_gathered_for_masks": fwd["bytes_gathered_for_masks"],
                          "bytes_sent_dense_ring": dense_bytes, "bytes_sent_backward": bwd["bytes_sent"],
                          "tiles_visited": res["tiles_visited"], "tiles_dense_ring": res["tiles_dense_ring"]})
             mib = 1 / 2 ** 20

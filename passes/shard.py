@@ -150,9 +150,10 @@ def _token_positions(program: ir.Program, q: str, k: str, token_dims: set) -> di
                                        "cannot be sliced", program.source, node.loc or arg.loc)
         else:
             for ax, arg in zip(node.axes, node.args):
-                if ax in (q, k) and not (isinstance(arg, ir.Index) and arg.name in (q, k)):
-                    raise NotShardable(f"a read of a defined tensor at a computed token position along "
-                                       f"'{ax}' needs the whole sequence", program.source, node.loc or arg.loc)
+                if ax in (q, k) and not (isinstance(arg, ir.Index) and arg.name == ax):
+                    raise NotShardable(f"a read of a defined tensor along '{ax}' at another position than its "
+                                       f"own (a transpose or a shift) needs the whole sequence",
+                                       program.source, node.loc or arg.loc)
     for name, positions in found.items():
         if len(positions) > 1:
             raise NotShardable(f"input '{name}' has two token dims; context parallelism slices one",
