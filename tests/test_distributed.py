@@ -2,8 +2,8 @@
 with torch.multiprocessing, odd sequence lengths, contiguous and zigzag layouts. Each rank's
 output, log-sum-exp and input gradients must equal its slice of one device's (the same kernel
 called on the whole tensors). One spawn of 4 ranks runs every case (the 2- and 3-rank ones on
-process subgroups, which also checks group-relative ranks); the tests read the per-rank
-results it wrote."""
+process subgroups; the 2-rank group is global ranks 2 and 3, so group and global ranks
+differ); the tests read the per-rank results it wrote."""
 from __future__ import annotations
 
 import json
@@ -96,13 +96,17 @@ def _run_case(name, world, rank, layout, n, m, backend, group=None):
     return {"errors": errors, "run": cp.last_run, "backward": cp.last_backward}
 
 
+MEMBERS = {4: [0, 1, 2, 3], 3: [0, 1, 2], 2: [2, 3]}  # the 2-rank group: group ranks differ from global ones
+
+
 def _worker(rank, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=4)
-    groups = {4: None, 3: dist.new_group([0, 1, 2]), 2: dist.new_group([0, 1])}
+    groups = {4: None, 3: dist.new_group(MEMBERS[3]), 2: dist.new_group(MEMBERS[2])}
     results = {}
     for case in sorted(CASES, key=lambda c: -c[1]):
-        if rank < case[1]:
-            results["-".join(map(str, case))] = _run_case(*case[:2], rank, *case[2:], group=groups[case[1]])
+        if rank in MEMBERS[case[1]]:
+            local_rank = MEMBERS[case[1]].index(rank)
+            results["-".join(map(str, case))] = _run_case(*case[:2], local_rank, *case[2:], group=groups[case[1]])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()
@@ -111,12 +115,12 @@ def _worker(rank, store, out_dir):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """world -> the results of ranks 0 .. world - 1 for every case of that world size."""
+    """world -> the results of the group's ranks, in group-rank order, for every case of that size."""
     out = tmp_path_factory.mktemp("cp")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=4)
     results = [json.load(open(out / f"rank{r}.json")) for r in range(4)]
-    return lambda world: results[:world]
+    return lambda world: [results[r] for r in MEMBERS[world]]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
