@@ -167,10 +167,11 @@ class _Run:
         self.pairs, self.proofs = need
         row = torch.zeros(self.world, dtype=torch.int64, device=self.device)
         for p in self.pairs:
-            row[p.source] = 1
+            row[p.source] |= 1 << p.kpiece
         rows = [torch.empty_like(row) for _ in range(self.world)]
         dist.all_gather(rows, row, group=self.group)
-        self.needs = [[bool(x) for x in r.cpu()] for r in rows]  # needs[r][s]: rank r computes with s's keys
+        # needs[r][s]: the key pieces of rank s that rank r computes with (a bit each; 0: none)
+        self.needs = [[int(x) for x in r.cpu()] for r in rows]
         self.stats = {"backend": cp.shard_kernel.backend, "layout": cp.layout.value, "world": self.world,
                       "rank": self.rank, "pairs_computed": len(self.pairs),
                       "pairs_total": len(self.pieces[Side.QUERY][self.rank]) * sum(
@@ -211,12 +212,40 @@ class _Run:
                              "(attncc.distributed.shard makes the slices)")
         return runs
 
-    def shard_args(self, qpiece: int, source: int, kpiece: int, local: dict, remote: dict) -> dict:
-        """The shard-form call of one pair: `local` the rank's tensors, `remote` the source's key side."""
+    def held(self, source: int) -> int:
+        """The key pieces of `source` this rank holds during the ring (a bit each): all of its own,
+        the ones it needs of others' (only those are sent)."""
+        return (1 << len(self.pieces[Side.KEY][source])) - 1 if source == self.rank else self.needs[self.rank][source]
+
+    def key_offsets(self, owner: int, pieces: int) -> dict[int, int]:
+        """Where each of `owner`'s key pieces in the bit set `pieces` starts in a tensor holding
+        just those pieces, in order."""
+        at, out = 0, {}
+        for kp, (_, n) in enumerate(self.pieces[Side.KEY][owner]):
+            if pieces >> kp & 1:
+                out[kp], at = at, at + n
+        return out
+
+    def key_length(self, owner: int, pieces: int) -> int:
+        return sum(n for kp, (_, n) in enumerate(self.pieces[Side.KEY][owner]) if pieces >> kp & 1)
+
+    def select_keys(self, t: torch.Tensor, dim: int, pieces: int) -> torch.Tensor:
+        """This rank's key-side tensor `t` cut down to the pieces in `pieces`."""
+        if pieces == self.held(self.rank):
+            return t
+        return torch.cat([t.narrow(dim, at, self.pieces[Side.KEY][self.rank][kp][1])
+                          for kp, at in self.key_offsets(self.rank, self.held(self.rank)).items() if pieces >> kp & 1],
+                         dim)
+
+    def shard_args(self, qpiece: int, source: int, kpiece: int, local: dict, remote: dict,
+                   held: int | None = None) -> dict:
+        """The shard-form call of one pair: `local` the rank's tensors, `remote` the source's key side
+        holding the pieces in `held` (all of them when None)."""
         qs, qn = self.pieces[Side.QUERY][self.rank][qpiece]
         ks, kn = self.pieces[Side.KEY][source][kpiece]
         qat = sum(n for _, n in self.pieces[Side.QUERY][self.rank][:qpiece])
-        kat = sum(n for _, n in self.pieces[Side.KEY][source][:kpiece])
+        all_pieces = (1 << len(self.pieces[Side.KEY][source])) - 1
+        kat = self.key_offsets(source, all_pieces if held is None else held)[kpiece]
         args = dict(self.scalars)
         for name, s in self.form.inputs.items():
             if s.side == Side.KEY and s.original in remote:
@@ -255,6 +284,7 @@ class _Run:
             dst, src, sending, receiving = behind, ahead, self.needs[self.rank][behind], self.needs[ahead][self.rank]
         else:
             dst, src, sending, receiving = ahead, behind, self.needs[ahead][self.rank], self.needs[self.rank][behind]
+            send = [self.select_keys(t, d, sending) for t, d in zip(send, dims)] if sending else send
         tag = len(like) if reverse else 0  # the two directions never share a tag
         ops, buffers = [], None
         if sending:
@@ -266,11 +296,11 @@ class _Run:
             buffers = []
             for k, t in enumerate(like):
                 shape = list(t.shape)
-                shape[dims[k]] = self.lens[owner][1]
+                shape[dims[k]] = self.key_length(owner, receiving)
                 buffers.append(torch.empty(shape, dtype=t.dtype, device=t.device))
                 ops.append(dist.P2POp(dist.irecv, buffers[-1], self.peer(src), self.group, tag + k))
                 self.stats["bytes_received"] += buffers[-1].numel() * buffers[-1].element_size()
-        return (dist.batch_isend_irecv(ops) if ops else []), buffers
+        return (dist.batch_isend_irecv(ops) if ops else []), buffers, receiving
 
     def ring(self, keys: dict[str, torch.Tensor], compute, grads: list[str] | None = None):
         """Call `compute(source, key_tensors)` for each rank whose keys this rank needs, in ring
@@ -287,7 +317,7 @@ class _Run:
         for step in range(self.world):
             if step + 1 < self.world:
                 pending[step + 1] = self.exchange(step + 1, tensors, tensors, dims)
-            works, buffers = pending.pop(step, ([], None))
+            works, buffers, _ = pending.pop(step, ([], None, 0))
             for w in works:
                 w.wait()
             source = (self.rank - step) % self.world
@@ -303,12 +333,16 @@ class _Run:
                                       [keys[n] for n in grads], grad_dims, reverse=True))
         if grads is None:
             return None
-        total = {n: (own[n] if own else torch.zeros_like(keys[n])) for n in grads}
-        for works, buffers in back:
+        total = {n: (own[n].clone() if own else torch.zeros_like(keys[n])) for n in grads}
+        for works, buffers, pieces in back:
             for w in works:
                 w.wait()
-            for n, b in zip(grads, buffers or ()):
-                total[n] = total[n] + b
+            offsets = self.key_offsets(self.rank, pieces)
+            full = self.key_offsets(self.rank, self.held(self.rank))
+            for n, d, b in zip(grads, grad_dims, buffers or ()):
+                for kp, at in offsets.items():  # the pieces the peer held, back at their own place
+                    n_kp = self.pieces[Side.KEY][self.rank][kp][1]
+                    total[n].narrow(d, full[kp], n_kp).add_(b.narrow(d, at, n_kp))
         return total
 
     def _key_token_dim(self, original: str) -> int:
@@ -331,7 +365,8 @@ class _Run:
 
         def compute(source, remote):
             for p in self.pairs_with(source):
-                found = kernel(**self.shard_args(p.qpiece, source, p.kpiece, local, remote), return_lse=softmax)
+                found = kernel(**self.shard_args(p.qpiece, source, p.kpiece, local, remote, self.held(source)),
+                               return_lse=softmax)
                 parts[p.qpiece].append(found if softmax else (found, None))
                 self.stats["backend"] = kernel.last_run["backend"]
 
@@ -386,7 +421,7 @@ class _Run:
         def compute(source, remote):
             remote_grads = {n: torch.zeros_like(remote[n]) for n in key_grads}
             for p in self.pairs_with(source):
-                args = self.shard_args(p.qpiece, source, p.kpiece, local, remote)
+                args = self.shard_args(p.qpiece, source, p.kpiece, local, remote, self.held(source))
                 leaves = {n: args[n].detach().requires_grad_() for n, s in form.inputs.items()
                           if s.original in floats and n in args}
                 go_q = self.query_slice(grad_o, self.out_axes, p.qpiece)
@@ -406,7 +441,7 @@ class _Run:
                         self.query_slice(found[s.original], _dims(found[s.original], s.token_dim, form.query_axis),
                                          p.qpiece).add_(g)
                     elif s.side == Side.KEY:
-                        at = sum(m for _, m in self.pieces[Side.KEY][source][:p.kpiece])
+                        at = self.key_offsets(source, self.held(source))[p.kpiece]
                         remote_grads[s.original].narrow(s.token_dim, at, g.shape[s.token_dim]).add_(g)
                     else:
                         found[s.original].add_(g)
