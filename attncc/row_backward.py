@@ -164,14 +164,15 @@ class RowStreamBackward:
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         block_d, block_e = pow2(n_feat), pow2(n_vfeat)
         if self.bplan.pointwise:  # P is the weight itself: the kernels read no LSE and no delta
-            lse = delta = torch.zeros(1, dtype=torch.float32, device=device)
+            lse = delta = odo = torch.zeros(1, dtype=torch.float32, device=device)
         else:
             lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
             dlse = None if grad_lse is None else \
                 align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
             delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
+            odo = torch.empty_like(delta)  # rowsum(dO * O), for the dQ kernel's row sums of score reads
             launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
-                                [o, grad_o, dlse if dlse is not None else delta, delta, *o.stride(),
+                                [o, grad_o, dlse if dlse is not None else delta, delta, odo, *o.stride(),
                                  *grad_o.stride(), *outer_sizes, n_rows, n_vfeat],
                                 dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
                                 KernelRole.BWD_PRE))
@@ -211,7 +212,7 @@ class RowStreamBackward:
                             common(self.src.dkdv, [dk, dv], q_lists), flags(self.src.dkdv), options, interpret,
                             KernelRole.BWD_DKDV))
         launch(KernelLaunch(getattr(module, self.src.dq.name), (triton_cdiv(n_rows, bm), combos),
-                            common(self.src.dq, [dq], kv_lists), flags(self.src.dq), options, interpret,
+                            common(self.src.dq, [odo, dq], kv_lists), flags(self.src.dq), options, interpret,
                             KernelRole.BWD_DQ))
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
         return (dq, dk, dv), bufs, delta
