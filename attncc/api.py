@@ -127,10 +127,12 @@ def _newlines(text: str) -> str:
 
 
 def lse_output(program: ir.Program) -> ir.Output:
-    """The log-sum-exp side output of the softmax that feeds the first output."""
+    """The log-sum-exp side output of the softmax that feeds the first output; with a sink
+    logit (`softmax1`'s constant 0, or `softmax(s, j, sink)`) it is included:
+    `log(exp(sink) + sum_j exp(s))`."""
     first = program.outputs[0]
     ancestors = nx.ancestors(program.graph, first.node) | {first.node}
-    softmaxes = [n for n in ancestors if isinstance(n, ir.Normalize) and n.op == "softmax"
+    softmaxes = [n for n in ancestors if isinstance(n, ir.Normalize) and n.op in ("softmax", "softmax1")
                  and n.axis not in first.node.indices]
     if len(softmaxes) != 1:
         raise SpecError(f"return_lse needs exactly one softmax over the summed axis feeding "
@@ -138,8 +140,9 @@ def lse_output(program: ir.Program) -> ir.Output:
     sm = softmaxes[0]
     indices = tuple(ix for ix in sm.arg.indices if ix != sm.axis)
     node = ir.Reduce(op="logsumexp", arg=sm.arg, axes=(sm.axis,), indices=indices, loc=sm.loc)
-    if sm.sink is not None:  # log(exp(sink) + sum exp(s)): logaddexp as max(a, b) + log1p(exp(-|a - b|))
-        node = _logaddexp(node, sm.sink)
+    sink = ir.Const(value=0.0, dtype=ir.FLOAT, loc=sm.loc) if sm.op == "softmax1" else sm.sink
+    if sink is not None:  # log(exp(sink) + sum exp(s)): logaddexp as max(a, b) + log1p(exp(-|a - b|))
+        node = _logaddexp(node, sink)
         node = ir.Access(array=node, args=tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices),
                          axes=node.indices, indices=indices, dtype=ir.FLOAT, loc=sm.loc) \
             if node.indices != indices else node

@@ -114,8 +114,9 @@ def test_sink_softmaxes_take_the_fused_plan_and_the_general_planner_still_plans_
 @pytest.mark.parametrize("name,shape,return_lse", [
     ("learned_sinks", {}, True),
     ("learned_sinks", {"N": 21, "M": 13, "D": 8, "E": 16}, True),   # N > M: the first 8 rows have no key
-    ("softmax_one", {}, False),                                     # softmax1 has no return_lse
-    ("softmax_one", {"N": 19, "M": 7}, False),
+    ("softmax_one", {}, False),
+    ("softmax_one", {}, True),                                      # lse = log(1 + sum exp(s)): dLSE too
+    ("softmax_one", {"N": 19, "M": 7}, True),                       # empty rows: lse = 0
     ("gqa_sinks", {"H": 4, "G": 2}, True),
     ("gqa_sinks", {"H": 6, "G": 2, "N": 17, "M": 17}, True),       # groups of 3
 ])
@@ -256,14 +257,28 @@ def test_pointwise_weight_gradients_match_the_float64_reference(name, shape):
         close(got[n], want[n], f"{name} d{n}")
 
 
-def test_pointwise_weights_through_the_operator_take_the_reference_and_say_why():
-    """The torch.library operator's generated backward reads a saved LSE: pointwise weights
-    (which have none) take the reference there, and say so; eager calls generate theirs."""
+@pytest.mark.parametrize("name", ["sigmoid", "differential"])
+def test_weights_without_a_log_sum_exp_take_the_generated_backward_through_the_operator(name):
+    """The torch.library operator saves an empty statistic for them (tests/test_torch_ops.py
+    runs opcheck and torch.compile on it)."""
     from attncc import torch_ops
 
-    kernel = attncc.compile("examples/sigmoid.attn", backend="triton")
-    choice, reason = torch_ops.backward_choice(kernel, {"q"}, True)
-    assert choice == torch_ops.REFERENCE and "pointwise" in reason
+    kernel = attncc.compile(spec(name), backend="triton")
+    assert torch_ops.backward_choice(kernel, {"q"}, True) == (torch_ops.GENERATED, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_softmax1_returns_its_log_sum_exp_with_the_sink(backend):
+    """`return_lse=True` for softmax1: log(1 + sum_j exp(s)) over the allowed keys, against an
+    independent float64 computation; rows without an allowed key (N > M) get log(1) = 0."""
+    base = tensors("softmax_one", N=19, M=7, E=6)
+    o, lse = attncc.compile(spec("softmax_one"), backend=backend)(**base, return_lse=True)
+    q, k = base["q"].double(), base["k"].double()
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.arange(7)[None, :] > torch.arange(19)[:, None] - 12, float("-inf"))
+    want = torch.log1p(torch.exp(s).sum(-1))
+    assert lse.shape == want.shape and (lse[..., :12] == 0).all()
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,shape", [
