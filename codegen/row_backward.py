@@ -218,8 +218,9 @@ class _BackwardCodegen(RowStreamCodegen):
         size = {ReadMode.ROWS: "BLOCK_M", ReadMode.COLS: "BLOCK_N"}
         lines = [f"{_ACC[rd.mode]}{r} = tl.zeros([{size[rd.mode]}], dtype=tl.float32)"
                  for r, rd in self.reads if rd.mode in _ACC]
+        rows = self.consistent_rows()
         lines += [f"{acc} = tl.zeros([BLOCK_M], dtype=tl.float32)"
-                  for acc in self.read_state() if acc.startswith("pf") or acc == "pdp"]
+                  for acc in [f"pf{r}" for r in rows] + (["pdp"] if rows else [])]
         for r, rd in self.reads:
             if rd.mode == ReadMode.SCATTER:
                 lines += ["if DETERMINISTIC:  # this program's own slots of the read's tile dims",
