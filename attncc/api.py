@@ -127,11 +127,12 @@ def _newlines(text: str) -> str:
 
 
 def lse_output(program: ir.Program) -> ir.Output:
-    """The log-sum-exp side output of the softmax that feeds the first output (of a joint
-    softmax: over all its key sets and its sink)."""
+    """The log-sum-exp side output of the softmax that feeds the first output: over all the key
+    sets of a joint softmax, with a sink logit included (`softmax1`'s constant 0, or
+    `softmax(s, j, sink)`): `log(exp(sink) + sum_j exp(s))`."""
     first = program.outputs[0]
     ancestors = nx.ancestors(program.graph, first.node) | {first.node}
-    softmaxes = [n for n in ancestors if isinstance(n, ir.Normalize) and n.op == "softmax"
+    softmaxes = [n for n in ancestors if isinstance(n, ir.Normalize) and n.op in ("softmax", "softmax1")
                  and n.axis not in first.node.indices]
     groups = {frozenset((x.id, axis) for x, axis in n.key_sets()): n for n in softmaxes}
     if len(groups) != 1:
@@ -141,8 +142,9 @@ def lse_output(program: ir.Program) -> ir.Output:
     indices = tuple(ix for ix in sm.arg.indices if ix != sm.axis)
     terms = [ir.Reduce(op="logsumexp", arg=x, axes=(axis,), indices=tuple(ix for ix in x.indices if ix != axis),
                        loc=sm.loc) for x, axis in sm.key_sets()]
-    if sm.sink is not None:  # log(exp(sink) + sum exp(s))
-        terms.append(sm.sink)
+    sink = ir.Const(value=0.0, dtype=ir.FLOAT, loc=sm.loc) if sm.op == "softmax1" else sm.sink
+    if sink is not None:  # log(exp(sink) + sum exp(s))
+        terms.append(sink)
     node = terms[0] if len(terms) == 1 else ir.logaddexp(*terms, loc=sm.loc)
     if node.indices != indices:
         node = ir.Access(array=node, args=tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices),

@@ -33,7 +33,8 @@ from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, pro
 from attncc.codegen import block_map
 from attncc.codegen.row_backward import BackwardSource, generate_backward
 from attncc.passes.backward import BackwardPlan
-from attncc.passes.kinds import KernelRole, MaskMode, ReadMode
+from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode, ReadMode
+from attncc.passes.linear import causal_only, decay_read
 from attncc.passes.row_stream import map_outer
 
 
@@ -132,6 +133,7 @@ class RowStreamBackward:
         self.src = src or generate_backward(bplan, self.plan.program.name)
         self.modules: dict[bool, object] = {}
         self.last_tiles: dict | None = None  # the grids of the last backward launches
+        self.last_path: LaunchPath | None = None  # row streaming, or the chunked scans (linear time)
 
     # ------------------------------------------------------------------ kernels
     def operand_gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, config: dict | None = None,
@@ -164,14 +166,15 @@ class RowStreamBackward:
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         block_d, block_e = pow2(n_feat), pow2(n_vfeat)
         if self.bplan.pointwise:  # P is the weight itself: the kernels read no LSE and no delta
-            lse = delta = torch.zeros(1, dtype=torch.float32, device=device)
+            lse = delta = odo = torch.zeros(1, dtype=torch.float32, device=device)
         else:
             lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
             dlse = None if grad_lse is None else \
                 align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
             delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
+            odo = torch.empty_like(delta)  # rowsum(dO * O), for the dQ kernel's row sums of score reads
             launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
-                                [o, grad_o, dlse if dlse is not None else delta, delta, *o.stride(),
+                                [o, grad_o, dlse if dlse is not None else delta, delta, odo, *o.stride(),
                                  *grad_o.stride(), *outer_sizes, n_rows, n_vfeat],
                                 dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
                                 KernelRole.BWD_PRE))
@@ -211,10 +214,60 @@ class RowStreamBackward:
                             common(self.src.dkdv, [dk, dv], q_lists), flags(self.src.dkdv), options, interpret,
                             KernelRole.BWD_DKDV))
         launch(KernelLaunch(getattr(module, self.src.dq.name), (triton_cdiv(n_rows, bm), combos),
-                            common(self.src.dq, [dq], kv_lists), flags(self.src.dq), options, interpret,
+                            common(self.src.dq, [odo, dq], kv_lists), flags(self.src.dq), options, interpret,
                             KernelRole.BWD_DQ))
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
         return (dq, dk, dv), bufs, delta
+
+    def chunked_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
+        """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time chunked
+        kernels (`codegen/chunked.py`: a scan forwards for dQ, one backwards for dK and dV), or
+        None when this call streams rows instead: the plan has no such kernels, the call's mask
+        is not exactly causal on a square score (the forward's chunked condition), or a wanted
+        read is not the decay base `lam[h]`, or the base is 0 somewhere (its gradient divides by
+        it). The base's row partials are `(t (dO . O) - t (V . dV)) / lam` per row t, which sum
+        to `sum (i - j) lam^(i - j - 1) (q_i . k_j)(dO_i . v_j)`."""
+        p, src = self.plan, self.src.chunked
+        if src is None or not causal_only(p, sizes, call.scalars):
+            return None
+        base = decay_read(p)
+        if any(base is None or self.bplan.reads[r].name != base.array.name for r in reads):
+            return None
+        interpret = check_device(call)
+        call = promote_operands(call, {op.input.name for op in (p.q, p.k, p.v)})
+        outer_sizes = [sizes[ix] for ix in p.outer]
+        combos, n_rows = math.prod(outer_sizes), sizes[p.i]
+        lam = None
+        if reads:
+            lam = align(Reference(p.program, call.tensors, call.scalars).full(base).float(), base.indices,
+                        tuple(p.outer)).expand(*outer_sizes).reshape(combos, 1)
+            if (lam == 0).any():
+                return None
+        device = call.device
+        out_axes = (*p.outer, p.i, p.e)
+        shape = [sizes[ax] for ax in out_axes]
+        grad_o = torch.zeros(shape, dtype=call.out_dtype, device=device) if grad_o is None else \
+            align(grad_o, p.output.axes, out_axes)
+        module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
+        n_feat, n_vfeat = sizes[p.d], sizes[p.e]
+        dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
+        dk = torch.empty_like(dq)
+        dv = torch.empty((*outer_sizes, n_rows, n_vfeat), dtype=torch.float32, device=device)
+        rs_o, rs_v = (torch.empty((combos, n_rows), dtype=torch.float32, device=device) for _ in range(2))
+        tensors = [call.tensors[n] for n in src.tensor_inputs]
+        scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
+        # chunks of 16 on a GPU too: at head dim 64 on sm_90 (4 warps) they spill 448 / 592 B (the
+        # forward and backward scans), chunks of 32 or 64 spill 6.7 to 12 KB; untimed
+        meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat))
+        for kernel, outputs in (("fwd", (dq, dq, rs_o)), ("rev", (dk, dv, rs_v))):
+            args = [*tensors, grad_o, *outputs, *(x for t in tensors for x in t.stride()),
+                    *(x for t in tensors for x in t.shape), *grad_o.stride(), *outer_sizes,
+                    n_rows, sizes[p.j], n_feat, n_vfeat, *scalars]
+            launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), (combos,), args, meta, {}, interpret,
+                                KernelRole.CHUNKED))
+        self.last_path = LaunchPath.CHUNKED
+        bufs = {r: (rs_o - rs_v) / lam for r in reads}
+        return (dq, dk, dv), bufs
 
     def read_buffers(self, call: BoundCall, combos: int, n_rows: int, n_cols: int, n_qtiles: int,
                      deterministic: bool, reads=None) -> dict:
@@ -284,9 +337,14 @@ class RowStreamBackward:
         kernel_call = dataclasses.replace(call, tensors={n: t.detach() for n, t in graphed.items()})
         reads = {r for r, rd in enumerate(bplan.reads)
                  if (graphed[rd.name].requires_grad if names.is_synthetic(rd.name) else rd.name in wanted)}
-        partials, bufs, delta = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config, deterministic,
-                                                       reads)
         sizes = call.sizes or p.program.sizes(call.scalars)
+        chunked = self.chunked_gradients(kernel_call, grad_o, sizes, reads)
+        if chunked is not None:
+            (partials, bufs), delta = chunked, None
+        else:
+            partials, bufs, delta = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config,
+                                                           deterministic, reads)
+            self.last_path = LaunchPath.ROW_STREAMING
         found: dict[str, torch.Tensor] = {}
         pairs = []
         if bplan.sink is not None:

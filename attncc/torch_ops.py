@@ -135,13 +135,12 @@ class Registration:
         tensors, params, (return_lse, backward, _) = self.split(args)
         kernel = self.kernel()
         call = bind(kernel.program, self.spec.kwargs(tensors, params), data=False, expanded=True)
-        shapes = [axes for axes, _ in self.spec.outputs]
-        if return_lse or backward == GENERATED:
-            lse_axes = tuple(kernel.lse().axes)
-            shapes += [lse_axes] * (bool(return_lse) + (backward == GENERATED))
+        axes = [axes for axes, _ in self.spec.outputs] + ([tuple(kernel.lse().axes)] if return_lse else [])
+        shapes = [[call.sizes[ix] for ix in ax] for ax in axes]
+        if backward == GENERATED:  # the saved statistic: an empty one for weights without a log-sum-exp
+            shapes.append([call.sizes[ix] for ix in kernel.lse().axes] if _saves_lse(kernel) else [0])
         dtypes = self.result_dtypes(call, return_lse, backward)
-        return [torch.empty([call.sizes[ix] for ix in axes], dtype=dtype, device=call.device)
-                for axes, dtype in zip(shapes, dtypes)]
+        return [torch.empty(shape, dtype=dtype, device=call.device) for shape, dtype in zip(shapes, dtypes)]
 
     # ---------------------------------------------------------------- autograd
     def _setup_context(self, ctx, inputs, output):
@@ -149,7 +148,8 @@ class Registration:
         ctx.set_materialize_grads(False)
         ctx.params, ctx.return_lse, ctx.backward = params, return_lse, backward
         ctx.n_results = len(self.spec.outputs) + bool(return_lse)
-        saved = [output[0], output[-1]] if backward == GENERATED else []  # O and the fp32 LSE
+        # O and the fp32 LSE (empty for weights without one: the backward recomputes what it needs)
+        saved = [output[0], output[-1]] if backward == GENERATED else []
         ctx.save_for_backward(*tensors, *saved)
 
     def _backward_formula(self, ctx, grads):
@@ -212,7 +212,9 @@ def _run_forward(kernel, call, return_lse: bool, backward: int, reason: str | No
     results, fallback = None, None
     if kernel.backend == "triton":
         try:
-            if backward == GENERATED:  # the LSE stored for the generated backward
+            if backward == GENERATED and not _saves_lse(kernel):  # pointwise weights, sums of terms
+                results = [*kernel.run_generated(call, False), _no_lse(call)]
+            elif backward == GENERATED:  # the LSE stored for the generated backward
                 o, lse = kernel.generated.launcher(call, True, config=kernel.tuned_config(call))
                 returned = kernel._cast(lse, call)
                 returned = returned.clone() if returned is lse and return_lse else returned
@@ -231,15 +233,30 @@ def _run_forward(kernel, call, return_lse: bool, backward: int, reason: str | No
                 raise
             fallback = str(why)
     if results is None:
-        results = kernel.run_reference(call, return_lse or backward == GENERATED)
-        if backward == GENERATED:  # a fallback (or a hand-made call): the LSE the backward op expects, from the reference
+        if backward == GENERATED and not _saves_lse(kernel):
+            results = [*kernel.run_reference(call, False), _no_lse(call)]
+        elif backward == GENERATED:  # a fallback (or a hand-made call): the LSE the backward op expects, from the reference
+            results = kernel.run_reference(call, True)
             results = results[:-1] + ([results[-1].clone()] if return_lse else []) + [results[-1].float()]
+        else:
+            results = kernel.run_reference(call, return_lse)
         run = {"backend": "reference", **({"reason": fallback} if fallback else {}),
                "backward": None if backward == NO_GRAPH else "reference"}
         if backward != NO_GRAPH:
             run["backward_reason"] = fallback or _REFERENCE_REASON
     kernel.last_run = run
     return results
+
+
+def _saves_lse(kernel) -> bool:
+    """Whether the generated backward reads a saved log-sum-exp: one softmax (with or without a
+    sink); pointwise weights and sums of terms recompute what they need from the inputs."""
+    return kernel.backend == "triton" and kernel.generated.plan.has_lse
+
+
+def _no_lse(call) -> torch.Tensor:
+    """The saved-statistic slot of a plan without one: an empty fp32 tensor."""
+    return torch.zeros(0, dtype=torch.float32, device=call.device)
 
 
 def _reference_gradients(kernel, call, return_lse, tensors, grads, wanted) -> list:
@@ -330,9 +347,6 @@ def backward_choice(kernel, requiring, grad_enabled: bool) -> tuple[int, str | N
     reason = plan if isinstance(plan, str) else call_reason(plan, list(requiring))
     if reason is None and len(kernel.program.outputs) != 1:
         reason = "the generated backward differentiates one output"
-    if reason is None and not plan.plan.has_lse:  # (eager calls generate it)
-        reason = ("pointwise weights or a sum of weight terms: the operator's generated backward reads one "
-                  "saved log-sum-exp, which they do not have")
     return (REFERENCE, reason) if reason else (GENERATED, None)
 
 

@@ -24,6 +24,10 @@ from attncc.passes.linear import decay_factor
 from attncc.passes.row_stream import RowStreamPlan
 
 
+ROWS_M = Val("rows[:, None]", frozenset("m"), ir.INT)  # the chunk's rows as query indices
+ROWS_N = Val("rows[None, :]", frozenset("n"), ir.INT)  # ... as key indices
+
+
 class ChunkedCodegen(RowStreamCodegen):
     """The chunked-scan kernel of a chunkable plan."""
 
@@ -44,39 +48,16 @@ class ChunkedCodegen(RowStreamCodegen):
         em.prologue, em.body = saved
         return lines, val.code
 
-    def generate_text(self) -> tuple[str, list[str], list[str], dict]:
+    def loads(self) -> list[str]:
+        """The chunk's rows (`rows = c0 + offs_c`), q (times qk_scale, [C, D]), k ([D, C]) and v
+        ([C, E]) in fp32, feature maps applied, zero past the sequence and the features."""
         p, em = self.plan, self.em
         term = p.terms[0]
         qn, kn, vn = term.q.input.name, term.k.input.name, p.v.input.name
-        q_off, k_off, v_off = self.operand_offset(term.q), self.operand_offset(term.k), self.operand_offset(p.v)
-        rows_m = Val("rows[:, None]", frozenset("m"), ir.INT)
-        rows_n = Val("rows[None, :]", frozenset("n"), ir.INT)
-        before = Val("(c0 - 1)", frozenset(), ir.INT)
-        last = Val("(c0 + BLOCK_C - 1)", frozenset(), ir.INT)
-        intra_lines, intra = self.decay(rows_m, rows_n)
-        row_lines, row_decay = self.decay(rows_m, before)
-        col_lines, col_decay = self.decay(last, rows_n)
-        chunk_lines, chunk_decay = self.decay(last, before)
-        q_env = {**em.env, p.i: rows_m}
-        k_env = {**em.env, p.j: rows_n}
-        v_env = {**em.env, p.j: rows_m}
-        q_map = self.feature_map(term.q, "q", q_env, p.d, "offs_d[None, :]", "n_feat")
-        k_map = self.feature_map(term.k, "k", k_env, p.d, "offs_d[:, None]", "n_feat")
-        v_map = self.feature_map(p.v, "v", v_env, p.e, "offs_e[None, :]", "n_vfeat")
-        tensors = list(em.tensors)
-        scalars = self.scalar_arg_names()
-        strides, dims = tensor_args(em.tensors)
-        out_axes = p.output.axes
-        o_strides = [f"o_s{k}" for k in range(len(out_axes))]
-        o_off = " + ".join(f"rows[:, None] * {st}" if ax == p.i else f"offs_e[None, :] * {st}" if ax == p.e
-                           else f"{names.user('idx', ax)} * {st}" for ax, st in zip(out_axes, o_strides))
-        args = ([names.tensor("ptr", t) for t in tensors] + ["o_ptr"] + strides + dims + o_strides
-                + [names.user("size", ix) for ix in p.outer] + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
-        decode = ["pid_o = tl.program_id(0).to(tl.int64)"]
-        for ix in reversed(p.outer):
-            size = names.user("size", ix)
-            decode += [f"{names.user('idx', ix)} = pid_o % {size}", f"pid_o = pid_o // {size}"]
-        body = [
+        q_map = self.feature_map(term.q, "q", {**em.env, p.i: ROWS_M}, p.d, "offs_d[None, :]", "n_feat")
+        k_map = self.feature_map(term.k, "k", {**em.env, p.j: ROWS_N}, p.d, "offs_d[:, None]", "n_feat")
+        v_map = self.feature_map(p.v, "v", {**em.env, p.j: ROWS_M}, p.e, "offs_e[None, :]", "n_vfeat")
+        return [
             "rows = c0 + offs_c",
             "in_seq = rows < n_rows",
             f"q = tl.load(q_base + rows[:, None] * {names.tensor('st', qn, term.q.row)} + offs_d[None, :] * "
@@ -93,7 +74,43 @@ class ChunkedCodegen(RowStreamCodegen):
             f"{names.tensor('st', vn, p.v.feature)}, "
             "mask=in_seq[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)",
             *v_map,
-            "v = tl.where(in_seq[:, None], v.to(tl.float32), 0.0)",
+            "v = tl.where(in_seq[:, None], v.to(tl.float32), 0.0)"]
+
+    def decode(self) -> list[str]:
+        """This program's (batch, head) indices, from its program id."""
+        lines = ["pid_o = tl.program_id(0).to(tl.int64)"]
+        for ix in reversed(self.plan.outer):
+            size = names.user("size", ix)
+            lines += [f"{names.user('idx', ix)} = pid_o % {size}", f"pid_o = pid_o // {size}"]
+        return lines
+
+    def bases(self) -> list[str]:
+        term, p = self.plan.terms[0], self.plan
+        return [f"q_base = {names.tensor('ptr', term.q.input.name)} + {self.operand_offset(term.q)}",
+                f"k_base = {names.tensor('ptr', term.k.input.name)} + {self.operand_offset(term.k)}",
+                f"v_base = {names.tensor('ptr', p.v.input.name)} + {self.operand_offset(p.v)}"]
+
+    def generate_text(self) -> tuple[str, list[str], list[str], dict]:
+        p, em = self.plan, self.em
+        bases = self.bases()  # first: they register q, k and v as the first tensors
+        before = Val("(c0 - 1)", frozenset(), ir.INT)
+        last = Val("(c0 + BLOCK_C - 1)", frozenset(), ir.INT)
+        intra_lines, intra = self.decay(ROWS_M, ROWS_N)
+        row_lines, row_decay = self.decay(ROWS_M, before)
+        col_lines, col_decay = self.decay(last, ROWS_N)
+        chunk_lines, chunk_decay = self.decay(last, before)
+        loads = self.loads()
+        tensors = list(em.tensors)
+        scalars = self.scalar_arg_names()
+        strides, dims = tensor_args(em.tensors)
+        out_axes = p.output.axes
+        o_strides = [f"o_s{k}" for k in range(len(out_axes))]
+        o_off = " + ".join(f"rows[:, None] * {st}" if ax == p.i else f"offs_e[None, :] * {st}" if ax == p.e
+                           else f"{names.user('idx', ax)} * {st}" for ax, st in zip(out_axes, o_strides))
+        args = ([names.tensor("ptr", t) for t in tensors] + ["o_ptr"] + strides + dims + o_strides
+                + [names.user("size", ix) for ix in p.outer] + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
+        body = [
+            *loads,
             "# inside the chunk: causal, decayed weights",
             *intra_lines,
             f"a = tl.where(rows[None, :] <= rows[:, None], tl.dot(q, k, input_precision='ieee') * {intra}, 0.0)",
@@ -116,17 +133,113 @@ class ChunkedCodegen(RowStreamCodegen):
             f"def {self.name}({', '.join(args)}, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, "
             "BLOCK_E: tl.constexpr, ROW_SUM: tl.constexpr):",
             '    """One (batch, head): chunks of BLOCK_C tokens in order, a D x E state carried across."""',
-            *_indent(decode),
+            *_indent(self.decode()),
             "    offs_c = tl.arange(0, BLOCK_C)",
             "    offs_d = tl.arange(0, BLOCK_D)",
             "    offs_e = tl.arange(0, BLOCK_E)",
             *_indent(list(em.prologue)),
-            f"    q_base = {names.tensor('ptr', qn)} + {q_off}",
-            f"    k_base = {names.tensor('ptr', kn)} + {k_off}",
-            f"    v_base = {names.tensor('ptr', vn)} + {v_off}",
+            *_indent(bases),
             "    S = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
             "    z = tl.zeros([BLOCK_D], dtype=tl.float32)",
             "    for c0 in range(0, n_rows, BLOCK_C):",
             *_indent(body, 2),
         ]
+        return "\n".join(src) + "\n", tensors, scalars, dict(em.host_scalars)
+
+
+class ChunkedBackwardCodegen(ChunkedCodegen):
+    """The linear-time backward of a chunked plan without feature maps or row sums
+    (`passes.linear.chunked_backward`): with `w_ij = lam^(i - j) [j <= i]` and `S_c`, `R_c` the
+    states carried forwards and backwards,
+
+        dQ_c = (dO_c V_c^T * w) K_c + (dO_c * lam^(i - c0 + 1)) S^T       (forward, with O in fp32)
+        dV_c = (Q_c K_c^T * w)^T dO_c + (K_c * lam^(c0 + C - j)) R          (backward, chunks reversed)
+        dK_c = (dO_c V_c^T * w)^T Q_c + (V_c * lam^(c0 + C - j)) R^T
+        R    = lam^C R + (Q_c * lam^(i - c0))^T dO_c
+
+    and the decay base's gradient from `sum (i - j) lam^(i - j - 1) w'_ij` = `(sum_t t (dO_t . O_t) -
+    sum_t t (V_t . dV_t)) / lam` per (batch, head): each kernel stores its term per row (`rs`),
+    the launcher subtracts, sums and divides. Both kernels share one argument list."""
+
+    def __init__(self, plan: RowStreamPlan, name: str):
+        super().__init__(plan, name)
+        self.name = f"{name}_chunked_bwd"
+
+    def generate_text(self) -> tuple[str, list[str], list[str], dict]:
+        p, em = self.plan, self.em
+        bases = self.bases()
+        before = Val("(c0 - 1)", frozenset(), ir.INT)
+        first = Val("c0", frozenset(), ir.INT)
+        end = Val("(c0 + BLOCK_C)", frozenset(), ir.INT)
+        last = Val("(c0 + BLOCK_C - 1)", frozenset(), ir.INT)
+        intra_lines, intra = self.decay(ROWS_M, ROWS_N)
+        row_lines, row_decay = self.decay(ROWS_M, before)
+        col_lines, col_decay = self.decay(last, ROWS_N)
+        chunk_lines, chunk_decay = self.decay(last, before)
+        to_end_lines, to_end = self.decay(end, ROWS_M)      # lam^(c0 + C - j), keys as a column
+        from_lines, from_start = self.decay(ROWS_M, first)  # lam^(i - c0)
+        loads = self.loads()
+        tensors = list(em.tensors)
+        scalars = self.scalar_arg_names()
+        strides, dims = tensor_args(em.tensors)
+        outer = [names.user("size", ix) for ix in p.outer]
+        do_strides = [f"do_s{k}" for k in range(len(p.outer))] + ["do_si", "do_se"]
+        do_off = " + ".join(f"{names.user('idx', ix)} * do_s{k}" for k, ix in enumerate(p.outer)) or "0"
+        args = ([names.tensor("ptr", t) for t in tensors] + ["do_ptr", "g1_ptr", "g2_ptr", "rs_ptr"] + strides
+                + dims + do_strides + outer + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
+        common = [
+            *loads,
+            "do = tl.load(do_base + rows[:, None] * do_si + offs_e[None, :] * do_se, "
+            "mask=in_seq[:, None] & (offs_e[None, :] < n_vfeat), other=0.0).to(tl.float32)",
+            *intra_lines,
+            f"w = tl.where(rows[None, :] <= rows[:, None], {intra}, 0.0)  # lam^(i - j), causal",
+            "dpw = tl.dot(do, tl.trans(v), input_precision='ieee') * w  # dO_i . v_j, decayed"]
+        g_off = "(flat_o * n_rows + rows[:, None]) * "
+        fwd = [
+            *common,
+            "a = tl.dot(q, k, input_precision='ieee') * w",
+            *row_lines,
+            f"out = tl.dot(a, v, input_precision='ieee') + tl.dot(q * {row_decay}, S, input_precision='ieee')",
+            "tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * tl.sum(out * do, 1), mask=in_seq)",
+            f"dq = (tl.dot(dpw, tl.trans(k), input_precision='ieee') + "
+            f"tl.dot(do * {row_decay}, tl.trans(S), input_precision='ieee')) * qk_scale",
+            f"tl.store(g1_ptr + {g_off}n_feat + offs_d[None, :], dq, mask=in_seq[:, None] & (offs_d[None, :] < n_feat))",
+            *col_lines, *chunk_lines,
+            f"S = S * {chunk_decay} + tl.dot(k * {col_decay}, v, input_precision='ieee')"]
+        rev = [
+            "c0 = (n_chunks - 1 - t_rev) * BLOCK_C",
+            *common,
+            "a = tl.dot(q, k, input_precision='ieee') * w",
+            *to_end_lines,
+            f"dv = tl.dot(tl.trans(a), do, input_precision='ieee') + "
+            f"tl.dot(tl.trans(k) * {to_end}, R, input_precision='ieee')",
+            f"dk = tl.dot(tl.trans(dpw), q, input_precision='ieee') + "
+            f"tl.dot(v * {to_end}, tl.trans(R), input_precision='ieee')",
+            "tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * tl.sum(v * dv, 1), mask=in_seq)",
+            f"tl.store(g1_ptr + {g_off}n_feat + offs_d[None, :], dk, mask=in_seq[:, None] & (offs_d[None, :] < n_feat))",
+            f"tl.store(g2_ptr + {g_off}n_vfeat + offs_e[None, :], dv, "
+            "mask=in_seq[:, None] & (offs_e[None, :] < n_vfeat))",
+            *from_lines, *chunk_lines,
+            f"R = R * {chunk_decay} + tl.dot(tl.trans(q * {from_start}), do, input_precision='ieee')"]
+        head = [*_indent(self.decode()),
+                "    flat_o = tl.program_id(0).to(tl.int64)",
+                "    offs_c = tl.arange(0, BLOCK_C)",
+                "    offs_d = tl.arange(0, BLOCK_D)",
+                "    offs_e = tl.arange(0, BLOCK_E)",
+                *_indent(list(em.prologue)),
+                *_indent(bases),
+                f"    do_base = do_ptr + {do_off}"]
+        sig = f"{', '.join(args)}, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr"
+        src = ["@triton.jit", f"def {self.name}_fwd({sig}):",
+               '    """dQ and t (dO . O) of one (batch, head): chunks in order, the state S carried."""',
+               *head,
+               "    S = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
+               "    for c0 in range(0, n_rows, BLOCK_C):", *_indent(fwd, 2),
+               "", "",
+               "@triton.jit", f"def {self.name}_rev({sig}):",
+               '    """dK, dV and t (V . dV) of one (batch, head): chunks in reverse, the state R carried."""',
+               *head,
+               "    R = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
+               "    n_chunks = tl.cdiv(n_rows, BLOCK_C)",
+               "    for t_rev in range(0, n_chunks):", *_indent(rev, 2)]
         return "\n".join(src) + "\n", tensors, scalars, dict(em.host_scalars)

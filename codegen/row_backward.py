@@ -7,7 +7,7 @@ LSE, no delta. A sum of terms runs one set per term: `passes/backward.py`.)
 
 Three kernels, all derived from the plan (`passes/backward.py` says which plans have them):
 
-- `{name}_bwd_pre`: per query row, `delta = rowsum(dO * O) - dLSE` (fp32).
+- `{name}_bwd_pre`: per query row, `delta = rowsum(dO * O) - dLSE` (fp32), and `rowsum(dO * O)`.
 - `{name}_bwd_dkdv`: one program per key tile of one (batch, head). It loads its keys and
   values once, streams the query tiles holding an allowed pair (symbolic ranges of the mask
   analysed with keys as rows, or the forward's block map transposed; every tile without a
@@ -39,10 +39,12 @@ from dataclasses import dataclass
 from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.pytext import comment, docstring
-from attncc.codegen.row_stream import LOG2E, RowStreamCodegen, _free_names, _indent, scalar_args, tensor_args
+from attncc.codegen.row_stream import (LOG2E, LinearSource, RowStreamCodegen, _free_names, _indent, scalar_args,
+                                       tensor_args)
 from attncc.codegen.tile_expr import Val
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import MaskMode, ReadMode
+from attncc.passes.linear import chunked_backward
 from attncc.passes.row_stream import map_outer
 
 
@@ -64,6 +66,7 @@ class BackwardSource:
     dq: BackwardKernel
     dkdv: BackwardKernel
     pre: str                          # the delta kernel's name
+    chunked: LinearSource | None = None  # the linear-time backward of a chunked plan (codegen/chunked.py)
 
 
 _TILE_CONSTEXPRS = ["MASKED", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT", "DETERMINISTIC"]
@@ -199,14 +202,25 @@ class _BackwardCodegen(RowStreamCodegen):
     def kernel_constexprs(self) -> str:
         return _KERNEL_CONSTEXPRS + "".join(f", {f}: tl.constexpr" for f in self.read_flags())
 
+    def consistent_rows(self) -> list[int]:
+        """The row-sum reads whose sums are made consistent with this kernel's own P and dP
+        (`read_stores`): every row-sum read of a softmax (pointwise weights have no delta)."""
+        return [] if self.bplan.pointwise else [r for r, rd in self.reads if rd.mode == ReadMode.ROWS]
+
     def read_state(self) -> list[str]:
-        """Loop-carried accumulators of the row and column sums."""
-        return [f"{_ACC[rd.mode]}{r}" for r, rd in self.reads if rd.mode in _ACC]
+        """Loop-carried accumulators of the row and column sums; for the consistent row sums,
+        `pf<r> = rowsum(P * d score / d read)` per read and `pdp = rowsum(P * dP)`."""
+        rows = self.consistent_rows()
+        return ([f"{_ACC[rd.mode]}{r}" for r, rd in self.reads if rd.mode in _ACC]
+                + [f"pf{r}" for r in rows] + (["pdp"] if rows else []))
 
     def read_init(self) -> list[str]:
         size = {ReadMode.ROWS: "BLOCK_M", ReadMode.COLS: "BLOCK_N"}
         lines = [f"{_ACC[rd.mode]}{r} = tl.zeros([{size[rd.mode]}], dtype=tl.float32)"
                  for r, rd in self.reads if rd.mode in _ACC]
+        rows = self.consistent_rows()
+        lines += [f"{acc} = tl.zeros([BLOCK_M], dtype=tl.float32)"
+                  for acc in [f"pf{r}" for r in rows] + (["pdp"] if rows else [])]
         for r, rd in self.reads:
             if rd.mode == ReadMode.SCATTER:
                 lines += ["if DETERMINISTIC:  # this program's own slots of the read's tile dims",
@@ -217,10 +231,21 @@ class _BackwardCodegen(RowStreamCodegen):
         return lines
 
     def read_stores(self, rows: str, cols: str) -> list[str]:
+        """The row and column sums stored. A row sum is first corrected to the delta of this
+        kernel's fp32 P and dP: delta = rowsum(dO * O) - dLSE reads the output in its own dtype,
+        and in bf16 its rounding error, times a factor far from zero on average over the row
+        (ALiBi's distance j - i), dominates the sum; with `C = rowsum(P * dP)` the consistent
+        delta is `C - dLSE`, so the sum gains `(rowsum(dO * O) - C) * rowsum(P * factor)`."""
         lines = []
+        consistent = self.consistent_rows()
+        if consistent:
+            lines += [f"if {' or '.join(f'GRAD{r}' for r in consistent)}:",
+                      "    odo = tl.load(odo_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)  # rowsum(dO * O)"]
         for r, rd in self.reads:
             if rd.mode == ReadMode.ROWS:
-                lines += [f"if GRAD{r}:", f"    tl.store(gr{r}_ptr + flat_o * n_rows + offs_m, gr{r}, mask={rows})"]
+                fix = [f"    gr{r} += (odo - pdp) * pf{r}"] if r in consistent else []
+                lines += [f"if GRAD{r}:", *fix,
+                          f"    tl.store(gr{r}_ptr + flat_o * n_rows + offs_m, gr{r}, mask={rows})"]
             elif rd.mode == ReadMode.COLS:
                 lines += [f"if GRAD{r}:", f"    tl.store(gc{r}_ptr + flat_o * n_cols + offs_n, gc{r}, mask={cols})"]
         return lines
@@ -235,14 +260,20 @@ class _BackwardCodegen(RowStreamCodegen):
         """Per tile: each read's `g = dS * d score / d read` (entries outside `live` 0), and
         its accumulation."""
         em, lines = self.em, []
+        consistent = self.consistent_rows()
+        if consistent:
+            lines += [f"if {' or '.join(f'GRAD{r}' for r in consistent)}:  # for the consistent row sums",
+                      "    pdp += tl.sum(p * dp, 1)"]
         for r, rd in self.reads:
             em.body = []
             deriv = em.emit(rd.derivative)
             name = "a precomputed value" if names.is_synthetic(rd.name) else rd.name
-            term = "dsc" if deriv.const == 1 else f"dsc * {deriv.code}"
-            inner = [*em.body, f"g{r} = tl.where({live}, {term}, 0.0)"]
+            factor = "" if deriv.const == 1 else f" * {deriv.code}"
+            inner = [*em.body, f"g{r} = tl.where({live}, dsc{factor}, 0.0)"]
             if rd.mode == ReadMode.ROWS:
                 inner.append(f"gr{r} += tl.sum(g{r}, 1)")
+                if r in consistent:
+                    inner.append(f"pf{r} += tl.sum(tl.where({live}, p{factor}, 0.0), 1)")
             elif rd.mode == ReadMode.COLS:
                 inner.append(f"gc{r} += tl.sum(g{r}, 0)")
             elif rd.mode == ReadMode.TILE:
@@ -343,7 +374,7 @@ class DqCodegen(_BackwardCodegen):
         tile, call = self.tile_function(self.tile_name, ["dq", *self.read_state()], "start_n", body)
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
             if p.mask_mode == MaskMode.BLOCK_MAP else []
-        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "dq_ptr",
+        args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "odo_ptr", "dq_ptr",
                                                    *self.read_pointer_args()], map_args + self.read_len_args())
         name = f"{self.name}_bwd_dq"
         src = [*tile, "", "",
@@ -476,7 +507,8 @@ def _stride(outer, k):
 
 
 def pre_kernel(plan, prefix: str) -> tuple[str, str]:
-    """`delta = rowsum(dO * O) - dLSE` per query row, O and dO laid out (outer..., rows, features)."""
+    """`delta = rowsum(dO * O) - dLSE` per query row, O and dO laid out (outer..., rows, features);
+    `rowsum(dO * O)` stored as well (`odo`), for the row sums of score reads (`read_stores`)."""
     outer = plan.outer
     name = f"{prefix}_bwd_pre"
     o_strides = [f"o_s{k}" for k in range(len(outer))] + ["o_si", "o_se"]
@@ -488,7 +520,7 @@ def pre_kernel(plan, prefix: str) -> tuple[str, str]:
                    f"pid_o = pid_o // {names.user('size', ix)}"]
     o_off = " + ".join([f"{names.user('idx', ix)} * o_s{k}" for k, ix in enumerate(outer)]) or "0"
     do_off = " + ".join([f"{names.user('idx', ix)} * do_s{k}" for k, ix in enumerate(outer)]) or "0"
-    args = ["o_ptr", "do_ptr", "dlse_ptr", "delta_ptr", *o_strides, *do_strides, *sizes, "n_rows", "n_vfeat"]
+    args = ["o_ptr", "do_ptr", "dlse_ptr", "delta_ptr", "odo_ptr", *o_strides, *do_strides, *sizes, "n_rows", "n_vfeat"]
     src = ["@triton.jit",
            f"def {name}({', '.join(args)}, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, HAS_DLSE: tl.constexpr):",
            '    """delta = rowsum(dO * O) - dLSE for one query tile, in fp32."""',
@@ -502,6 +534,7 @@ def pre_kernel(plan, prefix: str) -> tuple[str, str]:
            f"    do = tl.load(do_ptr + {do_off} + offs_m[:, None] * do_si + offs_e[None, :] * do_se, mask=ok, "
            "other=0.0)",
            "    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)",
+           "    tl.store(odo_ptr + flat_o * n_rows + offs_m, delta, mask=row_ok)  # for the dQ kernel's row sums",
            "    if HAS_DLSE:  # d lse / d s = p: the returned LSE's gradient enters dS as p * dLSE",
            "        delta -= tl.load(dlse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)",
            "    tl.store(delta_ptr + flat_o * n_rows + offs_m, delta, mask=row_ok)"]
@@ -516,9 +549,16 @@ def generate_backward(bplan: BackwardPlan, name: str) -> BackwardSource:
     pre_text, pre_name = pre_kernel(plan, prefix)
     dkdv_text, dkdv = DkdvCodegen(bplan, prefix).generate()
     dq_text, dq = DqCodegen(bplan, prefix).generate()
+    texts, chunked = [pre_text, dkdv_text, dq_text], None
+    if bplan.pointwise and chunked_backward(plan):
+        from attncc.codegen.chunked import ChunkedBackwardCodegen
+
+        text, tensors, scalars, hosts = ChunkedBackwardCodegen(plan, prefix).generate_text()
+        texts.append(text)
+        chunked = LinearSource(f"{prefix}_chunked_bwd", tensors, scalars, hosts)
     doc = (f"Generated by attncc from {os.path.basename(plan.program.source.filename)}: do not edit; "
            "regenerate instead.\n\nThe backward of a row-streaming plan with one softmax over the keys: "
            "delta, then dK/dV (per key tile), then dQ (per query tile).\n")
     header = [docstring(doc), "import triton", "import triton.language as tl", "", ""]
-    source = "\n".join(header) + "\n\n\n".join([pre_text, dkdv_text, dq_text]) + "\n"
-    return BackwardSource(f"{prefix}_bwd", source, dq, dkdv, pre_name)
+    source = "\n".join(header) + "\n\n\n".join(texts) + "\n"
+    return BackwardSource(f"{prefix}_bwd", source, dq, dkdv, pre_name, chunked)

@@ -18,7 +18,8 @@ from attncc.passes.kinds import LaunchPath, WeightKind
 from attncc.passes.mask_analysis import active_conjuncts
 from attncc.passes.row_stream import RowStreamPlan, Term
 
-__all__ = ["LaunchPath", "linear_weight", "reassociable", "decay_factor", "chunkable", "mask_free",
+__all__ = ["LaunchPath", "linear_weight", "reassociable", "decay_factor", "chunkable", "chunked_backward",
+           "decay_read", "mask_free",
            "causal_only", "choose_path"]
 
 
@@ -60,6 +61,36 @@ def chunkable(plan: RowStreamPlan) -> bool:
     term = linear_weight(plan)
     return term is not None and plan.mask_plan is not None and \
         (not term.qk_factors or decay_factor(plan) is not None)
+
+
+def chunked_backward(plan: RowStreamPlan) -> bool:
+    """Whether a chunkable plan also gets the linear-time backward (`codegen/chunked.py`):
+    no feature maps and no row-sum normaliser (those still stream the backward), and a decay
+    base that is constant over the call or a plain read `lam[h]` of an input at outer indices
+    (whose gradient the launcher takes from the kernels' per-row sums)."""
+    if not chunkable(plan) or plan.row_sum:
+        return False
+    term = plan.terms[0]
+    if any(op.transform is not None for op in (term.q, term.k, plan.v)):
+        return False
+    factor = decay_factor(plan)
+    return factor is None or not _reads_inputs(factor.args[0]) or decay_read(plan) is not None
+
+
+def decay_read(plan: RowStreamPlan) -> ir.Access | None:
+    """The decay base when it is a plain read of an input at bare outer indices (`lam[h]`)."""
+    factor = decay_factor(plan)
+    base = factor.args[0] if factor is not None else None
+    ok = isinstance(base, ir.Access) and isinstance(base.array, ir.Input) and \
+        all(isinstance(a, ir.Index) and a.name in plan.outer for a in base.args) and \
+        len({a.name for a in base.args}) == len(base.args)
+    return base if ok else None
+
+
+def _reads_inputs(node: ir.Node) -> bool:
+    if isinstance(node, ir.Access) and isinstance(node.array, ir.Input):
+        return True
+    return any(_reads_inputs(a) for a in node.operands() if a is not None)
 
 
 def mask_free(plan: RowStreamPlan, sizes: dict, scalars: dict) -> bool:

@@ -32,14 +32,14 @@ GENERATED = re.compile("|".join([
     r"o_ptr|lse_ptr|count_ptr|kv_list_ptr|kv_full_ptr|kv_count_ptr|map_ptr|state_ptr|z_ptr|o_ptrs",
     r"(?:o|lse)_s\d+|q_ptrs\d*|q_desc\d*|q_base|k_base|v_base|v_desc|k_ok|v_ok",
     # the online softmax and accumulators, per term
-    r"(?:acc|m_i|l_i|l_safe|q|qk|s|p|qk_scale)\d*|k|v|m_new|m_safe|alpha|out|out_sum|lse",
+    r"(?:acc|m_i|l_i|l_safe|q|qk|s|p|qk_scale)\d*|k|v|m_new|m_safe|alpha|out|out_sum|lse|sink",
     r"(?:q\d*|k|v)_f32|S|z|a|q_past|k_to_end",
     # temporaries, host-evaluated scalars, loaded mask scalars, precomputed inputs
     r"(?:t|ld|host)\d+|mask_scalar\d+|pre\d+_(?:ptr|st\d+|sz\d+|kbase|kdesc|ktile)",
     # the general streaming plan's pass kernels (codegen/stream_kernel.py): feature blocks,
     # operand tiles, stored accumulators, online statistics, top-k buffers, ties, inner sums
     r"BLOCK_[DE]\d+|KP\d+|n_\d+|mask_lo|mask_hi|(?:a|b|x|l|m|m_new|m_safe|alpha|res\d+_s|acc\d+_st|acc\d+_sz)\d+",
-    r"res\d+_ptr|acc\d+_ptr|(?:buf|kcols|xt|old|r|head_x|head_b|from_x|at_x|at_b|seen|eq|tie_rank|chosen|isum|g|sl)\d+",
+    r"rb\d+_\d+|res\d+_ptr|acc\d+_ptr|(?:buf|kcols|xt|old|r|head_x|head_b|from_x|at_x|at_b|seen|eq|tie_rank|chosen|isum|g|sl)\d+",
 ]))
 KERNEL_SUFFIX = re.compile(r"(?:_packed|_stats\d+)?_(?:fwd|tile)|_classify|_linear_(?:state|apply)|_chunked|_pass\d+")
 

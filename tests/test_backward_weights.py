@@ -114,8 +114,9 @@ def test_sink_softmaxes_take_the_fused_plan_and_the_general_planner_still_plans_
 @pytest.mark.parametrize("name,shape,return_lse", [
     ("learned_sinks", {}, True),
     ("learned_sinks", {"N": 21, "M": 13, "D": 8, "E": 16}, True),   # N > M: the first 8 rows have no key
-    ("softmax_one", {}, False),                                     # softmax1 has no return_lse
-    ("softmax_one", {"N": 19, "M": 7}, False),
+    ("softmax_one", {}, False),
+    ("softmax_one", {}, True),                                      # lse = log(1 + sum exp(s)): dLSE too
+    ("softmax_one", {"N": 19, "M": 7}, True),                       # empty rows: lse = 0
     ("gqa_sinks", {"H": 4, "G": 2}, True),
     ("gqa_sinks", {"H": 6, "G": 2, "N": 17, "M": 17}, True),       # groups of 3
 ])
@@ -256,14 +257,83 @@ def test_pointwise_weight_gradients_match_the_float64_reference(name, shape):
         close(got[n], want[n], f"{name} d{n}")
 
 
-def test_pointwise_weights_through_the_operator_take_the_reference_and_say_why():
-    """The torch.library operator's generated backward reads a saved LSE: pointwise weights
-    (which have none) take the reference there, and say so; eager calls generate theirs."""
+@pytest.mark.parametrize("shape,wanted", [
+    ({"N": 37, "M": 37}, ("q", "k", "v", "lam")),   # three chunks of 16, the last partial; D != E
+    ({"N": 16, "M": 16, "B": 1, "H": 2}, ("q", "k", "v", "lam")),  # one full chunk
+    ({"N": 37, "M": 37}, ("k", "v")),               # lam and q not wanted
+])
+def test_lightning_backward_is_the_linear_time_chunked_scan(shape, wanted, monkeypatch):
+    """Causal decayed linear attention on a square score: the backward runs the chunked scans
+    (dQ forwards, dK and dV backwards, lam's gradient from their per-row sums), O(N) memory
+    beyond the inputs (no launch argument holds B·H·N·N values), against the float64
+    reference's autograd."""
+    from attncc import row_backward
+    from attncc.passes.kinds import LaunchPath
+
+    launched = []
+    real = row_backward.launch
+    monkeypatch.setattr(row_backward, "launch", lambda kl: launched.append(kl) or real(kl))
+    base = tensors("lightning", **shape)
+    B, H, N = base["q"].shape[:3]
+    kernel = attncc.compile(spec("lightning"), backend="triton")
+    reference = attncc.compile(spec("lightning"), backend="reference")
+    g = torch.randn(B, H, N, base["v"].shape[-1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def grads(k, dtype):
+        args = {n: t.to(dtype).requires_grad_(n in wanted) for n, t in base.items()}
+        o = k(**args)
+        return dict(zip(wanted, torch.autograd.grad(o, [args[n] for n in wanted], g.to(dtype))))
+
+    got = grads(kernel, torch.float32)
+    assert kernel.last_run["backward"] == "triton"
+    assert kernel.backward_launcher().last_path == LaunchPath.CHUNKED
+    assert {kl.role for kl in launched} == {"chunked"} and len(launched) == 2
+    assert all(a.numel() < B * H * N * N for kl in launched for a in kl.args if torch.is_tensor(a))
+    want = grads(reference, torch.float64)
+    for n in wanted:
+        close(got[n], want[n], f"d{n}")
+
+
+@pytest.mark.parametrize("case", ["not square", "a zero decay"])
+def test_lightning_backward_streams_rows_where_the_scan_does_not_apply(case):
+    """N != M (the mask is not exactly causal) and lam = 0 for a head (its gradient would
+    divide by it) take the row-streaming backward; off the square, with the same gradients as
+    the float64 reference (which itself gives NaN at lam = 0: 0 ** negative powers under the mask)."""
+    from attncc.passes.kinds import LaunchPath
+
+    base = tensors("lightning", N=21, M=21 if case == "a zero decay" else 27)
+    if case == "a zero decay":
+        base["lam"][1] = 0.0
+    kernel, got = gradients("lightning", "triton", base, torch.float32, False)
+    assert kernel.backward_launcher().last_path == LaunchPath.ROW_STREAMING
+    if case == "not square":
+        _, want = gradients("lightning", "reference", base, torch.float64, False)
+        for n in got:
+            close(got[n], want[n], f"d{n}")
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "differential"])
+def test_weights_without_a_log_sum_exp_take_the_generated_backward_through_the_operator(name):
+    """The torch.library operator saves an empty statistic for them (tests/test_torch_ops.py
+    runs opcheck and torch.compile on it)."""
     from attncc import torch_ops
 
-    kernel = attncc.compile("examples/sigmoid.attn", backend="triton")
-    choice, reason = torch_ops.backward_choice(kernel, {"q"}, True)
-    assert choice == torch_ops.REFERENCE and "pointwise" in reason
+    kernel = attncc.compile(spec(name), backend="triton")
+    assert torch_ops.backward_choice(kernel, {"q"}, True) == (torch_ops.GENERATED, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_softmax1_returns_its_log_sum_exp_with_the_sink(backend):
+    """`return_lse=True` for softmax1: log(1 + sum_j exp(s)) over the allowed keys, against an
+    independent float64 computation; rows without an allowed key (N > M) get log(1) = 0."""
+    base = tensors("softmax_one", N=19, M=7, E=6)
+    o, lse = attncc.compile(spec("softmax_one"), backend=backend)(**base, return_lse=True)
+    q, k = base["q"].double(), base["k"].double()
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.arange(7)[None, :] > torch.arange(19)[:, None] - 12, float("-inf"))
+    want = torch.log1p(torch.exp(s).sum(-1))
+    assert lse.shape == want.shape and (lse[..., :12] == 0).all()
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,shape", [

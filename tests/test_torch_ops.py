@@ -69,6 +69,10 @@ CASES = {
     "three outputs (one int), float/int/bool params, bool and int inputs": (SEVERAL, several_inputs, False),
     "column_mass, its optional input left out (Tensor?)": ("column_mass", lambda: {
         n: t for n, t in gallery_inputs("causal").items()}, False),
+    "sigmoid, a pointwise weight": ("sigmoid", lambda: gallery_inputs("sigmoid"), False),
+    "lightning, lam requires grad": ("lightning", lambda: gallery_inputs("lightning", ("q", "k", "v", "lam")), False),
+    "differential, a sum of two softmaxes": ("differential", lambda: gallery_inputs(
+        "differential", ("q", "k", "v", "q2", "k2")), False),
 }
 
 
@@ -90,6 +94,31 @@ def test_opcheck_triton(case):
     # causal's generated backward (the forward op also returns the fp32 LSE it saves); the
     # general planner's plan has none: the reference recomputes
     assert args[-2] == (torch_ops.GENERATED if spec == "causal" else torch_ops.REFERENCE)
+    torch.library.opcheck(kernel.op, args)
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["sigmoid, a pointwise weight", "lightning, lam requires grad",
+                                  "differential, a sum of two softmaxes"])
+def test_opcheck_triton_weights_without_a_log_sum_exp(case):
+    """Pointwise weights and sums of terms take the generated backward through the operator
+    too: the forward op's saved statistic is an empty fp32 tensor (they recompute what they
+    need), and the backward op's gradients are the eager call's."""
+    spec, make, return_lse = CASES[case]
+    kernel = compile_spec(spec, "triton")
+    kwargs = make()
+    args = torch_ops.arguments(kernel, return_lse=return_lse, **kwargs)
+    assert args[-2] == torch_ops.GENERATED and args[-1] is None
+    results = kernel.op(*args)
+    assert len(results) == 2 and results[1].shape == (0,) and results[1].dtype == torch.float32
+    assert kernel.last_run["backward"] == "triton"
+    floats = [t for t in kwargs.values() if torch.is_tensor(t) and t.requires_grad]
+    grad = torch.randn_like(results[0])
+    got = torch.autograd.grad(results[0], floats, grad)
+    want = torch.autograd.grad(kernel(**kwargs), floats, grad)
+    assert kernel.last_run["backward"] == "triton"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.library.opcheck(kernel.op, args)
 
 
@@ -235,6 +264,29 @@ def test_compile_fullgraph_trains_triton_backend():
     # fake implementations, so the interpreter needs nothing from it
     mode, _ = torch_ops.backward_choice(compile_spec("alibi", "triton"), ("q", "k", "v", "slopes"), True)
     check_compiled_training("triton", want_backward="triton" if mode == torch_ops.GENERATED else "reference")
+
+
+@interpreted
+@pytest.mark.parametrize("name, grad", [("lightning", ("q", "k", "v", "lam")),
+                                        ("differential", ("q", "k", "v", "q2", "k2"))])
+def test_compile_fullgraph_generated_backward_without_a_log_sum_exp(name, grad):
+    """A pointwise weight (lightning, `lam` learnable) and a sum of two softmaxes traced by
+    torch.compile: one graph, the generated backward inside the backward operator, eager's
+    gradients."""
+    kernel = compile_spec(name, "triton")
+    kwargs = gallery_inputs(name, grad)
+    floats = [kwargs[n] for n in grad]
+
+    def step(**kw):
+        return (kernel(**kw) * 0.5).square().sum()
+
+    want = torch.autograd.grad(step(**kwargs), floats)
+    assert kernel.last_run["backward"] == "triton"
+    kernel.last_run = None
+    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(**kwargs), floats)
+    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run
+    for n, a, b in zip(grad, got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{n}: {m}")
 
 
 def test_errors_under_compile_name_the_argument():
