@@ -71,9 +71,9 @@ class StreamLauncher:
             return self.with_lse()(call, False, config)
         interpret = check_device(call)
         p = self.plan
-        operands = {op.input.name for sp in p.passes for dot in sp.dots for op in dot.sides.values()
-                    if not op.input.name.startswith("<")}
-        operands |= {a.value.input.name for sp in p.passes for a in sp.accumulators
+        operands = {op.input.name for sp in p.passes for seg in sp.segments() for dot in seg.dots
+                    for op in dot.sides.values() if not op.input.name.startswith("<")}
+        operands |= {a.value.input.name for sp in p.passes for a in sp.all_accumulators()
                      if a.value is not None and not a.value.input.name.startswith("<")}
         call = promote_operands(call, operands)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
@@ -96,7 +96,7 @@ class StreamLauncher:
             widest = max([sizes[ix] for ix in (*source.features.values(),)] or [16])
             if widest > 256:
                 raise BackendError(f"feature dims up to 256 are supported, got {widest}")
-            cfg = dict(stream_config(interpret, widest, sum(a.value is not None for a in sp.accumulators)))
+            cfg = dict(stream_config(interpret, widest, sum(a.value is not None for a in sp.all_accumulators())))
             cfg.update(config or {})
             results = [torch.zeros([sizes[ix] for ix in node.indices], dtype=torch.float32, device=device)
                        for node in source.results]

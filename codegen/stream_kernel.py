@@ -1,7 +1,8 @@
 """Triton text of the general streaming plan: one kernel per pass (passes/streams.py).
 
 A pass kernel takes a block of rows (`offs_m`) of one (batch, head) and walks the streamed
-index in tiles (`offs_n`). Per tile it computes each tile dot with one `tl.dot`, evaluates
+index in tiles (`offs_n`); a joint softmax's pass walks its key sets' indices one after
+another, a loop each. Per tile it computes each tile dot with one `tl.dot`, evaluates
 the accumulators' expressions with the tile emitter, and updates the accumulators:
 
     sum     acc += sum_n where(allowed, x, 0)
@@ -120,15 +121,18 @@ class StreamEmitter(TileEmitter):
 class PassCodegen:
     def __init__(self, plan: StreamPlan, p: StreamPass, name: str):
         self.plan, self.p, self.name = plan, p, name
+        self.seg, self.n_cols = p, "n_cols"  # the stream being written (a joint pass walks several)
+        self.accs = p.all_accumulators()     # every stream's, numbered across the kernel
+        streams = [seg.stream for seg in p.segments()]
         env = {p.row: Val("offs_m[:, None]", frozenset("m"), ir.INT),
-               p.stream: Val("offs_n[None, :]", frozenset("n"), ir.INT)}
+               **{t: Val("offs_n[None, :]", frozenset("n"), ir.INT) for t in streams}}
         for ix in p.outer:
             env[ix] = Val(names.user("idx", ix), frozenset(), ir.INT)
         self.em = StreamEmitter(plan.program, env, owner=self)
         self.em.inner = dict(plan.planner.inner)
-        self.em.lazy = {dot.node: dot for dot in p.lazy_dots}
-        self.em.in_bounds = {p.row, p.stream}
-        mine = {a.node for a in p.accumulators}
+        self.em.lazy = {dot.node: dot for seg in p.segments() for dot in seg.lazy_dots}
+        self.em.in_bounds = {p.row, *streams}
+        mine = {a.node for a in self.accs}
         self.em.materialized = {**plan.precomputed.inputs,
                                 **{n: a for n, a in plan.results.items() if n not in mine}}
         self.features: dict = {}
@@ -149,7 +153,7 @@ class PassCodegen:
             val = em.emit(arg, env)
             if val.const != 0:
                 base.append(f"{val.code} * {names.tensor('st', op.input.name, k)}")
-        ok_tile = "row_ok[:, None]" if tile == "m" else "(offs_n[:, None] < n_cols)"
+        ok_tile = "row_ok[:, None]" if tile == "m" else f"(offs_n[:, None] < {self.n_cols})"
         pointer = " + ".join([names.tensor("ptr", op.input.name), *base,
                               f"{tile_code}[:, None] * {names.tensor('st', op.input.name, op.row)}",
                               f"{fcode} * {names.tensor('st', op.input.name, op.feature)}"])
@@ -173,7 +177,7 @@ class PassCodegen:
 
     def lazy_dot(self, dot, env) -> Val:
         """A tile dot inside an inner sum's loop: both tiles loaded for this iteration."""
-        sp, em = self.p, self.em
+        sp, em = self.seg, self.em
         c = self.counter()
         block = f"BLOCK_D{c}"
         self.features[block] = dot.d
@@ -203,39 +207,50 @@ class PassCodegen:
     def generate(self) -> tuple[str, PassSource]:
         p, em = self.plan, self.em
         sp = self.p
-        row_loads, dot_lines = [], []
-        for t, dot in enumerate(sp.dots):
-            block = f"BLOCK_D{t}"
-            self.features[block] = dot.d
-            a_lines, a = self.operand_tile(dot.sides[sp.row], "m", "offs_m", dot.d, block)
-            b_lines, b = self.operand_tile(dot.sides[sp.stream], "n", "offs_n", dot.d, block)
-            row_loads += a_lines
-            dot_lines += b_lines + [
-                f"if UPCAST_DOT:  # the interpreter's bf16 dot: compute in fp32",
-                f"    s{t} = tl.dot({a.code}.to(tl.float32), tl.trans({b.code}.to(tl.float32)), "
-                "input_precision=PRECISION)",
-                "else:",
-                f"    s{t} = tl.dot({a.code}, tl.trans({b.code}), input_precision=PRECISION)"]
-            # the dot's other factors (scales, decays) multiply it where it is read
-            product = " * ".join([f"s{t}", *(em.emit(f).code for f in dot.factors)])
-            em.bind(dot.node, Val(f"({product})" if dot.factors else product, frozenset("mn")))
-        init, update, final, stores, results = [], [], [], [], []
-        for k, acc in sorted(enumerate(sp.accumulators), key=lambda ka: ka[1].kind is Reduction.TOPK_ABOVE):
-            if acc.online is not None:
-                continue
-            self.accumulate(k, acc, init, update, final)
-            for j, other in enumerate(sp.accumulators):
-                if other.online is acc:
-                    self.accumulate(j, other, init, update, final)
-        for k, acc in enumerate(sp.accumulators):
+        final, stores, results, loops = [], [], [], []
+        t = 0
+        for s, seg in enumerate(sp.segments()):  # one loop per stream, one after another
+            self.seg, self.n_cols = seg, "n_cols" if s == 0 else self.extent_arg(seg.stream)
+            em.body, row_loads, init, dot_lines, update = [], [], [], [], []
+            for dot in seg.dots:
+                block = f"BLOCK_D{t}"
+                self.features[block] = dot.d
+                a_lines, a = self.operand_tile(dot.sides[sp.row], "m", "offs_m", dot.d, block)
+                b_lines, b = self.operand_tile(dot.sides[seg.stream], "n", "offs_n", dot.d, block)
+                row_loads += a_lines
+                dot_lines += b_lines + [
+                    f"if UPCAST_DOT:  # the interpreter's bf16 dot: compute in fp32",
+                    f"    s{t} = tl.dot({a.code}.to(tl.float32), tl.trans({b.code}.to(tl.float32)), "
+                    "input_precision=PRECISION)",
+                    "else:",
+                    f"    s{t} = tl.dot({a.code}, tl.trans({b.code}), input_precision=PRECISION)"]
+                # the dot's other factors (scales, decays) multiply it where it is read
+                product = " * ".join([f"s{t}", *(em.emit(f).code for f in dot.factors)])
+                em.bind(dot.node, Val(f"({product})" if dot.factors else product, frozenset("mn")))
+                t += 1
+            for acc in sorted(seg.accumulators, key=lambda a: a.kind is Reduction.TOPK_ABOVE):
+                if acc.online is not None:
+                    continue
+                self.accumulate(self.accs.index(acc), acc, init, update, final)
+                for other in seg.accumulators:
+                    if other.online is acc:
+                        self.accumulate(self.accs.index(other), other, init, update, final)
+            # its row tiles and accumulators just before its loop (shorter live ranges); the range
+            # before the arguments and prologue are written out: it may load scalars
+            loops += [*([comment(f"stream {s}: {seg.stream!r}")] if sp.then else []), *row_loads, *init,
+                      *self.stream_range(seg), "for start_n in range(lo, hi, BLOCK_N):",
+                      "    offs_n = start_n + tl.arange(0, BLOCK_N)",
+                      "    allowed = row_ok[:, None] & (offs_n[None, :] < hi)",
+                      *_indent(dot_lines), *_indent(em.body), *_indent(update)]
+        em.body = []
+        for k, acc in enumerate(self.accs):
             results.append(acc.node)
             stores.append(self.store(k, acc))
-        ranges = self.stream_range()  # before the arguments and prologue are written out: it may load scalars
         tensors = list(em.tensors)
         scalars = scalar_args(p.program, em.host_scalars)
         strides, dims = tensor_args(em.tensors)
         res_args = [f"res{k}_ptr" for k in range(len(results))] + \
-            [f"res{k}_s{a}" for k, acc in enumerate(sp.accumulators) for a in range(len(acc.node.indices))]
+            [f"res{k}_s{a}" for k, acc in enumerate(self.accs) for a in range(len(acc.node.indices))]
         outer = [names.user("size", ix) for ix in sp.outer]
         sig = ([names.tensor("ptr", t) for t in tensors] + res_args + strides + dims + outer
                + ["n_rows", "n_cols", *self.extents] + scalars)
@@ -244,26 +259,19 @@ class PassCodegen:
         for ix in reversed(sp.outer):
             decode += [f"{names.user('idx', ix)} = pid_o % {names.user('size', ix)}",
                        f"pid_o = pid_o // {names.user('size', ix)}"]
-        kinds = ", ".join(a.kind.value + (" (online)" if a.online else "") for a in sp.accumulators)
+        kinds = ", ".join(a.kind.value + (" (online)" if a.online else "") for a in self.accs)
+        streamed = " then ".join(repr(seg.stream) for seg in sp.segments())
         body = [
             "@triton.jit",
             f"def {self.name}({', '.join(sig)}, {', '.join(c + ': tl.constexpr' for c in constexprs)}):",
-            f"    {docstring(f'{sp.kind.value}: rows {sp.row!r}, streamed {sp.stream!r}; accumulators: {kinds}.')}",
+            f"    {docstring(f'{sp.kind.value}: rows {sp.row!r}, streamed {streamed}; accumulators: {kinds}.')}",
             "    pid_m = tl.program_id(0)",
             *_indent(decode),
             "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
             "    row_ok = offs_m < n_rows",
             *_indent(em.prologue),
-            *_indent(row_loads),
-            *_indent(init),
             *_indent(em.state_init),
-            *_indent(ranges),
-            "    for start_n in range(lo, hi, BLOCK_N):",
-            "        offs_n = start_n + tl.arange(0, BLOCK_N)",
-            "        allowed = row_ok[:, None] & (offs_n[None, :] < hi)",
-            *_indent(dot_lines, 2),
-            *_indent(em.body, 2),
-            *_indent(update, 2),
+            *_indent(loops),
             *_indent(final),
             *_indent(stores),
         ]
@@ -271,33 +279,33 @@ class PassCodegen:
                          dict(self.extents), dict(self.topk))
         return "\n".join(body), src
 
-    def stream_range(self) -> list[str]:
-        """The streamed range: everything, or the block of a blocked reduction's pass, cut to
-        the hull of the keys the masks allow this row tile (bounds derived with sympy)."""
-        block = self.p.block
+    def stream_range(self, seg: StreamPass) -> list[str]:
+        """The range of one stream: everything, or the block of a blocked reduction's pass, cut
+        to the hull of the keys the masks allow this row tile (bounds derived with sympy)."""
+        block, n_cols = seg.block, self.n_cols
         if block is None:
-            lines = ["lo = 0", "hi = n_cols"]
+            lines = ["lo = 0", f"hi = {n_cols}"]
         else:
             size = self.em.emit(block.size).code
             lines = [comment(f"one block of {block.index!r}"), f"lo = {names.user('idx', block.name)} * {size}",
-                     f"hi = tl.minimum(lo + {size}, n_cols)"]
-        plan = self.p.mask_plan
+                     f"hi = tl.minimum(lo + {size}, {n_cols})"]
+        plan = seg.mask_plan
         if plan is None:
             return lines
         codes = {node.name: names.scalar(node) for node in (*self.plan.program.dims.values(),
                                                               *self.plan.program.params.values())}
-        codes.update({name: code_name(name) for name in self.p.mask_symbols})
+        codes.update({name: code_name(name) for name in seg.mask_symbols})
         codes[plan.i0.name], codes[plan.i1.name] = "i0", "i1"
         lines += ["# the streamed range the masks allow this row tile (attncc.passes.mask_analysis)",
-                  "i0 = pid_m * BLOCK_M", "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1", "mask_lo = n_cols",
+                  "i0 = pid_m * BLOCK_M", "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1", f"mask_lo = {n_cols}",
                   "mask_hi = 0"]
-        lines += [f"{code_name(name)} = {self.em.emit(node).code}" for name, node in self.p.mask_symbols.items()]
+        lines += [f"{code_name(name)} = {self.em.emit(node).code}" for name, node in seg.mask_symbols.items()]
         for n, c in enumerate(plan.conjuncts):
             ok = [f"({guard_code(g, codes)})" for g in c.guards]
             ok.append(f"({printed(sympy.Max(plan.i0, c.row_lo), codes)} <= {printed(sympy.Min(plan.i1, c.row_hi), codes)})")
             lo, hi = printed(c.lo, codes), printed(c.hi, codes)
             for t, atom in enumerate(c.opaque):
-                bound = _row_data_bound(atom, plan.j, self.p.mask_opaque, self.p.row)
+                bound = _row_data_bound(atom, plan.j, seg.mask_opaque, seg.row)
                 if bound is None:
                     continue
                 side, node, sign, rest = bound
@@ -318,7 +326,6 @@ class PassCodegen:
     def accumulate(self, k: int, acc: Accumulator, init, update, final):
         """The lines that start, update (after the tile's expressions) and finish one accumulator."""
         em = self.em
-        sp = self.p
         saved_body, em.body = em.body, []
         allowed = "allowed"
         for pred in acc.masks:
@@ -339,13 +346,13 @@ class PassCodegen:
             final += [f"acc{k} = tl.where(l{k} > 0, m{k} + tl.log(tl.where(l{k} > 0, l{k}, 1.0)), {_NEG_INF})"]
             em.body.extend(update_lines)
             update_lines = []
-            for j, other in enumerate(sp.accumulators):
+            for other in self.accs:
                 if other.online is acc:
                     em.bind(other.weight, Val(f"p{k}", frozenset("mn")))
         elif acc.kind is Reduction.TOPK:
             update_lines += self.topk_lines(k, acc, allowed, init, final)
         elif acc.kind is Reduction.TOPK_ABOVE:
-            t = next(j for j, a in enumerate(sp.accumulators) if a.kind is Reduction.TOPK
+            t = next(j for j, a in enumerate(self.accs) if a.kind is Reduction.TOPK
                      and a.arg is acc.arg and a.node.amount is acc.node.amount)
             amount = em.emit(acc.node.amount).code
             final.append(f"acc{k} = tl.sum(((buf{t} > acc{t}[:, None]) & (kcols{t}[None, :] < {amount}))"
@@ -359,7 +366,7 @@ class PassCodegen:
             x = em.emit(acc.arg)
             rescale = ""
             if acc.online is not None:
-                lse = sp.accumulators.index(acc.online)
+                lse = self.accs.index(acc.online)
                 rescale = f" * alpha{lse}" + ("[:, None]" if acc.kind is Reduction.DOT else "")
             if acc.kind is Reduction.DOT:
                 block = f"BLOCK_E{k}"
@@ -377,7 +384,7 @@ class PassCodegen:
                 init.append(f"acc{k} = tl.zeros([BLOCK_M], tl.float32)")
                 update_lines.append(f"acc{k} = acc{k}{rescale} + tl.sum(tl.where({allowed}, {x.code}, 0.0), 1)")
             if acc.online is not None:
-                lse = sp.accumulators.index(acc.online)
+                lse = self.accs.index(acc.online)
                 norm = f"tl.where(l{lse} > 0, l{lse}, 1.0)"
                 final.append(f"acc{k} = acc{k} / {norm}" + ("[:, None]" if acc.kind is Reduction.DOT else ""))
         em.body = saved_body + em.body + update_lines

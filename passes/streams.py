@@ -125,6 +125,15 @@ class StreamPass:
     mask_plan: object = None       # the sympy plan of the masks every accumulator applies: tile ranges
     mask_symbols: dict = field(default_factory=dict)  # its loaded scalars (sympy name -> IR node)
     mask_opaque: dict = field(default_factory=dict)   # its opaque row values (sympy name -> IR node)
+    then: list = field(default_factory=list)  # later streams of the same kernel (the other key sets of a joint softmax)
+
+    def segments(self) -> list["StreamPass"]:
+        """The streams this pass's kernel walks, in order: itself, then the passes joined to it
+        (each with its own streamed index, accumulators, tile dots and tile range)."""
+        return [self, *self.then]
+
+    def all_accumulators(self) -> list[Accumulator]:
+        return [a for seg in self.segments() for a in seg.accumulators]
 
 
 @dataclass(eq=False)
@@ -135,6 +144,7 @@ class StreamPlan:
     precomputed: Precomputed        # small intermediates computed by torch before a pass reads them
     results: dict                   # accumulator node -> synthetic ir.Input it is stored as
     notes: list = field(default_factory=list)  # (node, why) for the reductions torch computes
+    apart: list = field(default_factory=list)  # why the key sets of a joint softmax stream in separate kernels
     planner: "Planner | None" = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -142,10 +152,16 @@ class StreamPlan:
         from), and what torch computes around the passes."""
         lines = [f"general streaming plan: {len(self.passes)} generated pass(es)"]
         for k, p in enumerate(self.passes):
-            lines.append(f"  pass {k} (level {p.level}, {p.kind.value}): rows '{p.row}', streams '{p.stream}', "
-                         f"grid over {', '.join(p.outer) or 'nothing'} x row tiles, {len(p.dots)} tile dot(s)"
-                         + (f" (+{len(p.lazy_dots)} in inner sums)" if p.lazy_dots else ""))
-            for a in p.accumulators:
+            then = "".join(f", then '{s.stream}'" for s in p.then)
+            dots = sum(len(s.dots) for s in p.segments())
+            lazy = sum(len(s.lazy_dots) for s in p.segments())
+            lines.append(f"  pass {k} (level {p.level}, {p.kind.value}): rows '{p.row}', streams '{p.stream}'{then}, "
+                         f"grid over {', '.join(p.outer) or 'nothing'} x row tiles, {dots} tile dot(s)"
+                         + (f" (+{lazy} in inner sums)" if lazy else ""))
+            if p.then:
+                lines.append("    one kernel streams the key sets of a joint softmax one after another, each with its "
+                             "own running maximum and sum; torch merges them by log-sum-exp")
+            for a in p.all_accumulators():
                 how = f"online with the log-sum-exp of {statement(self.program, a.online.node)}" if a.online \
                     else ""
                 size = " x ".join(str(self.program.extent[ix]) for ix in a.node.indices)
@@ -160,6 +176,7 @@ class StreamPlan:
         epilogue = {f"  torch, in the epilogue: {statement(self.program, n)} ({why})": None for n, why in self.notes
                     if n not in self.precomputed.inputs}
         lines += list(epilogue)
+        lines += [f"  separate kernels: {why}" for why in self.apart]
         lines.append("  torch epilogue: " + "; ".join(f"'{out.name}' from the accumulators" for out, _ in self.outputs))
         return "\n".join(lines)
 
@@ -188,6 +205,7 @@ class Lowering:
         self.lses: dict = {}        # (x, axis, masks) -> its one log-sum-exp node
         self.masks: dict = {}       # reduction node -> the masks it applies (from the spec's node)
         self.softmax: dict = {}     # exp(x - L) node -> L
+        self.joints: dict = {}      # the log-sum-exps of the key sets of one joint softmax -> its Normalize
 
     def __call__(self, node: ir.Node) -> ir.Node:
         stack = [node]
@@ -508,6 +526,8 @@ class Lowering:
             weight = _map("where", self.conjunction(masks), weight, _const(0.0), loc=n.loc)
         others = [self.logsumexp(self(arg), axis, tuple(self.program.set_masks(arg, axis)), n.loc)
                   for arg, axis in n.joint]
+        if others:
+            self.joints.setdefault(frozenset((lse, *others)), n)
         if n.op == "softmax1":
             others.append(_const(0.0))
         if n.sink is not None:
@@ -931,6 +951,8 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
         for acc in p.accumulators:
             if acc.online is not None and acc.online not in p.accumulators:
                 raise NotRowStreamable("an online sum lost its log-sum-exp pass (planner error)")
+    apart = []
+    plan_passes = _join_key_sets(planner, plan_passes, apart)
     results = {}
     for k, acc in enumerate(planner.accs.values()):
         # integer sums and extrema accumulate in fp32 (exact to 2 ** 24) and are stored as integers
@@ -939,9 +961,36 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
     if not plan_passes:
         raise NotRowStreamable("no reduction streams over scores (nothing pairs a row index with a streamed one "
                                "through a contraction), so there is no kernel to generate")
-    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, planner)
+    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, apart, planner)
     _check_small(plan)
     return plan
+
+
+def _join_key_sets(planner: Planner, passes: list, apart: list) -> list:
+    """The passes with those of the key sets of each joint softmax joined into one kernel
+    (rule: the sets of one normaliser stream one after another in one pass): when each set's
+    log-sum-exp heads its own row pass of the same level, rows and grid, with no block.
+    Otherwise they stay apart, and `apart` says why."""
+    owner = {a.node: p for p in passes for a in p.accumulators if a.kind is Reduction.LSE}
+    out = list(passes)
+    for lses, node in planner.lower.joints.items():
+        where = statement(planner.program, node)
+        parts = sorted({id(owner[L]): owner[L] for L in lses if L in owner}.values(), key=passes.index)
+        first = parts[0] if parts else None
+        if len(parts) != len(lses):
+            why = "a key set's log-sum-exp is not the head of a pass of its own"
+        elif any(p.kind is not PassKind.ROW or p.block is not None for p in parts):
+            why = "a key set streams in a column or blocked pass"
+        elif any((p.level, p.row, p.outer) != (first.level, first.row, first.outer) for p in parts):
+            why = "the key sets' passes differ in level, rows or grid"
+        elif any(p.then or p not in out for p in parts):
+            why = "a key set's pass already streams another normaliser's sets"
+        else:
+            first.then = parts[1:]
+            out = [p for p in out if p not in first.then]
+            continue
+        apart.append(f"the key sets of {where}: {why}")
+    return out
 
 
 def _tile_ranges(planner: Planner, p: StreamPass):
@@ -973,7 +1022,7 @@ def _check_small(plan: StreamPlan):
     """Reject what would leave a score-sized value to torch: an output, an operand or a value
     read by a pass that spans a tile pair (rows and streamed index of some pass)."""
     planner = plan.planner
-    pairs = {frozenset((p.row, p.stream)) for p in plan.passes}
+    pairs = {frozenset((s.row, s.stream)) for p in plan.passes for s in p.segments()}
     stop = (lambda n: n in plan.results or n in planner.dots or n in planner.replaced)
     for out, node in plan.outputs:
         if any(pair <= set(out.axes) for pair in pairs):

@@ -10,6 +10,7 @@ import torch
 
 import attncc
 from attncc.binding import bind
+from attncc.codegen.stream_kernel import generate_streams
 from attncc.reference import Reference
 
 BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -154,19 +155,27 @@ def test_window_summary_without_summaries(backend):
 
 
 @pytest.mark.parametrize("name,streams", [("window_summary", ["j", "c"]), ("epipolar_views", ["t", "j"])])
-def test_the_general_plan_streams_each_key_set_once(name, streams):
-    """One online pass per key set (its log-sum-exp and its weighted values), merged by
-    torch: the raw-key pass of window_summary visits only the causal hull of its tiles."""
+def test_the_general_plan_streams_the_key_sets_in_one_pass(name, streams):
+    """One pass kernel streams both key sets one after another, each with its own online
+    log-sum-exp and weighted values (merged by torch); the printable plan says so, and the
+    raw-key stream of window_summary visits only the causal hull of its tiles."""
     from attncc.passes.streams import Reduction, plan_streams
     plan = plan_streams(attncc.load(f"examples/{name}.attn"))
-    assert [p.stream for p in plan.passes] == streams
-    for p in plan.passes:
-        kinds = sorted(a.kind.name for a in p.accumulators)
+    assert len(plan.passes) == 1 and not plan.apart
+    (p,) = plan.passes
+    assert [seg.stream for seg in p.segments()] == streams
+    for seg in p.segments():
+        kinds = sorted(a.kind.name for a in seg.accumulators)
         assert kinds == ["DOT", "LSE"], kinds
-        dot = next(a for a in p.accumulators if a.kind is Reduction.DOT)
-        assert dot.online is next(a for a in p.accumulators if a.kind is Reduction.LSE)
+        dot = next(a for a in seg.accumulators if a.kind is Reduction.DOT)
+        assert dot.online is next(a for a in seg.accumulators if a.kind is Reduction.LSE)
+    text = plan.describe()
+    assert "1 generated pass(es)" in text
+    assert f"streams '{streams[0]}', then '{streams[1]}'" in text
     if name == "window_summary":
-        assert plan.passes[0].mask_plan is not None  # the causal bound
+        assert p.mask_plan is not None  # the causal bound of the raw keys
+    source = generate_streams(plan, name).source
+    assert source.count("for start_n in range(") == 2 and source.count("@triton.jit") == 1
 
 
 # ------------------------------------------------------------------------- epipolar_views
@@ -261,6 +270,43 @@ def test_generic_joint_softmax_with_a_sink(backend, tmp_path):
     want_o = w(scores(q, k), raw_ok) @ v.double() - 0.5 * w(ss, sum_ok) @ vs.double()
     close(o, want_o, "o")
     close_lse(lse, want_lse)
+
+
+APART = """attention apart(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], ks[B,H,C,D], vs[B,H,C,E]) -> o[B,H,N,E] {
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  top[b,h,i] = amax(s, j)
+  ss[b,h,i,c] = q[b,h,i,d] * ks[b,h,c,d] * 0.25
+  ss -= top[b,h,i]
+  p, ps = softmax(s, j, ss, c)
+  o1[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+  o2[b,h,i,e] = ps[b,h,i,c] * vs[b,h,c,e]
+  o = o1 + o2
+}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_sets_of_different_levels_stream_apart(backend, tmp_path):
+    """A key set whose scores read a row statistic of the other set's pass comes a level
+    later: the sets stream in separate kernels, the plan says why, and the merge by
+    log-sum-exp still matches the float64 oracle."""
+    from attncc.passes.streams import plan_streams
+    path = tmp_path / "apart.attn"
+    path.write_text(APART)
+    plan = plan_streams(attncc.load(path))
+    assert [p.stream for p in plan.passes] == ["j", "c"] and not any(p.then for p in plan.passes)
+    assert "separate kernels: the key sets of line 6" in plan.describe() and "level" in plan.apart[0]
+    g = torch.Generator().manual_seed(5)
+    B, H, N, M, C, D, E = 1, 2, 9, 12, 5, 8, 3
+    q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, M, D, generator=g), \
+        torch.randn(B, H, M, E, generator=g)
+    ks, vs = torch.randn(B, H, C, D, generator=g), torch.randn(B, H, C, E, generator=g)
+    o = attncc.compile(path, backend=backend)(q=q, k=k, v=v, ks=ks, vs=vs)
+    s = scores(q, k)
+    ss = torch.einsum("bhid,bhcd->bhic", q.double(), ks.double()) * 0.25 - s.amax(-1, keepdim=True)
+    everything = torch.ones(1, dtype=torch.bool)
+    want_o, _ = joint([(s, everything), (ss, everything)], [v, vs])
+    close(o, want_o, "o")
 
 
 # ------------------------------------------------------------------------- learned sinks still work
