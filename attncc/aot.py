@@ -337,5 +337,5 @@ def default_report_config(kernel, d: int, e: int) -> dict:
         from .stream_runtime import stream_config
 
         first = plan.passes[0]
-        return stream_config(False, max(d, e), sum(a.value is not None for a in first.accumulators))
+        return stream_config(False, max(d, e), sum(a.value is not None for a in first.all_accumulators()))
     return default_config(False, d, e, len(plan.terms))
