@@ -34,9 +34,11 @@ from .errors import ArgumentError, ShapeError
 from .reference import Reference, align
 from attncc.passes.mask_analysis import MaskTooComplex, evaluate
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.shard import Merge, ShardForm, Side, shard_form
+from attncc.passes.linear import causal_only, decay_factor, linear_weight, mask_free
+from attncc.passes.row_stream import NotRowStreamable, plan_row_stream
+from attncc.passes.shard import Merge, NotShardable, ShardForm, Side, shard_form
 
-__all__ = ["Layout", "context_parallel", "ContextParallel", "pieces", "shard", "unshard"]
+__all__ = ["Layout", "context_parallel", "ContextParallel", "LinearState", "pieces", "shard", "unshard"]
 
 
 class Layout(enum.Enum):
@@ -106,13 +108,26 @@ class ContextParallel:
 
     def __init__(self, kernel: Kernel, group, layout: Layout, query_axis: str | None):
         self.kernel, self.group, self.layout = kernel, group, layout
-        self.form: ShardForm = shard_form(kernel.program, query_axis)
+        self.last_run: dict | None = None
+        self.last_backward: dict | None = None
+        program = kernel.program
+        softmax = any(isinstance(n, ir.Normalize) and n.op == "softmax" for n in program.nodes())
+        # linear attention passes its carried state (contiguous layout); zigzag rotates K/V
+        self.state = LinearState(program) if not softmax and layout == Layout.CONTIGUOUS else None
+        if self.state is not None:
+            self.form = None
+            return
+        try:
+            self.form: ShardForm = shard_form(program, query_axis)
+        except NotShardable as why:
+            if softmax:
+                raise
+            raise NotShardable(f"{why.message}; linear attention with a normaliser passes its carried state "
+                               "with layout='contiguous' only", why.source, why.loc) from None
         ran, generated = choose_backend(self.form.program, kernel.backend)
         self.shard_kernel = Kernel(self.form.program, ran, kernel.reference_block, generated)
         self.shard_kernel.deterministic = kernel.deterministic
-        self.planner = ShardPlanner(kernel.program, self.form)
-        self.last_run: dict | None = None
-        self.last_backward: dict | None = None
+        self.planner = ShardPlanner(program, self.form)
 
     def __repr__(self):
         return f"<attncc.distributed.ContextParallel {self.kernel.name} layout={self.layout.value}>"
@@ -124,10 +139,14 @@ class ContextParallel:
         for name in kwargs:
             if name not in program.inputs and name not in program.params:
                 raise ArgumentError(f"{program.name}() got an unknown argument '{name}'")
-        if return_lse and self.form.merge == Merge.SUM:
+        if return_lse and (self.state is not None or self.form.merge == Merge.SUM):
             raise ArgumentError(f"{program.name}() has no softmax, so no log-sum-exp to return")
         tensors = {n: kwargs[n] for n in program.inputs if kwargs.get(n) is not None}
         scalars = {n: kwargs[n] for n in program.params if n in kwargs}
+        if self.state is not None:
+            o = self.state(self, tensors, scalars)
+            self.last_run, self.last_backward = self.state.last_run, None
+            return o
         run = _Run(self, tensors, scalars)
         names = tuple(tensors)
         results = _RingAttention.apply(run, return_lse, names, *tensors.values())
@@ -616,3 +635,166 @@ def _guard(cond, env: dict) -> bool:
     if not all(isinstance(v, (int, bool, float)) for v in values.values()):  # unknown, or per batch
         return True
     return cond.xreplace({s: sympy.sympify(v) for s, v in values.items()}) != sympy.false
+
+
+class LinearState:
+    """Linear attention (`f(q_i) . f(k_j)`, times a decay `lam ** (i - j)`, divided by the row
+    sums when normalised) passes its carried state across ranks instead of key/value shards.
+
+    Contiguous layout, each rank's queries and keys the same positions `[a_r, a_r + n_r)`. Rank
+    r sums its keys into `S_r = sum_j lam^(a_r + n_r - 1 - j) f(k_j) v_j^T` (`D x E` per batch
+    and head; with a normaliser also `z_r = sum_j lam^(...) f(k_j)`), every rank's states are
+    all-gathered, and causal queries add `lam^(i - a_r + 1) f(q_i) P_r` with the exclusive
+    prefix `P_r = sum_{s < r} lam^(a_r - a_s - n_s) S_s` (decays composed by the gaps);
+    without a mask every other rank's state counts. The local pairs are computed on the
+    shard in PyTorch with global positions. The all-gather of the states is differentiable
+    (`_GatherStates`), so the backward (the reverse scan) is autograd's.
+    The feature maps, the decay base and the scale are read off the row-streaming plan
+    (`passes/linear.py`) and evaluated by the reference executor."""
+
+    def __init__(self, program: ir.Program):
+        try:
+            plan = plan_row_stream(program)
+        except NotRowStreamable as why:
+            raise NotShardable(f"linear attention runs context-parallel by passing its carried state, which needs "
+                               f"the weights f(q) . f(k) (times lam ** (i - j)) contracted with the values: {why}",
+                               program.source, program.outputs[0].loc) from None
+        term = linear_weight(plan)
+        if term is None or len(term.qk_factors) > 1 or (term.qk_factors and decay_factor(plan) is None):
+            raise NotShardable("linear attention passes its carried state only for weights f(q) . f(k), optionally "
+                               "times one decay `lam ** (i - j)` (no other factor of the scores)",
+                               program.source, program.outputs[0].loc)
+        self.plan, self.term = plan, term
+        self.decay = decay_factor(plan) if term.qk_factors else None
+        self.program = program
+        self.last_run: dict | None = None
+
+    def _feature(self, ref: Reference, op, want: tuple[str, ...]) -> torch.Tensor:
+        node = op.transform if op.transform is not None else op.access
+        return align(ref.full(node), node.indices, want)
+
+    def _token_dims(self) -> dict[str, int]:
+        """Per input, its token dim (the one whose extent is the query or key count)."""
+        tokens = {self.program.extent[self.plan.i], self.program.extent[self.plan.j]}
+        return {n: next(p for p, d in enumerate(node.dims) if d in tokens)
+                for n, node in self.program.inputs.items() if any(d in tokens for d in node.dims)}
+
+    def __call__(self, cp: "ContextParallel", tensors: dict, scalars: dict) -> torch.Tensor:
+        plan, program, group = self.plan, self.program, cp.group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        token = self._token_dims()
+        missing = [n for n in token if n not in tensors and program.inputs[n].default is None]
+        if missing:
+            raise ArgumentError(f"{program.name}(): context parallelism needs the token input '{missing[0]}'")
+        lengths = {tensors[n].shape[d] for n, d in token.items() if n in tensors}
+        if len(lengths) != 1:
+            raise ShapeError(f"{program.name}(): passing the carried state needs each rank's query and key "
+                             f"shards to cover the same positions; the local token lengths are {sorted(lengths)}")
+        n = lengths.pop()
+        device = next(iter(tensors.values())).device
+        gathered = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(gathered, torch.tensor([n], device=device), group=group)
+        lens = [int(g) for g in gathered]
+        start, total = sum(lens[:rank]), sum(lens)
+        meta = {}
+        for name, t in tensors.items():
+            shape = list(t.shape)
+            if name in token:
+                shape[token[name]] = total
+            meta[name] = torch.empty(shape, dtype=t.dtype, device="meta")
+        whole = bind(program, {**meta, **scalars}, data=False).scalars
+        sizes = program.sizes(whole)
+        if plan.mask_plan is None or mask_free(plan, sizes, whole):
+            causal = False
+        elif causal_only(plan, sizes, whole):
+            causal = True
+        else:
+            raise NotShardable("passing the carried state handles the causal mask `j <= i` (N == M) or none; "
+                               "this call's mask is another", program.source, plan.masks[0].loc)
+        if self.decay is not None and not causal:
+            raise NotShardable("a decay without the causal mask grows as lam ** (i - j) for keys after the query; "
+                               "its state cannot be carried", program.source, self.decay.loc)
+        local = {**whole, program.extent[plan.i].name: n, program.extent[plan.j].name: n}
+        # replicated inputs (lam): one device's gradient sums over every rank's queries
+        tensors = {name: _SumGradients.apply(group, t) if name not in token and t.is_floating_point() else t
+                   for name, t in tensors.items()}
+        ref = Reference(program, tensors, local)
+        outer, i, j, d, e = plan.outer, plan.i, plan.j, plan.d, plan.e
+        fq = self._feature(ref, self.term.q, (*outer, i, d))
+        fk = self._feature(ref, self.term.k, (*outer, j, d))
+        v = self._feature(ref, plan.v, (*outer, j, e))
+        for s in self.term.scale:
+            fq = fq * ref.full(s)
+        lam = align(ref.full(self.decay.args[0]), self.decay.args[0].indices, outer) if self.decay else None
+        lam = lam[..., None, None] if lam is not None else None
+        pos = torch.arange(n, device=device)
+
+        def power(exponent):  # lam ** exponent (1 without decay)
+            return 1.0 if lam is None else lam ** exponent.to(lam.dtype)
+
+        w = fq @ fk.transpose(-1, -2)
+        if causal:
+            gap = pos[:, None] - pos[None, :]
+            w = torch.where(gap >= 0, w * power(gap.clamp(min=0)), torch.zeros_like(w))
+        num, den = w @ v, w.sum(-1, keepdim=True)
+        keys = fk * power((n - 1 - pos)[:, None]) if causal else fk  # each key decayed to the shard's end
+        state = keys.transpose(-1, -2) @ v  # [..., D, E]
+        if plan.row_sum:
+            state = torch.cat([state, keys.sum(-2)[..., None]], -1)  # the key sum z as a last column
+        states = _GatherStates.apply(group, state.contiguous())
+        # every gathered state enters the sum (times 0 where it does not count): each rank's
+        # autograd then reaches the all-gather, whose backward is a collective all must join
+        if causal:
+            carried = sum(states[s] * (power(torch.tensor(start - sum(lens[:s + 1]), device=device))
+                                       if s < rank else 0.0) for s in range(world))
+            fq_past = fq * power((pos + 1)[:, None])
+        else:
+            carried = sum(states[s] * float(s != rank) for s in range(world))
+            fq_past = fq
+        past = fq_past @ carried
+        if plan.row_sum:
+            num, den = num + past[..., :-1], den + past[..., -1:]
+            out = num / den
+        else:
+            out = num + past
+        sent = state.numel() * state.element_size() * (world - 1)
+        kv = sum(tensors[x].numel() * tensors[x].element_size() for x in (self.term.k.input.name, plan.v.input.name))
+        rotation = kv * ((world - 1 - rank) if causal else (world - 1))
+        self.last_run = {"backend": "state passing (torch)", "layout": Layout.CONTIGUOUS.value, "world": world,
+                         "rank": rank, "causal": causal, "state_shape": list(state.shape),
+                         "bytes_sent": sent, "bytes_received": sent, "bytes_kv_rotation": rotation}
+        return align(out, (*outer, i, e), program.outputs[0].axes).contiguous()
+
+
+class _GatherStates(torch.autograd.Function):
+    """Every rank's state; backward: the sum over ranks of the gradients of this rank's state
+    (an all-reduce of the stacked gradients: states are small, and gloo has no reduce-scatter;
+    torch.distributed.nn's all_gather backward fails on subgroups)."""
+
+    @staticmethod
+    def forward(ctx, group, state):
+        ctx.group = group
+        parts = [torch.empty_like(state) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, state, group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stacked = torch.stack(grads).contiguous()
+        dist.all_reduce(stacked, group=ctx.group)
+        return None, stacked[dist.get_rank(ctx.group)]
+
+
+class _SumGradients(torch.autograd.Function):
+    """The identity; backward: the gradient summed over the ranks (for a replicated input)."""
+
+    @staticmethod
+    def forward(ctx, group, t):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return None, grad

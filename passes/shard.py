@@ -96,8 +96,8 @@ def _merged_output(program: ir.Program):
         if isinstance(out.node, ir.Contract) and len(out.node.summed) == 1:  # o = sum_j a[i,j] v[j]
             return out.node.summed[0], Merge.SUM, out.node, ()
         raise NotShardable(f"'{program.name}' has no softmax over the keys and its output is not one sum over "
-                           "them: linear attention with a normaliser would pass its carried state across "
-                           "ranks (a prefix scan), which is not implemented yet (issue 13, item 4)",
+                           "them: linear attention with a normaliser has no shard form (context_parallel "
+                           "passes its carried state instead, with the contiguous layout)",
                            program.source, out.loc)
     try:  # exactly one softmax over the summed axis feeding the first output
         lse = lse_output(program)

@@ -19,7 +19,7 @@ from attncc import distributed as D
 from attncc.passes.shard import NotShardable, Side, shard_form
 
 TOKEN_DIM = {"q": 2, "k": 2, "v": 2, "doc": 1}
-PARAMS = {"sliding_window": {"window": 5}}
+PARAMS = {"sliding_window": {"window": 5}, "linear_elu:causal": {"causal": True}}
 
 # (name, world, layout, N, M, backend); lengths odd or not a multiple of the pieces
 CASES = [
@@ -37,7 +37,15 @@ CASES = [
     ("sliding_window", 4, "zigzag", 19, 19, "reference"),
     ("document", 4, "zigzag", 17, 17, "reference"),
     ("lightning", 3, "zigzag", 13, 13, "reference"),  # no softmax: partial outputs add up (decay global)
+    # linear attention, contiguous: the carried state passes across ranks (a prefix scan when causal)
+    ("lightning", 2, "contiguous", 13, 13, "reference"),
+    ("lightning", 3, "contiguous", 11, 11, "reference"),
+    ("linear_elu:causal", 2, "contiguous", 9, 9, "reference"),
+    ("linear_elu:causal", 3, "contiguous", 13, 13, "reference"),
+    ("linear_elu", 3, "contiguous", 7, 7, "reference"),
 ]
+LINEAR = {"lightning", "linear_elu"}  # no softmax: no log-sum-exp
+STATE = "state passing (torch)"  # the backend a contiguous linear-attention run reports
 
 
 def _inputs(name: str, n: int, m: int, dtype, tiny: bool):
@@ -61,15 +69,17 @@ def _inputs(name: str, n: int, m: int, dtype, tiny: bool):
     return a
 
 
-def _run_case(name, world, rank, layout, n, m, backend, group=None):
-    """One case on one rank: the errors against one device, and the call's statistics."""
+def _run_case(case, world, rank, layout, n, m, backend, group=None):
+    """One case on one rank: the errors against one device, and the call's statistics.
+    `case`: a gallery name, or `name:variant` for one with other params (`PARAMS`)."""
+    name = case.partition(":")[0]
     dtype = torch.float32 if backend == "triton" else torch.float64
     kernel = attncc.compile(name, backend=backend)
     a = _inputs(name, n, m, dtype, tiny=backend == "triton")
     for t in a.values():
         if t.is_floating_point():
             t.requires_grad_()
-    params, softmax = PARAMS.get(name, {}), name != "lightning"
+    params, softmax = PARAMS.get(case, {}), name not in LINEAR
     o, lse = kernel(**a, **params, return_lse=True) if softmax else (kernel(**a, **params), torch.zeros(1, 1, 1))
     g = torch.Generator().manual_seed(7)
     go, gl = torch.randn(o.shape, generator=g, dtype=dtype), torch.randn(lse.shape, generator=g, dtype=dtype)
@@ -130,7 +140,8 @@ def test_equals_one_device(ranks, case):
         found = results["-".join(map(str, case))]
         bad = {k: v for k, v in found["errors"].items() if not v <= tol}
         assert not bad, f"rank {rank}: {bad}"
-        assert found["run"]["backend"] == case[5]
+        linear = case[0].partition(":")[0] in LINEAR and case[2] == "contiguous"
+        assert found["run"]["backend"] == (STATE if linear else case[5])
 
 
 def test_causal_skips_pairs_and_sends_nothing_unneeded(ranks):
@@ -223,3 +234,22 @@ def test_shard_form_over_cuts_equals_one_device(name):
     if softmax:
         lse = torch.cat([r[1] for r in rows], form.lse_axes.index(form.query_axis))
         torch.testing.assert_close(lse, want[1], rtol=0, atol=1e-12)
+
+
+def test_linear_state_passing_sends_states_not_keys(ranks):
+    """Contiguous linear attention sends each rank's D x E state (and the key sum with a
+    normaliser) to the other ranks, whatever the length: B H D E itemsize (W - 1) bytes."""
+    b, h, d, e, world = 2, 2, 8, 6, 3
+    for case, width in (("lightning-3-contiguous-11-11-reference", e), ("linear_elu:causal-3-contiguous-13-13-reference",
+                                                                       e + 1)):
+        runs = [r[case]["run"] for r in ranks(world)]
+        assert all(r["bytes_sent"] == b * h * d * width * 8 * (world - 1) for r in runs)
+        assert all(r["causal"] for r in runs)
+        assert runs[0]["bytes_kv_rotation"] > runs[0]["bytes_sent"] and runs[-1]["bytes_kv_rotation"] == 0
+
+
+@pytest.mark.parametrize("name, layout, why", [("linear_kernel", "contiguous", "contraction of weights with values"),
+                                               ("linear_elu", "zigzag", "layout='contiguous'")])
+def test_linear_state_passing_refusals_say_why(name, layout, why):
+    with pytest.raises(NotShardable, match=why):
+        D.context_parallel(attncc.compile(name, backend="reference"), layout=layout)
