@@ -102,14 +102,7 @@ class TermsBackward:
                     pairs.append((c, align(dc, kept, coef.indices).to(c.dtype)))
             for n, grad in part.gradients(call, o_t, lse_t, g, None, wanted, config, deterministic).items():
                 found[n] = grad.float() if n not in found else found[n] + grad.float()
-        if pairs:
-            targets = [n for n in wanted if leaves[n].requires_grad]
-            with torch.enable_grad():
-                chained = torch.autograd.grad([v for v, _ in pairs], [leaves[n] for n in targets],
-                                              [g for _, g in pairs], allow_unused=True)
-            for n, grad in zip(targets, chained):
-                if grad is not None:
-                    found[n] = grad.float() if n not in found else found[n] + grad.float()
+        chain_through_torch(pairs, wanted, leaves, found)
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
 
     def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
@@ -378,14 +371,7 @@ class RowStreamBackward:
             kept = tuple(ix for ix in have if ix in op.access.indices)
             if value.requires_grad:
                 pairs.append((value, align(part, kept, op.access.indices).to(value.dtype)))
-        if pairs:
-            targets = [n for n in wanted if leaves[n].requires_grad]
-            with torch.enable_grad():
-                chained = torch.autograd.grad([v for v, _ in pairs], [leaves[n] for n in targets],
-                                              [g for _, g in pairs], allow_unused=True)
-            for n, g in zip(targets, chained):
-                if g is not None:
-                    found[n] = g if n not in found else found[n] + g
+        chain_through_torch(pairs, wanted, leaves, found)
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
 
     def sink_gradient(self, graphed: dict, scalars: dict, lse, delta, sizes: dict):
@@ -515,3 +501,17 @@ def scatter_sum(values: torch.Tensor, positions: torch.Tensor, size: int) -> tor
         pos, val, rank = pos[keep], val[keep], rank[keep] // 2
     out[pos] = val
     return out
+
+
+def chain_through_torch(pairs: list, wanted, leaves: dict, found: dict) -> None:
+    """Add into `found` the gradients that flow through torch ops (coefficients, precomputed
+    operands): autograd of each (value, gradient of value) pair onto the inputs' leaves."""
+    if not pairs:
+        return
+    targets = [n for n in wanted if leaves[n].requires_grad]
+    with torch.enable_grad():
+        chained = torch.autograd.grad([v for v, _ in pairs], [leaves[n] for n in targets],
+                                      [g for _, g in pairs], allow_unused=True)
+    for n, grad in zip(targets, chained):
+        if grad is not None:
+            found[n] = grad.float() if n not in found else found[n] + grad.float()
