@@ -329,7 +329,9 @@ def test_gpu_session_command_lines(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     log = tmp_path / "argv.txt"
     fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\t" "$@" >> {log}\necho >> {log}\n')
+    # one write per call (the static reports run 3 at a time in the background: separate
+    # writes of one call's fields would interleave with theirs)
+    fake.write_text(f'#!/bin/sh\nline=$(printf "%s\\t" "$@")\necho "$line" >> {log}\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
