@@ -26,6 +26,8 @@ from attncc.passes.row_stream import RowStreamPlan
 
 ROWS_M = Val("rows[:, None]", frozenset("m"), ir.INT)  # the chunk's rows as query indices
 ROWS_N = Val("rows[None, :]", frozenset("n"), ir.INT)  # ... as key indices
+CHUNK_BEFORE = Val("(c0 - 1)", frozenset(), ir.INT)  # the key before the chunk
+CHUNK_LAST = Val("(c0 + BLOCK_C - 1)", frozenset(), ir.INT)  # the chunk's last index
 
 
 class ChunkedCodegen(RowStreamCodegen):
@@ -34,6 +36,12 @@ class ChunkedCodegen(RowStreamCodegen):
     def __init__(self, plan: RowStreamPlan, name: str):
         super().__init__(plan, name)
         self.name = f"{name}_chunked"
+
+    def chunk_decays(self) -> list[tuple[list[str], str]]:
+        """The decays a chunk step needs, within the chunk (query to key), query to the chunk's
+        start, key to its end, and across the whole chunk: shared by the forward and backward scans."""
+        return [self.decay(ROWS_M, ROWS_N), self.decay(ROWS_M, CHUNK_BEFORE),
+                self.decay(CHUNK_LAST, ROWS_N), self.decay(CHUNK_LAST, CHUNK_BEFORE)]
 
     def decay(self, env_i: Val, env_j: Val) -> tuple[list[str], str]:
         """Code of the decay factor at the given query and key index values ('1.0' without decay)."""
@@ -93,12 +101,8 @@ class ChunkedCodegen(RowStreamCodegen):
     def generate_text(self) -> tuple[str, list[str], list[str], dict]:
         p, em = self.plan, self.em
         bases = self.bases()  # first: they register q, k and v as the first tensors
-        before = Val("(c0 - 1)", frozenset(), ir.INT)
-        last = Val("(c0 + BLOCK_C - 1)", frozenset(), ir.INT)
-        intra_lines, intra = self.decay(ROWS_M, ROWS_N)
-        row_lines, row_decay = self.decay(ROWS_M, before)
-        col_lines, col_decay = self.decay(last, ROWS_N)
-        chunk_lines, chunk_decay = self.decay(last, before)
+        (intra_lines, intra), (row_lines, row_decay), (col_lines, col_decay), (chunk_lines, chunk_decay) = \
+            self.chunk_decays()
         loads = self.loads()
         tensors = list(em.tensors)
         scalars = self.scalar_arg_names()
@@ -168,14 +172,10 @@ class ChunkedBackwardCodegen(ChunkedCodegen):
     def generate_text(self) -> tuple[str, list[str], list[str], dict]:
         p, em = self.plan, self.em
         bases = self.bases()
-        before = Val("(c0 - 1)", frozenset(), ir.INT)
         first = Val("c0", frozenset(), ir.INT)
         end = Val("(c0 + BLOCK_C)", frozenset(), ir.INT)
-        last = Val("(c0 + BLOCK_C - 1)", frozenset(), ir.INT)
-        intra_lines, intra = self.decay(ROWS_M, ROWS_N)
-        row_lines, row_decay = self.decay(ROWS_M, before)
-        col_lines, col_decay = self.decay(last, ROWS_N)
-        chunk_lines, chunk_decay = self.decay(last, before)
+        (intra_lines, intra), (row_lines, row_decay), (col_lines, col_decay), (chunk_lines, chunk_decay) = \
+            self.chunk_decays()
         to_end_lines, to_end = self.decay(end, ROWS_M)      # lam^(c0 + C - j), keys as a column
         from_lines, from_start = self.decay(ROWS_M, first)  # lam^(i - c0)
         loads = self.loads()
