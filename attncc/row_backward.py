@@ -31,7 +31,7 @@ from .reference import Reference, align, evaluate_scalar
 from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, promote_operands,
                       triton_cdiv)
 from attncc.codegen import block_map
-from attncc.codegen.row_backward import BackwardSource, generate_backward
+from attncc.codegen.row_backward import generate_backward
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode, ReadMode
 from attncc.passes.linear import causal_only, decay_read
@@ -74,7 +74,7 @@ class TermsBackward:
         for t, (part, coef) in enumerate(bplan.parts):
             name = f"{self.plan.program.name}_term{t}"
             forward = runtime.RowStreamLauncher(part.plan, generate_module(part.plan, name))
-            self.parts.append((RowStreamBackward(part, forward, generate_backward(part, name)), coef))
+            self.parts.append((RowStreamBackward(part, forward, name), coef))
 
     def gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, wanted, config: dict | None = None,
                   deterministic: bool = False) -> dict:
@@ -89,17 +89,20 @@ class TermsBackward:
         for part, coef in self.parts:
             o_t, *lse_t = part.forward(call, part.plan.has_lse)
             lse_t = lse_t[0] if lse_t else None
-            g = grad_o
+            axes = part.plan.output.axes  # the output's, and the heads it sums over (mixture-of-heads)
+            g = align(grad_o, p.output.axes, axes)
             if coef is not None:
                 with torch.enable_grad():
                     c = Reference(p.program, leaves, call.scalars).full(coef)
-                g = grad_o * align(c.detach().to(grad_o.dtype), coef.indices, p.output.axes)
+                g_c = g * align(c.detach().to(grad_o.dtype), coef.indices, axes)
                 if c.requires_grad:
-                    dc = grad_o.float() * o_t.float()
-                    extra = [k for k, ix in enumerate(p.output.axes) if ix not in coef.indices]
+                    dc = g.float() * o_t.float()
+                    extra = [k for k, ix in enumerate(axes) if ix not in coef.indices]
                     dc = dc.sum(extra) if extra else dc
-                    kept = tuple(ix for ix in p.output.axes if ix in coef.indices)
+                    kept = tuple(ix for ix in axes if ix in coef.indices)
                     pairs.append((c, align(dc, kept, coef.indices).to(c.dtype)))
+                g = g_c
+            g = g.expand([o_t.shape[k] for k in range(o_t.dim())])
             for n, grad in part.gradients(call, o_t, lse_t, g, None, wanted, config, deterministic).items():
                 found[n] = grad.float() if n not in found else found[n] + grad.float()
         chain_through_torch(pairs, wanted, leaves, found)
@@ -119,11 +122,16 @@ class RowStreamBackward:
     """The generated backward of one kernel; `forward` is its `RowStreamLauncher` (block maps,
     scalar arguments and the score scale come from it)."""
 
-    def __init__(self, bplan: BackwardPlan, forward, src: BackwardSource | None = None):
+    def __init__(self, bplan: BackwardPlan, forward, name: str | None = None):
+        """`name`: what the kernels' names start with (the spec's name by default)."""
         self.bplan = bplan
         self.plan = bplan.plan
         self.forward = forward
-        self.src = src or generate_backward(bplan, self.plan.program.name)
+        name = name or self.plan.program.name
+        self.src = generate_backward(bplan, name)
+        # the statistics passes the weights read (softmax over queries): their own backward kernels
+        self.statistics = {node: RowStreamBackward(stats, forward.statistics_launcher(node), f"{name}_stats{k}")
+                           for k, (node, stats) in enumerate(bplan.statistics.items())}
         self.modules: dict[bool, object] = {}
         self.last_tiles: dict | None = None  # the grids of the last backward launches
         self.last_path: LaunchPath | None = None  # row streaming, or the chunked scans (linear time)
@@ -141,11 +149,12 @@ class RowStreamBackward:
         `deterministic`: gathered reads reduced per program in a fixed order, no atomics."""
         p = self.plan
         interpret = check_device(call)
-        operands = {op.input.name for op in (p.q, p.k, p.v)}
+        operands = {op.input.name for op in self.operands()}
         call = promote_operands(call, operands)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
         sizes = call.sizes or p.program.sizes(call.scalars)
-        n_rows, n_cols, n_feat, n_vfeat = sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e]
+        n_rows, n_cols, n_feat = sizes[p.i], sizes[p.j], sizes[p.d]
+        n_vfeat = sizes[p.e] if p.v is not None else 1
         outer_sizes = [sizes[ix] for ix in p.outer]
         combos = math.prod(outer_sizes)
         device = call.device
@@ -153,13 +162,20 @@ class RowStreamBackward:
         cfg.update(config or {})
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         rows_axes, out_axes = (*p.outer, p.i), (*p.outer, p.i, p.e)
-        o = align(o, p.output.axes, out_axes)
-        grad_o = torch.zeros_like(o) if grad_o is None else align(grad_o, p.output.axes, out_axes)
+        if p.v is None:  # a statistics pass: no output, only its log-sum-exp's gradient (a placeholder dO)
+            o = grad_o = torch.zeros([1] * len(out_axes), dtype=torch.float32, device=device)
+        else:
+            o = align(o, p.output.axes, out_axes)
+            grad_o = torch.zeros_like(o) if grad_o is None else align(grad_o, p.output.axes, out_axes)
         upcast = interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         block_d, block_e = pow2(n_feat), pow2(n_vfeat)
         if self.bplan.pointwise:  # P is the weight itself: the kernels read no LSE and no delta
             lse = delta = odo = torch.zeros(1, dtype=torch.float32, device=device)
+        elif p.v is None:  # delta = rowsum(dO * O) - dLSE = -dLSE: no kernel needed
+            lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
+            delta = -align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).reshape(combos, n_rows)
+            odo = torch.zeros_like(delta)
         else:
             lse = align(lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
             dlse = None if grad_lse is None else \
@@ -173,7 +189,8 @@ class RowStreamBackward:
                                 KernelRole.BWD_PRE))
         dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
         dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
-        dv = torch.empty((*outer_sizes, n_cols, n_vfeat), dtype=torch.float32, device=device)
+        dv = torch.empty((*outer_sizes, n_cols, n_vfeat) if p.v is not None else (1,), dtype=torch.float32,
+                         device=device)
         constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, PRECISION="ieee",
                           UPCAST_DOT=upcast, EVEN_N=n_cols % bn == 0, DETERMINISTIC=bool(deterministic))
         fixed = [n_rows, n_cols, n_feat, n_vfeat]
@@ -210,7 +227,12 @@ class RowStreamBackward:
                             common(self.src.dq, [odo, dq], kv_lists), flags(self.src.dq), options, interpret,
                             KernelRole.BWD_DQ))
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
-        return (dq, dk, dv), bufs, delta
+        return (dq, dk, dv)[:len(self.operands())], bufs, delta
+
+    def operands(self) -> list:
+        """The operands whose gradients the kernels give: q, k and v (a statistics pass: q, k)."""
+        p = self.plan
+        return [p.q, p.k, *([p.v] if p.v is not None else [])]
 
     def chunked_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
         """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time chunked
@@ -299,9 +321,12 @@ class RowStreamBackward:
         token = runtime._RECORDING.set([])
         try:
             call = self.forward.with_precomputed(call)  # placeholders of the precomputed operands' layout
-            self.operand_gradients(call, o, lse, torch.empty_like(o), torch.empty_like(lse) if return_lse else None,
-                                   config, deterministic)
-            return runtime._RECORDING.get()
+            self.operand_gradients(call, o, lse, torch.empty_like(o),
+                                   torch.empty_like(lse) if return_lse or p.v is None else None, config, deterministic)
+            recorded = runtime._RECORDING.get()
+            for stats in self.statistics.values():
+                recorded += stats.launches(call, False, config, deterministic)
+            return recorded
         finally:
             runtime._RECORDING.reset(token)
 
@@ -321,15 +346,27 @@ class RowStreamBackward:
         leaves = {n: t.detach().requires_grad_(n in wanted and t.is_floating_point())
                   for n, t in call.tensors.items()}
         graphed = dict(leaves)
+        stats_lse, stats_of = {}, {}  # statistics passes: their fp32 log-sum-exp; synthetic name -> node
         if pre is not None and pre.inputs:
             with torch.enable_grad():
                 ref = Reference(p.program, leaves, call.scalars)
                 for node, synthetic in pre.inputs.items():
-                    value = align(ref.full(node), node.indices, pre.axes[node]).contiguous()
+                    if node in self.statistics:  # its own generated pass, no graph: its backward is generated too
+                        stats_lse[node] = self.forward.statistics_launcher(node)(call, True)[-1]
+                        stats_of[synthetic.name] = node
+                        value = stats_lse[node]
+                    else:
+                        value = ref.full(node)
+                    value = align(value, node.indices, pre.axes[node]).contiguous()
                     graphed[synthetic.name] = value.to(call.out_dtype) if value.is_floating_point() else value
         kernel_call = dataclasses.replace(call, tensors={n: t.detach() for n, t in graphed.items()})
-        reads = {r for r, rd in enumerate(bplan.reads)
-                 if (graphed[rd.name].requires_grad if names.is_synthetic(rd.name) else rd.name in wanted)}
+
+        def wants(name):
+            if name in stats_of:
+                return bool(self.statistics[stats_of[name]].bplan.grad_inputs & set(wanted))
+            return graphed[name].requires_grad if names.is_synthetic(name) else name in wanted
+
+        reads = {r for r, rd in enumerate(bplan.reads) if wants(rd.name)}
         sizes = call.sizes or p.program.sizes(call.scalars)
         chunked = self.chunked_gradients(kernel_call, grad_o, sizes, reads)
         if chunked is not None:
@@ -350,11 +387,14 @@ class RowStreamBackward:
                 grad = torch.zeros(kernel_call.tensors[rd.name].shape, dtype=torch.float32, device=call.device)
             else:
                 grad = self.read_gradient(rd, bufs[r], kernel_call, sizes, deterministic)
-            if names.is_synthetic(rd.name):
+            if rd.name in stats_of:
+                self.statistics_gradients(stats_of[rd.name], call, stats_lse, grad, sizes, wanted, config,
+                                          deterministic, found)
+            elif names.is_synthetic(rd.name):
                 pairs.append((graphed[rd.name], grad.to(graphed[rd.name].dtype)))
             else:
                 found[rd.name] = grad if rd.name not in found else found[rd.name] + grad
-        for op, part, row, feat in zip((p.q, p.k, p.v), partials, (p.i, p.j, p.j), (p.d, p.d, p.e)):
+        for op, part, row, feat in zip(self.operands(), partials, (p.i, p.j, p.j), (p.d, p.d, p.e)):
             name = op.input.name
             have = (*p.outer, row, feat)
             if name not in bplan.chained and name not in wanted:
@@ -373,6 +413,19 @@ class RowStreamBackward:
                 pairs.append((value, align(part, kept, op.access.indices).to(value.dtype)))
         chain_through_torch(pairs, wanted, leaves, found)
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
+
+    def statistics_gradients(self, node, call: BoundCall, stats_lse: dict, grad: torch.Tensor, sizes: dict, wanted,
+                             config, deterministic: bool, found: dict) -> None:
+        """Add into `found` the gradients that reach the inputs through a statistics pass's
+        log-sum-exp (`node`), given `grad`, the gradient of its precomputed tensor: that pass's
+        generated backward with dLSE = grad (the loss reaches its scores only through the LSE)."""
+        pre, stats = self.plan.precomputed, self.statistics[node]
+        have = pre.axes[node]
+        kept = tuple(ix for ix in have if ix in node.indices)
+        grad = align(grad.reshape([sizes[ix] for ix in kept]), kept, stats.plan.lse_axes)
+        lse = align(stats_lse[node], node.indices, stats.plan.lse_axes)
+        for n, g in stats.gradients(call, None, lse, None, grad, wanted, config, deterministic).items():
+            found[n] = g.float() if n not in found else found[n] + g.float()
 
     def sink_gradient(self, graphed: dict, scalars: dict, lse, delta, sizes: dict):
         """(the sink logit, recomputed by the reference's torch ops from the inputs under

@@ -99,16 +99,20 @@ class _BackwardCodegen(RowStreamCodegen):
         """Base pointers of this program's q, k and v (their outer offsets)."""
         p = self.plan
         q, k, v = p.q, p.k, p.v
+        values = [] if v is None else \
+            [f"v_base = {names.tensor('ptr', v.input.name)} + {self.operand_offset(v, self.kv_env)}"]
         return [f"q_base = {names.tensor('ptr', q.input.name)} + {self.operand_offset(q)}",
                 f"k_base = {names.tensor('ptr', k.input.name)} + {self.operand_offset(k, self.kv_env)}",
-                f"v_base = {names.tensor('ptr', v.input.name)} + {self.operand_offset(v, self.kv_env)}",
-                f"do_base = do_ptr + {self.do_offset()}"]
+                *values, f"do_base = do_ptr + {self.do_offset()}"]
 
     def load_rows(self) -> list[str]:
         """Queries, dO, LSE and delta of the query tile `offs_m` (zero / no weight past the last
-        row); pointwise weights need no LSE and no delta."""
+        row); pointwise weights need no LSE and no delta, a statistics pass no dO."""
         q = self.plan.q
         qn = q.input.name
+        grad_out = [] if self.plan.v is None else [
+            "do = tl.load(do_base + offs_m[:, None] * do_si + offs_e[None, :] * do_se, "
+            "mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)"]
         stats = [] if self.bplan.pointwise else [
             "lse = tl.load(lse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=float('-inf'))",
             "# base 2; a row with no allowed key (lse = -inf) or past the last row gets p = 0",
@@ -118,26 +122,28 @@ class _BackwardCodegen(RowStreamCodegen):
             "row_ok = offs_m < n_rows",
             f"q = tl.load(q_base + offs_m[:, None] * {names.tensor('st', qn, q.row)} + offs_d[None, :] * "
             f"{names.tensor('st', qn, q.feature)}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
-            "do = tl.load(do_base + offs_m[:, None] * do_si + offs_e[None, :] * do_se, "
-            "mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)",
+            *grad_out,
             "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
             "    q = q.to(tl.float32)",
-            "    do = do.to(tl.float32)",
+            *(["    do = do.to(tl.float32)"] if grad_out else []),
             *stats]
 
     def load_cols(self) -> list[str]:
         """Keys (as [features, keys], like the forward) and values of the key tile `offs_n`."""
         k, v = self.plan.k, self.plan.v
-        kn, vn = k.input.name, v.input.name
+        kn = k.input.name
+        values = [] if v is None else [
+            f"v = tl.load(v_base + offs_n[:, None] * {names.tensor('st', v.input.name, v.row)} + offs_e[None, :] * "
+            f"{names.tensor('st', v.input.name, v.feature)}, mask=col_ok[:, None] & (offs_e[None, :] < n_vfeat), "
+            "other=0.0)"]
         return [
             "col_ok = offs_n < n_cols",
             f"k = tl.load(k_base + offs_d[:, None] * {names.tensor('st', kn, k.feature)} + offs_n[None, :] * "
             f"{names.tensor('st', kn, k.row)}, mask=col_ok[None, :] & (offs_d[:, None] < n_feat), other=0.0)",
-            f"v = tl.load(v_base + offs_n[:, None] * {names.tensor('st', vn, v.row)} + offs_e[None, :] * "
-            f"{names.tensor('st', vn, v.feature)}, mask=col_ok[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)",
+            *values,
             "if UPCAST_DOT:",
             "    k = k.to(tl.float32)",
-            "    v = v.to(tl.float32)"]
+            *(["    v = v.to(tl.float32)"] if values else [])]
 
     def scores(self) -> list[str]:
         """The tile's scores in base 2 (`s`, exactly as the forward computes them) and `dsdqk`,
@@ -164,6 +170,15 @@ class _BackwardCodegen(RowStreamCodegen):
         term = self.plan.terms[0]
         return not term.folds_log2e and (self.bplan.derivative is not None or bool(term.qk_factors))
 
+    def row_weight_skip(self, lines: list[str]) -> list[str]:
+        """`lines` run only for a query tile where the plan's `row_weight` (a per-head plan's
+        mixture coefficient) is nonzero on some row: elsewhere the output gradient `w * dO` and
+        the recomputed output are 0, so the tile adds nothing to any gradient."""
+        if self.plan.row_weight is None:
+            return lines
+        return [*self.row_weight_live(), "if live:  # some row of the query tile weighs this head",
+                *_indent(lines)]
+
     def predicate(self) -> list[str]:
         """The spec's masks per element (`allowed`), in the tile function's `if MASKED:`."""
         em = self.em
@@ -178,9 +193,10 @@ class _BackwardCodegen(RowStreamCodegen):
         pointwise weights: P is the weight, dS = dP times its derivative)."""
         factor = " * dsdqk" if self.has_dsdqk() else ""
         dscore = "dp" if self.bplan.pointwise else "p * (dp - delta[:, None])"
+        dp = "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)" if self.plan.v is not None else \
+            "dp = 0.0  # a statistics pass: no values; the loss reaches its scores through the LSE (delta = -dLSE)"
         lines = [*([] if self.bplan.pointwise else ["p = tl.exp2(s - lse2[:, None])"]),
-                 "p = tl.where(allowed, p, 0.0)",
-                 "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)"]
+                 "p = tl.where(allowed, p, 0.0)", dp]
         if self.reads:
             lines += [f"dsc = {dscore}  # d loss / d score", f"ds = dsc{factor}"]
         else:
@@ -363,6 +379,7 @@ class DqCodegen(_BackwardCodegen):
         bases = self.bases()
         rows = self.load_rows()
         scores = self.scores()
+        skip = self.row_weight_skip  # emitted before the prologue is taken: its loads may be hoisted
         body = ["offs_n = start_n + tl.arange(0, BLOCK_N)", *self.load_cols(), *scores,
                 "allowed = col_ok[None, :]",
                 "if MASKED:", *_indent(self.predicate()),
@@ -370,8 +387,9 @@ class DqCodegen(_BackwardCodegen):
                 "dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)",
                 *self.read_lines("allowed & row_ok[:, None]")]
         ranges = self.range_lines()
-        prologue = list(em.prologue)
         tile, call = self.tile_function(self.tile_name, ["dq", *self.read_state()], "start_n", body)
+        loop = skip(ranges(call))
+        prologue = list(em.prologue)
         map_args = ["kv_list_ptr", "kv_full_ptr", "kv_count_ptr", "n_qtiles", "n_ktiles"] \
             if p.mask_mode == MaskMode.BLOCK_MAP else []
         args, tensors, scalars = self.kernel_args(["do_ptr", "lse_ptr", "delta_ptr", "odo_ptr", "dq_ptr",
@@ -391,7 +409,7 @@ class DqCodegen(_BackwardCodegen):
                *_indent(["# values that do not change along the key loop", *prologue, *bases, *rows,
                          "dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)",
                          *self.read_init(),
-                         *ranges(call)]),
+                         *loop]),
                "    tl.store(dq_ptr + (flat_o * n_rows + offs_m[:, None]) * n_feat + offs_d[None, :], dq, "
                "mask=row_ok[:, None] & (offs_d[None, :] < n_feat))",
                *_indent(self.read_stores("row_ok", ""))]
@@ -412,14 +430,17 @@ class DkdvCodegen(_BackwardCodegen):
         cols = self.load_cols()
         rows = self.load_rows()
         scores = self.scores()
-        body = ["offs_m = start_m + tl.arange(0, BLOCK_M)", *rows, *scores,
-                "allowed = row_ok[:, None] & col_ok[None, :]  # padded rows and keys take no part",
-                "if MASKED:", *_indent(self.predicate()),
-                *self.gradient_of_scores(),
-                "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)",
-                "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)",
-                *self.read_lines("allowed")]
-        state = ["dk", "dv", *self.read_state()]
+        values = [] if p.v is None else ["dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)"]
+        body = ["offs_m = start_m + tl.arange(0, BLOCK_M)", *rows,
+                *self.row_weight_skip([
+                    *scores,
+                    "allowed = row_ok[:, None] & col_ok[None, :]  # padded rows and keys take no part",
+                    "if MASKED:", *_indent(self.predicate()),
+                    *self.gradient_of_scores(),
+                    *values,
+                    "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)",
+                    *self.read_lines("allowed")])]
+        state = ["dk", *(["dv"] if p.v is not None else []), *self.read_state()]
         tile, call = self.tile_function(self.tile_name, state, "start_m", body)
 
         def visit(masked):
@@ -462,14 +483,15 @@ class DkdvCodegen(_BackwardCodegen):
                "    offs_e = tl.arange(0, BLOCK_E)",
                *_indent(["# values that do not change along the query loop", *prologue, *bases, *cols,
                          "dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)",
-                         "dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)",
+                         *([] if p.v is None else ["dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)"]),
                          *self.read_init(),
                          *loop]),
                "    out_ok = col_ok[:, None]",
                "    tl.store(dk_ptr + (flat_o * n_cols + offs_n[:, None]) * n_feat + offs_d[None, :], dk, "
                "mask=out_ok & (offs_d[None, :] < n_feat))",
-               "    tl.store(dv_ptr + (flat_o * n_cols + offs_n[:, None]) * n_vfeat + offs_e[None, :], dv, "
-               "mask=out_ok & (offs_e[None, :] < n_vfeat))",
+               *([] if p.v is None else [
+                   "    tl.store(dv_ptr + (flat_o * n_cols + offs_n[:, None]) * n_vfeat + offs_e[None, :], dv, "
+                   "mask=out_ok & (offs_e[None, :] < n_vfeat))"]),
                *_indent(self.read_stores("", "col_ok"))]
         return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars),
                                                [r for r, _ in self.reads])

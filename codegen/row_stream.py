@@ -397,13 +397,25 @@ class RowStreamCodegen:
             lse = f"tl.where(m_i == sink * {LOG2E}, sink + tl.log(l_safe), {lse})"
         return [f"lse = tl.where(l_i == 0.0, float('-inf'), {lse})"]
 
-    def skip_dead_heads(self, lines: list[str]) -> list[str]:
+    def skip_dead_heads(self, lines: list[str], live: list[str]) -> list[str]:
         """With a sum over heads, a head whose coefficients are 0 on every row of the tile
-        (not chosen by a mixture-of-heads router) needs no key loop at all."""
+        (not chosen by a mixture-of-heads router) needs no key loop at all; so does a tile whose
+        `row_weight` (the coefficient of a backward's per-head plan) is 0 on every row (`live`:
+        `row_weight_live`'s lines, emitted before the prologue is taken)."""
+        if self.plan.row_weight is not None:
+            return [*live, "if live:  # some row of the tile weighs this head", *_indent(lines)]
         if not (self.plan.summed_outer and len(self.coefs) == len(self.plan.terms)):
             return lines
         live = " | ".join(f"(tl.max(tl.abs({c})) != 0)" for c in self.coefs)
         return [f"if {live}:  # some row of the tile weighs this head", *_indent(lines)]
+
+    def row_weight_live(self) -> list[str]:
+        """`live`: whether the plan's `row_weight` is nonzero on some row of the query tile."""
+        self.em.body = []
+        weight = self.em.emit(self.plan.row_weight)
+        if weight.const is not None:
+            return [f"live = {weight.const != 0}"]
+        return [*self.em.body, f"live = tl.max(tl.abs({as_float(weight)})) != 0"]
 
     def summed_outer_loop(self, body: list[str]) -> list[str]:
         """The per-program work, once per value of the indices the output sums over
@@ -456,6 +468,7 @@ class RowStreamCodegen:
         combine = self.combine_lines()
         range_lines = self.range_lines()
         initial = self.initial_state()  # (a sink logit's loads go to the prologue)
+        live = self.row_weight_live() if p.row_weight is not None else []  # (so may the row weight's)
         prologue = list(em.prologue)
         state = self.states()
         constexprs = ["MASKED", "KEY_MASK", "BLOCK_N", "PRECISION", "UPCAST_DOT", "EVEN_D", "EVEN_E", "USE_TMA",
@@ -543,7 +556,7 @@ class RowStreamCodegen:
                 *queries,
                 *(self.value_base(v_off) if p.v else []),
                 *initial,
-                *self.skip_dead_heads(range_lines(call_args)),
+                *self.skip_dead_heads(range_lines(call_args), live),
                 "# epilogue: normalise; rows with no allowed key give 0 and lse = -inf",
                 *combine]),
             "    if SPLIT:  # a partial result per key split, merged by log-sum-exp afterwards",

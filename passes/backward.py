@@ -93,6 +93,7 @@ class BackwardPlan:
     raw: ir.Node | None = None  # the scaled Q K^T dot before its per-pair factors (what `qk` holds in a tile)
     sink: ir.Node | None = None  # the softmax's sink logit when float inputs flow into it (their gradient)
     parts: tuple = ()           # several terms: (BackwardPlan of the term alone, its coefficient or None) each
+    statistics: dict = field(default_factory=dict)  # precomputed log-sum-exp node -> its statistics pass's BackwardPlan
 
     @property
     def pointwise(self) -> bool:
@@ -123,33 +124,27 @@ class BackwardPlan:
 def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     """The backward plan of a row-streaming plan, or `NoGeneratedBackward` saying why not."""
     term = plan.terms[0]
-    if plan.statistics_only or plan.v is None:
-        raise NoGeneratedBackward("a statistics pass has no generated backward")
-    if plan.summed_outer:
-        raise NoGeneratedBackward(f"the output sums over '{plan.summed_outer[0]}' (heads mixed by "
-                                  "coefficients): its backward is not generated yet")
-    if plan.statistics:
-        raise NoGeneratedBackward("a softmax along another axis than the keys (a statistics pass, then "
-                                  "pointwise weights): its backward is not generated yet")
-    if len(plan.terms) > 1 or term.coef is not None:  # o = sum_t c_t W_t V: term by term
+    if len(plan.terms) > 1 or term.coef is not None or plan.summed_outer:  # o = sum_t c_t W_t V: term by term
         return _terms_backward(plan)
     if term.kind == WeightKind.POINTWISE and plan.row_sum:
         raise NoGeneratedBackward("pointwise weights divided by their row sums (normalised linear attention): "
                                   "their backward is not generated yet")
     for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
-        if op.transform is not None:
+        if op is not None and op.transform is not None:
             raise NoGeneratedBackward(f"the {role} pass through a feature map (line "
                                       f"{op.transform.loc.line if op.transform.loc else '?'}): its gradient "
                                       "is not generated yet")
+    materialized = set(plan.precomputed.inputs) if plan.precomputed else set()
+    statistics = statistics_backward(plan, term.qk, materialized)
     derivative = None  # None: the score is Q K^T itself (the derivative is 1)
     if term.score is not term.qk:
-        derivative = Tangent(term.qk).of(term.score)
+        derivative = Tangent(term.qk, materialized).of(term.score)
         if derivative is None:  # the score does not change with Q K^T (floor, sign, ...): 0, not 1
             derivative = ir.Const(value=0.0, dtype=ir.FLOAT)
     synthetic = {inp.name: node for node, inp in plan.precomputed.inputs.items()} if plan.precomputed else {}
     operands = []
     chained = []
-    for op in (term.q, term.k, plan.v):
+    for op in (term.q, term.k, *([plan.v] if plan.v is not None else [])):  # a statistics pass has no values
         node = synthetic.get(op.input.name)
         if node is not None:
             chained.append(op.input.name)
@@ -162,16 +157,53 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     grad_inputs |= score_inputs - set(reasons)
     sink_inputs = float_reads([term.sink]) if term.sink is not None else set()
     grad_inputs |= sink_inputs
+    for stats in statistics.values():
+        grad_inputs |= stats.grad_inputs
+        for name, why in stats.read_reasons.items():
+            reasons.setdefault(name, why)
     key_masks, key_symbols = transposed_masks(plan)
-    return BackwardPlan(plan, derivative, frozenset(grad_inputs), frozenset(score_inputs), tuple(chained),
-                        key_masks, key_symbols, tuple(reads), reasons, raw, term.sink if sink_inputs else None)
+    return BackwardPlan(plan, derivative, frozenset(grad_inputs - set(reasons)), frozenset(score_inputs),
+                        tuple(chained), key_masks, key_symbols, tuple(reads), reasons, raw,
+                        term.sink if sink_inputs else None, statistics=statistics)
+
+
+def statistics_backward(plan: RowStreamPlan, qk: ir.Node, materialized) -> dict:
+    """The backward plans of the statistics passes whose log-sum-exp the weights read (softmax
+    over queries: `exp(s - lse_i(s))`), by precomputed node. The read is one more score read
+    (its gradient `dlse`, a row or column sum of `dS * -W`), and `dlse` enters the statistics
+    pass's scores as `P * dlse` (`d lse / d s = P`): that pass's own softmax backward with no
+    values (delta = -dlse), so Q and K get their gradients from generated kernels and nothing
+    score-sized is kept. A precomputed value that depends on Q K^T otherwise (a statistic the
+    generated passes do not compute) would need the reference's score-sized autograd: refused."""
+    found = {}
+    tangent = Tangent(qk)
+    for node in materialized:
+        if not tangent.depends_on(node):
+            continue
+        stats = plan.statistics.get(node)
+        if stats is None or stats.needs_block_map:
+            what = "whose mask needs a block map" if stats is not None else "that no generated pass computes"
+            raise NoGeneratedBackward(f"the weights read a statistic of the scores {what} (line {_line(node)}): "
+                                      "its backward is not generated yet")
+        found[node] = plan_backward(stats)
+    return found
 
 
 def term_plan(plan: RowStreamPlan, t: int) -> RowStreamPlan:
     """The plan of weight term t alone, without its coefficient: what the backward of a sum
-    of terms recomputes and differentiates for that term."""
+    of terms recomputes and differentiates for that term. When the output sums over heads
+    (mixture-of-heads), the term's output keeps them: they become outer indices of its own
+    grid, its output is one per head, and its coefficient becomes the plan's `row_weight`, so
+    query tiles that no row weighs (heads the router did not choose) are skipped."""
     term = plan.terms[t]
-    return dataclasses.replace(plan, terms=[dataclasses.replace(term, coef=None)], group=None)
+    heads = plan.summed_outer
+    output = plan.output
+    if heads:
+        axes = (*plan.outer, *heads, plan.i, plan.e)
+        output = ir.Output(output.name, output.node, axes, tuple(plan.program.extent[ix] for ix in axes), output.loc)
+    return dataclasses.replace(plan, terms=[dataclasses.replace(term, coef=None)], group=None,
+                               outer=(*plan.outer, *heads), summed_outer=(), output=output,
+                               row_weight=term.coef if heads else None)
 
 
 def _terms_backward(plan: RowStreamPlan) -> BackwardPlan:

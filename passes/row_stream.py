@@ -91,6 +91,8 @@ class RowStreamPlan:
     summed_outer: tuple[str, ...] = ()  # indices summed in the epilogue (heads in mixture-of-heads)
     row_sum: bool = False     # divide by the row sums of the (pointwise) weights
     statistics: dict = field(default_factory=dict)  # precomputed node -> the plan of its statistics pass
+    row_weight: ir.Node | None = None  # a factor of each row's output (a mixture-of-heads coefficient, in the
+    #   backward's per-head plans): where it is 0 on every row of a query tile, the tile skips its key loop
 
     @property
     def statistics_only(self) -> bool:
