@@ -568,10 +568,10 @@ def generate_backward(bplan: BackwardPlan, name: str) -> BackwardSource:
     with `names.kernel(name)`; the module is separate from the forward's."""
     prefix = names.kernel(name)
     plan = bplan.plan
-    pre_text, pre_name = pre_kernel(plan, prefix)
+    pre_text, pre_name = pre_kernel(plan, prefix) if plan.v is not None else ("", "")  # statistics: delta = -dLSE
     dkdv_text, dkdv = DkdvCodegen(bplan, prefix).generate()
     dq_text, dq = DqCodegen(bplan, prefix).generate()
-    texts, chunked = [pre_text, dkdv_text, dq_text], None
+    texts, chunked = [t for t in (pre_text, dkdv_text, dq_text) if t], None
     if bplan.pointwise and chunked_backward(plan):
         from attncc.codegen.chunked import ChunkedBackwardCodegen
 

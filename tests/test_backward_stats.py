@@ -1,0 +1,163 @@
+"""Generated backward of softmaxes along another axis and of mixture-of-heads, in Triton's interpreter.
+
+`query_softmax` and `reversed` read a precomputed log-sum-exp of the scores along the queries
+(a statistics pass): its gradient is a column sum of the weights' backward, and it enters the
+statistics pass's scores as `P * dLSE`, through that pass's own generated kernels (a softmax
+backward with no values). `moh` is differentiated head by head: each head's softmax backward
+with `w * dO`, `dw = dO . O_h` chained into `router` by torch, query tiles that no row weighs
+skipped. Each is checked against the float64 reference's autograd on odd shapes (N != M, D != E,
+tiles that divide neither).
+"""
+import math
+
+import pytest
+import torch
+
+import attncc
+from attncc import torch_ops
+from attncc.passes.backward import plan_backward
+
+CAUSAL_QS = """
+attention causal_qs(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], slopes[H]) -> o[B,H,N,E] {
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  s += slopes[h] * (j - i)
+  mask j <= i + (M - N)
+  p = softmax(s, i)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}
+"""
+
+
+def spec(name):
+    return CAUSAL_QS if name == "causal_qs" else f"examples/{name}.attn"
+
+
+def tensors(name, seed=0, B=1, H=2, N=37, M=45, D=12, E=10, topk=None):
+    g = torch.Generator().manual_seed(seed)
+    if name == "reversed":
+        M = N
+    out = {"q": torch.randn(B, H, N, D, generator=g), "k": torch.randn(B, H, M, D, generator=g),
+           "v": torch.randn(B, H, M, E, generator=g)}
+    if name == "reversed":
+        out["gate"] = torch.randn(B, H, N, generator=g)
+    if name == "causal_qs":
+        out["slopes"] = torch.rand(H, generator=g) * 0.2
+    if name == "moh":
+        out["router"] = torch.randn(B, N, H, generator=g)
+    return out
+
+
+def gradients(name, backend, kwargs, wanted, dtype=None, seed=5, **params):
+    kernel = attncc.compile(spec(name), backend=backend)
+    args = {n: (t.to(dtype) if dtype else t).detach().requires_grad_(n in wanted) for n, t in kwargs.items()}
+    o = kernel(**args, **params)
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.dtype)
+    grads = torch.autograd.grad(o, [args[n] for n in wanted], g)
+    return kernel, o, dict(zip(wanted, grads))
+
+
+def assert_close_to_scale(got, want, rel=2e-5, what=""):
+    scale = want.abs().max().item() or 1.0
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} against scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("name,wanted", [
+    ("query_softmax", ("q", "k", "v")),
+    ("reversed", ("q", "k", "v", "gate")),
+    ("reversed", ("q", "v")),
+    ("causal_qs", ("q", "k", "v", "slopes")),
+])
+def test_softmax_along_another_axis_matches_the_float64_reference(name, wanted):
+    kwargs = tensors(name)
+    kernel, o, got = gradients(name, "triton", kwargs, wanted)
+    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run
+    assert kernel.backward_launcher().statistics, "the statistics pass has its own backward kernels"
+    _, o64, want = gradients(name, "reference", kwargs, wanted, dtype=torch.float64)
+    assert_close_to_scale(o, o64, what="o")
+    for n in wanted:
+        assert_close_to_scale(got[n], want[n], what=f"d{n}")
+
+
+def test_statistics_backward_is_a_softmax_backward_without_values():
+    """The statistics pass's backward plan: a softmax (its LSE), no values, no score-sized tensor."""
+    kernel = attncc.compile("examples/query_softmax.attn", backend="triton")
+    bplan = plan_backward(kernel.generated.plan)
+    (node, stats), = bplan.statistics.items()
+    assert stats.plan.v is None and not stats.pointwise and stats.plan.i == "j" and stats.plan.j == "i"
+    pre = [rd for rd in bplan.reads if rd.node is node]
+    assert len(pre) == 1 and pre[0].mode.name == "COLS"  # d loss / d lse[j]: a column sum
+    text = kernel.backward_launcher().statistics[node].src.source
+    assert "dv +=" not in text and "v_base" not in text and "do = tl.load" not in text and "dp = 0.0" in text
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_mixture_of_heads_matches_the_float64_reference(topk):
+    kwargs = tensors("moh", H=3)
+    wanted = ("q", "k", "v", "router")
+    kernel, o, got = gradients("moh", "triton", kwargs, wanted, topk=topk)
+    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run
+    _, o64, want = gradients("moh", "reference", kwargs, wanted, dtype=torch.float64, topk=topk)
+    assert_close_to_scale(o, o64, what="o")
+    for n in wanted:
+        assert_close_to_scale(got[n], want[n], what=f"d{n}")
+
+
+def test_mixture_of_heads_skips_query_tiles_no_row_weighs():
+    """Head 0 is chosen by no row of the first query tile (16 rows in the interpreter): its
+    queries there are NaN. Were any backward kernel (or the per-head recompute) to visit that
+    tile, the NaN would reach dK and dV (0 * NaN); skipped, every gradient equals the reference's
+    with clean queries (where those rows' dq is exactly 0)."""
+    kwargs = tensors("moh", H=3)
+    kwargs["router"][:, :16, 0] = -30.0
+    poisoned = dict(kwargs, q=kwargs["q"].clone())
+    poisoned["q"][:, 0, :16] = math.nan
+    wanted = ("q", "k", "v", "router")
+    kernel, o, got = gradients("moh", "triton", poisoned, wanted, topk=1)
+    assert kernel.last_run["backward"] == "triton"
+    assert kernel.backward_launcher().parts[0][0].src.dq.name  # the per-head kernels ran
+    _, o64, want = gradients("moh", "reference", kwargs, wanted, dtype=torch.float64, topk=1)
+    assert torch.isfinite(o).all()
+    for n in wanted:
+        assert torch.isfinite(got[n]).all(), f"d{n} saw a skipped tile"
+        assert_close_to_scale(got[n], want[n], what=f"d{n}")
+    assert (got["q"][:, 0, :16] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["query_softmax", "moh"])
+def test_bfloat16_smoke(name):
+    kwargs = tensors(name, N=21, M=27)
+    wanted = tuple(n for n in kwargs)
+    kernel, o, got = gradients(name, "triton", kwargs, wanted, dtype=torch.bfloat16)
+    assert kernel.last_run["backward"] == "triton"
+    _, _, want = gradients(name, "reference", kwargs, wanted, dtype=torch.float64)
+    for n in wanted:
+        assert got[n].dtype == torch.bfloat16
+        assert_close_to_scale(got[n].float(), want[n], rel=5e-2, what=f"d{n}")
+
+
+def test_compile_fullgraph_mixture_of_heads():
+    """moh traced by torch.compile: one graph, the generated backward inside the backward
+    operator (router included), eager's gradients."""
+    kernel = attncc.compile("examples/moh.attn", backend="triton")
+    kwargs = {n: t.requires_grad_(True) for n, t in tensors("moh", N=9, M=11, D=8, E=6).items()}
+    floats = list(kwargs.values())
+
+    def step(**kw):
+        return (kernel(**kw) * 0.5).square().sum()
+
+    want = torch.autograd.grad(step(**kwargs), floats)
+    assert kernel.last_run["backward"] == "triton"
+    kernel.last_run = None
+    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(**kwargs), floats)
+    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck_query_softmax():
+    kernel = attncc.compile("examples/query_softmax.attn", backend="triton")
+    kwargs = {n: t.requires_grad_(True) for n, t in tensors("query_softmax", N=9, M=11, D=8, E=6).items()}
+    args = torch_ops.arguments(kernel, **kwargs)
+    assert args[-2] == torch_ops.GENERATED
+    torch.library.opcheck(kernel.op, args)
