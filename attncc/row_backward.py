@@ -16,6 +16,9 @@ atomics into the tensor's layout, or with `deterministic` as per-program slots s
 adding duplicates with `scatter_sum` (sorted, then summed pairwise: a fixed order, no
 atomics), so that every step but the non-deterministic atomics gives the same bits every run.
 A sink logit's gradient (`sink_gradient`) is a row sum of the saved LSE and delta, on the host.
+A log-sum-exp computed by a statistics pass (softmax over queries) is recomputed by that pass,
+and its gradient (a read's partial) goes into the pass's own generated backward as dLSE
+(`statistics_gradients`).
 """
 from __future__ import annotations
 

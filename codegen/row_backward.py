@@ -3,7 +3,9 @@
 (A softmax with a sink logit takes the same kernels: the stored LSE includes the sink, whose
 value is 0, so P and delta need nothing more; the sink's gradient is taken by the launcher.
 Pointwise weights take them too, with P the weight itself and `dS = dP * d weight / d QK`: no
-LSE, no delta. A sum of terms runs one set per term: `passes/backward.py`.)
+LSE, no delta. A sum of terms runs one set per term: `passes/backward.py`. A statistics pass
+(no values) takes them with `dP = 0` and no dV: delta is `-dLSE`, computed on the host. A plan
+with a `row_weight` skips the query tiles where it is 0 on every row.)
 
 Three kernels, all derived from the plan (`passes/backward.py` says which plans have them):
 

@@ -19,7 +19,14 @@ Q K^T and a coefficient per row or head) are differentiated term by term: `o = s
 so term t's backward is that of the plan of the term alone (`term_plan`), with `c_t * dO` as
 its output gradient (`BackwardPlan.parts`); the launcher recomputes each term's output and
 log-sum-exp with that plan's forward kernel (O(N) memory), and a coefficient's gradient is
-`rowsum(dO * O_t)`.
+`rowsum(dO * O_t)`. Heads mixed by coefficients (mixture-of-heads: the output sums over `h`)
+are such a sum whose term keeps `h` as an outer index of its own plan (`term_plan`), with the
+coefficient as the plan's `row_weight`: query tiles it does not weigh are skipped.
+
+A softmax along another axis (`exp(s - lse_i(s))`, over the queries) is a pointwise weight
+reading a precomputed log-sum-exp: that read is one more score read (its gradient a row or
+column sum), which enters the statistics pass's scores as `P * dLSE`, the softmax backward of
+the statistics plan itself with no values (`BackwardPlan.statistics`).
 
 A softmax with a sink logit (`softmax1`'s 0, `softmax(s, j, sinks[h])`) needs nothing more in
 the kernels: the stored log-sum-exp includes the sink, so `P = exp(S - LSE)` are the real keys'

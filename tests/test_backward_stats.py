@@ -161,3 +161,26 @@ def test_opcheck_query_softmax():
     args = torch_ops.arguments(kernel, **kwargs)
     assert args[-2] == torch_ops.GENERATED
     torch.library.opcheck(kernel.op, args)
+
+
+DOC_QS = """
+attention doc_qs(q[B,H,N,D], k[B,H,N,D], v[B,H,N,E], doc[B,N]: int) -> o[B,H,N,E] {
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  mask doc[b,i] == doc[b,j]
+  p = softmax(s, i)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}
+"""
+
+
+def test_a_statistic_no_generated_pass_computes_takes_the_reference_and_says_why():
+    """A softmax over queries whose mask needs a block map: its statistics pass runs on the
+    reference's torch ops, so its gradient would need score-sized autograd: refused, said."""
+    kernel = attncc.compile(DOC_QS, backend="triton")
+    q = torch.randn(1, 2, 9, 4, requires_grad=True)
+    o = kernel(q=q, k=torch.randn(1, 2, 9, 4), v=torch.randn(1, 2, 9, 4),
+               doc=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2]]))
+    assert kernel.last_run["backward"] == "reference"
+    assert "statistic of the scores whose mask needs a block map" in kernel.last_run["backward_reason"]
+    o.sum().backward()
+    assert torch.isfinite(q.grad).all()
