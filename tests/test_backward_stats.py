@@ -174,3 +174,34 @@ def test_a_statistic_no_generated_pass_computes_takes_the_reference_and_says_why
     assert "statistic of the scores whose mask needs a block map" in kernel.last_run["backward_reason"]
     o.sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+COMPILE = """
+import attncc
+from attncc.aot import compile_launch, resources, static_call
+for name, kernels in (("query_softmax", ("stats0_bwd_dkdv", "stats0_bwd_dq")), ("moh", ("term0_bwd_dkdv", "term0_bwd_dq"))):
+    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
+    for k in kernel.backward_launcher().launches(static_call(kernel, 64, 64)):
+        if k.kernel.__name__.endswith(kernels):
+            r = resources(k.kernel.__name__, compile_launch(k), k.options.get("num_warps"))
+            print("ok", k.kernel.__name__, r.registers, r.spill_bytes, flush=True)
+"""
+
+
+def test_new_backward_kernels_compile_for_sm90_without_spills():
+    """The interpreter is permissive: the statistics pass's kernels without values and the
+    per-head kernels that skip unweighed query tiles (`if live:` around a loop and around a tile
+    body with loop-carried state) also compile for sm_90 (bf16, head dim 64, default tiles), in
+    a process not in interpreter mode."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=Path(__file__).parent.parent)
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("ok ")]
+    assert out.returncode == 0 and len(rows) == 4, out.stdout[-2000:] + out.stderr[-4000:]
+    assert all(int(r[3]) == 0 for r in rows), out.stdout  # no spill stack
