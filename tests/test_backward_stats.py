@@ -89,6 +89,32 @@ def test_statistics_backward_is_a_softmax_backward_without_values():
     assert "dv +=" not in text and "v_base" not in text and "do = tl.load" not in text and "dp = 0.0" in text
 
 
+def test_softmax_over_queries_keeps_no_score_sized_tensor(monkeypatch):
+    """The backward's launches: the statistics pass recomputed by its forward kernel, the
+    weights' dK/dV and dQ, the statistics pass's own dK/dV and dQ; no argument holds B·H·N·M
+    values (the statistic is not recomputed by the reference's score-sized torch ops)."""
+    from attncc import reference, row_backward, runtime
+
+    launched = []
+    for module in (row_backward, runtime):
+        real = module.launch
+        monkeypatch.setattr(module, "launch", lambda kl, real=real: launched.append(kl) or real(kl))
+    full = reference.Reference.full
+
+    def no_statistic(self, node):
+        assert getattr(node, "op", None) != "logsumexp", "the reference computed the statistic"
+        return full(self, node)
+
+    monkeypatch.setattr(reference.Reference, "full", no_statistic)
+    B, H, N, M = 1, 2, 37, 45
+    kwargs = tensors("query_softmax", B=B, H=H, N=N, M=M)
+    kernel, _, _ = gradients("query_softmax", "triton", kwargs, ("q", "k", "v"))
+    assert kernel.last_run["backward"] == "triton"
+    names = [kl.kernel.__name__.removeprefix("attn_query_softmax_") for kl in launched]
+    assert names == ["stats0_fwd", "fwd", "stats0_fwd", "bwd_dkdv", "bwd_dq", "stats0_bwd_dkdv", "stats0_bwd_dq"]
+    assert all(a.numel() < B * H * N * M for kl in launched for a in kl.args if torch.is_tensor(a))
+
+
 def test_mixture_of_heads_matches_the_float64_reference(topk=2):
     """Top-2 here; top-1 in the test below (one head per token)."""
     kwargs = tensors("moh", H=3)
