@@ -36,16 +36,24 @@ CASES = [
     ("causal", 4, "zigzag", 6, 6, "reference"),  # 8 chunks of 6 tokens: some pieces are empty
     ("sliding_window", 4, "zigzag", 19, 19, "reference"),
     ("document", 4, "zigzag", 17, 17, "reference"),
-    ("lightning", 3, "zigzag", 13, 13, "reference"),  # no softmax: partial outputs add up (decay global)
-    # linear attention, contiguous: the carried state passes across ranks (a prefix scan when causal)
+    ("sigmoid", 2, "contiguous", 9, 11, "reference"),  # no softmax, not linear: partial outputs add up
+    # linear attention: the carried state passes across ranks (a prefix scan over the pieces when causal)
     ("lightning", 2, "contiguous", 13, 13, "reference"),
     ("lightning", 3, "contiguous", 11, 11, "reference"),
     ("linear_elu:causal", 2, "contiguous", 9, 9, "reference"),
     ("linear_elu:causal", 3, "contiguous", 13, 13, "reference"),
     ("linear_elu", 3, "contiguous", 7, 7, "reference"),
+    # zigzag: chunk r's prefix is the first chunks before it, chunk 2W-1-r's every first chunk and later second ones
+    ("lightning", 2, "zigzag", 11, 11, "reference"),
+    ("lightning", 3, "zigzag", 13, 13, "reference"),
+    ("lightning", 4, "zigzag", 6, 6, "reference"),  # 8 chunks of 6 tokens: empty pieces carry zero states
+    ("linear_elu:causal", 2, "zigzag", 9, 9, "reference"),
+    ("linear_elu:causal", 3, "zigzag", 17, 17, "reference"),
+    ("linear_elu", 2, "zigzag", 7, 7, "reference"),
 ]
-LINEAR = {"lightning", "linear_elu"}  # no softmax: no log-sum-exp
-STATE = "state passing (torch)"  # the backend a contiguous linear-attention run reports
+LINEAR = {"lightning", "linear_elu"}  # linear attention: the carried state passes across ranks
+NO_LSE = LINEAR | {"sigmoid"}  # no softmax: no log-sum-exp
+STATE = "state passing (torch)"  # the backend a linear-attention run reports
 
 
 def _inputs(name: str, n: int, m: int, dtype, tiny: bool):
@@ -79,7 +87,7 @@ def _run_case(case, world, rank, layout, n, m, backend, group=None):
     for t in a.values():
         if t.is_floating_point():
             t.requires_grad_()
-    params, softmax = PARAMS.get(case, {}), name not in LINEAR
+    params, softmax = PARAMS.get(case, {}), name not in NO_LSE
     o, lse = kernel(**a, **params, return_lse=True) if softmax else (kernel(**a, **params), torch.zeros(1, 1, 1))
     g = torch.Generator().manual_seed(7)
     go, gl = torch.randn(o.shape, generator=g, dtype=dtype), torch.randn(lse.shape, generator=g, dtype=dtype)
@@ -140,8 +148,7 @@ def test_equals_one_device(ranks, case):
         found = results["-".join(map(str, case))]
         bad = {k: v for k, v in found["errors"].items() if not v <= tol}
         assert not bad, f"rank {rank}: {bad}"
-        linear = case[0].partition(":")[0] in LINEAR and case[2] == "contiguous"
-        assert found["run"]["backend"] == (STATE if linear else case[5])
+        assert found["run"]["backend"] == (STATE if case[0].partition(":")[0] in LINEAR else case[5])
 
 
 def test_causal_skips_pairs_and_sends_nothing_unneeded(ranks):
@@ -249,7 +256,20 @@ def test_linear_state_passing_sends_states_not_keys(ranks):
 
 
 @pytest.mark.parametrize("name, layout, why", [("linear_kernel", "contiguous", "contraction of weights with values"),
-                                               ("linear_elu", "zigzag", "layout='contiguous'")])
+                                               ("linear_kernel", "zigzag", "nor can it rotate key/value shards")])
 def test_linear_state_passing_refusals_say_why(name, layout, why):
     with pytest.raises(NotShardable, match=why):
         D.context_parallel(attncc.compile(name, backend="reference"), layout=layout)
+
+
+def test_zigzag_state_passing_sends_two_states(ranks):
+    """Zigzag linear attention sends both pieces' states (two D x E a rank); what K/V rotation
+    would send instead: rank r's first chunk to every other rank, its second to the ranks before."""
+    b, h, d, e, world = 2, 2, 8, 6, 3
+    runs = [r["linear_elu:causal-3-zigzag-17-17-reference"]["run"] for r in ranks(world)]
+    assert all(r["bytes_sent"] == 2 * b * h * d * (e + 1) * 8 * (world - 1) for r in runs)
+    assert all(r["state_shape"][0] == 2 and r["causal"] for r in runs)
+    per_token = b * h * (d + e) * 8
+    first, second = zip(*([n for _, n in D.pieces(17, world, r, "zigzag")] for r in range(world)))
+    assert [r["bytes_kv_rotation"] for r in runs] == [(first[r] * (world - 1) + second[r] * r) * per_token
+                                                      for r in range(world)]
