@@ -676,9 +676,23 @@ class LinearState:
         self.program = program
         self.last_run: dict | None = None
 
-    def _feature(self, ref: Reference, op, want: tuple[str, ...]) -> torch.Tensor:
-        node = op.transform if op.transform is not None else op.access
-        return align(ref.full(node), node.indices, want)
+    def _features(self, tensors: dict, scalars: dict) -> tuple:
+        """(f(q) times the scale, f(k), v over `(outer..., token, feature)`, and the decay base
+        over `(outer..., 1, 1)` or None) of one piece, evaluated by the reference executor."""
+        plan, outer = self.plan, self.plan.outer
+        ref = Reference(self.program, tensors, scalars)
+
+        def feature(op, want):
+            node = op.transform if op.transform is not None else op.access
+            return align(ref.full(node), node.indices, want)
+
+        fq = feature(self.term.q, (*outer, plan.i, plan.d))
+        for s in self.term.scale:
+            fq = fq * ref.full(s)
+        lam = None
+        if self.decay is not None:
+            lam = align(ref.full(self.decay.args[0]), self.decay.args[0].indices, outer)[..., None, None]
+        return fq, feature(self.term.k, (*outer, plan.j, plan.d)), feature(self.plan.v, (*outer, plan.j, plan.e)), lam
 
     def _token_dims(self) -> dict[str, int]:
         """Per input, its token dim (the one whose extent is the query or key count)."""
@@ -727,71 +741,96 @@ class LinearState:
             meta[name] = torch.empty(shape, dtype=t.dtype, device="meta")
         whole = bind(program, {**meta, **scalars}, data=False).scalars
         causal = self._causal(whole)
-        local = {**whole, program.extent[plan.i].name: n, program.extent[plan.j].name: n}
         # replicated inputs (lam): one device's gradient sums over every rank's queries
         tensors = {name: _SumGradients.apply(group, t) if name not in token and t.is_floating_point() else t
                    for name, t in tensors.items()}
-        ref = Reference(program, tensors, local)
-        outer, i, j, d, e = plan.outer, plan.i, plan.j, plan.d, plan.e
-        fq = self._feature(ref, self.term.q, (*outer, i, d))
-        fk = self._feature(ref, self.term.k, (*outer, j, d))
-        v = self._feature(ref, plan.v, (*outer, j, e))
-        for s in self.term.scale:
-            fq = fq * ref.full(s)
-        lam = align(ref.full(self.decay.args[0]), self.decay.args[0].indices, outer) if self.decay else None
-        lam = lam[..., None, None] if lam is not None else None
-
-        def power(exponent):  # lam ** exponent (1 without decay)
-            if lam is None:
-                return 1.0
-            return lam ** (exponent.to(lam.dtype) if torch.is_tensor(exponent) else float(exponent))
-
-        mine = runs[rank]
-        at = [sum(m for _, m in mine[:k]) for k in range(len(mine))]  # each piece's local offset
-        cut = [tuple(t.narrow(-2, a, m) for t in (fq, fk, v)) for a, (_, m) in zip(at, mine)]
-        states = []
-        for (_, m), (_, fk_p, v_p) in zip(mine, cut):
+        mine, at = runs[rank], 0
+        pieces_in, features, states = [], [], []
+        for _, m in mine:  # each piece's tensors, features and state (keys decayed to the piece's end)
+            piece = {name: t.narrow(token[name], at, m) if name in token else t for name, t in tensors.items()}
+            at += m
+            fq, fk, v, lam = self._features(piece, self._sizes(whole, m))
             pos = torch.arange(m, device=device)
-            keys = fk_p * power((m - 1 - pos)[:, None]) if causal else fk_p  # decayed to the piece's end
-            state = keys.transpose(-1, -2) @ v_p  # [..., D, E]
+            keys = fk * _power(lam, (m - 1 - pos)[:, None]) if causal else fk
+            state = keys.transpose(-1, -2) @ v  # [..., D, E]
             if plan.row_sum:
                 state = torch.cat([state, keys.sum(-2)[..., None]], -1)  # the key sum z as a last column
+            pieces_in.append(piece)
+            features.append((fq, fk, v, lam))
             states.append(state)
         stacked = torch.stack(states).contiguous()
         every = _GatherStates.apply(group, stacked)  # every[s][k]: rank s's piece k
+        scan = self._kernel_scan(cp, causal)
         outs = []
-        for k, ((a, m), (fq_p, fk_p, v_p)) in enumerate(zip(mine, cut)):
+        for k, ((a, m), piece, (fq, fk, v, lam)) in enumerate(zip(mine, pieces_in, features)):
             # every gathered state enters the sum (times 0 where it does not count): each rank's
             # autograd then reaches the all-gather, whose backward is a collective all must join
-            if causal:
-                carried = sum(every[s][q] * (power(a - c - l) if c + l <= a and (s, q) != (rank, k) else 0.0)
-                              for s in range(world) for q, (c, l) in enumerate(runs[s]))
-                outs.append(self._causal_piece(fq_p, fk_p, v_p, carried, power))
-            else:  # every piece's keys, this one's included: o = f(q) (sum_p S_p)
-                total = sum(every[s][q] for s in range(world) for q in range(len(runs[s])))
-                outs.append(self._finish(fq_p @ total))
+            if not causal:  # every piece's keys, this one's included: o = f(q) (sum_p S_p)
+                outs.append(self._finish(fq @ sum(every[s][q] for s in range(world) for q in range(len(runs[s])))))
+                continue
+            carried = sum(every[s][q] * (_power(lam, a - c - l) if c + l <= a and (s, q) != (rank, k) else 0.0)
+                          for s in range(world) for q, (c, l) in enumerate(runs[s]))
+            if scan is None or m == 0:
+                outs.append(self._causal_piece(fq, fk, v, lam, carried))
+            else:
+                outs.append(self._scanned(scan, piece, scalars, whole, m, carried))
         out = torch.cat(outs, -2)
         sent = stacked.numel() * stacked.element_size() * (world - 1)
-        self.last_run = {"backend": "state passing (torch)", "layout": cp.layout.value, "world": world,
+        local = "torch" if scan is None else "triton"
+        self.last_run = {"backend": f"state passing ({local})", "layout": cp.layout.value, "world": world,
                          "rank": rank, "causal": causal, "state_shape": list(stacked.shape),
+                         "backward": "torch" if scan is None else "torch (recomputed)",
                          "pairs": [(a, m, a, m) for a, m in mine if m],  # the local blocks computed
                          "bytes_sent": sent, "bytes_received": sent,
                          "bytes_kv_rotation": self._rotation_bytes(tensors, token, runs, rank, causal)}
-        return align(out, (*outer, i, e), program.outputs[0].axes).contiguous()
+        return align(out, (*plan.outer, plan.i, plan.e), program.outputs[0].axes).contiguous()
+
+    def _sizes(self, whole: dict, m: int) -> dict:
+        """The call's dims and params with the token lengths of one piece."""
+        return {**whole, self.program.extent[self.plan.i].name: m, self.program.extent[self.plan.j].name: m}
+
+    def _kernel_scan(self, cp: "ContextParallel", causal: bool):
+        """The generated kernel's launcher when it has the chunked scan that can start from the
+        carried state (a causal call on the triton backend), else None (the pieces run in PyTorch)."""
+        generated = cp.kernel.generated
+        if not causal or cp.kernel.backend != "triton" or generated.source.chunked is None:
+            return None
+        return generated.launcher
+
+    def _scanned(self, launcher, piece: dict, scalars: dict, whole: dict, m: int, carried: torch.Tensor):
+        """A causal piece's output from the generated chunked scan, started from `carried`; its
+        backward recomputes the piece in PyTorch (`_KernelScan`)."""
+        plan, program = self.plan, self.program
+        floats = [n for n, t in piece.items() if t.is_floating_point()]
+        fixed = {n: t for n, t in piece.items() if n not in floats}
+        outer = plan.outer
+
+        def run(c, *ts):
+            call = bind(program, {**dict(zip(floats, ts)), **fixed, **scalars})
+            c = c.float()
+            z = c[..., -1] if plan.row_sum else None
+            o = launcher.chunked_from(call, c[..., :-1] if plan.row_sum else c, z)
+            return align(o, program.outputs[0].axes, (*outer, plan.i, plan.e))
+
+        def recompute(c, *ts):
+            fq, fk, v, lam = self._features({**dict(zip(floats, ts)), **fixed}, self._sizes(whole, m))
+            return self._causal_piece(fq, fk, v, lam, c)
+
+        return _KernelScan.apply(run, recompute, carried, *(piece[n] for n in floats))
 
     def _finish(self, both: torch.Tensor) -> torch.Tensor:
         """The output from the numerator and (normalised) the denominator in its last column."""
         return both[..., :-1] / both[..., -1:] if self.plan.row_sum else both
 
-    def _causal_piece(self, fq, fk, v, carried, power) -> torch.Tensor:
+    def _causal_piece(self, fq, fk, v, lam, carried) -> torch.Tensor:
         """One piece's causal output in PyTorch: its own causal block (global decays are
         translation-invariant, so local positions do) plus the carried prefix state."""
         m = fq.shape[-2]
         pos = torch.arange(m, device=fq.device)
         gap = pos[:, None] - pos[None, :]
         w = fq @ fk.transpose(-1, -2)
-        w = torch.where(gap >= 0, w * power(gap.clamp(min=0)), torch.zeros_like(w))
-        past = (fq * power((pos + 1)[:, None])) @ carried
+        w = torch.where(gap >= 0, w * _power(lam, gap.clamp(min=0)), torch.zeros_like(w))
+        past = (fq * _power(lam, (pos + 1)[:, None])) @ carried
         if self.plan.row_sum:
             return self._finish(torch.cat([w @ v, w.sum(-1, keepdim=True)], -1) + past)
         return w @ v + past
@@ -809,6 +848,34 @@ class LinearState:
             last = max((a + m - 1 for a, m in runs[s] if m), default=-1)  # the peer's latest query
             total += sum(m for c, m in runs[rank] if m and (not causal or c <= last)) * per_token
         return total
+
+
+def _power(lam: torch.Tensor | None, exponent):
+    """lam ** exponent (1 without a decay)."""
+    if lam is None:
+        return 1.0
+    return lam ** (exponent.to(lam.dtype) if torch.is_tensor(exponent) else float(exponent))
+
+
+class _KernelScan(torch.autograd.Function):
+    """A causal piece's output from the generated chunked scan started from the carried state;
+    backward: autograd through the piece's PyTorch formulation, recomputed (the chunked
+    backward kernels take no initial state)."""
+
+    @staticmethod
+    def forward(ctx, run, recompute, carried, *inputs):
+        ctx.recompute = recompute
+        ctx.save_for_backward(carried, *inputs)
+        return run(carried, *inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        wanted = [t for t in saved if t.requires_grad]
+        with torch.enable_grad():
+            out = ctx.recompute(*saved)
+        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, None, *(next(found) if t.requires_grad else None for t in saved))
 
 
 class _GatherStates(torch.autograd.Function):
