@@ -804,9 +804,12 @@ class LinearState:
         floats = [n for n, t in piece.items() if t.is_floating_point()]
         fixed = {n: t for n, t in piece.items() if n not in floats}
         outer = plan.outer
+        # params whose defaults the dims compute take the whole sequence's values, not the piece's
+        computed = {name: whole[name] for name, node in program.params.items() if name not in scalars
+                    and node.default is not None and not isinstance(node.default, ir.Const)}
 
         def run(c, *ts):
-            call = bind(program, {**dict(zip(floats, ts)), **fixed, **scalars})
+            call = bind(program, {**dict(zip(floats, ts)), **fixed, **scalars, **computed})
             c = c.float()
             z = c[..., -1] if plan.row_sum else None
             o = launcher.chunked_from(call, c[..., :-1] if plan.row_sum else c, z)

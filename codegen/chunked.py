@@ -153,7 +153,8 @@ class ChunkedCodegen(RowStreamCodegen):
             "    if INIT_STATE:  # the keys before the sequence (another rank's), decayed to its start",
             "        combo = tl.program_id(0).to(tl.int64)",
             "        S = tl.load(state_ptr + (combo * BLOCK_D + offs_d[:, None]) * BLOCK_E + offs_e[None, :])",
-            "        z = tl.load(z_ptr + combo * BLOCK_D + offs_d)",
+            "        S = S.to(tl.float32)",
+            "        z = tl.load(z_ptr + combo * BLOCK_D + offs_d).to(tl.float32)",
             "    for c0 in range(0, n_rows, BLOCK_C):",
             *_indent(body, 2),
         ]
