@@ -7,14 +7,15 @@ Each rank holds a slice of the queries and of the keys (`pieces` says which posi
 A rank computes its queries against every key shard that can matter to them with the
 kernel's *shard form* (`passes/shard.py`: global token positions through offset params)
 and merges the partial (output, log-sum-exp) pairs exactly (partial outputs add up for a
-plain sum over the keys, as in `lightning`). Shard pairs that the mask
-provably leaves empty are neither sent nor computed: symbolically from the mask analysis
-(causal, windows, prefixes), or from the data of the mask's token inputs (document ids),
-see `ShardPlanner`. Key/value shards go point to point, each straight to the ranks that
-need it, in ring order (step t: send to rank r + t, receive from rank r - t), the next
-step's transfer posted before the current pair is computed. The backward recomputes each
-pair, sends the key-side gradients back to their owners and sums replicated inputs'
-gradients over the ranks. docs/distributed.md has the details and the limits.
+plain sum over the keys, as in `sigmoid`). Linear attention (`lightning`, `linear_elu`)
+moves no keys: each rank passes its pieces' carried `D x E` states (`LinearState`). Shard
+pairs that the mask provably leaves empty are neither sent nor computed: symbolically from
+the mask analysis (causal, windows, prefixes), or from the data of the mask's token inputs
+(document ids), see `ShardPlanner`. Key/value shards go point to point, each straight to
+the ranks that need it, in ring order (step t: send to rank r + t, receive from rank r - t),
+the next step's transfer posted before the current pair is computed. The backward
+recomputes each pair, sends the key-side gradients back to their owners and sums replicated
+inputs' gradients over the ranks. docs/distributed.md has the details and the limits.
 """
 from __future__ import annotations
 
