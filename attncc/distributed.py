@@ -676,6 +676,7 @@ class LinearState:
         self.decay = decay_factor(plan) if term.qk_factors else None
         self.program = program
         self.last_run: dict | None = None
+        self.chunk = 64  # tokens per step of the PyTorch scan over a piece (tests take small ones)
 
     def _features(self, tensors: dict, scalars: dict) -> tuple:
         """(f(q) times the scale, f(k), v over `(outer..., token, feature)`, and the decay base
@@ -751,14 +752,9 @@ class LinearState:
             piece = {name: t.narrow(token[name], at, m) if name in token else t for name, t in tensors.items()}
             at += m
             fq, fk, v, lam = self._features(piece, self._sizes(whole, m))
-            pos = torch.arange(m, device=device)
-            keys = fk * _power(lam, (m - 1 - pos)[:, None]) if causal else fk
-            state = keys.transpose(-1, -2) @ v  # [..., D, E]
-            if plan.row_sum:
-                state = torch.cat([state, keys.sum(-2)[..., None]], -1)  # the key sum z as a last column
             pieces_in.append(piece)
             features.append((fq, fk, v, lam))
-            states.append(state)
+            states.append(self._state(fk, v, lam if causal else None))
         stacked = torch.stack(states).contiguous()
         every = _GatherStates.apply(group, stacked)  # every[s][k]: rank s's piece k
         scan = self._kernel_scan(cp, causal)
@@ -826,18 +822,30 @@ class LinearState:
         """The output from the numerator and (normalised) the denominator in its last column."""
         return both[..., :-1] / both[..., -1:] if self.plan.row_sum else both
 
+    def _state(self, fk, v, lam) -> torch.Tensor:
+        """The state of a run of keys, each decayed to the run's last position (`lam` None: no
+        decay): `[..., D, E]`, with the key sum `z` as a last column when normalised."""
+        m = fk.shape[-2]
+        keys = fk * _power(lam, (m - 1 - torch.arange(m, device=fk.device))[:, None])
+        state = keys.transpose(-1, -2) @ v
+        return torch.cat([state, keys.sum(-2)[..., None]], -1) if self.plan.row_sum else state
+
     def _causal_piece(self, fq, fk, v, lam, carried) -> torch.Tensor:
-        """One piece's causal output in PyTorch: its own causal block (global decays are
-        translation-invariant, so local positions do) plus the carried prefix state."""
-        m = fq.shape[-2]
-        pos = torch.arange(m, device=fq.device)
-        gap = pos[:, None] - pos[None, :]
-        w = fq @ fk.transpose(-1, -2)
-        w = torch.where(gap >= 0, w * _power(lam, gap.clamp(min=0)), torch.zeros_like(w))
-        past = (fq * _power(lam, (pos + 1)[:, None])) @ carried
-        if self.plan.row_sum:
-            return self._finish(torch.cat([w @ v, w.sum(-1, keepdim=True)], -1) + past)
-        return w @ v + past
+        """One piece's causal output in PyTorch, a scan over chunks of `chunk` tokens from the
+        carried state (linear in the piece's length): each chunk's own causal block (decays are
+        translation-invariant, so local positions do) plus the state of everything before it."""
+        outs, state = [], carried
+        for c0 in range(0, fq.shape[-2], self.chunk):
+            fq_c, fk_c, v_c = (t[..., c0:c0 + self.chunk, :] for t in (fq, fk, v))
+            n = fq_c.shape[-2]
+            pos = torch.arange(n, device=fq.device)
+            gap = pos[:, None] - pos[None, :]
+            w = fq_c @ fk_c.transpose(-1, -2)
+            w = torch.where(gap >= 0, w * _power(lam, gap.clamp(min=0)), torch.zeros_like(w))
+            own = torch.cat([w @ v_c, w.sum(-1, keepdim=True)], -1) if self.plan.row_sum else w @ v_c
+            outs.append(own + (fq_c * _power(lam, (pos + 1)[:, None])) @ state)
+            state = state * _power(lam, n) + self._state(fk_c, v_c, lam)
+        return self._finish(torch.cat(outs, -2)) if outs else self._finish(fq @ carried)
 
     def _rotation_bytes(self, tensors: dict, token: dict, runs: list, rank: int, causal: bool) -> int:
         """What K/V rotation would send from this rank: each of its key pieces to every other rank
