@@ -53,8 +53,15 @@ CASES = [
     # the pieces' causal scans on the generated chunked kernel (interpreter), started from the carried state
     ("lightning", 2, "zigzag", 21, 21, "triton"),
     ("linear_elu:causal", 3, "contiguous", 13, 13, "triton"),
+    ("scaled_linear", 2, "zigzag", 19, 19, "triton"),  # a scale the dims compute: the whole sequence's
 ]
-LINEAR = {"lightning", "linear_elu"}  # linear attention: the carried state passes across ranks
+SPECS = {"scaled_linear": """attention scaled_linear(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]) -> o[B,H,N,E] {
+  param scale: float = M ** -0.5
+  a[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * scale
+  mask j <= i
+  o[b,h,i,e] = a[b,h,i,j] * v[b,h,j,e]
+}"""}  # cases that are not gallery examples
+LINEAR = {"lightning", "linear_elu", "scaled_linear"}  # linear attention: the carried state passes across ranks
 NO_LSE = LINEAR | {"sigmoid"}  # no softmax: no log-sum-exp
 STATE = {"reference": "state passing (torch)", "triton": "state passing (triton)"}  # a linear-attention run's backend
 
@@ -85,7 +92,7 @@ def _run_case(case, world, rank, layout, n, m, backend, group=None):
     `case`: a gallery name, or `name:variant` for one with other params (`PARAMS`)."""
     name = case.partition(":")[0]
     dtype = torch.float32 if backend == "triton" else torch.float64
-    kernel = attncc.compile(name, backend=backend)
+    kernel = attncc.compile(SPECS.get(name, name), backend=backend)
     a = _inputs(name, n, m, dtype, tiny=backend == "triton")
     for t in a.values():
         if t.is_floating_point():
