@@ -7,14 +7,15 @@ Each rank holds a slice of the queries and of the keys (`pieces` says which posi
 A rank computes its queries against every key shard that can matter to them with the
 kernel's *shard form* (`passes/shard.py`: global token positions through offset params)
 and merges the partial (output, log-sum-exp) pairs exactly (partial outputs add up for a
-plain sum over the keys, as in `lightning`). Shard pairs that the mask
-provably leaves empty are neither sent nor computed: symbolically from the mask analysis
-(causal, windows, prefixes), or from the data of the mask's token inputs (document ids),
-see `ShardPlanner`. Key/value shards go point to point, each straight to the ranks that
-need it, in ring order (step t: send to rank r + t, receive from rank r - t), the next
-step's transfer posted before the current pair is computed. The backward recomputes each
-pair, sends the key-side gradients back to their owners and sums replicated inputs'
-gradients over the ranks. docs/distributed.md has the details and the limits.
+plain sum over the keys, as in `sigmoid`). Linear attention (`lightning`, `linear_elu`)
+moves no keys: each rank passes its pieces' carried `D x E` states (`LinearState`). Shard
+pairs that the mask provably leaves empty are neither sent nor computed: symbolically from
+the mask analysis (causal, windows, prefixes), or from the data of the mask's token inputs
+(document ids), see `ShardPlanner`. Key/value shards go point to point, each straight to
+the ranks that need it, in ring order (step t: send to rank r + t, receive from rank r - t),
+the next step's transfer posted before the current pair is computed. The backward
+recomputes each pair, sends the key-side gradients back to their owners and sums replicated
+inputs' gradients over the ranks. docs/distributed.md has the details and the limits.
 """
 from __future__ import annotations
 
@@ -85,6 +86,20 @@ def unshard(parts: list[torch.Tensor], dim: int, layout: Layout | str = Layout.C
     return torch.cat(out, dim)
 
 
+def layout_pieces(layout: Layout, lens: list[int], rank: int, what: str) -> list[tuple[int, int]]:
+    """Rank `rank`'s runs given every rank's local length `lens`: contiguous shards may have any
+    lengths (each starts where the ones before end); zigzag shards must be the ones its cut gives."""
+    if layout == Layout.CONTIGUOUS:
+        return [(sum(lens[:rank]), lens[rank])]
+    total = sum(lens)
+    runs = pieces(total, len(lens), rank, layout)
+    if sum(n for _, n in runs) != lens[rank]:
+        raise ShapeError(f"rank {rank} holds {lens[rank]} {what} positions, but the zigzag layout of "
+                         f"{total} over {len(lens)} ranks gives it {sum(n for _, n in runs)} "
+                         "(attncc.distributed.shard makes the slices)")
+    return runs
+
+
 def context_parallel(kernel: Kernel, group=None, layout: Layout | str = "contiguous",
                      query_axis: str | None = None) -> "ContextParallel":
     """A callable with `kernel`'s keyword convention that takes each rank's local shards of the
@@ -112,18 +127,21 @@ class ContextParallel:
         self.last_backward: dict | None = None
         program = kernel.program
         softmax = any(isinstance(n, ir.Normalize) and n.op == "softmax" for n in program.nodes())
-        # linear attention passes its carried state (contiguous layout); zigzag rotates K/V
-        self.state = LinearState(program) if not softmax and layout == Layout.CONTIGUOUS else None
-        if self.state is not None:
-            self.form = None
-            return
+        # linear attention passes its carried state; other programs rotate key/value shards
+        self.state, refused = None, None
+        if not softmax:
+            try:
+                self.state, self.form = LinearState(program), None
+                return
+            except NotShardable as why:
+                refused = why
         try:
             self.form: ShardForm = shard_form(program, query_axis)
         except NotShardable as why:
-            if softmax:
+            if refused is None:
                 raise
-            raise NotShardable(f"{why.message}; linear attention with a normaliser passes its carried state "
-                               "with layout='contiguous' only", why.source, why.loc) from None
+            raise NotShardable(f"{refused.message}; nor can it rotate key/value shards: {why.message}",
+                               refused.source, refused.loc) from None
         ran, generated = choose_backend(self.form.program, kernel.backend)
         self.shard_kernel = Kernel(self.form.program, ran, kernel.reference_block, generated)
         self.shard_kernel.deterministic = kernel.deterministic
@@ -177,8 +195,8 @@ class _Run:
         dist.all_gather(gathered, lengths, group=self.group)
         self.lens = lens = [tuple(int(x) for x in g.cpu()) for g in gathered]
         self.totals = {Side.QUERY: sum(n for n, _ in lens), Side.KEY: sum(m for _, m in lens)}
-        self.pieces = {side: [self._pieces(side, r, lens[r][k]) for r in range(self.world)]
-                       for k, side in enumerate((Side.QUERY, Side.KEY))}
+        self.pieces = {side: [layout_pieces(cp.layout, [ln[k] for ln in lens], r, side.value)
+                              for r in range(self.world)] for k, side in enumerate((Side.QUERY, Side.KEY))}
         self.globals = {name: self.totals[side] for name, side in form.global_dims.items()}
         self.global_scalars = self._bind_globally()
         self.gathered_bytes = 0  # the key-side mask inputs all-gathered to skip pairs by data
@@ -218,18 +236,6 @@ class _Run:
         if len(sizes) != 1:
             raise ShapeError(f"the local {side.value} shards have different lengths: {sorted(sizes)}")
         return sizes.pop()
-
-    def _pieces(self, side: Side, rank: int, local: int) -> list[tuple[int, int]]:
-        """Rank `rank`'s runs of `side` positions; contiguous shards may have any lengths."""
-        if self.cp.layout == Layout.CONTIGUOUS:
-            k = 0 if side == Side.QUERY else 1
-            return [(sum(self.lens[r][k] for r in range(rank)), local)]
-        runs = pieces(self.totals[side], self.world, rank, self.cp.layout)
-        if sum(n for _, n in runs) != local:
-            raise ShapeError(f"rank {rank} holds {local} {side.value} positions, but the zigzag layout of "
-                             f"{self.totals[side]} over {self.world} ranks gives it {sum(n for _, n in runs)} "
-                             "(attncc.distributed.shard makes the slices)")
-        return runs
 
     def held(self, source: int) -> int:
         """The key pieces of `source` this rank holds during the ring (a bit each): all of its own,
@@ -641,16 +647,18 @@ class LinearState:
     """Linear attention (`f(q_i) . f(k_j)`, times a decay `lam ** (i - j)`, divided by the row
     sums when normalised) passes its carried state across ranks instead of key/value shards.
 
-    Contiguous layout, each rank's queries and keys the same positions `[a_r, a_r + n_r)`. Rank
-    r sums its keys into `S_r = sum_j lam^(a_r + n_r - 1 - j) f(k_j) v_j^T` (`D x E` per batch
-    and head; with a normaliser also `z_r = sum_j lam^(...) f(k_j)`), every rank's states are
-    all-gathered, and causal queries add `lam^(i - a_r + 1) f(q_i) P_r` with the exclusive
-    prefix `P_r = sum_{s < r} lam^(a_r - a_s - n_s) S_s` (decays composed by the gaps);
-    without a mask every other rank's state counts. The local pairs are computed on the
-    shard in PyTorch with global positions. The all-gather of the states is differentiable
-    (`_GatherStates`), so the backward (the reverse scan) is autograd's.
-    The feature maps, the decay base and the scale are read off the row-streaming plan
-    (`passes/linear.py`) and evaluated by the reference executor."""
+    Each rank's queries and keys cover the same positions: one run `[a, a + n)` (contiguous) or
+    two (zigzag: chunks r and 2W-1-r). Every piece `p` sums its keys into
+    `S_p = sum_j lam^(a_p + n_p - 1 - j) f(k_j) v_j^T` (`D x E` per batch and head; with a
+    normaliser also `z_p = sum_j lam^(...) f(k_j)`), all pieces' states are all-gathered, and a
+    causal piece starts its scan from the prefix `P_p = sum_{q before p} lam^(a_p - a_q - n_q) S_q`
+    (decays composed across the gaps; in zigzag, chunk r gets the first chunks of the ranks
+    before r, chunk 2W-1-r every first chunk and the second chunks of the ranks after r):
+    its queries add `lam^(i - a_p + 1) f(q_i) P_p` to the piece's own causal part. Without a
+    mask every piece's state counts. The all-gather is differentiable (`_GatherStates`), so the
+    backward (the reverse scan) is autograd's. The feature maps, the decay base and the scale
+    are read off the row-streaming plan (`passes/linear.py`) and evaluated by the reference
+    executor."""
 
     def __init__(self, program: ir.Program):
         try:
@@ -668,16 +676,47 @@ class LinearState:
         self.decay = decay_factor(plan) if term.qk_factors else None
         self.program = program
         self.last_run: dict | None = None
+        self.chunk = 64  # tokens per step of the PyTorch scan over a piece (tests take small ones)
 
-    def _feature(self, ref: Reference, op, want: tuple[str, ...]) -> torch.Tensor:
-        node = op.transform if op.transform is not None else op.access
-        return align(ref.full(node), node.indices, want)
+    def _features(self, tensors: dict, scalars: dict) -> tuple:
+        """(f(q) times the scale, f(k), v over `(outer..., token, feature)`, and the decay base
+        over `(outer..., 1, 1)` or None) of one piece, evaluated by the reference executor."""
+        plan, outer = self.plan, self.plan.outer
+        ref = Reference(self.program, tensors, scalars)
+
+        def feature(op, want):
+            node = op.transform if op.transform is not None else op.access
+            return align(ref.full(node), node.indices, want)
+
+        fq = feature(self.term.q, (*outer, plan.i, plan.d))
+        for s in self.term.scale:
+            fq = fq * ref.full(s)
+        lam = None
+        if self.decay is not None:
+            lam = align(ref.full(self.decay.args[0]), self.decay.args[0].indices, outer)[..., None, None]
+        return fq, feature(self.term.k, (*outer, plan.j, plan.d)), feature(self.plan.v, (*outer, plan.j, plan.e)), lam
 
     def _token_dims(self) -> dict[str, int]:
         """Per input, its token dim (the one whose extent is the query or key count)."""
         tokens = {self.program.extent[self.plan.i], self.program.extent[self.plan.j]}
         return {n: next(p for p, d in enumerate(node.dims) if d in tokens)
                 for n, node in self.program.inputs.items() if any(d in tokens for d in node.dims)}
+
+    def _causal(self, whole: dict) -> bool:
+        """Whether the call (its global dims and params) is causal, or has no mask; refuses others."""
+        plan, program = self.plan, self.program
+        sizes = program.sizes(whole)
+        if plan.mask_plan is None or mask_free(plan, sizes, whole):
+            causal = False
+        elif causal_only(plan, sizes, whole):
+            causal = True
+        else:
+            raise NotShardable("passing the carried state handles the causal mask `j <= i` (N == M) or none; "
+                               "this call's mask is another", program.source, plan.masks[0].loc)
+        if self.decay is not None and not causal:
+            raise NotShardable("a decay without the causal mask grows as lam ** (i - j) for keys after the query; "
+                               "its state cannot be carried", program.source, self.decay.loc)
+        return causal
 
     def __call__(self, cp: "ContextParallel", tensors: dict, scalars: dict) -> torch.Tensor:
         plan, program, group = self.plan, self.program, cp.group
@@ -695,75 +734,160 @@ class LinearState:
         gathered = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
         dist.all_gather(gathered, torch.tensor([n], device=device), group=group)
         lens = [int(g) for g in gathered]
-        start, total = sum(lens[:rank]), sum(lens)
+        runs = [layout_pieces(cp.layout, lens, r, "token") for r in range(world)]  # every rank's pieces
         meta = {}
         for name, t in tensors.items():
             shape = list(t.shape)
             if name in token:
-                shape[token[name]] = total
+                shape[token[name]] = sum(lens)
             meta[name] = torch.empty(shape, dtype=t.dtype, device="meta")
         whole = bind(program, {**meta, **scalars}, data=False).scalars
-        sizes = program.sizes(whole)
-        if plan.mask_plan is None or mask_free(plan, sizes, whole):
-            causal = False
-        elif causal_only(plan, sizes, whole):
-            causal = True
-        else:
-            raise NotShardable("passing the carried state handles the causal mask `j <= i` (N == M) or none; "
-                               "this call's mask is another", program.source, plan.masks[0].loc)
-        if self.decay is not None and not causal:
-            raise NotShardable("a decay without the causal mask grows as lam ** (i - j) for keys after the query; "
-                               "its state cannot be carried", program.source, self.decay.loc)
-        local = {**whole, program.extent[plan.i].name: n, program.extent[plan.j].name: n}
+        causal = self._causal(whole)
         # replicated inputs (lam): one device's gradient sums over every rank's queries
         tensors = {name: _SumGradients.apply(group, t) if name not in token and t.is_floating_point() else t
                    for name, t in tensors.items()}
-        ref = Reference(program, tensors, local)
-        outer, i, j, d, e = plan.outer, plan.i, plan.j, plan.d, plan.e
-        fq = self._feature(ref, self.term.q, (*outer, i, d))
-        fk = self._feature(ref, self.term.k, (*outer, j, d))
-        v = self._feature(ref, plan.v, (*outer, j, e))
-        for s in self.term.scale:
-            fq = fq * ref.full(s)
-        lam = align(ref.full(self.decay.args[0]), self.decay.args[0].indices, outer) if self.decay else None
-        lam = lam[..., None, None] if lam is not None else None
-        pos = torch.arange(n, device=device)
+        mine, at = runs[rank], 0
+        pieces_in, features, states = [], [], []
+        for _, m in mine:  # each piece's tensors, features and state (keys decayed to the piece's end)
+            piece = {name: t.narrow(token[name], at, m) if name in token else t for name, t in tensors.items()}
+            at += m
+            fq, fk, v, lam = self._features(piece, self._sizes(whole, m))
+            pieces_in.append(piece)
+            features.append((fq, fk, v, lam))
+            states.append(self._state(fk, v, lam if causal else None))
+        stacked = torch.stack(states).contiguous()
+        every = _GatherStates.apply(group, stacked)  # every[s][k]: rank s's piece k
+        scan = self._kernel_scan(cp, causal)
+        outs = []
+        for k, ((a, m), piece, (fq, fk, v, lam)) in enumerate(zip(mine, pieces_in, features)):
+            # every gathered state enters the sum (times 0 where it does not count): each rank's
+            # autograd then reaches the all-gather, whose backward is a collective all must join
+            if not causal:  # every piece's keys, this one's included: o = f(q) (sum_p S_p)
+                outs.append(self._finish(fq @ sum(every[s][q] for s in range(world) for q in range(len(runs[s])))))
+                continue
+            carried = sum(every[s][q] * (_power(lam, a - c - l) if c + l <= a and (s, q) != (rank, k) else 0.0)
+                          for s in range(world) for q, (c, l) in enumerate(runs[s]))
+            if scan is None or m == 0:
+                outs.append(self._causal_piece(fq, fk, v, lam, carried))
+            else:
+                outs.append(self._scanned(scan, piece, scalars, whole, m, carried))
+        out = torch.cat(outs, -2)
+        sent = stacked.numel() * stacked.element_size() * (world - 1)
+        local = "torch" if scan is None else "triton"
+        self.last_run = {"backend": f"state passing ({local})", "layout": cp.layout.value, "world": world,
+                         "rank": rank, "causal": causal, "state_shape": list(stacked.shape),
+                         "backward": "torch" if scan is None else "torch (recomputed)",
+                         "pairs": [(a, m, a, m) for a, m in mine if m],  # the local blocks computed
+                         "bytes_sent": sent, "bytes_received": sent,
+                         "bytes_kv_rotation": self._rotation_bytes(tensors, token, runs, rank, causal)}
+        return align(out, (*plan.outer, plan.i, plan.e), program.outputs[0].axes).contiguous()
 
-        def power(exponent):  # lam ** exponent (1 without decay)
-            return 1.0 if lam is None else lam ** exponent.to(lam.dtype)
+    def _sizes(self, whole: dict, m: int) -> dict:
+        """The call's dims and params with the token lengths of one piece."""
+        return {**whole, self.program.extent[self.plan.i].name: m, self.program.extent[self.plan.j].name: m}
 
-        w = fq @ fk.transpose(-1, -2)
-        if causal:
+    def _kernel_scan(self, cp: "ContextParallel", causal: bool):
+        """The generated kernel's launcher when it has the chunked scan that can start from the
+        carried state (a causal call on the triton backend), else None (the pieces run in PyTorch)."""
+        generated = cp.kernel.generated
+        if not causal or cp.kernel.backend != "triton" or generated.source.chunked is None:
+            return None
+        return generated.launcher
+
+    def _scanned(self, launcher, piece: dict, scalars: dict, whole: dict, m: int, carried: torch.Tensor):
+        """A causal piece's output from the generated chunked scan, started from `carried`; its
+        backward recomputes the piece in PyTorch (`_KernelScan`)."""
+        plan, program = self.plan, self.program
+        floats = [n for n, t in piece.items() if t.is_floating_point()]
+        fixed = {n: t for n, t in piece.items() if n not in floats}
+        outer = plan.outer
+        # params whose defaults the dims compute take the whole sequence's values, not the piece's
+        computed = {name: whole[name] for name, node in program.params.items() if name not in scalars
+                    and node.default is not None and not isinstance(node.default, ir.Const)}
+
+        def run(c, *ts):
+            call = bind(program, {**dict(zip(floats, ts)), **fixed, **scalars, **computed})
+            c = c.float()
+            z = c[..., -1] if plan.row_sum else None
+            o = launcher.chunked_from(call, c[..., :-1] if plan.row_sum else c, z)
+            return align(o, program.outputs[0].axes, (*outer, plan.i, plan.e))
+
+        def recompute(c, *ts):
+            fq, fk, v, lam = self._features({**dict(zip(floats, ts)), **fixed}, self._sizes(whole, m))
+            return self._causal_piece(fq, fk, v, lam, c)
+
+        return _KernelScan.apply(run, recompute, carried, *(piece[n] for n in floats))
+
+    def _finish(self, both: torch.Tensor) -> torch.Tensor:
+        """The output from the numerator and (normalised) the denominator in its last column."""
+        return both[..., :-1] / both[..., -1:] if self.plan.row_sum else both
+
+    def _state(self, fk, v, lam) -> torch.Tensor:
+        """The state of a run of keys, each decayed to the run's last position (`lam` None: no
+        decay): `[..., D, E]`, with the key sum `z` as a last column when normalised."""
+        m = fk.shape[-2]
+        keys = fk * _power(lam, (m - 1 - torch.arange(m, device=fk.device))[:, None])
+        state = keys.transpose(-1, -2) @ v
+        return torch.cat([state, keys.sum(-2)[..., None]], -1) if self.plan.row_sum else state
+
+    def _causal_piece(self, fq, fk, v, lam, carried) -> torch.Tensor:
+        """One piece's causal output in PyTorch, a scan over chunks of `chunk` tokens from the
+        carried state (linear in the piece's length): each chunk's own causal block (decays are
+        translation-invariant, so local positions do) plus the state of everything before it."""
+        outs, state = [], carried
+        for c0 in range(0, fq.shape[-2], self.chunk):
+            fq_c, fk_c, v_c = (t[..., c0:c0 + self.chunk, :] for t in (fq, fk, v))
+            n = fq_c.shape[-2]
+            pos = torch.arange(n, device=fq.device)
             gap = pos[:, None] - pos[None, :]
-            w = torch.where(gap >= 0, w * power(gap.clamp(min=0)), torch.zeros_like(w))
-        num, den = w @ v, w.sum(-1, keepdim=True)
-        keys = fk * power((n - 1 - pos)[:, None]) if causal else fk  # each key decayed to the shard's end
-        state = keys.transpose(-1, -2) @ v  # [..., D, E]
-        if plan.row_sum:
-            state = torch.cat([state, keys.sum(-2)[..., None]], -1)  # the key sum z as a last column
-        states = _GatherStates.apply(group, state.contiguous())
-        # every gathered state enters the sum (times 0 where it does not count): each rank's
-        # autograd then reaches the all-gather, whose backward is a collective all must join
-        if causal:
-            carried = sum(states[s] * (power(torch.tensor(start - sum(lens[:s + 1]), device=device))
-                                       if s < rank else 0.0) for s in range(world))
-            fq_past = fq * power((pos + 1)[:, None])
-        else:
-            carried = sum(states[s] * float(s != rank) for s in range(world))
-            fq_past = fq
-        past = fq_past @ carried
-        if plan.row_sum:
-            num, den = num + past[..., :-1], den + past[..., -1:]
-            out = num / den
-        else:
-            out = num + past
-        sent = state.numel() * state.element_size() * (world - 1)
-        kv = sum(tensors[x].numel() * tensors[x].element_size() for x in (self.term.k.input.name, plan.v.input.name))
-        rotation = kv * ((world - 1 - rank) if causal else (world - 1))
-        self.last_run = {"backend": "state passing (torch)", "layout": Layout.CONTIGUOUS.value, "world": world,
-                         "rank": rank, "causal": causal, "state_shape": list(state.shape),
-                         "bytes_sent": sent, "bytes_received": sent, "bytes_kv_rotation": rotation}
-        return align(out, (*outer, i, e), program.outputs[0].axes).contiguous()
+            w = fq_c @ fk_c.transpose(-1, -2)
+            w = torch.where(gap >= 0, w * _power(lam, gap.clamp(min=0)), torch.zeros_like(w))
+            own = torch.cat([w @ v_c, w.sum(-1, keepdim=True)], -1) if self.plan.row_sum else w @ v_c
+            outs.append(own + (fq_c * _power(lam, (pos + 1)[:, None])) @ state)
+            state = state * _power(lam, n) + self._state(fk_c, v_c, lam)
+        return self._finish(torch.cat(outs, -2)) if outs else self._finish(fq @ carried)
+
+    def _rotation_bytes(self, tensors: dict, token: dict, runs: list, rank: int, causal: bool) -> int:
+        """What K/V rotation would send from this rank: each of its key pieces to every other rank
+        holding a query the piece's keys reach (a later position, when causal)."""
+        names = (self.term.k.input.name, self.plan.v.input.name)
+        per_token = sum(tensors[x].numel() // max(tensors[x].shape[token[x]], 1) * tensors[x].element_size()
+                        for x in names)
+        total = 0
+        for s in range(len(runs)):
+            if s == rank:
+                continue
+            last = max((a + m - 1 for a, m in runs[s] if m), default=-1)  # the peer's latest query
+            total += sum(m for c, m in runs[rank] if m and (not causal or c <= last)) * per_token
+        return total
+
+
+def _power(lam: torch.Tensor | None, exponent):
+    """lam ** exponent (1 without a decay)."""
+    if lam is None:
+        return 1.0
+    return lam ** (exponent.to(lam.dtype) if torch.is_tensor(exponent) else float(exponent))
+
+
+class _KernelScan(torch.autograd.Function):
+    """A causal piece's output from the generated chunked scan started from the carried state;
+    backward: autograd through the piece's PyTorch formulation, recomputed (the chunked
+    backward kernels take no initial state)."""
+
+    @staticmethod
+    def forward(ctx, run, recompute, carried, *inputs):
+        ctx.recompute = recompute
+        ctx.save_for_backward(carried, *inputs)
+        return run(carried, *inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        wanted = [t for t in saved if t.requires_grad]
+        with torch.enable_grad():
+            out = ctx.recompute(*saved)
+        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, None, *(next(found) if t.requires_grad else None for t in saved))
 
 
 class _GatherStates(torch.autograd.Function):

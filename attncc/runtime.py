@@ -243,17 +243,8 @@ class RowStreamLauncher:
     def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
         """Run the kernel; with `count_tiles` the kernel counts the key tiles it visits
         into `self.last_tile_counts` = {"full": ..., "partial": ...} (summed over programs)."""
-        interpret = check_device(call)
-        call = self.with_precomputed(call)
+        call, module, interpret, sizes = self.prepare(call)
         p = self.plan
-        operands = {op.input.name for t in p.terms for op in (t.q, t.k)} | ({p.v.input.name} if p.v else set())
-        call = promote_operands(call, operands)
-        if any(call.tensors[n].dtype not in (torch.float16, torch.bfloat16, torch.float32) for n in operands):
-            raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
-                               "use backend='reference' for float64")
-        module = self.modules.get(interpret) or self.modules.setdefault(interpret,
-                                                                        load_module(self.module_src, interpret))
-        sizes = call.sizes or self.plan.program.sizes(call.scalars)  # bind computed them once
         n_rows, n_cols = sizes[p.i], sizes[p.j]
         n_feat, n_vfeat = sizes[p.d], sizes[p.e] if p.e else 1
         if max(n_feat, n_vfeat) > 256:
@@ -414,17 +405,54 @@ class RowStreamLauncher:
             tensors[synthetic.name] = t.to(call.out_dtype) if t.is_floating_point() else t
         return dataclasses.replace(call, tensors=tensors)
 
-    def run_chunked(self, module, call: BoundCall, sizes: dict, interpret: bool):
-        """The chunked causal scan: one program per (batch, head), chunks in order."""
+    def prepare(self, call: BoundCall):
+        """(the call with precomputed inputs and promoted operands, the module, whether Triton
+        interprets, the sizes): what every launch path starts from."""
+        interpret = check_device(call)
+        call = self.with_precomputed(call)
+        p = self.plan
+        operands = {op.input.name for t in p.terms for op in (t.q, t.k)} | ({p.v.input.name} if p.v else set())
+        call = promote_operands(call, operands)
+        if any(call.tensors[n].dtype not in (torch.float16, torch.bfloat16, torch.float32) for n in operands):
+            raise BackendError("the triton backend takes float16, bfloat16 or float32 q/k/v; "
+                               "use backend='reference' for float64")
+        module = self.modules.get(interpret) or self.modules.setdefault(interpret,
+                                                                        load_module(self.module_src, interpret))
+        return call, module, interpret, call.sizes or self.plan.program.sizes(call.scalars)
+
+    def chunked_from(self, call: BoundCall, state: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The chunked causal scan of `call` started from a carried state instead of zeros
+        (context parallelism): `state` `[outer..., D, E]` (and `z` `[outer..., D]`, the key sum
+        of a normalised plan), the keys before the sequence decayed to the position before it.
+        BackendError when the plan has no chunked scan or the call is not exactly causal."""
+        call, module, interpret, sizes = self.prepare(call)
+        if choose_path(self.plan, sizes, call.scalars) != LaunchPath.CHUNKED:
+            raise BackendError("starting from a carried state needs the chunked causal scan: a linear-attention "
+                               "plan and a call whose mask is exactly `j <= i` on a square score")
+        return self.run_chunked(module, call, sizes, interpret, (state, z))
+
+    def run_chunked(self, module, call: BoundCall, sizes: dict, interpret: bool, initial=None):
+        """The chunked causal scan: one program per (batch, head), chunks in order; from the
+        state `initial` = (S, z or None) when given (`chunked_from`), from zeros otherwise."""
         p, src = self.plan, self.src.chunked
         o = torch.empty([sizes[ax] for ax in p.output.axes], dtype=call.out_dtype, device=call.device)
         tensors = [call.tensors[n] for n in src.tensor_inputs]
-        args = [*tensors, o, *(x for t in tensors for x in t.stride()), *(x for t in tensors for x in t.shape),
-                *o.stride(), *(sizes[ix] for ix in p.outer), sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e],
+        combos, block_d, block_e = math.prod(sizes[ix] for ix in p.outer), pow2(sizes[p.d]), pow2(sizes[p.e])
+        state = z = o  # placeholders, never read without INIT_STATE
+        if initial is not None:  # padded to the blocks, one [BLOCK_D, BLOCK_E] tile per program
+            state = torch.zeros((combos, block_d, block_e), dtype=torch.float32, device=call.device)
+            state[:, :sizes[p.d], :sizes[p.e]] = initial[0].reshape(combos, sizes[p.d], sizes[p.e])
+            z = torch.zeros((combos, block_d), dtype=torch.float32, device=call.device)
+            if initial[1] is not None:
+                z[:, :sizes[p.d]] = initial[1].reshape(combos, sizes[p.d])
+        args = [*tensors, o, state, z, *(x for t in tensors for x in t.stride()),
+                *(x for t in tensors for x in t.shape), *o.stride(), *(sizes[ix] for ix in p.outer),
+                sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e],
                 *self.scalar_values(call, src.scalar_args, src.host_scalars)]
-        launch(KernelLaunch(getattr(module, src.name), (math.prod(sizes[ix] for ix in p.outer),), args,
-                            dict(BLOCK_C=16 if interpret else 64, BLOCK_D=pow2(sizes[p.d]),
-                                 BLOCK_E=pow2(sizes[p.e]), ROW_SUM=p.row_sum), {}, interpret, KernelRole.CHUNKED))
+        launch(KernelLaunch(getattr(module, src.name), (combos,), args,
+                            dict(BLOCK_C=16 if interpret else 64, BLOCK_D=block_d, BLOCK_E=block_e,
+                                 ROW_SUM=p.row_sum, INIT_STATE=initial is not None), {}, interpret,
+                            KernelRole.CHUNKED))
         self.last_path = LaunchPath.CHUNKED
         return o
 

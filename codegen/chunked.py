@@ -8,7 +8,11 @@ sequence in chunks of C tokens:
     across chunks:   o_c += (Q_c * lam^(i - c0 + 1)) S
     state update:    S    = lam^C S + (K_c * lam^(c0 + C - 1 - j))^T V_c
 
-so the work is linear in the sequence length. The decays come from the spec's own decay
+so the work is linear in the sequence length. With `INIT_STATE` the scan starts from a given
+state (S, z) instead of zeros (`state_ptr`, `z_ptr`: fp32, `[programs, BLOCK_D, BLOCK_E]` and
+`[programs, BLOCK_D]`, the keys before the sequence decayed to the position before it):
+context parallelism (`attncc/distributed.py`) starts each rank's piece from the prefix of
+the other ranks' states. The decays come from the spec's own decay
 factor, evaluated at the indices each term needs. This is DESIGN.md's chunked-scan
 skeleton; the row-streaming kernel of the same spec stays for calls it does not fit.
 Which plans get this kernel (`chunkable`, `decay_factor`) and which calls run it
@@ -111,8 +115,9 @@ class ChunkedCodegen(RowStreamCodegen):
         o_strides = [f"o_s{k}" for k in range(len(out_axes))]
         o_off = " + ".join(f"rows[:, None] * {st}" if ax == p.i else f"offs_e[None, :] * {st}" if ax == p.e
                            else f"{names.user('idx', ax)} * {st}" for ax, st in zip(out_axes, o_strides))
-        args = ([names.tensor("ptr", t) for t in tensors] + ["o_ptr"] + strides + dims + o_strides
-                + [names.user("size", ix) for ix in p.outer] + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
+        args = ([names.tensor("ptr", t) for t in tensors] + ["o_ptr", "state_ptr", "z_ptr"] + strides + dims
+                + o_strides + [names.user("size", ix) for ix in p.outer] + ["n_rows", "n_cols", "n_feat", "n_vfeat"]
+                + scalars)
         body = [
             *loads,
             "# inside the chunk: causal, decayed weights",
@@ -135,7 +140,7 @@ class ChunkedCodegen(RowStreamCodegen):
         src = [
             "@triton.jit",
             f"def {self.name}({', '.join(args)}, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, "
-            "BLOCK_E: tl.constexpr, ROW_SUM: tl.constexpr):",
+            "BLOCK_E: tl.constexpr, ROW_SUM: tl.constexpr, INIT_STATE: tl.constexpr):",
             '    """One (batch, head): chunks of BLOCK_C tokens in order, a D x E state carried across."""',
             *_indent(self.decode()),
             "    offs_c = tl.arange(0, BLOCK_C)",
@@ -145,6 +150,11 @@ class ChunkedCodegen(RowStreamCodegen):
             *_indent(bases),
             "    S = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
             "    z = tl.zeros([BLOCK_D], dtype=tl.float32)",
+            "    if INIT_STATE:  # the keys before the sequence (another rank's), decayed to its start",
+            "        combo = tl.program_id(0).to(tl.int64)",
+            "        S = tl.load(state_ptr + (combo * BLOCK_D + offs_d[:, None]) * BLOCK_E + offs_e[None, :])",
+            "        S = S.to(tl.float32)",
+            "        z = tl.load(z_ptr + combo * BLOCK_D + offs_d).to(tl.float32)",
             "    for c0 in range(0, n_rows, BLOCK_C):",
             *_indent(body, 2),
         ]

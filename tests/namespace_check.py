@@ -21,7 +21,7 @@ from attncc.random_inputs import random_arguments
 
 GENERATED = re.compile("|".join([
     # constexprs and builtins
-    r"BLOCK_[MNDEC]", r"MASKED|FULL_MASKED|KEY_MASK|COUNT_TILES|SPLIT|STORE_LSE|PRECISION|UPCAST_DOT|EVEN_[DEMN]|ROW_SUM|USE_TMA|FOLD_SCALE",
+    r"BLOCK_[MNDEC]", r"MASKED|FULL_MASKED|KEY_MASK|COUNT_TILES|SPLIT|STORE_LSE|PRECISION|UPCAST_DOT|EVEN_[DEMN]|ROW_SUM|INIT_STATE|USE_TMA|FOLD_SCALE",
     r"tl|triton|float|range",
     # tile geometry, grid decoding, loop bounds
     r"offs_[mndec]|pid_[mnox]|pid_split|flat|pid_o_list|n_qt|n_rows|n_cols|n_feat|n_vfeat|n_full|n_full_tiles|n_tiles",

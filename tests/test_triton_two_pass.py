@@ -133,6 +133,33 @@ def test_causal_linear_attention_runs_as_a_chunked_scan(name, extra):
     torch.testing.assert_close(out / scale, want / scale, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,extra", [("lightning", {}), ("linear_elu", {"causal": True})])
+def test_chunked_scan_starts_from_a_carried_state(name, extra):
+    """The chunked scan started from the state of the keys before the sequence (what context
+    parallelism passes between ranks) gives the tail of the whole sequence's output: the state
+    is formed here in float64, independently of the kernel (the sum over the first `cut` keys,
+    decayed to the position before the tail)."""
+    from attncc.binding import bind
+
+    n, cut = 29, 11  # the tail's 18 rows: one full chunk of 16 and a partial one
+    kwargs = make_inputs(name, B=1, H=2, N=n, M=None, D=5, E=3, dtype=torch.float32)
+    kwargs.update(extra)
+    want = attncc.compile(f"examples/{name}.attn", backend="reference")(**kwargs)
+    k, v = kwargs["k"][:, :, :cut].double(), kwargs["v"][:, :, :cut].double()
+    if name == "linear_elu":
+        k = torch.nn.functional.elu(k) + 1
+    if "lam" in kwargs:  # each key decayed to the last position before the tail
+        k = k * kwargs["lam"].double()[None, :, None, None] ** (cut - 1 - torch.arange(cut))[:, None].double()
+    state, z = k.transpose(-1, -2) @ v, k.sum(-2)
+    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
+    tail = {x: t[:, :, cut:] if x in ("q", "k", "v") else t for x, t in kwargs.items()}
+    out = kernel.generated.launcher.chunked_from(bind(kernel.program, tail), state.float(), z.float())
+    torch.testing.assert_close(out, want[:, :, cut:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(attncc.BackendError, match="exactly `j <= i`"):  # N != M: no chunked scan
+        kernel.generated.launcher.chunked_from(bind(kernel.program, {**tail, "k": kwargs["k"], "v": kwargs["v"]}),
+                                               state.float(), z.float())
+
+
 def test_non_square_causal_linear_attention_streams_rows():
     kwargs = make_inputs("lightning", B=1, H=2, N=30, M=45, D=16, E=8, dtype=torch.float32)
     kernel = attncc.compile("examples/lightning.attn", backend="triton")
