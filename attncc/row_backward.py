@@ -27,6 +27,7 @@ import torch
 from . import ir, runtime
 from attncc.codegen import names
 from .binding import BoundCall
+from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
 from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, promote_operands,
                       triton_cdiv)
@@ -34,7 +35,7 @@ from attncc.codegen import block_map
 from attncc.codegen.row_backward import BackwardSource, generate_backward
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode, ReadMode
-from attncc.passes.linear import causal_only, decay_read
+from attncc.passes.linear import backward_path, decay_read
 from attncc.passes.row_stream import map_outer
 
 
@@ -212,37 +213,58 @@ class RowStreamBackward:
         self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
         return (dq, dk, dv), bufs, delta
 
-    def chunked_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
-        """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time chunked
-        kernels (`codegen/chunked.py`: a scan forwards for dQ, one backwards for dK and dV), or
-        None when this call streams rows instead: the plan has no such kernels, the call's mask
-        is not exactly causal on a square score (the forward's chunked condition), or a wanted
-        read is not the decay base `lam[h]`, or the base is 0 somewhere (its gradient divides by
-        it). The base's row partials are `(t (dO . O) - t (V . dV)) / lam` per row t, which sum
-        to `sum (i - j) lam^(i - j - 1) (q_i . k_j)(dO_i . v_j)`."""
-        p, src = self.plan, self.src.chunked
-        if src is None or not causal_only(p, sizes, call.scalars):
-            return None
-        base = decay_read(p)
-        if any(base is None or self.bplan.reads[r].name != base.array.name for r in reads):
-            return None
+    def linear_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
+        """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time kernels of the
+        path this call's backward takes (`passes.linear.backward_path`), or None when it streams
+        rows instead (or the chunked scans cannot give a wanted read's gradient)."""
+        path = backward_path(self.plan, sizes, call.scalars)
+        if path == LaunchPath.CHUNKED:
+            return self.chunked_gradients(call, grad_o, sizes, reads)
+        if path == LaunchPath.REASSOCIATED and self.src.reassociated is not None and not reads:
+            return self.reassociated_gradients(call, grad_o, sizes)
+        return None
+
+    def _linear_setup(self, call: BoundCall, grad_o, sizes: dict):
+        """(call with promoted operands, interpret, module, outer sizes, combos, dO laid out
+        (outer..., rows, features), the buffers g = dO / den and gs of a row-sum normaliser
+        (a 1-element dummy each without one))."""
+        p = self.plan
         interpret = check_device(call)
         call = promote_operands(call, {op.input.name for op in (p.q, p.k, p.v)})
         outer_sizes = [sizes[ix] for ix in p.outer]
-        combos, n_rows = math.prod(outer_sizes), sizes[p.i]
-        lam = None
-        if reads:
-            lam = align(Reference(p.program, call.tensors, call.scalars).full(base).float(), base.indices,
-                        tuple(p.outer)).expand(*outer_sizes).reshape(combos, 1)
-            if (lam == 0).any():
-                return None
+        combos, n_rows, n_vfeat = math.prod(outer_sizes), sizes[p.i], sizes[p.e]
         device = call.device
         out_axes = (*p.outer, p.i, p.e)
-        shape = [sizes[ax] for ax in out_axes]
-        grad_o = torch.zeros(shape, dtype=call.out_dtype, device=device) if grad_o is None else \
-            align(grad_o, p.output.axes, out_axes)
+        grad_o = torch.zeros([sizes[ax] for ax in out_axes], dtype=call.out_dtype, device=device) \
+            if grad_o is None else align(grad_o, p.output.axes, out_axes)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
-        n_feat, n_vfeat = sizes[p.d], sizes[p.e]
+        if p.row_sum:
+            gn = torch.empty((combos, n_rows, n_vfeat), dtype=torch.float32, device=device)
+            gs = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
+        else:
+            gn = gs = torch.zeros(1, dtype=torch.float32, device=device)
+        return call, interpret, module, outer_sizes, combos, grad_o, gn, gs
+
+    def chunked_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
+        """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time chunked
+        kernels (`codegen/chunked.py`: a scan forwards for dQ, one backwards for dK and dV), or
+        None when a wanted read is not the decay base `lam[h]`, or the base is 0 somewhere (its
+        gradient divides by it). The base's row partials are `(t (dO . O) - t (V . dV)) / lam`
+        per row t, which sum to `sum (i - j) lam^(i - j - 1) (q_i . k_j)(dO_i . v_j)`."""
+        p, src = self.plan, self.src.chunked
+        base = decay_read(p)
+        if any(base is None or self.bplan.reads[r].name != base.array.name for r in reads):
+            return None
+        lam = None
+        if reads:
+            outer_sizes = [sizes[ix] for ix in p.outer]
+            lam = align(Reference(p.program, call.tensors, call.scalars).full(base).float(), base.indices,
+                        tuple(p.outer)).expand(*outer_sizes).reshape(math.prod(outer_sizes), 1)
+            if (lam == 0).any():
+                return None
+        call, interpret, module, outer_sizes, combos, grad_o, gn, gs = self._linear_setup(call, grad_o, sizes)
+        n_rows, n_feat, n_vfeat = sizes[p.i], sizes[p.d], sizes[p.e]
+        device = call.device
         dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
         dk = torch.empty_like(dq)
         dv = torch.empty((*outer_sizes, n_rows, n_vfeat), dtype=torch.float32, device=device)
@@ -251,9 +273,9 @@ class RowStreamBackward:
         scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
         # chunks of 16 on a GPU too: at head dim 64 on sm_90 (4 warps) they spill 448 / 592 B (the
         # forward and backward scans), chunks of 32 or 64 spill 6.7 to 12 KB; untimed
-        meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat))
+        meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat), ROW_SUM=p.row_sum)
         for kernel, outputs in (("fwd", (dq, dq, rs_o)), ("rev", (dk, dv, rs_v))):
-            args = [*tensors, grad_o, *outputs, *(x for t in tensors for x in t.stride()),
+            args = [*tensors, grad_o, *outputs, gn, gs, *(x for t in tensors for x in t.stride()),
                     *(x for t in tensors for x in t.shape), *grad_o.stride(), *outer_sizes,
                     n_rows, sizes[p.j], n_feat, n_vfeat, *scalars]
             launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), (combos,), args, meta, {}, interpret,
@@ -261,6 +283,40 @@ class RowStreamBackward:
         self.last_path = LaunchPath.CHUNKED
         bufs = {r: (rs_o - rs_v) / lam for r in reads}
         return (dq, dk, dv), bufs
+
+    def reassociated_gradients(self, call: BoundCall, grad_o, sizes: dict):
+        """(dQ, dK, dV of the operands, {}) from the linear-time kernels of a call without an
+        active mask (`codegen/reassociate.py`): the states S, z per (batch, head), dQ per query
+        tile, the reverse states U, u, then dK and dV per key tile."""
+        p, src = self.plan, self.src.reassociated
+        call, interpret, module, outer_sizes, combos, grad_o, gn, gs = self._linear_setup(call, grad_o, sizes)
+        n_rows, n_cols, n_feat, n_vfeat = sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e]
+        block_d, block_e = pow2(n_feat), pow2(n_vfeat)
+        device = call.device
+        cfg = default_backward_config(interpret, n_feat, n_vfeat)
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        state, u_state = (torch.empty((combos, block_d, block_e), dtype=torch.float32, device=device)
+                          for _ in range(2))
+        z, u = (torch.empty((combos, block_d), dtype=torch.float32, device=device) for _ in range(2))
+        dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
+        dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
+        dv = torch.empty((*outer_sizes, n_cols, n_vfeat), dtype=torch.float32, device=device)
+        tensors = [call.tensors[n] for n in src.tensor_inputs]
+        common = [*tensors, state, z, *(x for t in tensors for x in t.stride()),
+                  *(x for t in tensors for x in t.shape), *outer_sizes, n_rows, n_cols, n_feat, n_vfeat]
+        scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, ROW_SUM=p.row_sum)
+        options = {} if interpret else {"num_warps": cfg["num_warps"]}
+        launch(KernelLaunch(getattr(module, f"{src.name}_state"), (1, combos), [*common, *scalars], meta, options,
+                            interpret, KernelRole.LINEAR_STATE))
+        for kernel, grid, outputs in (("dq", (triton_cdiv(n_rows, bm), combos), (dq, dq)),
+                                      ("rev_state", (1, combos), (dq, dq)),
+                                      ("dkdv", (triton_cdiv(n_cols, bn), combos), (dk, dv))):
+            args = [*common, grad_o, gn, gs, *outputs, u_state, u, *grad_o.stride(), *scalars]
+            launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), grid, args, meta, options, interpret,
+                                KernelRole.LINEAR_STATE if kernel == "rev_state" else KernelRole.LINEAR_APPLY))
+        self.last_path = LaunchPath.REASSOCIATED
+        return (dq, dk, dv), {}
 
     def read_buffers(self, call: BoundCall, combos: int, n_rows: int, n_cols: int, n_qtiles: int,
                      deterministic: bool, reads=None) -> dict:
@@ -331,9 +387,13 @@ class RowStreamBackward:
         reads = {r for r, rd in enumerate(bplan.reads)
                  if (graphed[rd.name].requires_grad if names.is_synthetic(rd.name) else rd.name in wanted)}
         sizes = call.sizes or p.program.sizes(call.scalars)
-        chunked = self.chunked_gradients(kernel_call, grad_o, sizes, reads)
-        if chunked is not None:
-            (partials, bufs), delta = chunked, None
+        linear = self.linear_gradients(kernel_call, grad_o, sizes, reads)
+        if linear is not None:
+            (partials, bufs), delta = linear, None
+        elif bplan.linear_only:
+            raise BackendError(f"{p.program.name}: normalised linear attention (or feature maps) has its backward "
+                               "on the linear-time kernels only, and they cannot run this call (a mask other than "
+                               "exactly causal on a square score, or the decay base's gradient at a base of 0)")
         else:
             partials, bufs, delta = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config,
                                                            deterministic, reads)
@@ -357,20 +417,21 @@ class RowStreamBackward:
         for op, part, row, feat in zip((p.q, p.k, p.v), partials, (p.i, p.j, p.j), (p.d, p.d, p.e)):
             name = op.input.name
             have = (*p.outer, row, feat)
-            if name not in bplan.chained and name not in wanted:
+            if name not in bplan.chained and op.transform is None and name not in wanted:
                 continue
-            direct = None if name in bplan.chained else \
+            direct = None if name in bplan.chained or op.transform is not None else \
                 _plain_read(part, have, op.access, sizes, p.group, call.scalars, call.tensors[name].shape)
             if direct is not None:
                 found[name] = direct if name not in found else found[name] + direct
                 continue
+            node = op.transform or op.access  # the kernels' gradient is the feature-mapped operand's
             with torch.enable_grad():
-                value = Reference(p.program, graphed, call.scalars).full(op.access)
-            extra = [k for k, ix in enumerate(have) if ix not in op.access.indices]
+                value = Reference(p.program, graphed, call.scalars).full(node)
+            extra = [k for k, ix in enumerate(have) if ix not in node.indices]
             part = part.sum(extra) if extra else part
-            kept = tuple(ix for ix in have if ix in op.access.indices)
+            kept = tuple(ix for ix in have if ix in node.indices)
             if value.requires_grad:
-                pairs.append((value, align(part, kept, op.access.indices).to(value.dtype)))
+                pairs.append((value, align(part, kept, node.indices).to(value.dtype)))
         chain_through_torch(pairs, wanted, leaves, found)
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
 

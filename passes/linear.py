@@ -19,8 +19,7 @@ from attncc.passes.mask_analysis import active_conjuncts
 from attncc.passes.row_stream import RowStreamPlan, Term
 
 __all__ = ["LaunchPath", "linear_weight", "reassociable", "decay_factor", "chunkable", "chunked_backward",
-           "decay_read", "mask_free",
-           "causal_only", "choose_path"]
+           "linear_only_backward", "decay_read", "mask_free", "causal_only", "choose_path", "backward_path"]
 
 
 def linear_weight(plan: RowStreamPlan) -> Term | None:
@@ -64,17 +63,22 @@ def chunkable(plan: RowStreamPlan) -> bool:
 
 
 def chunked_backward(plan: RowStreamPlan) -> bool:
-    """Whether a chunkable plan also gets the linear-time backward (`codegen/chunked.py`):
-    no feature maps and no row-sum normaliser (those still stream the backward), and a decay
-    base that is constant over the call or a plain read `lam[h]` of an input at outer indices
-    (whose gradient the launcher takes from the kernels' per-row sums)."""
-    if not chunkable(plan) or plan.row_sum:
-        return False
-    term = plan.terms[0]
-    if any(op.transform is not None for op in (term.q, term.k, plan.v)):
+    """Whether a chunkable plan also gets the linear-time backward (`codegen/chunked.py`): a
+    decay base that is constant over the call or a plain read `lam[h]` of an input at outer
+    indices (whose gradient the launcher takes from the kernels' per-row sums). Feature maps
+    and a row-sum normaliser are part of it (`linear_only_backward`)."""
+    if not chunkable(plan):
         return False
     factor = decay_factor(plan)
     return factor is None or not _reads_inputs(factor.args[0]) or decay_read(plan) is not None
+
+
+def linear_only_backward(plan: RowStreamPlan) -> bool:
+    """Whether the plan's backward exists on the linear-time paths only: a row-sum normaliser
+    (normalised linear attention) or a feature map of q, k or v, which the row-streaming
+    backward kernels do not differentiate."""
+    term = plan.terms[0]
+    return plan.row_sum or any(op.transform is not None for op in (term.q, term.k, plan.v))
 
 
 def decay_read(plan: RowStreamPlan) -> ir.Access | None:
@@ -125,3 +129,13 @@ def choose_path(plan: RowStreamPlan, sizes: dict, scalars: dict, return_lse: boo
         if chunkable(plan) and causal_only(plan, sizes, scalars):
             return LaunchPath.CHUNKED
     return LaunchPath.ROW_STREAMING
+
+
+def backward_path(plan: RowStreamPlan, sizes: dict, scalars: dict) -> LaunchPath:
+    """The backward kernels one call runs: the linear-time ones of the path the forward takes
+    (reassociated without an active mask, the chunked scans when exactly causal on a square
+    score and the plan has them), row streaming otherwise."""
+    path = choose_path(plan, sizes, scalars)
+    if path == LaunchPath.CHUNKED and not chunked_backward(plan):
+        return LaunchPath.ROW_STREAMING
+    return path
