@@ -35,7 +35,7 @@ from attncc.codegen import block_map
 from attncc.codegen.row_backward import BackwardSource, generate_backward
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode, ReadMode
-from attncc.passes.linear import backward_path, decay_read
+from attncc.passes.linear import backward_path, decay_on, decay_read, row_sum_on
 from attncc.passes.row_stream import map_outer
 
 
@@ -217,12 +217,22 @@ class RowStreamBackward:
         """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time kernels of the
         path this call's backward takes (`passes.linear.backward_path`), or None when it streams
         rows instead (or the chunked scans cannot give a wanted read's gradient)."""
-        path = backward_path(self.plan, sizes, call.scalars)
+        p = self.plan
+        path = backward_path(p, sizes, call.scalars)
+        if path == LaunchPath.ROW_STREAMING:
+            return None
+        if not decay_on(p, call.scalars):  # a decay switched off: its base's reads get no gradient
+            base = decay_read(p)
+            if any(base is None or self.bplan.reads[r].name != base.array.name for r in reads):
+                return None
+            rows = (math.prod(sizes[ix] for ix in p.outer), sizes[p.i])
+            zeros = {r: torch.zeros(rows, dtype=torch.float32, device=call.device) for r in reads}
+            grads = self.chunked_gradients(call, grad_o, sizes, set()) if path == LaunchPath.CHUNKED else \
+                self.reassociated_gradients(call, grad_o, sizes)
+            return grads[0], zeros
         if path == LaunchPath.CHUNKED:
             return self.chunked_gradients(call, grad_o, sizes, reads)
-        if path == LaunchPath.REASSOCIATED and self.src.reassociated is not None and not reads:
-            return self.reassociated_gradients(call, grad_o, sizes)
-        return None
+        return None if reads else self.reassociated_gradients(call, grad_o, sizes)
 
     def _linear_setup(self, call: BoundCall, grad_o, sizes: dict):
         """(call with promoted operands, interpret, module, outer sizes, combos, dO laid out
@@ -238,7 +248,7 @@ class RowStreamBackward:
         grad_o = torch.zeros([sizes[ax] for ax in out_axes], dtype=call.out_dtype, device=device) \
             if grad_o is None else align(grad_o, p.output.axes, out_axes)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
-        if p.row_sum:
+        if row_sum_on(p, call.scalars):
             gn = torch.empty((combos, n_rows, n_vfeat), dtype=torch.float32, device=device)
             gs = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
         else:
@@ -273,7 +283,7 @@ class RowStreamBackward:
         scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
         # chunks of 16 on a GPU too: at head dim 64 on sm_90 (4 warps) they spill 448 / 592 B (the
         # forward and backward scans), chunks of 32 or 64 spill 6.7 to 12 KB; untimed
-        meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat), ROW_SUM=p.row_sum)
+        meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat), ROW_SUM=row_sum_on(p, call.scalars))
         for kernel, outputs in (("fwd", (dq, dq, rs_o)), ("rev", (dk, dv, rs_v))):
             args = [*tensors, grad_o, *outputs, gn, gs, *(x for t in tensors for x in t.stride()),
                     *(x for t in tensors for x in t.shape), *grad_o.stride(), *outer_sizes,
@@ -305,7 +315,7 @@ class RowStreamBackward:
         common = [*tensors, state, z, *(x for t in tensors for x in t.stride()),
                   *(x for t in tensors for x in t.shape), *outer_sizes, n_rows, n_cols, n_feat, n_vfeat]
         scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
-        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, ROW_SUM=p.row_sum)
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, ROW_SUM=row_sum_on(p, call.scalars))
         options = {} if interpret else {"num_warps": cfg["num_warps"]}
         launch(KernelLaunch(getattr(module, f"{src.name}_state"), (1, combos), [*common, *scalars], meta, options,
                             interpret, KernelRole.LINEAR_STATE))

@@ -20,7 +20,7 @@ from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.row_stream import RowStreamCodegen, _indent, tensor_args
 from attncc.codegen.tile_expr import Val
-from attncc.passes.linear import decay_factor
+from attncc.passes.linear import linear_decay
 from attncc.passes.row_stream import RowStreamPlan
 
 
@@ -45,15 +45,17 @@ class ChunkedCodegen(RowStreamCodegen):
 
     def decay(self, env_i: Val, env_j: Val) -> tuple[list[str], str]:
         """Code of the decay factor at the given query and key index values ('1.0' without decay)."""
-        factor = decay_factor(self.plan)
-        if factor is None:
+        decay = linear_decay(self.plan)
+        if decay is None:
             return [], "1.0"
         em = self.em
         env = {**em.env, self.plan.i: env_i, self.plan.j: env_j}
-        saved, em.prologue, em.body = (em.prologue, em.body), [], []
-        val = em.emit(factor, env)
+        saved = (em.prologue, em.body, em.memo)
+        em.prologue, em.body = [], []
+        em.memo = dict(em.memo)  # self-contained lines: the scans use the decays in different subsets
+        val = em.emit(decay.factor, env)
         lines = [*em.prologue, *em.body]
-        em.prologue, em.body = saved
+        em.prologue, em.body, em.memo = saved
         return lines, val.code
 
     def loads(self) -> list[str]:

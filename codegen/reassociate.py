@@ -27,9 +27,15 @@ class ReassociatedCodegen(RowStreamCodegen):
         self.name = f"{name}_linear"
         p, em = self.plan, self.em
         term = p.terms[0]
+        self.decode = ["pid_o = tl.program_id(1).to(tl.int64)", "combo = pid_o"]  # then the operands' offsets
+        for ix in reversed(p.outer):
+            size = names.user("size", ix)
+            self.decode += [f"{names.user('idx', ix)} = pid_o % {size}", f"pid_o = pid_o // {size}"]
+        em.prologue = []
         qn, q_off = term.q.input.name, self.operand_offset(term.q)
         self.k_off = self.operand_offset(term.k, self.kv_env)
         self.v_off = self.operand_offset(p.v, self.kv_env)
+        self.decode += list(em.prologue)  # the operands' offsets (a GQA group's K/V head)
         em.prologue = []
         self.queries = [  # a query tile (offs_m, row_ok) in fp32, feature-mapped, times qk_scale
             f"q = tl.load({names.tensor('ptr', qn)} + {q_off} + offs_m[:, None] * "
@@ -46,10 +52,6 @@ class ReassociatedCodegen(RowStreamCodegen):
                        + [names.user("size", ix) for ix in p.outer] + ["n_rows", "n_cols", "n_feat", "n_vfeat"])
         self.constexprs = "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, " \
                           "BLOCK_E: tl.constexpr, ROW_SUM: tl.constexpr"
-        self.decode = ["pid_o = tl.program_id(1).to(tl.int64)", "combo = pid_o"]
-        for ix in reversed(p.outer):
-            size = names.user("size", ix)
-            self.decode += [f"{names.user('idx', ix)} = pid_o % {size}", f"pid_o = pid_o // {size}"]
 
     def key_loads(self) -> list[str]:
         """A key block (offs_n): k ([D, BLOCK_N]) and v ([BLOCK_N, E]) in fp32, feature-mapped,

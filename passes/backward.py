@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 
 from attncc import ir
 from attncc.passes.kinds import LaunchPath, MaskMode, ReadMode, WeightKind
-from attncc.passes.linear import backward_path, chunked_backward, linear_only_backward, reassociable
+from attncc.passes.linear import (backward_path, chunked_backward, linear_only_backward, linear_plan,
+                                  reassociable)
 from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
 from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
@@ -141,6 +142,9 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
                                   "passed through feature maps: their backward is generated on the linear-time "
                                   "paths only, which this plan does not take (a score modification, or a mask "
                                   "other than a causal switch)")
+    if linear_only:  # the kernels' plan: per-query and per-key factors folded into the operands' maps
+        plan = linear_plan(plan)
+        term = plan.terms[0]
     for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
         if op.transform is not None and not linear_only:
             raise NoGeneratedBackward(f"the {role} pass through a feature map (line "
@@ -336,7 +340,7 @@ def general_plan_reason(program: ir.Program) -> str:
         why = f"several outputs ({', '.join(o.name for o in program.outputs)})"
     else:
         try:
-            plan_row_stream(program)
+            plan_row_stream(program, switches=True)
             why = "its plan was not chosen"
         except NotRowStreamable as err:
             why = str(err)

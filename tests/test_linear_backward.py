@@ -80,3 +80,50 @@ def test_linear_elu_backward_says_why_where_no_linear_path_applies():
     assert kernel.last_run["backward"] == "reference"
     assert "linear-time paths only" in kernel.last_run["backward_reason"]
     assert o.grad_fn is not None
+
+
+def kernel_inputs(B=1, H=4, G=2, N=37, M=37, D=5, E=7, seed=1):
+    """linear_kernel's inputs: featurised (positive) q and k, so that row sums stay away from 0."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(q=torch.rand(B, H, N, D, generator=g, dtype=torch.float64),
+                k=torch.rand(B, G, M, D, generator=g, dtype=torch.float64),
+                v=torch.randn(B, G, M, E, generator=g, dtype=torch.float64),
+                lam=torch.rand(H, generator=g, dtype=torch.float64) * 0.5 + 0.5,
+                kw=torch.rand(B, G, M, generator=g, dtype=torch.float64) + 0.5)
+
+
+@pytest.mark.parametrize("causal,normalize,shape,path", [
+    (True, True, dict(N=37, M=37), LaunchPath.CHUNKED),          # decay lam[h] ** (i - j), partial chunk
+    (True, False, dict(N=16, M=16, H=6, G=2), LaunchPath.CHUNKED),  # one full chunk, groups of 3
+    (False, True, dict(N=21, M=29), LaunchPath.REASSOCIATED),    # N != M: no decay, lam gets 0
+    (False, False, dict(N=21, M=29, H=2, G=1), LaunchPath.REASSOCIATED),  # MQA
+])
+def test_linear_kernel_takes_the_linear_plan(causal, normalize, shape, path, monkeypatch):
+    """linear_kernel: the key weights kw fold into the keys' feature map, the decay is switched
+    by `causal`, the normaliser by `normalize`; q, k, v, lam and kw gradients, GQA."""
+    base = kernel_inputs(**shape)
+    kernel, got, want, launched = run("examples/linear_kernel.attn", base,
+                                      {"causal": causal, "normalize": normalize}, tuple(base), monkeypatch)
+    assert kernel.generated.launcher.last_path == path
+    assert kernel.last_run["backward"] == "triton"
+    assert kernel.backward_launcher().last_path == path
+    B, H, N, _ = base["q"].shape
+    M = base["k"].shape[2]
+    assert launched and all(a.numel() < B * H * N * M for kl in launched for a in kl.args if torch.is_tensor(a))
+    for n in got:
+        close(got[n], want[n], f"d{n}")
+
+
+def test_linear_kernel_off_the_linear_paths():
+    """Causal with N != M (the bottom-right mask `j <= i + (M - N)`): the forward streams rows
+    (the normaliser switched in the kernel), the backward is the reference's, and says why."""
+    base = {n: t.float() for n, t in kernel_inputs(N=9, M=13).items()}
+    kernel = attncc.compile("examples/linear_kernel.attn", backend="triton")
+    reference = attncc.compile("examples/linear_kernel.attn", backend="reference")
+    for normalize in (True, False):
+        o = kernel(**{n: t.requires_grad_() for n, t in base.items()}, causal=True, normalize=normalize)
+        assert kernel.generated.launcher.last_path == LaunchPath.ROW_STREAMING
+        assert kernel.last_run["backward"] == "reference"
+        assert "linear-time paths only" in kernel.last_run["backward_reason"]
+        want = reference(**{n: t.detach().double() for n, t in base.items()}, causal=True, normalize=normalize)
+        close(o.detach(), want, f"o normalize={normalize}")
