@@ -54,6 +54,17 @@ def default_backward_config(interpret: bool, d: int, e: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
+# The chunked scans' warps on a GPU, with chunks of 16 and the reverse scan split into its dK and
+# dV runs: at D = E = 64 on sm_90 (bf16, `attncc.aot`) this spills nothing for lightning's dQ scan
+# and its dK and dV runs, where 4 warps and one reverse run spilled 440 and 584 B (chunks of 32 or
+# 64 spill KBs); untimed, no GPU has run them.
+CHUNKED_BACKWARD_WARPS = 8
+# The reverse scan's runs (its DK and DV constexprs), by whether the call is interpreted: one for
+# dK and one for dV on a GPU (each holds one output and its products), both at once in the
+# interpreter (half the work; tests/test_linear_backward.py also runs the split there).
+CHUNKED_REVERSE_RUNS = {False: (dict(DK=True, DV=False), dict(DK=False, DV=True)), True: (dict(DK=True, DV=True),)}
+
+
 def make_backward(bplan: BackwardPlan, forward) -> "RowStreamBackward | TermsBackward":
     """The launcher of a kernel's generated backward: one set of kernels, or one per weight term."""
     return TermsBackward(bplan) if bplan.parts else RowStreamBackward(bplan, forward)
@@ -281,15 +292,15 @@ class RowStreamBackward:
         rs_o, rs_v = (torch.empty((combos, n_rows), dtype=torch.float32, device=device) for _ in range(2))
         tensors = [call.tensors[n] for n in src.tensor_inputs]
         scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
-        # chunks of 16 on a GPU too: at head dim 64 on sm_90 (4 warps) they spill 448 / 592 B (the
-        # forward and backward scans), chunks of 32 or 64 spill 6.7 to 12 KB; untimed
         meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat), ROW_SUM=row_sum_on(p, call.scalars))
-        for kernel, outputs in (("fwd", (dq, dq, rs_o)), ("rev", (dk, dv, rs_v))):
+        options = {} if interpret else {"num_warps": CHUNKED_BACKWARD_WARPS}
+        revs = CHUNKED_REVERSE_RUNS[interpret]
+        for kernel, outputs, extra in (("fwd", (dq, dq, rs_o), {}), *(("rev", (dk, dv, rs_v), r) for r in revs)):
             args = [*tensors, grad_o, *outputs, gn, gs, *(x for t in tensors for x in t.stride()),
                     *(x for t in tensors for x in t.shape), *grad_o.stride(), *outer_sizes,
                     n_rows, sizes[p.j], n_feat, n_vfeat, *scalars]
-            launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), (combos,), args, meta, {}, interpret,
-                                KernelRole.CHUNKED))
+            launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), (combos,), args, {**meta, **extra}, options,
+                                interpret, KernelRole.CHUNKED))
         self.last_path = LaunchPath.CHUNKED
         bufs = {r: (rs_o - rs_v) / lam for r in reads}
         return (dq, dk, dv), bufs
@@ -303,8 +314,7 @@ class RowStreamBackward:
         n_rows, n_cols, n_feat, n_vfeat = sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e]
         block_d, block_e = pow2(n_feat), pow2(n_vfeat)
         device = call.device
-        cfg = default_backward_config(interpret, n_feat, n_vfeat)
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        bm = bn = 16  # at D = E = 64 on sm_90 (4 warps): no spill; 32 x 64 tiles spill 176 B (dQ) and 7 KB (dK/dV)
         state, u_state = (torch.empty((combos, block_d, block_e), dtype=torch.float32, device=device)
                           for _ in range(2))
         z, u = (torch.empty((combos, block_d), dtype=torch.float32, device=device) for _ in range(2))
@@ -316,7 +326,7 @@ class RowStreamBackward:
                   *(x for t in tensors for x in t.shape), *outer_sizes, n_rows, n_cols, n_feat, n_vfeat]
         scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
         meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, ROW_SUM=row_sum_on(p, call.scalars))
-        options = {} if interpret else {"num_warps": cfg["num_warps"]}
+        options = {} if interpret else {"num_warps": 4}
         launch(KernelLaunch(getattr(module, f"{src.name}_state"), (1, combos), [*common, *scalars], meta, options,
                             interpret, KernelRole.LINEAR_STATE))
         for kernel, grid, outputs in (("dq", (triton_cdiv(n_rows, bm), combos), (dq, dq)),
@@ -355,8 +365,9 @@ class RowStreamBackward:
     def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
                  deterministic: bool = False) -> list[KernelLaunch]:
         """The backward kernel launches of a call, recorded rather than run (the call's
-        tensors may be meta tensors), every score read's gradient wanted: what `attncc.aot`
-        compiles for a GPU this machine lacks."""
+        tensors may be meta tensors), every score read's gradient wanted (on a linear-time
+        path: none, the decay base's needs the data): what `attncc.aot` compiles for a GPU
+        this machine lacks."""
         p = self.plan
         sizes = call.sizes or p.program.sizes(call.scalars)
         like = call.tensors[p.q.input.name]
@@ -365,6 +376,8 @@ class RowStreamBackward:
         token = runtime._RECORDING.set([])
         try:
             call = self.forward.with_precomputed(call)  # placeholders of the precomputed operands' layout
+            if not return_lse and self.linear_gradients(call, torch.empty_like(o), sizes, set()) is not None:
+                return runtime._RECORDING.get()
             self.operand_gradients(call, o, lse, torch.empty_like(o), torch.empty_like(lse) if return_lse else None,
                                    config, deterministic)
             return runtime._RECORDING.get()

@@ -164,7 +164,9 @@ class ChunkedBackwardCodegen(ChunkedCodegen):
 
     and the decay base's gradient from `sum (i - j) lam^(i - j - 1) w'_ij` = `(sum_t t (dO_t . O_t) -
     sum_t t (V_t . dV_t)) / lam` per (batch, head): each kernel stores its term per row (`rs`),
-    the launcher subtracts, sums and divides. Both kernels share one argument list.
+    the launcher subtracts, sums and divides. Both kernels share one argument list. The reverse
+    scan gives dK (`DK`), dV (`DV`) or both: on a GPU it runs twice, once for each, so that each
+    run holds one output tile and its products (fewer registers: no spill at D = E = 64).
 
     With a row-sum normaliser (`ROW_SUM`: `o = num / den`, `den_i = sum_j w'_ij`) the values
     get a column of ones: the forward scan also carries `z = K^T 1` to recompute `den`, and
@@ -247,17 +249,20 @@ class ChunkedBackwardCodegen(ChunkedCodegen):
             "    " + load_do,
             *dpw,
             *to_end_lines,
-            f"k_end = tl.trans(k) * {to_end}",
-            "dv = tl.dot(tl.trans(a), do, input_precision='ieee') + tl.dot(k_end, R, input_precision='ieee')",
-            f"dk = tl.dot(tl.trans(dpw), q, input_precision='ieee') + "
+            "if DV:",
+            f"    k_end = tl.trans(k) * {to_end}",
+            "    dv = tl.dot(tl.trans(a), do, input_precision='ieee') + tl.dot(k_end, R, input_precision='ieee')",
+            "    vdv = tl.sum(v * dv, 1)",
+            "    if ROW_SUM:  # the ones column's dV in the decay's sum",
+            "        vdv += tl.sum(a * gs[:, None], 0) + tl.sum(k_end * r[None, :], 1)",
+            "    tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * vdv, mask=in_seq)",
+            f"    tl.store(g2_ptr + {g_off}n_vfeat + offs_e[None, :], dv, mask={e_ok})",
+            "if DK:",
+            f"    dk = tl.dot(tl.trans(dpw), q, input_precision='ieee') + "
             f"tl.dot(v * {to_end}, tl.trans(R), input_precision='ieee')",
-            "vdv = tl.sum(v * dv, 1)",
-            "if ROW_SUM:  # the ones column: its key gradient and its dV in the decay's sum",
-            f"    dk += {to_end} * r[None, :]",
-            "    vdv += tl.sum(a * gs[:, None], 0) + tl.sum(k_end * r[None, :], 1)",
-            "tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * vdv, mask=in_seq)",
-            f"tl.store(g1_ptr + {g_off}n_feat + offs_d[None, :], dk, mask=in_seq[:, None] & (offs_d[None, :] < n_feat))",
-            f"tl.store(g2_ptr + {g_off}n_vfeat + offs_e[None, :], dv, mask={e_ok})",
+            "    if ROW_SUM:  # the ones column's key gradient",
+            f"        dk += {to_end} * r[None, :]",
+            f"    tl.store(g1_ptr + {g_off}n_feat + offs_d[None, :], dk, mask=in_seq[:, None] & (offs_d[None, :] < n_feat))",
             *from_lines, *chunk_lines,
             f"q_start = q * {from_start}",
             f"R = R * {chunk_decay} + tl.dot(tl.trans(q_start), do, input_precision='ieee')",
@@ -280,8 +285,8 @@ class ChunkedBackwardCodegen(ChunkedCodegen):
                "    z = tl.zeros([BLOCK_D], dtype=tl.float32)",
                "    for c0 in range(0, n_rows, BLOCK_C):", *_indent(fwd, 2),
                "", "",
-               "@triton.jit", f"def {self.name}_rev({sig}):",
-               '    """dK, dV and t (V . dV) of one (batch, head): chunks in reverse, the state R carried."""',
+               "@triton.jit", f"def {self.name}_rev({sig}, DK: tl.constexpr, DV: tl.constexpr):",
+               '    """dK (DK), dV and t (V . dV) (DV) of one (batch, head): chunks in reverse, the state R carried."""',
                *head,
                "    R = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
                "    r = tl.zeros([BLOCK_D], dtype=tl.float32)",

@@ -127,3 +127,15 @@ def test_linear_kernel_off_the_linear_paths():
         assert "linear-time paths only" in kernel.last_run["backward_reason"]
         want = reference(**{n: t.detach().double() for n, t in base.items()}, causal=True, normalize=normalize)
         close(o.detach(), want, f"o normalize={normalize}")
+
+
+def test_the_reverse_scan_split_into_its_dk_and_dv_runs(monkeypatch):
+    """On a GPU the chunked reverse scan runs once for dK and once for dV (fewer registers):
+    the same gradients, run here in the interpreter (normaliser, decay, lam and kw)."""
+    monkeypatch.setitem(row_backward.CHUNKED_REVERSE_RUNS, True, row_backward.CHUNKED_REVERSE_RUNS[False])
+    base = kernel_inputs(N=21, M=21)
+    kernel, got, want, launched = run("examples/linear_kernel.attn", base, {"causal": True, "normalize": True},
+                                      tuple(base), monkeypatch)
+    assert [kl.constexprs.get("DK") for kl in launched] == [None, True, False]
+    for n in got:
+        close(got[n], want[n], f"d{n}")
