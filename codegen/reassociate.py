@@ -177,7 +177,7 @@ class ReassociatedBackwardCodegen(ReassociatedCodegen):
             "        dq = dq / den[:, None] + gs[:, None] * z[None, :]",
             f"        tl.store(gn_ptr + {g_at}, do, mask={e_ok})",
             "        tl.store(gs_ptr + combo * n_rows + offs_m, gs, mask=row_ok)",
-            f"    tl.store(g1_ptr + (combo * n_rows + offs_m[:, None]) * n_feat + offs_d[None, :], dq * qk_scale, "
+            "    tl.store(g1_ptr + (combo * n_rows + offs_m[:, None]) * n_feat + offs_d[None, :], dq * qk_scale, "
             "mask=row_ok[:, None] & (offs_d[None, :] < n_feat))",
         ]
         reverse = [
