@@ -18,6 +18,8 @@ log-sum-exp or counts tiles) streams rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
 from dataclasses import dataclass
 
 import sympy
@@ -45,12 +47,24 @@ def linear_weight(plan: RowStreamPlan) -> Term | None:
     return term if ok else None
 
 
+_LINEAR: dict = {}  # id(plan) -> (weak reference to the plan, its linear_plan): launchers ask per call
+
+
 def linear_plan(plan: RowStreamPlan) -> RowStreamPlan | None:
     """The plan as linear attention: one pointwise weight, no coefficient, head sum or
     precomputed input, masks decidable from dims and params, and a weight that is Q K^T times
     factors of the query alone, of the key alone and at most one decay (`Decay`). The result
     has those per-query and per-key factors folded into the q and k operands' feature maps, the
     weight Q K^T itself and the decay as its one factor; None when the plan is no such thing."""
+    hit = _LINEAR.get(id(plan))
+    if hit is not None and hit[0]() is plan:
+        return hit[1]
+    found = _linear_plan(plan)
+    _LINEAR[id(plan)] = (weakref.ref(plan, lambda _, key=id(plan): _LINEAR.pop(key, None)), found)
+    return found
+
+
+def _linear_plan(plan: RowStreamPlan) -> RowStreamPlan | None:
     if len(plan.terms) != 1 or plan.summed_outer or plan.statistics_only or plan.needs_block_map \
             or plan.mask_symbols or (plan.precomputed and plan.precomputed.inputs):
         return None
@@ -222,8 +236,16 @@ def causal_only(plan: RowStreamPlan, sizes: dict, scalars: dict) -> bool:
 
 def _value(x, scalars: dict):
     """A plane's offset (an int, or a sympy expression of dims such as `M - N`) in one call."""
-    x = sympy.sympify(x)
-    return x.subs({s: scalars[s.name] for s in x.free_symbols if s.name in scalars})
+    if isinstance(x, int):
+        return x
+    fn, names = _offset_function(sympy.sympify(x))
+    return fn(*(scalars[n] for n in names))
+
+
+@functools.lru_cache(maxsize=None)
+def _offset_function(expr):
+    symbols = sorted(expr.free_symbols, key=lambda s: s.name)
+    return sympy.lambdify(symbols, expr, modules="math"), tuple(s.name for s in symbols)
 
 
 def row_sum_on(plan: RowStreamPlan, scalars: dict) -> bool:
