@@ -300,7 +300,8 @@ class Kernel:
         plan = self.backward_plan()
         if isinstance(plan, str):
             return plan
-        return call_reason(plan, [n for n, t in call.tensors.items() if t.requires_grad])
+        return call_reason(plan, [n for n, t in call.tensors.items() if t.requires_grad],
+                           call.sizes or self.program.sizes(call.scalars), call.scalars)
 
     def backward_plan(self):
         """The `BackwardPlan` of the generated kernel, or the reason it has none (a str);

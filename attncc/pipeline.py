@@ -47,7 +47,7 @@ def plan(program: ir.Program):
     try:
         if len(program.outputs) > 1:
             raise NotRowStreamable("several outputs")
-        return plan_row_stream(program)
+        return plan_row_stream(program, switches=True)
     except NotRowStreamable as fused_why:
         try:
             return plan_streams(program)

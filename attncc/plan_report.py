@@ -139,7 +139,9 @@ class _PlanText:
             out += _wrap(f"  summed over {', '.join(p.summed_outer)} inside each program (a loop in the epilogue); "
                          "an index value whose coefficient is 0 on every row of a tile skips its key loop")
         if p.row_sum:
-            out.append("  divided by the row sums of the weights, kept next to the accumulator")
+            switch = p.row_sum_switch
+            when = "" if switch is None else f", when `{getattr(switch, 'name', 'its scalar condition')}` holds"
+            out.append(f"  divided by the row sums of the weights, kept next to the accumulator{when}")
         return out + self.precomputed()
 
     def precomputed(self) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 from . import ir, runtime
 from attncc.codegen import names
 from .binding import BoundCall
+from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
 from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, promote_operands,
                       triton_cdiv)
@@ -37,7 +38,7 @@ from attncc.codegen import block_map
 from attncc.codegen.row_backward import generate_backward
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode, ReadMode
-from attncc.passes.linear import causal_only, decay_read
+from attncc.passes.linear import backward_path, decay_on, decay_read, row_sum_on
 from attncc.passes.row_stream import map_outer
 
 
@@ -54,6 +55,17 @@ def default_backward_config(interpret: bool, d: int, e: int) -> dict:
     if max(d, e) > 64:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+# The chunked scans' warps on a GPU, with chunks of 16 and the reverse scan split into its dK and
+# dV runs: at D = E = 64 on sm_90 (bf16, `attncc.aot`) this spills nothing for lightning's dQ scan
+# and its dK and dV runs, where 4 warps and one reverse run spilled 440 and 584 B (chunks of 32 or
+# 64 spill KBs); untimed, no GPU has run them.
+CHUNKED_BACKWARD_WARPS = 8
+# The reverse scan's runs (its DK and DV constexprs), by whether the call is interpreted: one for
+# dK and one for dV on a GPU (each holds one output and its products), both at once in the
+# interpreter (half the work; tests/test_linear_backward.py also runs the split there).
+CHUNKED_REVERSE_RUNS = {False: (dict(DK=True, DV=False), dict(DK=False, DV=True)), True: (dict(DK=True, DV=True),)}
 
 
 def make_backward(bplan: BackwardPlan, forward) -> "RowStreamBackward | TermsBackward":
@@ -237,55 +249,119 @@ class RowStreamBackward:
         p = self.plan
         return [p.q, p.k, *([p.v] if p.v is not None else [])]
 
-    def chunked_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
-        """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time chunked
-        kernels (`codegen/chunked.py`: a scan forwards for dQ, one backwards for dK and dV), or
-        None when this call streams rows instead: the plan has no such kernels, the call's mask
-        is not exactly causal on a square score (the forward's chunked condition), or a wanted
-        read is not the decay base `lam[h]`, or the base is 0 somewhere (its gradient divides by
-        it). The base's row partials are `(t (dO . O) - t (V . dV)) / lam` per row t, which sum
-        to `sum (i - j) lam^(i - j - 1) (q_i . k_j)(dO_i . v_j)`."""
-        p, src = self.plan, self.src.chunked
-        if src is None or not causal_only(p, sizes, call.scalars):
+    def linear_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
+        """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time kernels of the
+        path this call's backward takes (`passes.linear.backward_path`), or None when it streams
+        rows instead (or the chunked scans cannot give a wanted read's gradient)."""
+        p = self.plan
+        path = backward_path(p, sizes, call.scalars)
+        if path == LaunchPath.ROW_STREAMING:
             return None
-        base = decay_read(p)
-        if any(base is None or self.bplan.reads[r].name != base.array.name for r in reads):
-            return None
+        if not decay_on(p, call.scalars):  # a decay switched off: its base's reads get no gradient
+            base = decay_read(p)
+            if any(base is None or self.bplan.reads[r].name != base.array.name for r in reads):
+                return None
+            rows = (math.prod(sizes[ix] for ix in p.outer), sizes[p.i])
+            zeros = {r: torch.zeros(rows, dtype=torch.float32, device=call.device) for r in reads}
+            grads = self.chunked_gradients(call, grad_o, sizes, set()) if path == LaunchPath.CHUNKED else \
+                self.reassociated_gradients(call, grad_o, sizes)
+            return grads[0], zeros
+        if path == LaunchPath.CHUNKED:
+            return self.chunked_gradients(call, grad_o, sizes, reads)
+        return None if reads else self.reassociated_gradients(call, grad_o, sizes)
+
+    def _linear_setup(self, call: BoundCall, grad_o, sizes: dict):
+        """(call with promoted operands, interpret, module, outer sizes, combos, dO laid out
+        (outer..., rows, features), the buffers g = dO / den and gs of a row-sum normaliser
+        (a 1-element dummy each without one))."""
+        p = self.plan
         interpret = check_device(call)
         call = promote_operands(call, {op.input.name for op in (p.q, p.k, p.v)})
         outer_sizes = [sizes[ix] for ix in p.outer]
-        combos, n_rows = math.prod(outer_sizes), sizes[p.i]
-        lam = None
-        if reads:
-            lam = align(Reference(p.program, call.tensors, call.scalars).full(base).float(), base.indices,
-                        tuple(p.outer)).expand(*outer_sizes).reshape(combos, 1)
-            if (lam == 0).any():
-                return None
+        combos, n_rows, n_vfeat = math.prod(outer_sizes), sizes[p.i], sizes[p.e]
         device = call.device
         out_axes = (*p.outer, p.i, p.e)
-        shape = [sizes[ax] for ax in out_axes]
-        grad_o = torch.zeros(shape, dtype=call.out_dtype, device=device) if grad_o is None else \
-            align(grad_o, p.output.axes, out_axes)
+        grad_o = torch.zeros([sizes[ax] for ax in out_axes], dtype=call.out_dtype, device=device) \
+            if grad_o is None else align(grad_o, p.output.axes, out_axes)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
-        n_feat, n_vfeat = sizes[p.d], sizes[p.e]
+        if row_sum_on(p, call.scalars):
+            gn = torch.empty((combos, n_rows, n_vfeat), dtype=torch.float32, device=device)
+            gs = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
+        else:
+            gn = gs = torch.zeros(1, dtype=torch.float32, device=device)
+        return call, interpret, module, outer_sizes, combos, grad_o, gn, gs
+
+    def chunked_gradients(self, call: BoundCall, grad_o, sizes: dict, reads: set):
+        """(dQ, dK, dV of the operands, {read: row partial}) from the linear-time chunked
+        kernels (`codegen/chunked.py`: a scan forwards for dQ, one backwards for dK and dV), or
+        None when a wanted read is not the decay base `lam[h]`, or the base is 0 somewhere (its
+        gradient divides by it). The base's row partials are `(t (dO . O) - t (V . dV)) / lam`
+        per row t, which sum to `sum (i - j) lam^(i - j - 1) (q_i . k_j)(dO_i . v_j)`."""
+        p, src = self.plan, self.src.chunked
+        base = decay_read(p)
+        if any(base is None or self.bplan.reads[r].name != base.array.name for r in reads):
+            return None
+        lam = None
+        if reads:
+            outer_sizes = [sizes[ix] for ix in p.outer]
+            lam = align(Reference(p.program, call.tensors, call.scalars).full(base).float(), base.indices,
+                        tuple(p.outer)).expand(*outer_sizes).reshape(math.prod(outer_sizes), 1)
+            if (lam == 0).any():
+                return None
+        call, interpret, module, outer_sizes, combos, grad_o, gn, gs = self._linear_setup(call, grad_o, sizes)
+        n_rows, n_feat, n_vfeat = sizes[p.i], sizes[p.d], sizes[p.e]
+        device = call.device
         dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
         dk = torch.empty_like(dq)
         dv = torch.empty((*outer_sizes, n_rows, n_vfeat), dtype=torch.float32, device=device)
         rs_o, rs_v = (torch.empty((combos, n_rows), dtype=torch.float32, device=device) for _ in range(2))
         tensors = [call.tensors[n] for n in src.tensor_inputs]
         scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
-        # chunks of 16 on a GPU too: at head dim 64 on sm_90 (4 warps) they spill 448 / 592 B (the
-        # forward and backward scans), chunks of 32 or 64 spill 6.7 to 12 KB; untimed
-        meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat))
-        for kernel, outputs in (("fwd", (dq, dq, rs_o)), ("rev", (dk, dv, rs_v))):
-            args = [*tensors, grad_o, *outputs, *(x for t in tensors for x in t.stride()),
+        meta = dict(BLOCK_C=16, BLOCK_D=pow2(n_feat), BLOCK_E=pow2(n_vfeat), ROW_SUM=row_sum_on(p, call.scalars))
+        options = {} if interpret else {"num_warps": CHUNKED_BACKWARD_WARPS}
+        revs = CHUNKED_REVERSE_RUNS[interpret]
+        for kernel, outputs, extra in (("fwd", (dq, dq, rs_o), {}), *(("rev", (dk, dv, rs_v), r) for r in revs)):
+            args = [*tensors, grad_o, *outputs, gn, gs, *(x for t in tensors for x in t.stride()),
                     *(x for t in tensors for x in t.shape), *grad_o.stride(), *outer_sizes,
                     n_rows, sizes[p.j], n_feat, n_vfeat, *scalars]
-            launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), (combos,), args, meta, {}, interpret,
-                                KernelRole.CHUNKED))
+            launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), (combos,), args, {**meta, **extra}, options,
+                                interpret, KernelRole.CHUNKED))
         self.last_path = LaunchPath.CHUNKED
         bufs = {r: (rs_o - rs_v) / lam for r in reads}
         return (dq, dk, dv), bufs
+
+    def reassociated_gradients(self, call: BoundCall, grad_o, sizes: dict):
+        """(dQ, dK, dV of the operands, {}) from the linear-time kernels of a call without an
+        active mask (`codegen/reassociate.py`): the states S, z per (batch, head), dQ per query
+        tile, the reverse states U, u, then dK and dV per key tile."""
+        p, src = self.plan, self.src.reassociated
+        call, interpret, module, outer_sizes, combos, grad_o, gn, gs = self._linear_setup(call, grad_o, sizes)
+        n_rows, n_cols, n_feat, n_vfeat = sizes[p.i], sizes[p.j], sizes[p.d], sizes[p.e]
+        block_d, block_e = pow2(n_feat), pow2(n_vfeat)
+        device = call.device
+        bm = bn = 16  # at D = E = 64 on sm_90 (4 warps): no spill; 32 x 64 tiles spill 176 B (dQ) and 7 KB (dK/dV)
+        state, u_state = (torch.empty((combos, block_d, block_e), dtype=torch.float32, device=device)
+                          for _ in range(2))
+        z, u = (torch.empty((combos, block_d), dtype=torch.float32, device=device) for _ in range(2))
+        dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
+        dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
+        dv = torch.empty((*outer_sizes, n_cols, n_vfeat), dtype=torch.float32, device=device)
+        tensors = [call.tensors[n] for n in src.tensor_inputs]
+        common = [*tensors, state, z, *(x for t in tensors for x in t.stride()),
+                  *(x for t in tensors for x in t.shape), *outer_sizes, n_rows, n_cols, n_feat, n_vfeat]
+        scalars = self.forward.scalar_values(call, src.scalar_args, src.host_scalars)
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, ROW_SUM=row_sum_on(p, call.scalars))
+        options = {} if interpret else {"num_warps": 4}
+        launch(KernelLaunch(getattr(module, f"{src.name}_state"), (1, combos), [*common, *scalars], meta, options,
+                            interpret, KernelRole.LINEAR_STATE))
+        for kernel, grid, outputs in (("dq", (triton_cdiv(n_rows, bm), combos), (dq, dq)),
+                                      ("rev_state", (1, combos), (dq, dq)),
+                                      ("dkdv", (triton_cdiv(n_cols, bn), combos), (dk, dv))):
+            args = [*common, grad_o, gn, gs, *outputs, u_state, u, *grad_o.stride(), *scalars]
+            launch(KernelLaunch(getattr(module, f"{src.name}_{kernel}"), grid, args, meta, options, interpret,
+                                KernelRole.LINEAR_STATE if kernel == "rev_state" else KernelRole.LINEAR_APPLY))
+        self.last_path = LaunchPath.REASSOCIATED
+        return (dq, dk, dv), {}
 
     def read_buffers(self, call: BoundCall, combos: int, n_rows: int, n_cols: int, n_qtiles: int,
                      deterministic: bool, reads=None) -> dict:
@@ -314,8 +390,9 @@ class RowStreamBackward:
     def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
                  deterministic: bool = False) -> list[KernelLaunch]:
         """The backward kernel launches of a call, recorded rather than run (the call's
-        tensors may be meta tensors), every score read's gradient wanted: what `attncc.aot`
-        compiles for a GPU this machine lacks."""
+        tensors may be meta tensors), every score read's gradient wanted (on a linear-time
+        path: none, the decay base's needs the data): what `attncc.aot` compiles for a GPU
+        this machine lacks."""
         p = self.plan
         sizes = call.sizes or p.program.sizes(call.scalars)
         like = call.tensors[p.q.input.name]
@@ -324,6 +401,8 @@ class RowStreamBackward:
         token = runtime._RECORDING.set([])
         try:
             call = self.forward.with_precomputed(call)  # placeholders of the precomputed operands' layout
+            if not return_lse and self.linear_gradients(call, torch.empty_like(o), sizes, set()) is not None:
+                return runtime._RECORDING.get()
             self.operand_gradients(call, o, lse, torch.empty_like(o),
                                    torch.empty_like(lse) if return_lse or p.v is None else None, config, deterministic)
             recorded = runtime._RECORDING.get()
@@ -371,9 +450,13 @@ class RowStreamBackward:
 
         reads = {r for r, rd in enumerate(bplan.reads) if wants(rd.name)}
         sizes = call.sizes or p.program.sizes(call.scalars)
-        chunked = self.chunked_gradients(kernel_call, grad_o, sizes, reads)
-        if chunked is not None:
-            (partials, bufs), delta = chunked, None
+        linear = self.linear_gradients(kernel_call, grad_o, sizes, reads)
+        if linear is not None:
+            (partials, bufs), delta = linear, None
+        elif bplan.linear_only:
+            raise BackendError(f"{p.program.name}: normalised linear attention (or feature maps) has its backward "
+                               "on the linear-time kernels only, and they cannot run this call (a mask other than "
+                               "exactly causal on a square score, or the decay base's gradient at a base of 0)")
         else:
             partials, bufs, delta = self.operand_gradients(kernel_call, o, lse, grad_o, grad_lse, config,
                                                            deterministic, reads)
@@ -400,20 +483,21 @@ class RowStreamBackward:
         for op, part, row, feat in zip(self.operands(), partials, (p.i, p.j, p.j), (p.d, p.d, p.e)):
             name = op.input.name
             have = (*p.outer, row, feat)
-            if name not in bplan.chained and name not in wanted:
+            if name not in bplan.chained and op.transform is None and name not in wanted:
                 continue
-            direct = None if name in bplan.chained else \
+            direct = None if name in bplan.chained or op.transform is not None else \
                 _plain_read(part, have, op.access, sizes, p.group, call.scalars, call.tensors[name].shape)
             if direct is not None:
                 found[name] = direct if name not in found else found[name] + direct
                 continue
+            node = op.transform or op.access  # the kernels' gradient is the feature-mapped operand's
             with torch.enable_grad():
-                value = Reference(p.program, graphed, call.scalars).full(op.access)
-            extra = [k for k, ix in enumerate(have) if ix not in op.access.indices]
+                value = Reference(p.program, graphed, call.scalars).full(node)
+            extra = [k for k, ix in enumerate(have) if ix not in node.indices]
             part = part.sum(extra) if extra else part
-            kept = tuple(ix for ix in have if ix in op.access.indices)
+            kept = tuple(ix for ix in have if ix in node.indices)
             if value.requires_grad:
-                pairs.append((value, align(part, kept, op.access.indices).to(value.dtype)))
+                pairs.append((value, align(part, kept, node.indices).to(value.dtype)))
         chain_through_torch(pairs, wanted, leaves, found)
         return {n: g.to(call.tensors[n].dtype) for n, g in found.items()}
 

@@ -33,7 +33,7 @@ from .reference import Reference, align, evaluate_scalar
 from attncc.codegen import block_map
 from attncc.codegen.row_stream import LOG2E, KernelSource
 from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode
-from attncc.passes.linear import choose_path
+from attncc.passes.linear import choose_path, row_sum_on
 from attncc.passes.row_stream import map_outer
 
 _MODULES: dict[tuple[str, bool], object] = {}
@@ -451,7 +451,7 @@ class RowStreamLauncher:
                 *self.scalar_values(call, src.scalar_args, src.host_scalars)]
         launch(KernelLaunch(getattr(module, src.name), (combos,), args,
                             dict(BLOCK_C=16 if interpret else 64, BLOCK_D=block_d, BLOCK_E=block_e,
-                                 ROW_SUM=p.row_sum, INIT_STATE=initial is not None), {}, interpret,
+                                 ROW_SUM=row_sum_on(p, call.scalars), INIT_STATE=initial is not None), {}, interpret,
                             KernelRole.CHUNKED))
         self.last_path = LaunchPath.CHUNKED
         return o
@@ -472,7 +472,7 @@ class RowStreamLauncher:
                   n_rows, n_cols, n_feat, n_vfeat]
         scalars = self.scalar_values(call, src.scalar_args, src.host_scalars)
         meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_E=block_e,
-                    ROW_SUM=p.row_sum)
+                    ROW_SUM=row_sum_on(p, call.scalars))
         launch(KernelLaunch(getattr(module, f"{src.name}_state"), (1, combos), [*common, *scalars], meta, {},
                             interpret, KernelRole.LINEAR_STATE))
         launch(KernelLaunch(getattr(module, f"{src.name}_apply"), (triton_cdiv(n_rows, cfg["BLOCK_M"]), combos),

@@ -334,9 +334,10 @@ def register(kernel) -> Registration:
     raise RuntimeError("too many live kernels of one spec")
 
 
-def backward_choice(kernel, requiring, grad_enabled: bool) -> tuple[int, str | None]:
+def backward_choice(kernel, requiring, grad_enabled: bool, call=None) -> tuple[int, str | None]:
     """(`NO_GRAPH`, `GENERATED` or `REFERENCE`, why not generated) for a call whose inputs
-    named in `requiring` require grad: the choice `Kernel.__call__` makes."""
+    named in `requiring` require grad: the choice `Kernel.__call__` makes. `call`: the bound
+    call when its sizes are known (a plan whose backward is linear-time only checks its path)."""
     if not (grad_enabled and requiring):
         return NO_GRAPH, None
     if kernel.backend != "triton":
@@ -344,7 +345,9 @@ def backward_choice(kernel, requiring, grad_enabled: bool) -> tuple[int, str | N
     from attncc.passes.backward import call_reason
 
     plan = kernel.backward_plan()
-    reason = plan if isinstance(plan, str) else call_reason(plan, list(requiring))
+    sizes = None if call is None else call.sizes or kernel.program.sizes(call.scalars)
+    reason = plan if isinstance(plan, str) else \
+        call_reason(plan, list(requiring), sizes, None if call is None else call.scalars)
     if reason is None and len(kernel.program.outputs) != 1:
         reason = "the generated backward differentiates one output"
     return (REFERENCE, reason) if reason else (GENERATED, None)
@@ -357,7 +360,7 @@ def arguments(kernel, *, return_lse: bool = False, **kwargs) -> tuple:
     call = bind(kernel.program, kwargs, expanded=True)
     spec = register(kernel).spec
     requiring = tuple(n for n, t in call.tensors.items() if t.requires_grad)
-    backward, reason = backward_choice(kernel, requiring, torch.is_grad_enabled())
+    backward, reason = backward_choice(kernel, requiring, torch.is_grad_enabled(), call)
     return (*(kwargs.get(n) for n in spec.inputs), *(kwargs.get(n) for n, _ in spec.params), return_lse,
             backward, reason)
 

@@ -24,7 +24,7 @@ from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.row_stream import RowStreamCodegen, _indent, tensor_args
 from attncc.codegen.tile_expr import Val
-from attncc.passes.linear import decay_factor
+from attncc.passes.linear import linear_decay
 from attncc.passes.row_stream import RowStreamPlan
 
 
@@ -49,15 +49,17 @@ class ChunkedCodegen(RowStreamCodegen):
 
     def decay(self, env_i: Val, env_j: Val) -> tuple[list[str], str]:
         """Code of the decay factor at the given query and key index values ('1.0' without decay)."""
-        factor = decay_factor(self.plan)
-        if factor is None:
+        decay = linear_decay(self.plan)
+        if decay is None:
             return [], "1.0"
         em = self.em
         env = {**em.env, self.plan.i: env_i, self.plan.j: env_j}
-        saved, em.prologue, em.body = (em.prologue, em.body), [], []
-        val = em.emit(factor, env)
+        saved = (em.prologue, em.body, em.memo)
+        em.prologue, em.body = [], []
+        em.memo = dict(em.memo)  # self-contained lines: the scans use the decays in different subsets
+        val = em.emit(decay.factor, env)
         lines = [*em.prologue, *em.body]
-        em.prologue, em.body = saved
+        em.prologue, em.body, em.memo = saved
         return lines, val.code
 
     def loads(self) -> list[str]:
@@ -162,9 +164,8 @@ class ChunkedCodegen(RowStreamCodegen):
 
 
 class ChunkedBackwardCodegen(ChunkedCodegen):
-    """The linear-time backward of a chunked plan without feature maps or row sums
-    (`passes.linear.chunked_backward`): with `w_ij = lam^(i - j) [j <= i]` and `S_c`, `R_c` the
-    states carried forwards and backwards,
+    """The linear-time backward of a chunked plan (`passes.linear.chunked_backward`): with
+    `w_ij = lam^(i - j) [j <= i]` and `S_c`, `R_c` the states carried forwards and backwards,
 
         dQ_c = (dO_c V_c^T * w) K_c + (dO_c * lam^(i - c0 + 1)) S^T       (forward, with O in fp32)
         dV_c = (Q_c K_c^T * w)^T dO_c + (K_c * lam^(c0 + C - j)) R          (backward, chunks reversed)
@@ -173,7 +174,17 @@ class ChunkedBackwardCodegen(ChunkedCodegen):
 
     and the decay base's gradient from `sum (i - j) lam^(i - j - 1) w'_ij` = `(sum_t t (dO_t . O_t) -
     sum_t t (V_t . dV_t)) / lam` per (batch, head): each kernel stores its term per row (`rs`),
-    the launcher subtracts, sums and divides. Both kernels share one argument list."""
+    the launcher subtracts, sums and divides. Both kernels share one argument list. The reverse
+    scan gives dK (`DK`), dV (`DV`) or both: on a GPU it runs twice, once for each, so that each
+    run holds one output tile and its products (fewer registers: no spill at D = E = 64).
+
+    With a row-sum normaliser (`ROW_SUM`: `o = num / den`, `den_i = sum_j w'_ij`) the values
+    get a column of ones: the forward scan also carries `z = K^T 1` to recompute `den`, and
+    stores `g = dO / den` and `gs = -rowsum(dO * o) / den` (the ones column's output gradient);
+    the reverse scan runs on `g` and carries `r = Q^T gs` next to `R`. The ones column adds
+    `gs z^T` to dQ, `r` to dK and its own `dV` to the decay's sum (`g . num + gs den` is 0, so the
+    forward scan's term vanishes). Feature maps are applied in the loads: the gradients are
+    those of the mapped operands, chained through the maps on the host."""
 
     def __init__(self, plan: RowStreamPlan, name: str):
         super().__init__(plan, name)
@@ -195,42 +206,78 @@ class ChunkedBackwardCodegen(ChunkedCodegen):
         outer = [names.user("size", ix) for ix in p.outer]
         do_strides = [f"do_s{k}" for k in range(len(p.outer))] + ["do_si", "do_se"]
         do_off = " + ".join(f"{names.user('idx', ix)} * do_s{k}" for k, ix in enumerate(p.outer)) or "0"
-        args = ([names.tensor("ptr", t) for t in tensors] + ["do_ptr", "g1_ptr", "g2_ptr", "rs_ptr"] + strides
-                + dims + do_strides + outer + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
+        args = ([names.tensor("ptr", t) for t in tensors] + ["do_ptr", "g1_ptr", "g2_ptr", "rs_ptr", "gn_ptr", "gs_ptr"]
+                + strides + dims + do_strides + outer + ["n_rows", "n_cols", "n_feat", "n_vfeat"] + scalars)
+        g_off = "(flat_o * n_rows + rows[:, None]) * "
+        e_ok = "in_seq[:, None] & (offs_e[None, :] < n_vfeat)"
+        load_do = ("do = tl.load(do_base + rows[:, None] * do_si + offs_e[None, :] * do_se, "
+                   f"mask={e_ok}, other=0.0).to(tl.float32)")
         common = [
             *loads,
-            "do = tl.load(do_base + rows[:, None] * do_si + offs_e[None, :] * do_se, "
-            "mask=in_seq[:, None] & (offs_e[None, :] < n_vfeat), other=0.0).to(tl.float32)",
             *intra_lines,
             f"w = tl.where(rows[None, :] <= rows[:, None], {intra}, 0.0)  # lam^(i - j), causal",
-            "dpw = tl.dot(do, tl.trans(v), input_precision='ieee') * w  # dO_i . v_j, decayed"]
-        g_off = "(flat_o * n_rows + rows[:, None]) * "
+            "a = tl.dot(q, k, input_precision='ieee') * w"]
+        dpw = ["dpw = tl.dot(do, tl.trans(v), input_precision='ieee')  # dO_i . v_j",
+               "if ROW_SUM:",
+               "    dpw += gs[:, None]  # the ones column's",
+               "dpw = dpw * w"]
         fwd = [
             *common,
-            "a = tl.dot(q, k, input_precision='ieee') * w",
+            load_do,
             *row_lines,
-            f"out = tl.dot(a, v, input_precision='ieee') + tl.dot(q * {row_decay}, S, input_precision='ieee')",
-            "tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * tl.sum(out * do, 1), mask=in_seq)",
-            f"dq = (tl.dot(dpw, tl.trans(k), input_precision='ieee') + "
-            f"tl.dot(do * {row_decay}, tl.trans(S), input_precision='ieee')) * qk_scale",
+            f"q_past = q * {row_decay}",
+            "out = tl.dot(a, v, input_precision='ieee') + tl.dot(q_past, S, input_precision='ieee')",
+            "if ROW_SUM:  # o = num / den: the values' gradient dO / den, the ones column's -rowsum(dO * o) / den",
+            "    den = tl.where(in_seq, tl.sum(a, 1) + tl.sum(q_past * z[None, :], 1), 1.0)",
+            "    out = out / den[:, None]",
+            "    gs = -tl.sum(out * do, 1) / den",
+            "    do = do / den[:, None]",
+            f"    tl.store(gn_ptr + {g_off}n_vfeat + offs_e[None, :], do, mask={e_ok})",
+            "    tl.store(gs_ptr + flat_o * n_rows + rows, gs, mask=in_seq)",
+            "    tl.store(rs_ptr + flat_o * n_rows + rows, gs * 0.0, mask=in_seq)  # g . num + gs den = 0",
+            "else:",
+            "    tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * tl.sum(out * do, 1), mask=in_seq)",
+            *dpw,
+            f"dq = tl.dot(dpw, tl.trans(k), input_precision='ieee') + "
+            f"tl.dot(do * {row_decay}, tl.trans(S), input_precision='ieee')",
+            "if ROW_SUM:",
+            f"    dq += (gs[:, None] * {row_decay}) * z[None, :]",
+            "dq = dq * qk_scale",
             f"tl.store(g1_ptr + {g_off}n_feat + offs_d[None, :], dq, mask=in_seq[:, None] & (offs_d[None, :] < n_feat))",
             *col_lines, *chunk_lines,
-            f"S = S * {chunk_decay} + tl.dot(k * {col_decay}, v, input_precision='ieee')"]
+            f"k_to_end = k * {col_decay}",
+            f"S = S * {chunk_decay} + tl.dot(k_to_end, v, input_precision='ieee')",
+            "if ROW_SUM:",
+            f"    z = z * {chunk_decay} + tl.sum(k_to_end, 1)"]
         rev = [
             "c0 = (n_chunks - 1 - t_rev) * BLOCK_C",
             *common,
-            "a = tl.dot(q, k, input_precision='ieee') * w",
+            "if ROW_SUM:  # the forward scan's dO / den and -rowsum(dO * o) / den",
+            f"    do = tl.load(gn_ptr + {g_off}n_vfeat + offs_e[None, :], mask={e_ok}, other=0.0)",
+            "    gs = tl.load(gs_ptr + flat_o * n_rows + rows, mask=in_seq, other=0.0)",
+            "else:",
+            "    " + load_do,
+            *dpw,
             *to_end_lines,
-            f"dv = tl.dot(tl.trans(a), do, input_precision='ieee') + "
-            f"tl.dot(tl.trans(k) * {to_end}, R, input_precision='ieee')",
-            f"dk = tl.dot(tl.trans(dpw), q, input_precision='ieee') + "
+            "if DV:",
+            f"    k_end = tl.trans(k) * {to_end}",
+            "    dv = tl.dot(tl.trans(a), do, input_precision='ieee') + tl.dot(k_end, R, input_precision='ieee')",
+            "    vdv = tl.sum(v * dv, 1)",
+            "    if ROW_SUM:  # the ones column's dV in the decay's sum",
+            "        vdv += tl.sum(a * gs[:, None], 0) + tl.sum(k_end * r[None, :], 1)",
+            "    tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * vdv, mask=in_seq)",
+            f"    tl.store(g2_ptr + {g_off}n_vfeat + offs_e[None, :], dv, mask={e_ok})",
+            "if DK:",
+            f"    dk = tl.dot(tl.trans(dpw), q, input_precision='ieee') + "
             f"tl.dot(v * {to_end}, tl.trans(R), input_precision='ieee')",
-            "tl.store(rs_ptr + flat_o * n_rows + rows, rows.to(tl.float32) * tl.sum(v * dv, 1), mask=in_seq)",
-            f"tl.store(g1_ptr + {g_off}n_feat + offs_d[None, :], dk, mask=in_seq[:, None] & (offs_d[None, :] < n_feat))",
-            f"tl.store(g2_ptr + {g_off}n_vfeat + offs_e[None, :], dv, "
-            "mask=in_seq[:, None] & (offs_e[None, :] < n_vfeat))",
+            "    if ROW_SUM:  # the ones column's key gradient",
+            f"        dk += {to_end} * r[None, :]",
+            f"    tl.store(g1_ptr + {g_off}n_feat + offs_d[None, :], dk, mask=in_seq[:, None] & (offs_d[None, :] < n_feat))",
             *from_lines, *chunk_lines,
-            f"R = R * {chunk_decay} + tl.dot(tl.trans(q * {from_start}), do, input_precision='ieee')"]
+            f"q_start = q * {from_start}",
+            f"R = R * {chunk_decay} + tl.dot(tl.trans(q_start), do, input_precision='ieee')",
+            "if ROW_SUM:",
+            f"    r = r * {chunk_decay} + tl.sum(q_start * gs[:, None], 0)"]
         head = [*_indent(self.decode()),
                 "    flat_o = tl.program_id(0).to(tl.int64)",
                 "    offs_c = tl.arange(0, BLOCK_C)",
@@ -239,17 +286,20 @@ class ChunkedBackwardCodegen(ChunkedCodegen):
                 *_indent(list(em.prologue)),
                 *_indent(bases),
                 f"    do_base = do_ptr + {do_off}"]
-        sig = f"{', '.join(args)}, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr"
+        sig = (f"{', '.join(args)}, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, "
+               "ROW_SUM: tl.constexpr")
         src = ["@triton.jit", f"def {self.name}_fwd({sig}):",
                '    """dQ and t (dO . O) of one (batch, head): chunks in order, the state S carried."""',
                *head,
                "    S = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
+               "    z = tl.zeros([BLOCK_D], dtype=tl.float32)",
                "    for c0 in range(0, n_rows, BLOCK_C):", *_indent(fwd, 2),
                "", "",
-               "@triton.jit", f"def {self.name}_rev({sig}):",
-               '    """dK, dV and t (V . dV) of one (batch, head): chunks in reverse, the state R carried."""',
+               "@triton.jit", f"def {self.name}_rev({sig}, DK: tl.constexpr, DV: tl.constexpr):",
+               '    """dK (DK), dV and t (V . dV) (DV) of one (batch, head): chunks in reverse, the state R carried."""',
                *head,
                "    R = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)",
+               "    r = tl.zeros([BLOCK_D], dtype=tl.float32)",
                "    n_chunks = tl.cdiv(n_rows, BLOCK_C)",
                "    for t_rev in range(0, n_chunks):", *_indent(rev, 2)]
         return "\n".join(src) + "\n", tensors, scalars, dict(em.host_scalars)

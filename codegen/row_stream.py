@@ -23,7 +23,7 @@ from attncc.codegen.pytext import docstring
 from attncc.codegen.mask_code import guard_code, printed
 from attncc.codegen.tile_expr import TileEmitter, Val, as_float
 from attncc.passes.kinds import MaskMode, WeightKind
-from attncc.passes.linear import chunkable, reassociable
+from attncc.passes.linear import chunkable, linear_plan, reassociable
 from attncc.passes.mask_sympy import code_name
 from attncc.passes.row_stream import RowStreamPlan, map_outer
 
@@ -376,6 +376,11 @@ class RowStreamCodegen:
             x = self.sfx(t)
             if term.kind == WeightKind.POINTWISE:
                 part = f"acc{x} / tl.where(row_ok, l_i{x}, 1.0)[:, None]" if self.plan.row_sum else f"acc{x}"
+                if self.plan.row_sum_switch is not None:  # `where(normalize, num / den, num)`
+                    self.em.body = []
+                    switch = self.em.emit(self.plan.row_sum_switch)
+                    lines += self.em.body
+                    part = f"tl.where({switch.code}, {part}, acc{x})"
             else:
                 lines.append(f"l_safe{x} = tl.where(l_i{x} == 0.0, 1.0, l_i{x})")
                 part = f"acc{x} / l_safe{x}[:, None]"
@@ -718,12 +723,12 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
     from attncc.codegen.chunked import ChunkedCodegen
     from attncc.codegen.reassociate import ReassociatedCodegen
 
-    if reassociable(plan):
-        text, tensors, scalars, hosts = ReassociatedCodegen(plan, prefix).generate_text()
+    if reassociable(plan):  # on the plan with per-query and per-key factors folded into the operands
+        text, tensors, scalars, hosts = ReassociatedCodegen(linear_plan(plan), prefix).generate_text()
         parts.append(text)
         main.reassociated = LinearSource(f"{prefix}_linear", tensors, scalars, hosts)
     if chunkable(plan):
-        text, tensors, scalars, hosts = ChunkedCodegen(plan, prefix).generate_text()
+        text, tensors, scalars, hosts = ChunkedCodegen(linear_plan(plan), prefix).generate_text()
         parts.append(text)
         main.chunked = LinearSource(f"{prefix}_chunked", tensors, scalars, hosts)
     for k, (node, stats) in enumerate(plan.statistics.items()):

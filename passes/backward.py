@@ -57,7 +57,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from attncc import ir
-from attncc.passes.kinds import MaskMode, ReadMode, WeightKind
+from attncc.passes.kinds import LaunchPath, MaskMode, ReadMode, WeightKind
+from attncc.passes.linear import (backward_path, chunked_backward, linear_only_backward, linear_plan,
+                                  reassociable)
 from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
 from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
@@ -101,6 +103,7 @@ class BackwardPlan:
     sink: ir.Node | None = None  # the softmax's sink logit when float inputs flow into it (their gradient)
     parts: tuple = ()           # several terms: (BackwardPlan of the term alone, its coefficient or None) each
     statistics: dict = field(default_factory=dict)  # precomputed log-sum-exp node -> its statistics pass's BackwardPlan
+    linear_only: bool = False   # generated for the linear-time paths only (`passes.linear.linear_only_backward`)
 
     @property
     def pointwise(self) -> bool:
@@ -133,11 +136,17 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     term = plan.terms[0]
     if len(plan.terms) > 1 or term.coef is not None or plan.summed_outer:  # o = sum_t c_t W_t V: term by term
         return _terms_backward(plan)
-    if term.kind == WeightKind.POINTWISE and plan.row_sum:
-        raise NoGeneratedBackward("pointwise weights divided by their row sums (normalised linear attention): "
-                                  "their backward is not generated yet")
+    linear_only = term.kind == WeightKind.POINTWISE and linear_only_backward(plan)
+    if linear_only and not (reassociable(plan) or chunked_backward(plan)):
+        raise NoGeneratedBackward("pointwise weights divided by their row sums (normalised linear attention) or "
+                                  "passed through feature maps: their backward is generated on the linear-time "
+                                  "paths only, which this plan does not take (a score modification, or a mask "
+                                  "other than a causal switch)")
+    if linear_only:  # the kernels' plan: per-query and per-key factors folded into the operands' maps
+        plan = linear_plan(plan)
+        term = plan.terms[0]
     for op, role in ((term.q, "queries"), (term.k, "keys"), (plan.v, "values")):
-        if op is not None and op.transform is not None:
+        if op is not None and op.transform is not None and not linear_only:
             raise NoGeneratedBackward(f"the {role} pass through a feature map (line "
                                       f"{op.transform.loc.line if op.transform.loc else '?'}): its gradient "
                                       "is not generated yet")
@@ -155,7 +164,7 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
         node = synthetic.get(op.input.name)
         if node is not None:
             chained.append(op.input.name)
-        operands.append(node if node is not None else op.access)
+        operands.append(node if node is not None else op.transform or op.access)
     grad_inputs = float_reads(operands)
     score_inputs = float_reads([term.score, *term.qk_factors], stop={term.qk})
     raw = ir.Contract(factors=(term.q.access, term.k.access), indices=term.qk.indices, dtype=ir.FLOAT,
@@ -171,7 +180,8 @@ def plan_backward(plan: RowStreamPlan) -> BackwardPlan:
     key_masks, key_symbols = transposed_masks(plan)
     return BackwardPlan(plan, derivative, frozenset(grad_inputs - set(reasons)), frozenset(score_inputs),
                         tuple(chained), key_masks, key_symbols, tuple(reads), reasons, raw,
-                        term.sink if sink_inputs else None, statistics=statistics)
+                        term.sink if sink_inputs else None, statistics=statistics,
+                        linear_only=linear_only)
 
 
 def statistics_backward(plan: RowStreamPlan, qk: ir.Node, materialized) -> dict:
@@ -369,7 +379,7 @@ def general_plan_reason(program: ir.Program) -> str:
         why = f"several outputs ({', '.join(o.name for o in program.outputs)})"
     else:
         try:
-            plan_row_stream(program)
+            plan_row_stream(program, switches=True)
             why = "its plan was not chosen"
         except NotRowStreamable as err:
             why = str(err)
@@ -377,12 +387,20 @@ def general_plan_reason(program: ir.Program) -> str:
             f"skeleton, whose backward is generated, does not take this spec: {why})")
 
 
-def call_reason(bplan: BackwardPlan, requires_grad) -> str | None:
+def call_reason(bplan: BackwardPlan, requires_grad, sizes: dict | None = None,
+                scalars: dict | None = None) -> str | None:
     """Why a call whose inputs `requires_grad` (names) cannot take the generated backward,
-    or None when it can."""
+    or None when it can. `sizes` (every index's extent) and `scalars` (dims and params): the
+    call's, which decide whether a plan with a linear-time backward only takes it."""
     missing = sorted(n for n in requires_grad if n in bplan.read_reasons)
     if missing:
         return "; ".join(f"{n}: {bplan.read_reasons[n]}" for n in missing)
+    plan = bplan.plan
+    if bplan.linear_only and sizes is not None and \
+            backward_path(plan, sizes, scalars) == LaunchPath.ROW_STREAMING:
+        return (f"normalised linear attention (or feature maps): the backward is generated for the linear-time "
+                f"paths only (no active mask, or exactly causal on a square score), and this call "
+                f"({plan.i}={sizes[plan.i]}, {plan.j}={sizes[plan.j]}) streams rows")
     return None
 
 

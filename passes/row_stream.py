@@ -90,6 +90,7 @@ class RowStreamPlan:
     precomputed: Precomputed | None = None  # intermediates computed before the launch
     summed_outer: tuple[str, ...] = ()  # indices summed in the epilogue (heads in mixture-of-heads)
     row_sum: bool = False     # divide by the row sums of the (pointwise) weights
+    row_sum_switch: ir.Node | None = None  # the scalar condition under which it divides (None: always)
     statistics: dict = field(default_factory=dict)  # precomputed node -> the plan of its statistics pass
     row_weight: ir.Node | None = None  # a factor of each row's output (a mixture-of-heads coefficient, in the
     #   backward's per-head plans): where it is 0 on every row of a query tile, the tile skips its key loop
@@ -346,11 +347,15 @@ def _term(program, kind: WeightKind, coef, score, j, pre: Precomputed, i_hint=No
     return term, i, d
 
 
-def plan_row_stream(program: ir.Program) -> RowStreamPlan:
+def plan_row_stream(program: ir.Program, switches: bool = False) -> RowStreamPlan:
     """Match the first output against `sum_k coef_k * norm_k(S_k) @ V` (possibly divided by
-    the row sums of a pointwise weight, possibly summed over heads) and analyse the masks."""
+    the row sums of a pointwise weight, possibly summed over heads) and analyse the masks.
+    `switches`: also take a normaliser switched by a scalar (`where(normalize, num / den,
+    num)`, `RowStreamPlan.row_sum_switch`); callers that read `row_sum` as always on leave it off."""
     out = program.outputs[0]
-    pv, row_sum = _divided_by_row_sum(out.node)
+    pv, row_sum, switch = _divided_by_row_sum(out.node)
+    if switch is not None and not switches:
+        pv, row_sum, switch = out.node, None, None
     if not isinstance(pv, ir.Contract):
         raise NotRowStreamable("the output is not a contraction of weights with values")
     j, qk = _streamed_index(program, pv, out)
@@ -408,7 +413,7 @@ def plan_row_stream(program: ir.Program) -> RowStreamPlan:
         raise NotRowStreamable(str(why)) from None
     group = None if summed_outer else _gqa_group(terms, v, masks)
     plan = RowStreamPlan(program, out, i, j, d, e, outer, terms, v, masks, mask_plan, symbols,
-                         group, opaque, pre, summed_outer, row_sum is not None)
+                         group, opaque, pre, summed_outer, row_sum is not None, switch)
     for node in pre.inputs:
         stats = plan_statistics(program, node)
         if stats is not None:
@@ -443,11 +448,17 @@ def plan_statistics(program: ir.Program, node: ir.Node) -> RowStreamPlan | None:
 
 
 def _divided_by_row_sum(node: ir.Node):
-    """`num[b,h,i,e] / den[b,h,i]` with `den = sum(w, j)`: normalised linear attention."""
+    """(numerator, row sum, switch): `num[b,h,i,e] / den[b,h,i]` with `den = sum(w, j)`
+    (normalised linear attention), or `where(c, num / den, num)` with a scalar `c` (a
+    normaliser switched by a param); (node, None, None) otherwise."""
+    if isinstance(node, ir.Map) and node.op == "where" and not node.args[0].indices:
+        num, den, _ = _divided_by_row_sum(node.args[1])
+        if den is not None and num == node.args[2]:
+            return num, den, node.args[0]
     if isinstance(node, ir.Map) and node.op == "/" and isinstance(node.args[1], ir.Reduce) \
             and node.args[1].op == "sum" and node.args[1].block is None and len(node.args[1].axes) == 1:
-        return node.args[0], node.args[1]
-    return node, None
+        return node.args[0], node.args[1], None
+    return node, None, None
 
 
 def _streamed_index(program: ir.Program, pv: ir.Contract, out: ir.Output) -> tuple[str, ir.Contract]:

@@ -238,16 +238,27 @@ def test_learnable_score_inputs_are_generated_too():
         assert_close_to_scale(got[n], want[n], what=f"d{n}")
 
 
-@pytest.mark.parametrize("name,why", [("linear_elu", "row sums")])
-def test_plans_without_a_generated_backward_say_reference_and_why(name, why):
+FEATURE_MAPPED_SOFTMAX = """
+attention fm(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E]) -> o[B,H,N,E] {
+  fq[b,h,i,d] = elu(q[b,h,i,d]) + 1
+  s[b,h,i,j] = fq[b,h,i,d] * k[b,h,j,d]
+  p = softmax(s, j)
+  o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+}
+"""
+
+
+def test_plans_without_a_generated_backward_say_reference_and_why(tmp_path):
+    """A softmax over feature-mapped queries: the maps' gradient is not generated (every
+    gallery row-streaming plan now has one), so the call says reference, and why."""
+    path = tmp_path / "fm.attn"
+    path.write_text(FEATURE_MAPPED_SOFTMAX)
+    why = "feature map"
     with pytest.raises(NoGeneratedBackward, match=why):
-        plan_backward(_plan(name))
-    kwargs = make_inputs(name, dtype=torch.float32, B=1, H=2, N=9, M=9, D=4, E=4)
-    for t in kwargs.values():
-        if torch.is_tensor(t) and t.is_floating_point():
-            t.requires_grad_(True)
-    kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
-    o = kernel(**kwargs)
+        plan_backward(plan_row_stream(attncc.load(str(path))))
+    q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))
+    kernel = attncc.compile(str(path), backend="triton")
+    o = kernel(q=q, k=k, v=v)
     assert kernel.last_run["backward"] == "reference" and why in kernel.last_run["backward_reason"]
     assert o.grad_fn is not None
 

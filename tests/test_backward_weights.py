@@ -231,8 +231,7 @@ def test_gqa_packed_decoding_reads_each_rows_sink():
 
 @pytest.mark.parametrize("name,why", [("prob_columns", "several outputs (o, pm)"),
                                       ("column_mass", "several outputs (o, colsum)"),
-                                      ("class_redistribute", "not a contraction of weights with values"),
-                                      ("linear_kernel", "not a contraction of weights with values")])
+                                      ("class_redistribute", "not a contraction of weights with values")])
 def test_general_plans_take_the_reference_backward_and_say_why(name, why):
     kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
     reason = kernel.backward_plan()

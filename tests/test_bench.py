@@ -263,7 +263,7 @@ def test_bwd_mode_reports_the_backward():
 
 
 def test_general_plans_are_benchmarked_without_a_tile_count():
-    doc = run_benchmark(EXAMPLES / "linear_kernel.attn", SMOKE_SHAPES[:1], dtype="float32", device="cpu",
+    doc = run_benchmark(EXAMPLES / "class_redistribute.attn", SMOKE_SHAPES[:1], dtype="float32", device="cpu",
                         warmup=1, reps=1, competitors=["attncc"])
     (variant,) = doc["variants"].values()
     (result,) = variant["results"]
