@@ -156,26 +156,37 @@ def test_window_summary_without_summaries(backend):
 
 @pytest.mark.parametrize("name,streams", [("window_summary", ["j", "c"]), ("epipolar_views", ["t", "j"])])
 def test_the_general_plan_streams_the_key_sets_in_one_pass(name, streams):
-    """One pass kernel streams both key sets one after another, each with its own online
-    log-sum-exp and weighted values (merged by torch); the printable plan says so, and the
-    raw-key stream of window_summary visits only the causal hull of its tiles."""
-    from attncc.passes.streams import Reduction, plan_streams
+    """One pass kernel streams both key sets one after another with ONE online normaliser:
+    the first set's log-sum-exp accumulator is joint (the later set is a part of it that
+    updates the same running maximum and sum), both value sums are online with it, and the
+    torch epilogue reads no log-sum-exp (no merge); the printable plan and the kernel's
+    comments say so, and the raw-key stream of window_summary visits only the causal hull."""
+    from attncc.passes.streams import Reduction, _walk, plan_streams, torch_form
     plan = plan_streams(attncc.load(f"examples/{name}.attn"))
     assert len(plan.passes) == 1 and not plan.apart
     (p,) = plan.passes
     assert [seg.stream for seg in p.segments()] == streams
+    lses = []
     for seg in p.segments():
         kinds = sorted(a.kind.name for a in seg.accumulators)
         assert kinds == ["DOT", "LSE"], kinds
-        dot = next(a for a in seg.accumulators if a.kind is Reduction.DOT)
-        assert dot.online is next(a for a in seg.accumulators if a.kind is Reduction.LSE)
+        lses.append(next(a for a in seg.accumulators if a.kind is Reduction.LSE))
+    head, part = lses
+    assert head.parts == [part] and part.joint is head and head.joint is None
+    assert all(a.online is head for a in p.all_accumulators() if a.kind is Reduction.DOT)
+    assert part.node not in plan.results or part.node is head.node  # one stored log-sum-exp
+    stored = plan.results[head.node]
+    for _, node in plan.outputs:  # the epilogue only adds the normalised sums: no merge by LSE
+        assert not any(getattr(n, "array", None) is stored for n in _walk(torch_form(plan, node, {}), lambda n: False))
     text = plan.describe()
-    assert "1 generated pass(es)" in text
+    assert "1 generated pass(es)" in text and "one online normaliser" in text
+    assert f"joint over '{streams[0]}', '{streams[1]}'" in text
     assert f"streams '{streams[0]}', then '{streams[1]}'" in text
     if name == "window_summary":
         assert p.mask_plan is not None  # the causal bound of the raw keys
     source = generate_streams(plan, name).source
     assert source.count("for start_n in range(") == 2 and source.count("@triton.jit") == 1
+    assert "one online normaliser for the key sets" in source and "m1_end0 = m1" in source
 
 
 # ------------------------------------------------------------------------- epipolar_views
@@ -286,16 +297,16 @@ APART = """attention apart(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], ks[B,H,C,D], vs[B
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_key_sets_of_different_levels_stream_apart(backend, tmp_path):
-    """A key set whose scores read a row statistic of the other set's pass comes a level
-    later: the sets stream in separate kernels, the plan says why, and the merge by
-    log-sum-exp still matches the float64 oracle."""
+def test_key_sets_reading_a_statistic_of_a_set_share_a_later_pass(backend, tmp_path):
+    """A key set whose scores read a row statistic of the other set (`amax(s, j)`): the
+    statistic is a pass of its own, and the joint normaliser streams both sets a level later,
+    matching the float64 oracle."""
     from attncc.passes.streams import plan_streams
     path = tmp_path / "apart.attn"
     path.write_text(APART)
     plan = plan_streams(attncc.load(path))
-    assert [p.stream for p in plan.passes] == ["j", "c"] and not any(p.then for p in plan.passes)
-    assert "separate kernels: the key sets of line 6" in plan.describe() and "level" in plan.apart[0]
+    assert [(p.level, p.stream, [s.stream for s in p.then]) for p in plan.passes] == [(0, "j", []), (1, "j", ["c"])]
+    assert not plan.apart
     g = torch.Generator().manual_seed(5)
     B, H, N, M, C, D, E = 1, 2, 9, 12, 5, 8, 3
     q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, M, D, generator=g), \
@@ -328,6 +339,9 @@ def test_learned_sinks_is_a_one_key_special_case(backend, tmp_path):
   o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
 }
 """)
+    from attncc.passes.streams import plan_streams
+    plan = plan_streams(attncc.load(spec))  # the one-entry set has no tile dot: planned apart, merged by torch
+    assert plan.apart == ["the key sets of line 5: `p, p0 = softmax(s, j, one, z)`: a set's scores hold no tile dot"]
     want = attncc.compile("examples/learned_sinks.attn", backend="reference")(q=q, k=k, v=v, sinks=sinks)
     got = attncc.compile(spec, backend=backend)(q=q, k=k, v=v, sinks=sinks[:, None])
     close(got, want.double(), "sets")

@@ -77,20 +77,71 @@ def test_membership_in_an_expression(backend):
           attend(q, k, v, torch.ones(N, M, dtype=torch.bool), bias))
 
 
-def test_membership_of_an_index_expression_over_query_and_key():
-    """Block lists in one mask line: key block j // kb listed for query block i // qb. The
-    reference runs it; Triton refuses (the test runs per (i, j) pair, a score-sized
-    intermediate): examples/block_lists.attn builds the block table first, which it takes."""
-    N, M, D, E, qb, kb = 11, 10, 5, 4, 4, 3
-    q, k, v = rand(N, D, seed=8), rand(M, D, seed=9), rand(M, E, seed=10)
-    kidx = torch.tensor([[1, -1], [0, 3], [2, 2]])
-    with pytest.raises(attncc.BackendError, match=r"line 5: `mask j // kb in kidx\[i // qb, :\] or j == 0` "
-                                                  "needs a score-sized intermediate"):
-        attncc.compile(BLOCKS, backend="triton")
-    kernel = attncc.compile(BLOCKS, backend="reference")
+def block_lists(N, M, qb, kb, kidx, extra):
+    """The oracle of BLOCKS: key block j // kb listed for query block i // qb, or `extra`."""
     i, j = torch.arange(N)[:, None], torch.arange(M)[None, :]
-    listed = (kidx[i // qb] == (j // kb)[..., None]).any(-1)
-    close(kernel(q=q, k=k, v=v, kidx=kidx, qb=qb, kb=kb), attend(q, k, v, listed | (j == 0)))
+    return (kidx[i // qb] == (j // kb)[..., None]).any(-1) | extra(i, j)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,M,qb,kb,kidx", [
+    (11, 10, 4, 3, [[1, -1], [0, 3], [2, 2]]),                     # duplicates, a -1 that matches nothing
+    (37, 29, 5, 2, [[k % 15, (3 * k + 1) % 15, 14 - k % 15] for k in range(8)]),  # several key tiles
+    (9, 13, 3, 4, [[] for _ in range(3)]),                         # empty lists: only key 0
+])
+def test_membership_per_pair_in_a_mask(backend, N, M, qb, kb, kidx):
+    """Block lists in one mask line: key block j // kb listed for query block i // qb. The
+    Triton kernel loops over each row's list inside the mask (runtime length K), comparing
+    its entries with the tile's key blocks; the masks' tile range stays sound (the test is
+    an opaque atom: tiles are masked per element, none skipped for it)."""
+    D, E = 5, 4
+    kidx = torch.tensor(kidx, dtype=torch.long).reshape(len(kidx), -1)
+    q, k, v = rand(N, D, seed=8), rand(M, D, seed=9), rand(M, E, seed=10)
+    kernel = attncc.compile(BLOCKS, backend=backend)
+    want = attend(q, k, v, block_lists(N, M, qb, kb, kidx, lambda i, j: j == 0))
+    close(kernel(q=q, k=k, v=v, kidx=kidx, qb=qb, kb=kb), want)
+    assert kernel.last_run["backend"] == backend
+    if backend == "triton":
+        assert "for g0 in range(0, dim_K):" in kernel.generated.source.source
+
+
+CAUSAL_QUERY_LISTS = """attention qlists(q[B,N,D], k[B,M,D], v[B,M,E], qidx[B,KB,T]: int) -> o[B,N,E] {
+  param qb: int = 4
+  param kb: int = 3
+  s[b,i,j] = q[b,i,d] * k[b,j,d] * D ** -0.5
+  mask j <= i and (i // qb in qidx[b, j // kb, :] or j == i)
+  p = softmax(s, j)
+  o[b,i,e] = p[b,i,j] * v[b,j,e]
+}"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_membership_of_a_list_per_key_with_causal_skipping(backend):
+    """The list read per key (query blocks listed for key block j // kb), and-ed with a
+    causal mask whose bound skips the tiles past the diagonal: forward and gradients
+    against float64 autograd of the oracle (the generated backward when Triton runs)."""
+    B, N, M, D, E, qb, kb, T = 2, 37, 37, 6, 5, 4, 3, 3
+    g = torch.Generator().manual_seed(12)
+    q, k, v = rand(B, N, D, seed=13), rand(B, M, D, seed=14), rand(B, M, E, seed=15)
+    qidx = torch.randint(-1, (N + qb - 1) // qb, (B, (M + kb - 1) // kb, T), generator=g)
+    i, j = torch.arange(N)[:, None], torch.arange(M)[None, :]
+    listed = (qidx[:, j // kb] == (i // qb)[None, ..., None]).any(-1)         # [B,N,M]
+    allowed = (j <= i) & (listed | (j == i))
+    assert listed.any() and not listed.all()
+    x32 = [t.clone().requires_grad_() for t in (q, k, v)]
+    x64 = [t.double().requires_grad_() for t in (q, k, v)]
+    kernel = attncc.compile(CAUSAL_QUERY_LISTS, backend=backend)
+    o = kernel(q=x32[0], k=x32[1], v=x32[2], qidx=qidx, qb=qb, kb=kb)
+    want = attend(*x64, allowed)
+    close(o.detach(), want.detach())
+    w = rand(B, N, E, seed=16)
+    (o * w).sum().backward()
+    grads = torch.autograd.grad((want * w.double()).sum(), x64)
+    for got, gw in zip(x32, grads):
+        close(got.grad, gw)
+    assert kernel.last_run["backend"] == backend
+    if backend == "triton":
+        assert kernel.last_run["backward"] == "triton", kernel.last_run
 
 
 def test_membership_lowers_to_an_amax_over_a_fresh_index():
