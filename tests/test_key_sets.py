@@ -283,6 +283,55 @@ def test_generic_joint_softmax_with_a_sink(backend, tmp_path):
     close_lse(lse, want_lse)
 
 
+RESCALE = """attention rescale(q[B,H,N,D], k[B,G,M,D], v[B,G,M,E], ks[B,G,C,D], vs[B,G,C,E]) -> o[B,H,N,E] {
+  param boost: float = 1.0
+  require H % G == 0
+  let R = H // G
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h // R,j,d] * D ** -0.5
+  ss[b,h,i,c] = q[b,h,i,d] * ks[b,h // R,c,d] * D ** -0.5
+  ss += boost
+  mask j < i - 2
+  mask c < i % 4
+  p, ps = softmax(s, j, ss, c)
+  o1[b,h,i,e] = p[b,h,i,j] * v[b,h // R,j,e]
+  o2[b,h,i,e] = ps[b,h,i,c] * vs[b,h // R,c,e]
+  o = o1 + o2
+}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("boost", [12.0, -12.0, 0.0])
+def test_joint_normaliser_rescales_in_the_second_set(backend, boost):
+    """GQA, N != M, D != E, rows with no key in either set (o = 0, lse = -inf), rows with
+    only raw keys and rows with only summaries; a boost of 12 makes the summaries' logits the row
+    maxima (the running maximum rises in the second stream, so the first set's finished sum
+    is rescaled), -12 keeps the maximum in the first set. o and the joint lse against the
+    float64 oracle of one softmax over the concatenated sets."""
+    g = torch.Generator().manual_seed(21)
+    B, H, G, N, M, C, D, E = 1, 4, 2, 23, 19, 5, 8, 6
+    q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, G, M, D, generator=g), \
+        torch.randn(B, G, M, E, generator=g)
+    ks, vs = torch.randn(B, G, C, D, generator=g), torch.randn(B, G, C, E, generator=g)
+    i = torch.arange(N)[:, None]
+    raw_ok, sum_ok = torch.arange(M)[None, :] < i - 2, torch.arange(C)[None, :] < i % 4
+    ss = scores(q, ks) + boost
+    want_o, want_lse = joint([(scores(q, k), raw_ok), (ss, sum_ok)], [heads(v, H), heads(vs, H)])
+    empty = ~(raw_ok.any(-1) | sum_ok.any(-1))
+    assert empty.any() and (raw_ok.any(-1) & ~sum_ok.any(-1)).any() and (sum_ok.any(-1) & ~raw_ok.any(-1)).any()
+    top_raw = scores(q, k).masked_fill(~raw_ok, -math.inf).amax(-1)
+    top_sum = ss.masked_fill(~sum_ok, -math.inf).amax(-1)
+    both = raw_ok.any(-1) & sum_ok.any(-1)
+    rises = (top_sum > top_raw)[..., both]
+    assert bool(rises.all()) if boost > 0 else not bool(rises.any()) if boost < 0 else True
+    kernel = attncc.compile(RESCALE, backend=backend)
+    o, lse = kernel(q=q, k=k, v=v, ks=ks, vs=vs, boost=boost, return_lse=True)
+    close(o, want_o, "o")
+    close_lse(lse, want_lse)
+    assert float(o[..., empty, :].abs().max()) == 0.0
+    assert kernel.last_run["backend"] == backend
+
+
 APART = """attention apart(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], ks[B,H,C,D], vs[B,H,C,E]) -> o[B,H,N,E] {
   s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
   top[b,h,i] = amax(s, j)
