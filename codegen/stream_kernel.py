@@ -13,7 +13,9 @@ the accumulators' expressions with the tile emitter, and updates the accumulator
 
 A joint log-sum-exp (one softmax over several key sets) keeps one m and l per row across its
 sets' loops: each set's loop updates them with its own scores and masks, and a sum finished in
-an earlier loop is rescaled once at the end by exp(m at the end of its loop - final m).
+an earlier loop is rescaled once at the end by exp(m at the end of its loop - final m). A
+later set's value sum that the outputs only add to an earlier one's (`into`) continues that
+accumulator in its own loop.
 
 and stores each accumulator's final value (a small tensor over batch, head, rows and
 maybe features) for the passes, torch epilogues and outputs that read it.
@@ -128,7 +130,7 @@ class PassCodegen:
         self.extents: dict = {}  # scalar argument -> index whose size it is
         self.topk: dict = {}     # constexpr buffer width -> the selection's amount
         self.s = 0               # the index of the stream being written
-        self.after: list = []    # lines after the current stream's loop (running maxima kept for a rescale)
+        self.after: dict = {}    # stream -> lines after its loop (running maxima kept for a rescale)
 
     # ------------------------------------------------------------------ operands
     def operand_tile(self, op, tile: str, tile_code: str, feature: str, block: str, env=None) -> tuple[list[str], Val]:
@@ -202,7 +204,7 @@ class PassCodegen:
         t = 0
         for s, seg in enumerate(sp.segments()):  # one loop per stream, one after another
             self.seg, self.n_cols = seg, "n_cols" if s == 0 else self.extent_arg(seg.stream)
-            self.s, self.after = s, []
+            self.s = s
             em.body, row_loads, init, dot_lines, update = [], [], [], [], []
             for dot in seg.dots:
                 block = f"BLOCK_D{t}"
@@ -233,9 +235,9 @@ class PassCodegen:
                       *self.stream_range(seg), "for start_n in range(lo, hi, BLOCK_N):",
                       "    offs_n = start_n + tl.arange(0, BLOCK_N)",
                       "    allowed = row_ok[:, None] & (offs_n[None, :] < hi)",
-                      *_indent(dot_lines), *_indent(em.body), *_indent(update), *self.after]
+                      *_indent(dot_lines), *_indent(em.body), *_indent(update), *self.after.get(s, [])]
         em.body = []
-        stored = [acc for acc in self.accs if acc.joint is None]  # a key set's part stores nothing of its own
+        stored = [acc for acc in self.accs if acc.joint is None and acc.into is None]  # parts: held by others
         for r, acc in enumerate(stored):
             results.append(acc.node)
             stores.append(self.store(r, self.accs.index(acc), acc))
@@ -332,7 +334,7 @@ class PassCodegen:
             x = em.emit(acc.arg)
             if acc.joint is not None:
                 update_lines.append(comment(f"key set {acc.stream!r}: the joint running maximum m{h} and sum l{h} "
-                                            "(the earlier sets' sums are rescaled once, at the end)"))
+                                            "(an earlier set's sum that no later loop continues is rescaled once, at the end)"))
             update_lines += [
                 f"x{k} = tl.where({allowed}, {x.code}, {_NEG_INF})",
                 f"m_new{h} = tl.maximum(m{h}, tl.max(x{k}, 1))",
@@ -369,27 +371,34 @@ class PassCodegen:
                 lse = self.accs.index(acc.online)
                 rescale = f" * alpha{lse}" + ("[:, None]" if acc.kind is Reduction.DOT else "")
             if acc.kind is Reduction.DOT:
-                block = f"BLOCK_E{k}"
+                a = k if acc.into is None else self.accs.index(acc.into)  # the accumulator it adds into
+                block = f"BLOCK_E{a}"
                 self.features[block] = acc.feature
                 v_lines, v = self.operand_tile(acc.value, "n", "offs_n", acc.feature, block)
-                init.append(f"acc{k} = tl.zeros([BLOCK_M, {block}], tl.float32)")
+                if acc.into is None:
+                    init.append(f"acc{k} = tl.zeros([BLOCK_M, {block}], tl.float32)")
+                else:
+                    update_lines.append(comment(f"added into acc{a} (the outputs only read their sum)"))
                 w = f"tl.where({allowed}, {x.code}, 0.0)"
                 update_lines += v_lines + [
                     "if UPCAST_DOT:",
-                    f"    acc{k} = acc{k}{rescale} + tl.dot({w}, {v.code}.to(tl.float32), input_precision=PRECISION)",
+                    f"    acc{a} = acc{a}{rescale} + tl.dot({w}, {v.code}.to(tl.float32), input_precision=PRECISION)",
                     "else:",
-                    f"    acc{k} = acc{k}{rescale} + tl.dot({w}.to({v.code}.dtype), {v.code}, "
+                    f"    acc{a} = acc{a}{rescale} + tl.dot({w}.to({v.code}.dtype), {v.code}, "
                     "input_precision=PRECISION)"]
             else:
                 init.append(f"acc{k} = tl.zeros([BLOCK_M], tl.float32)")
                 update_lines.append(f"acc{k} = acc{k}{rescale} + tl.sum(tl.where({allowed}, {x.code}, 0.0), 1)")
-            if acc.online is not None:
+            if acc.online is not None and acc.into is None:
                 lse = self.accs.index(acc.online)
                 rows = "[:, None]" if acc.kind is Reduction.DOT else ""
-                if self.s < self.last_stream(acc.online):  # a later key set may still raise the maximum
-                    end = f"m{lse}_end{self.s}"
-                    if f"{end} = m{lse}" not in self.after:
-                        self.after.append(f"{end} = m{lse}")
+                last = max(s for s, seg in enumerate(self.p.segments())
+                           if any(a is acc or a.into is acc for a in seg.accumulators))
+                if last < self.last_stream(acc.online):  # a later key set may still raise the maximum
+                    end = f"m{lse}_end{last}"
+                    after = self.after.setdefault(last, [])
+                    if f"{end} = m{lse}" not in after:
+                        after.append(f"{end} = m{lse}")
                     final.append(f"acc{k} = acc{k} * tl.where({end} > {_NEG_INF}, tl.exp({end} - m{lse}), 0.0){rows}"
                                  "  # to the final maximum of the joint normaliser")
                 norm = f"tl.where(l{lse} > 0, l{lse}, 1.0)"

@@ -128,6 +128,7 @@ class Accumulator:
     parts: list = field(default_factory=list)  # a joint LSE: the later key sets' streams of it
     joint: "Accumulator | None" = None  # a later key set's part: the joint LSE whose running state it updates
     sink: ir.Node | None = None    # a joint LSE: the sink logit its running state starts from
+    into: "Accumulator | None" = None  # a later key set's value sum added into an earlier set's (stored as one)
 
 
 @dataclass(eq=False)
@@ -185,6 +186,11 @@ class StreamPlan:
                 if a.joint is not None:
                     lines.append(f"    key set '{a.stream}' of the joint log-sum-exp: its scores and masks update the "
                                  "same running maximum and sum")
+                    continue
+                if a.into is not None:
+                    lines.append(f"    sum with values over '{a.stream}' ({statement(self.program, a.node)}): added "
+                                 f"into the sum over '{a.into.stream}', which the outputs only read added to it: one "
+                                 "accumulator")
                     continue
                 how = f"online with the log-sum-exp of {statement(self.program, a.online.node)}" if a.online \
                     else ""
@@ -571,14 +577,14 @@ class Lowering:
             weight = _map("*", weight, _map("exp", _map("-", safe, total)), loc=n.loc)
         return weight
 
-
     def joint_lse(self, n: ir.Normalize) -> JointLSE:
         """The one log-sum-exp of a joint softmax, shared by its sets' weights and by
         `return_lse`; its sets in the spec's order (that of the softmax's first weights)."""
         group = frozenset((x.id, axis) for x, axis in n.key_sets())
-        first = min((m for m in self.program.graph if isinstance(m, ir.Normalize)
-                     and frozenset((x.id, axis) for x, axis in m.key_sets()) == group), key=lambda m: m.id, default=n)
         if group not in self.joint_lses:
+            first = min((m for m in self.program.graph if isinstance(m, ir.Normalize)
+                         and frozenset((x.id, axis) for x, axis in m.key_sets()) == group), key=lambda m: m.id,
+                        default=n)
             sets = tuple((self(x), axis, tuple(self.program.set_masks(x, axis))) for x, axis in first.key_sets())
             x0, axis0, masks0 = sets[0]
             lse = JointLSE(op="logsumexp", arg=x0, axes=(axis0,), indices=tuple(ix for ix in x0.indices if ix != axis0),
@@ -1051,8 +1057,11 @@ def _plan(program: ir.Program, extra_outputs, joint: bool) -> StreamPlan:
             if acc.online is not None and not any(a is acc.online or a.joint is acc.online for a in p.accumulators):
                 raise NotRowStreamable("an online sum lost its log-sum-exp pass (planner error)")
     plan_passes = _join_key_sets(planner, plan_passes)
+    _share_value_sums(planner, plan_passes, outputs)
     results = {}
     for k, acc in enumerate(planner.accs.values()):
+        if acc.into is not None:
+            continue  # stored as part of the sum it is added into
         # integer sums and extrema accumulate in fp32 (exact to 2 ** 24) and are stored as integers
         results[acc.node] = ir.Input(name=f"<acc{k}>", dtype=acc.node.dtype, loc=acc.node.loc,
                                      dims=tuple(program.extent[ix] for ix in acc.node.indices))
@@ -1085,6 +1094,50 @@ def _join_key_sets(planner: Planner, passes: list) -> list:
                 continue
             raise KeySetsApart(f"the key sets of {statement(planner.program, head.node)}: {why}")
     return out
+
+
+def _share_value_sums(planner: Planner, passes: list, outputs: list):
+    """One [rows, features] accumulator for the value sums of two key sets of one joint
+    normaliser that only the outputs read, and only added (`o = raw + summary`, value features
+    of one extent): the later set's sum is added into the earlier set's (`into`), whose
+    stored value then stands for the sum (rule: added sums over one normaliser share an
+    accumulator)."""
+    where = {a: (p, s) for p in passes for s, seg in enumerate(p.segments()) for a in seg.accumulators}
+
+    def reached(roots, uses):
+        seen, stack = set(), list(roots)
+        for r in roots:
+            uses[r] = uses.get(r, 0) + 1
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            target = planner.replaced.get(n)
+            kids = (target,) if target is not None and target is not n else \
+                () if n in planner.accs else Lowering.children(n)
+            for kid in kids:
+                uses[kid] = uses.get(kid, 0) + 1
+                stack.append(kid)
+        return seen
+
+    accs = list(where)
+    kernel_side = reached([*(r for a in accs for r in (a.arg, *a.masks, *((a.sink,) if a.sink is not None else ()))),
+                           *(f for p in passes for seg in p.segments() for t in seg.dots for f in t.factors),
+                           *planner.pre.inputs], {})
+    uses: dict = {}
+    for n in reached([node for _, node in outputs], uses):
+        if not (isinstance(n, ir.Map) and n.op == "+" and all(x in planner.accs for x in n.args)) or n in kernel_side:
+            continue
+        a, b = sorted((planner.accs[x] for x in n.args), key=lambda x: where.get(x, (None, -1))[1])
+        if a.kind is not Reduction.DOT or b.kind is not Reduction.DOT or a.online is None or a.online is not b.online \
+                or not a.online.parts or a is b or a.into or b.into or any(x.node in kernel_side for x in (a, b)) \
+                or uses.get(a.node) != 1 or uses.get(b.node) != 1 or a.node.indices != b.node.indices \
+                or where[a][0] is not where[b][0] or where[a][1] == where[b][1] \
+                or planner.program.extent[a.feature] != planner.program.extent[b.feature]:
+            continue
+        b.into = a
+        planner.replaced[n] = a.node
 
 
 def _tile_ranges(planner: Planner, p: StreamPass):

@@ -159,7 +159,8 @@ def test_the_general_plan_streams_the_key_sets_in_one_pass(name, streams):
     """One pass kernel streams both key sets one after another with ONE online normaliser:
     the first set's log-sum-exp accumulator is joint (the later set is a part of it that
     updates the same running maximum and sum), both value sums are online with it, and the
-    torch epilogue reads no log-sum-exp (no merge); the printable plan and the kernel's
+    torch epilogue reads no log-sum-exp (no merge); the outputs add the sets' value sums, so
+    the second set's continues the first's accumulator; the printable plan and the kernel's
     comments say so, and the raw-key stream of window_summary visits only the causal hull."""
     from attncc.passes.streams import Reduction, _walk, plan_streams, torch_form
     plan = plan_streams(attncc.load(f"examples/{name}.attn"))
@@ -173,7 +174,9 @@ def test_the_general_plan_streams_the_key_sets_in_one_pass(name, streams):
         lses.append(next(a for a in seg.accumulators if a.kind is Reduction.LSE))
     head, part = lses
     assert head.parts == [part] and part.joint is head and head.joint is None
-    assert all(a.online is head for a in p.all_accumulators() if a.kind is Reduction.DOT)
+    dots = [next(a for a in seg.accumulators if a.kind is Reduction.DOT) for seg in p.segments()]
+    assert all(a.online is head for a in dots)
+    assert dots[1].into is dots[0] and dots[1].node not in plan.results  # o = a + b: one sum
     assert part.node not in plan.results or part.node is head.node  # one stored log-sum-exp
     stored = plan.results[head.node]
     for _, node in plan.outputs:  # the epilogue only adds the normalised sums: no merge by LSE
@@ -186,7 +189,7 @@ def test_the_general_plan_streams_the_key_sets_in_one_pass(name, streams):
         assert p.mask_plan is not None  # the causal bound of the raw keys
     source = generate_streams(plan, name).source
     assert source.count("for start_n in range(") == 2 and source.count("@triton.jit") == 1
-    assert "one online normaliser for the key sets" in source and "m1_end0 = m1" in source
+    assert "one online normaliser for the key sets" in source and "added into acc0" in source
 
 
 # ------------------------------------------------------------------------- epipolar_views
@@ -295,19 +298,27 @@ RESCALE = """attention rescale(q[B,H,N,D], k[B,G,M,D], v[B,G,M,E], ks[B,G,C,D], 
   p, ps = softmax(s, j, ss, c)
   o1[b,h,i,e] = p[b,h,i,j] * v[b,h // R,j,e]
   o2[b,h,i,e] = ps[b,h,i,c] * vs[b,h // R,c,e]
-  o = o1 + o2
+  o = o1 + OTHER
 }
 """
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("boost", [12.0, -12.0, 0.0])
-def test_joint_normaliser_rescales_in_the_second_set(backend, boost):
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_joint_normaliser_rescales_in_the_second_set(backend, boost, weight):
     """GQA, N != M, D != E, rows with no key in either set (o = 0, lse = -inf), rows with
     only raw keys and rows with only summaries; a boost of 12 makes the summaries' logits the row
     maxima (the running maximum rises in the second stream, so the first set's finished sum
     is rescaled), -12 keeps the maximum in the first set. o and the joint lse against the
-    float64 oracle of one softmax over the concatenated sets."""
+    float64 oracle of one softmax over the concatenated sets. `o = o1 + o2` shares one value
+    accumulator (the second set continues the first's); `o = o1 + 0.5 * o2` keeps two, the
+    first rescaled at the end."""
+    from attncc.passes.streams import plan_streams
+    spec = RESCALE.replace("OTHER", "o2" if weight == 1.0 else f"{weight} * o2")
+    (p,) = plan_streams(attncc.load(spec)).passes
+    kept = [a for a in p.all_accumulators() if a.value is not None and a.into is None]
+    assert len(kept) == (1 if weight == 1.0 else 2)
     g = torch.Generator().manual_seed(21)
     B, H, G, N, M, C, D, E = 1, 4, 2, 23, 19, 5, 8, 6
     q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, G, M, D, generator=g), \
@@ -316,7 +327,7 @@ def test_joint_normaliser_rescales_in_the_second_set(backend, boost):
     i = torch.arange(N)[:, None]
     raw_ok, sum_ok = torch.arange(M)[None, :] < i - 2, torch.arange(C)[None, :] < i % 4
     ss = scores(q, ks) + boost
-    want_o, want_lse = joint([(scores(q, k), raw_ok), (ss, sum_ok)], [heads(v, H), heads(vs, H)])
+    want_o, want_lse = joint([(scores(q, k), raw_ok), (ss, sum_ok)], [heads(v, H), weight * heads(vs, H)])
     empty = ~(raw_ok.any(-1) | sum_ok.any(-1))
     assert empty.any() and (raw_ok.any(-1) & ~sum_ok.any(-1)).any() and (sum_ok.any(-1) & ~raw_ok.any(-1)).any()
     top_raw = scores(q, k).masked_fill(~raw_ok, -math.inf).amax(-1)
@@ -324,7 +335,7 @@ def test_joint_normaliser_rescales_in_the_second_set(backend, boost):
     both = raw_ok.any(-1) & sum_ok.any(-1)
     rises = (top_sum > top_raw)[..., both]
     assert bool(rises.all()) if boost > 0 else not bool(rises.any()) if boost < 0 else True
-    kernel = attncc.compile(RESCALE, backend=backend)
+    kernel = attncc.compile(spec, backend=backend)
     o, lse = kernel(q=q, k=k, v=v, ks=ks, vs=vs, boost=boost, return_lse=True)
     close(o, want_o, "o")
     close_lse(lse, want_lse)
