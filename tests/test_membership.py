@@ -176,3 +176,37 @@ def test_misuses_are_located(expr, message, where):
     text = str(err.value)
     assert message in text, text
     assert text.startswith(f"<string>:{where}: error:"), text
+
+
+COMPILE = """
+import sys
+import attncc
+from attncc.aot import compile_launch, default_report_config, report_launches, static_call
+sys.path.insert(0, "tests")
+from test_membership import CAUSAL_QUERY_LISTS
+kernel = attncc.compile(CAUSAL_QUERY_LISTS, backend="triton")
+shape = {"KB": 1366, "T": 8}
+launches = report_launches(kernel, 64, 64, default_report_config(kernel, 64, 64), shape=shape)
+launches += [k for k in kernel.backward_launcher().launches(static_call(kernel, 64, 64, shape=shape))
+             if "_bwd_" in k.kernel.__name__]
+for k in launches:
+    assert "cubin" in compile_launch(k).asm
+    print("ok", k.kernel.__name__, flush=True)
+"""
+
+
+def test_membership_per_pair_compiles_for_sm90():
+    """The interpreter is permissive (it took the builtin `range` passed as an argument to the
+    tile function): the forward, block-map classifier and backward kernels with the list loop
+    also compile for sm_90, in a process not in interpreter mode."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=Path(__file__).parent.parent)
+    names = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert {"attn_qlists_fwd", "attn_qlists_classify", "attn_qlists_bwd_dkdv", "attn_qlists_bwd_dq"} <= set(names), names
