@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from attncc import ir
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.precompute import Precomputed, small_indices
+from attncc.passes.precompute import Precomputed, small_indices, tile_loop
 from attncc.passes.row_stream import NotRowStreamable, Operand
 from attncc.passes.row_stream import _operand as operand, _statement as statement
 
@@ -202,7 +202,8 @@ class StreamPlan:
                              f"({statement(self.program, a.node)}){'; ' + how if how else ''}")
         for n, g in self.planner.inner.items():
             if n.loc is not None:
-                lines.append(f"  inner sum over '{g}' (a loop inside each tile): {statement(self.program, n)}")
+                op = n.op if isinstance(n, ir.Reduce) and n.op != "sum" else "sum"
+                lines.append(f"  inner {op} over '{g}' (a loop inside each tile): {statement(self.program, n)}")
         for n in self.precomputed.inputs:
             size = " x ".join(str(self.program.extent[ax]) for ax in self.precomputed.axes[n])
             lines.append(f"  torch, before the pass that reads it: {statement(self.program, n)} -> [{size}]")
@@ -906,11 +907,14 @@ class Planner:
     # ------------------------------------------------------------------ the forms that run
     def kernel_form(self, node: ir.Node, memo: dict) -> ir.Node:
         """`node` as a pass kernel evaluates it: split sums become their accumulator terms;
-        reductions left to torch become precomputed inputs (loaded, never score-sized)."""
+        reductions left to torch become precomputed inputs (loaded, never score-sized), or
+        loops inside the tile (`in_tile`)."""
         def leaf(n):
-            if n in self.accs or n in self.dots:
-                return n
+            if n in self.accs or n in self.dots or n in self.inner:
+                return None if n in self.inner else n
             target = self.replaced.get(n)
+            if target is n and self.in_tile(n):
+                return None
             if target is n:
                 self.check_small(n)
                 self.pre.input_for(n, n.indices)
@@ -921,6 +925,19 @@ class Planner:
             if old in self.inner and new is not old:
                 self.inner[new] = self.inner[old]
         return out
+
+    def in_tile(self, node: ir.Node) -> bool:
+        """Whether a reduction left to torch is a loop inside the tile instead: a sum, max or
+        min over an index that no tile dot pairs, of values over a pass's tile pair with no
+        tile dot in them (a membership test per pair, `c // 2 in lists[i // 4, :]`), which
+        torch could only compute score-sized (rule: a reduction over a list, per pair, is a
+        loop in the tile). Then it becomes an inner sum of the tile."""
+        if self.dots_in(node.arg if isinstance(node, ir.Reduce) else node) or \
+                not any(tile_loop(node, p.row, p.stream) for p in self.pairs):
+            return False
+        self.inner[node] = node.axes[0]
+        self.notes = [(n, why) for n, why in self.notes if n is not node]
+        return True
 
     def check_small(self, node: ir.Node):
         if any({p.row, p.stream} <= set(node.indices) for p in self.pairs):

@@ -178,6 +178,43 @@ def test_misuses_are_located(expr, message, where):
     assert text.startswith(f"<string>:{where}: error:"), text
 
 
+JOINT_LISTS = """attention jm(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], ks[B,H,C,D], vs[B,H,C,E], lists[QB,T]: int) -> o[B,H,N,E] {
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
+  ss[b,h,i,c] = q[b,h,i,d] * ks[b,h,c,d] * 0.25
+  mask j <= i + (M - N)
+  mask c // 2 in lists[i // 4, :]
+  p, ps = softmax(s, j, ss, c)
+  o1[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
+  o2[b,h,i,e] = ps[b,h,i,c] * vs[b,h,c,e]
+  o = o1 + o2
+}"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_membership_per_pair_in_a_general_plan(backend):
+    """A per-pair list in the mask of one key set of a joint softmax (a general streaming
+    plan): the membership is an inner loop of that set's tiles, not a score-sized value
+    torch would compute; o and the joint lse against a float64 oracle."""
+    from attncc.passes.streams import plan_streams
+    assert "inner amax over '_in0' (a loop inside each tile): line 5" in plan_streams(attncc.load(JOINT_LISTS)).describe()
+    g = torch.Generator().manual_seed(3)
+    B, H, N, M, C, D, E, T = 1, 2, 19, 23, 9, 8, 5, 3
+    q, k, v = rand(B, H, N, D, seed=17), rand(B, H, M, D, seed=18), rand(B, H, M, E, seed=19)
+    ks, vs = rand(B, H, C, D, seed=20), rand(B, H, C, E, seed=21)
+    lists = torch.randint(-1, 5, ((N + 3) // 4, T), generator=g)
+    i = torch.arange(N)[:, None]
+    allowed = torch.cat([torch.arange(M)[None, :] <= i + (M - N),
+                         (lists[i // 4] == (torch.arange(C) // 2)[None, :, None]).any(-1)], -1)
+    logits = torch.cat([torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * D ** -0.5,
+                        torch.einsum("bhid,bhcd->bhic", q.double(), ks.double()) * 0.25], -1)
+    logits = logits.masked_fill(~allowed, -math.inf)
+    want_lse = torch.logsumexp(logits, -1)
+    want = torch.softmax(logits, -1) @ torch.cat([v, vs], -2).double()
+    o, lse = attncc.compile(JOINT_LISTS, backend=backend)(q=q, k=k, v=v, ks=ks, vs=vs, lists=lists, return_lse=True)
+    close(o, want)
+    close(lse, want_lse)
+
+
 COMPILE = """
 import sys
 import attncc
