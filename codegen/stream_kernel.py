@@ -129,7 +129,6 @@ class PassCodegen:
         self.features: dict = {}
         self.extents: dict = {}  # scalar argument -> index whose size it is
         self.topk: dict = {}     # constexpr buffer width -> the selection's amount
-        self.s = 0               # the index of the stream being written
         self.after: dict = {}    # stream -> lines after its loop (running maxima kept for a rescale)
 
     # ------------------------------------------------------------------ operands
@@ -204,7 +203,6 @@ class PassCodegen:
         t = 0
         for s, seg in enumerate(sp.segments()):  # one loop per stream, one after another
             self.seg, self.n_cols = seg, "n_cols" if s == 0 else self.extent_arg(seg.stream)
-            self.s = s
             em.body, row_loads, init, dot_lines, update = [], [], [], [], []
             for dot in seg.dots:
                 block = f"BLOCK_D{t}"
@@ -333,8 +331,8 @@ class PassCodegen:
             h = self.accs.index(head)
             x = em.emit(acc.arg)
             if acc.joint is not None:
-                update_lines.append(comment(f"key set {acc.stream!r}: the joint running maximum m{h} and sum l{h} "
-                                            "(an earlier set's sum that no later loop continues is rescaled once, at the end)"))
+                update_lines.append(comment(f"key set {acc.stream!r}: the joint running maximum m{h} and sum l{h} (an "
+                                            "earlier set's sum no later loop continues is rescaled once, at the end)"))
             update_lines += [
                 f"x{k} = tl.where({allowed}, {x.code}, {_NEG_INF})",
                 f"m_new{h} = tl.maximum(m{h}, tl.max(x{k}, 1))",

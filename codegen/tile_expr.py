@@ -24,7 +24,8 @@ from attncc.passes.read_guards import checked_reads
 MAX_UNROLL = 16  # largest constant extent of an index unrolled inside a tile
 # a reduction looped over inside a tile: its start value (float, int) and its update
 _LOOP = {"sum": (("0.0", "0"), "{0} + {1}"),
-         "amax": (("float('-inf')", "-2147483648"), "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
+         "amax": (("float('-inf')", "-2147483648"),
+                  "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
          "amin": (("float('inf')", "2147483647"), "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)")}
 
 _UNARY = {

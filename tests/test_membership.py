@@ -196,7 +196,8 @@ def test_membership_per_pair_in_a_general_plan(backend):
     plan): the membership is an inner loop of that set's tiles, not a score-sized value
     torch would compute; o and the joint lse against a float64 oracle."""
     from attncc.passes.streams import plan_streams
-    assert "inner amax over '_in0' (a loop inside each tile): line 5" in plan_streams(attncc.load(JOINT_LISTS)).describe()
+    plan = plan_streams(attncc.load(JOINT_LISTS))
+    assert "inner amax over '_in0' (a loop inside each tile): line 5" in plan.describe()
     g = torch.Generator().manual_seed(3)
     B, H, N, M, C, D, E, T = 1, 2, 19, 23, 9, 8, 5, 3
     q, k, v = rand(B, H, N, D, seed=17), rand(B, H, M, D, seed=18), rand(B, H, M, E, seed=19)
@@ -246,4 +247,5 @@ def test_membership_per_pair_compiles_for_sm90():
                          cwd=Path(__file__).parent.parent)
     names = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")]
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert {"attn_qlists_fwd", "attn_qlists_classify", "attn_qlists_bwd_dkdv", "attn_qlists_bwd_dq"} <= set(names), names
+    assert {"attn_qlists_fwd", "attn_qlists_classify", "attn_qlists_bwd_dkdv", "attn_qlists_bwd_dq"} <= set(names), \
+        names
