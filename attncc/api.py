@@ -149,7 +149,7 @@ def lse_output(program: ir.Program) -> ir.Output:
     if node.indices != indices:
         node = ir.Access(array=node, args=tuple(ir.Index(name=ix, indices=(ix,), dtype=ir.INT) for ix in node.indices),
                          axes=node.indices, indices=indices, dtype=ir.FLOAT, loc=sm.loc)
-    return ir.Output("lse", node, indices, tuple(program.extent[ix] for ix in indices), sm.loc)
+    return ir.Output("lse", node, indices, tuple(program.extent[ix] for ix in indices), sm.loc, normalizer=sm)
 
 
 class Kernel:

@@ -211,6 +211,7 @@ class Output:
     axes: tuple[str, ...]
     dims: tuple[sympy.Expr, ...]
     loc: Loc | None = None
+    normalizer: Node | None = None  # a log-sum-exp side output: the softmax whose denominator it is
 
 
 @dataclass(eq=False)

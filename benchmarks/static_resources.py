@@ -40,18 +40,19 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # a launch's default; silences Triton 3.9's warning
 
 import attncc  # noqa: E402
-from attncc.aot import compile_launch, report_launches, resources  # noqa: E402
+from attncc.aot import compile_launch, default_report_config, report_launches, resources  # noqa: E402
 from attncc.passes.kinds import MaskMode  # noqa: E402
-from attncc.runtime import default_config  # noqa: E402
 
 EXAMPLES = sorted(p.stem for p in (Path(__file__).parent.parent / "examples").glob("*.attn"))
 
 
 def rows_for(name: str, d: int, overrides: dict) -> list[dict]:
     kernel = attncc.compile(Path(__file__).parent.parent / "examples" / f"{name}.attn", backend="triton")
-    config = {**default_config(False, d, d, len(kernel.generated.plan.terms)), **overrides}
+    config = {**default_report_config(kernel, d, d), **overrides}
     rows = []
-    mask_free = kernel.generated.source.mask_mode == MaskMode.NONE  # one loop left: the full tiles'
+    # a general plan's pass kernels have one loop per stream (key set), not full and masked tiles
+    general = not hasattr(kernel.generated.source, "mask_mode")
+    mask_free = not general and kernel.generated.source.mask_mode == MaskMode.NONE  # one loop left: the full tiles'
     for launch in report_launches(kernel, d, d, config):
         compiled = compile_launch(launch)
         r = resources(launch.kernel.__name__, compiled, launch.options.get("num_warps"))
@@ -63,8 +64,9 @@ def rows_for(name: str, d: int, overrides: dict) -> list[dict]:
                      "ctas_per_sm": r.ctas_per_sm, "occupancy_limit": r.limited_by,
                      "q_from": None if r.wgmma_a_shared is None else "smem" if r.wgmma_a_shared else "regs",
                      "tma_loads": r.tma_loads, "cp_async_loads": r.cp_async_loads,
-                     "full_loop_sass": min(sizes) if len(sizes) > 1 or sizes and mask_free else None,
-                     "masked_loop_sass": max(sizes) if len(sizes) > 1 or sizes and not mask_free else None,
+                     "full_loop_sass": min(sizes) if not general and (len(sizes) > 1 or sizes and mask_free) else None,
+                     "masked_loop_sass": max(sizes) if not general and (len(sizes) > 1 or sizes and not mask_free)
+                     else None,
                      "loops_sass": sizes})
     return rows
 

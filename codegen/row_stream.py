@@ -72,7 +72,7 @@ def _free_names(lines: list[str], bound: set[str]) -> list[str]:
                 assigned.add(node.id)
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in assigned \
-                and node.id not in used and node.id not in ("tl", "float", "triton"):
+                and node.id not in used and node.id not in ("tl", "float", "triton", "range"):
             used.append(node.id)
     return sorted(used)
 

@@ -11,6 +11,12 @@ the accumulators' expressions with the tile emitter, and updates the accumulator
     online  acc = acc * alpha + sum_n (x with exp(s - L) := exp(s - m))  (FlashAttention)
     values  acc += where(allowed, w, 0) @ v                           ([rows, features])
 
+A joint log-sum-exp (one softmax over several key sets) keeps one m and l per row across its
+sets' loops: each set's loop updates them with its own scores and masks, and a sum finished in
+an earlier loop is rescaled once at the end by exp(m at the end of its loop - final m). A
+later set's value sum that the outputs only add to an earlier one's (`into`) continues that
+accumulator in its own loop.
+
 and stores each accumulator's final value (a small tensor over batch, head, rows and
 maybe features) for the passes, torch epilogues and outputs that read it.
 """
@@ -79,26 +85,11 @@ class StreamEmitter(TileEmitter):
         raise Unsupported(f"a reduction at line {node.loc.line if node.loc else '?'} inside a tile expression")
 
     def inner_sum(self, node: ir.Node, env) -> Val:
-        """`sum_g term` over a whole tile: a loop over `g` inside the tile, its values (and the
-        tile dots they need) computed in the loop and forgotten after it."""
+        """`sum_g term` over a whole tile: a loop over `g` inside the tile, with the tile dots
+        its terms need computed in the loop."""
         g = self.inner[node]
-        c = self.counter
-        self.counter += 1
-        n_g = self.owner.extent_arg(g)
-        inner_env = {**env, g: Val(f"g{c}", frozenset(), ir.INT)}
-        saved, loop = (self.prologue, self.body, self.memo), []
-        self.prologue = self.body = loop
-        self.memo = dict(self.memo)
-        try:
-            term = _product(list(node.factors)) if isinstance(node, ir.Contract) else node.arg
-            val = self.emit(term, inner_env)
-        finally:
-            self.prologue, self.body, self.memo = saved
-        self.body += [comment(f"line {node.loc.line}: a sum over {g!r} inside the tile") if node.loc else "",
-                      f"isum{c} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)",
-                      f"for g{c} in range(0, {n_g}):", *("    " + ln for ln in loop),
-                      f"    isum{c} += {val.code}"]
-        return Val(f"isum{c}", frozenset("mn"))
+        term = _product(list(node.factors)) if isinstance(node, ir.Contract) else node.arg
+        return self.loop_reduce(node, g, self.owner.extent_arg(g), term, env)
 
     def emit_chosen(self, node: Chosen, env) -> Val:
         x, t, above = (self.emit(n, env) for n in (node.x, node.threshold, node.above))
@@ -138,6 +129,7 @@ class PassCodegen:
         self.features: dict = {}
         self.extents: dict = {}  # scalar argument -> index whose size it is
         self.topk: dict = {}     # constexpr buffer width -> the selection's amount
+        self.after: dict = {}    # stream -> lines after its loop (running maxima kept for a rescale)
 
     # ------------------------------------------------------------------ operands
     def operand_tile(self, op, tile: str, tile_code: str, feature: str, block: str, env=None) -> tuple[list[str], Val]:
@@ -233,7 +225,7 @@ class PassCodegen:
                     continue
                 self.accumulate(self.accs.index(acc), acc, init, update, final)
                 for other in seg.accumulators:
-                    if other.online is acc:
+                    if other.online is (acc.joint or acc):
                         self.accumulate(self.accs.index(other), other, init, update, final)
             # its row tiles and accumulators just before its loop (shorter live ranges); the range
             # before the arguments and prologue are written out: it may load scalars
@@ -241,16 +233,17 @@ class PassCodegen:
                       *self.stream_range(seg), "for start_n in range(lo, hi, BLOCK_N):",
                       "    offs_n = start_n + tl.arange(0, BLOCK_N)",
                       "    allowed = row_ok[:, None] & (offs_n[None, :] < hi)",
-                      *_indent(dot_lines), *_indent(em.body), *_indent(update)]
+                      *_indent(dot_lines), *_indent(em.body), *_indent(update), *self.after.get(s, [])]
         em.body = []
-        for k, acc in enumerate(self.accs):
+        stored = [acc for acc in self.accs if acc.joint is None and acc.into is None]  # parts: held by others
+        for r, acc in enumerate(stored):
             results.append(acc.node)
-            stores.append(self.store(k, acc))
+            stores.append(self.store(r, self.accs.index(acc), acc))
         tensors = list(em.tensors)
         scalars = scalar_args(p.program, em.host_scalars)
         strides, dims = tensor_args(em.tensors)
-        res_args = [f"res{k}_ptr" for k in range(len(results))] + \
-            [f"res{k}_s{a}" for k, acc in enumerate(self.accs) for a in range(len(acc.node.indices))]
+        res_args = [f"res{r}_ptr" for r in range(len(results))] + \
+            [f"res{r}_s{a}" for r, acc in enumerate(stored) for a in range(len(acc.node.indices))]
         outer = [names.user("size", ix) for ix in sp.outer]
         sig = ([names.tensor("ptr", t) for t in tensors] + res_args + strides + dims + outer
                + ["n_rows", "n_cols", *self.extents] + scalars)
@@ -259,7 +252,8 @@ class PassCodegen:
         for ix in reversed(sp.outer):
             decode += [f"{names.user('idx', ix)} = pid_o % {names.user('size', ix)}",
                        f"pid_o = pid_o // {names.user('size', ix)}"]
-        kinds = ", ".join(a.kind.value + (" (online)" if a.online else "") for a in self.accs)
+        kinds = ", ".join(a.kind.value + (" (online)" if a.online else " (joint)" if a.parts else "")
+                          for a in stored)
         streamed = " then ".join(repr(seg.stream) for seg in sp.segments())
         body = [
             "@triton.jit",
@@ -333,21 +327,27 @@ class PassCodegen:
             allowed = f"({allowed} & {v.code})"
         update_lines = []
         if acc.kind is Reduction.LSE:
+            head = acc.joint or acc  # a key set of a joint log-sum-exp updates the running state of its head
+            h = self.accs.index(head)
             x = em.emit(acc.arg)
+            if acc.joint is not None:
+                update_lines.append(comment(f"key set {acc.stream!r}: the joint running maximum m{h} and sum l{h} (an "
+                                            "earlier set's sum no later loop continues is rescaled once, at the end)"))
             update_lines += [
                 f"x{k} = tl.where({allowed}, {x.code}, {_NEG_INF})",
-                f"m_new{k} = tl.maximum(m{k}, tl.max(x{k}, 1))",
-                f"m_safe{k} = tl.where(m_new{k} == {_NEG_INF}, 0.0, m_new{k})",
-                f"alpha{k} = tl.exp(m{k} - m_safe{k})",
-                f"p{k} = tl.exp(x{k} - m_safe{k}[:, None])",
-                f"l{k} = l{k} * alpha{k} + tl.sum(p{k}, 1)",
-                f"m{k} = m_new{k}"]
-            init += [f"m{k} = tl.full([BLOCK_M], {_NEG_INF}, tl.float32)", f"l{k} = tl.zeros([BLOCK_M], tl.float32)"]
-            final += [f"acc{k} = tl.where(l{k} > 0, m{k} + tl.log(tl.where(l{k} > 0, l{k}, 1.0)), {_NEG_INF})"]
+                f"m_new{h} = tl.maximum(m{h}, tl.max(x{k}, 1))",
+                f"m_safe{h} = tl.where(m_new{h} == {_NEG_INF}, 0.0, m_new{h})",
+                f"alpha{h} = tl.exp(m{h} - m_safe{h})",
+                f"p{k} = tl.exp(x{k} - m_safe{h}[:, None])",
+                f"l{h} = l{h} * alpha{h} + tl.sum(p{k}, 1)",
+                f"m{h} = m_new{h}"]
+            if acc.joint is None:
+                init += self.lse_init(h, acc)
+                final += [f"acc{k} = tl.where(l{k} > 0, m{k} + tl.log(tl.where(l{k} > 0, l{k}, 1.0)), {_NEG_INF})"]
             em.body.extend(update_lines)
             update_lines = []
-            for other in self.accs:
-                if other.online is acc:
+            for other in self.seg.accumulators:
+                if other.online is head:
                     em.bind(other.weight, Val(f"p{k}", frozenset("mn")))
         elif acc.kind is Reduction.TOPK:
             update_lines += self.topk_lines(k, acc, allowed, init, final)
@@ -369,25 +369,60 @@ class PassCodegen:
                 lse = self.accs.index(acc.online)
                 rescale = f" * alpha{lse}" + ("[:, None]" if acc.kind is Reduction.DOT else "")
             if acc.kind is Reduction.DOT:
-                block = f"BLOCK_E{k}"
+                a = k if acc.into is None else self.accs.index(acc.into)  # the accumulator it adds into
+                block = f"BLOCK_E{a}"
                 self.features[block] = acc.feature
                 v_lines, v = self.operand_tile(acc.value, "n", "offs_n", acc.feature, block)
-                init.append(f"acc{k} = tl.zeros([BLOCK_M, {block}], tl.float32)")
+                if acc.into is None:
+                    init.append(f"acc{k} = tl.zeros([BLOCK_M, {block}], tl.float32)")
+                else:
+                    update_lines.append(comment(f"added into acc{a} (the outputs only read their sum)"))
                 w = f"tl.where({allowed}, {x.code}, 0.0)"
                 update_lines += v_lines + [
                     "if UPCAST_DOT:",
-                    f"    acc{k} = acc{k}{rescale} + tl.dot({w}, {v.code}.to(tl.float32), input_precision=PRECISION)",
+                    f"    acc{a} = acc{a}{rescale} + tl.dot({w}, {v.code}.to(tl.float32), input_precision=PRECISION)",
                     "else:",
-                    f"    acc{k} = acc{k}{rescale} + tl.dot({w}.to({v.code}.dtype), {v.code}, "
+                    f"    acc{a} = acc{a}{rescale} + tl.dot({w}.to({v.code}.dtype), {v.code}, "
                     "input_precision=PRECISION)"]
             else:
                 init.append(f"acc{k} = tl.zeros([BLOCK_M], tl.float32)")
                 update_lines.append(f"acc{k} = acc{k}{rescale} + tl.sum(tl.where({allowed}, {x.code}, 0.0), 1)")
-            if acc.online is not None:
+            if acc.online is not None and acc.into is None:
                 lse = self.accs.index(acc.online)
+                rows = "[:, None]" if acc.kind is Reduction.DOT else ""
+                last = max(s for s, seg in enumerate(self.p.segments())
+                           if any(a is acc or a.into is acc for a in seg.accumulators))
+                if last < self.last_stream(acc.online):  # a later key set may still raise the maximum
+                    end = f"m{lse}_end{last}"
+                    after = self.after.setdefault(last, [])
+                    if f"{end} = m{lse}" not in after:
+                        after.append(f"{end} = m{lse}")
+                    final.append(f"acc{k} = acc{k} * tl.where({end} > {_NEG_INF}, tl.exp({end} - m{lse}), 0.0){rows}"
+                                 "  # to the final maximum of the joint normaliser")
                 norm = f"tl.where(l{lse} > 0, l{lse}, 1.0)"
-                final.append(f"acc{k} = acc{k} / {norm}" + ("[:, None]" if acc.kind is Reduction.DOT else ""))
+                final.append(f"acc{k} = acc{k} / {norm}{rows}")
         em.body = saved_body + em.body + update_lines
+
+    def lse_init(self, h: int, acc: Accumulator) -> list[str]:
+        """The running maximum and sum of a log-sum-exp before its first tile: empty, or for a
+        joint one with a sink logit, that one entry."""
+        if acc.parts:
+            streams = ", ".join(repr(a.stream) for a in (acc, *acc.parts))
+            lines = [comment(f"one online normaliser for the key sets {streams}: one running maximum m{h} and "
+                             f"sum l{h} per row shared by their loops")]
+        else:
+            lines = []
+        if acc.sink is None:
+            return lines + [f"m{h} = tl.full([BLOCK_M], {_NEG_INF}, tl.float32)",
+                            f"l{h} = tl.zeros([BLOCK_M], tl.float32)"]
+        sink = self.em.emit(acc.sink).code
+        return lines + [f"m{h} = tl.max(tl.zeros([BLOCK_M, 1], tl.float32) + {sink}, 1)  # the sink logit: one entry",
+                        f"l{h} = tl.where(m{h} > {_NEG_INF}, 1.0, 0.0)"]
+
+    def last_stream(self, head: Accumulator) -> int:
+        """The index of the last stream of this kernel that updates a log-sum-exp."""
+        return max(s for s, seg in enumerate(self.p.segments())
+                   if any(a is head or a.joint is head for a in seg.accumulators))
 
     def topk_lines(self, k: int, acc: Accumulator, allowed: str, init: list, final: list) -> list[str]:
         """A buffer of each row's `amount` largest entries so far (descending), merged with
@@ -419,17 +454,18 @@ class PassCodegen:
             f"    buf{k} = tl.where(kcols{k}[None, :] == r{k}, tl.where(from_x{k}, head_x{k}, head_b{k})[:, None], "
             f"buf{k})"]
 
-    def store(self, k: int, acc: Accumulator) -> str:
+    def store(self, r: int, k: int, acc: Accumulator) -> str:
+        """Store accumulator `k` as the kernel's result `r`."""
         parts, ok = [], "row_ok"
         for a, ix in enumerate(acc.node.indices):
             if ix == self.p.row:
-                parts.append(f"offs_m{'[:, None]' if acc.kind is Reduction.DOT else ''} * res{k}_s{a}")
+                parts.append(f"offs_m{'[:, None]' if acc.kind is Reduction.DOT else ''} * res{r}_s{a}")
             elif ix == acc.feature:
-                parts.append(f"tl.arange(0, BLOCK_E{k})[None, :] * res{k}_s{a}")
+                parts.append(f"tl.arange(0, BLOCK_E{k})[None, :] * res{r}_s{a}")
                 ok = f"row_ok[:, None] & (tl.arange(0, BLOCK_E{k})[None, :] < {self.extent_arg(ix)})"
             else:
-                parts.append(f"{names.user('idx', ix)} * res{k}_s{a}")
-        return f"tl.store(res{k}_ptr + {' + '.join(parts) or '0'}, acc{k}, mask={ok})"
+                parts.append(f"{names.user('idx', ix)} * res{r}_s{a}")
+        return f"tl.store(res{r}_ptr + {' + '.join(parts) or '0'}, acc{k}, mask={ok})"
 
 
 def _row_data_bound(atom, j, opaque: dict, row: str) -> tuple | None:

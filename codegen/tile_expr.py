@@ -16,11 +16,17 @@ from dataclasses import dataclass, field
 
 from attncc import ir
 from attncc.codegen import names
+from attncc.codegen.mask_code import printed
 from attncc.codegen.pytext import comment
 from attncc.passes.infer import host_evaluable, to_sympy
 from attncc.passes.read_guards import checked_reads
 
 MAX_UNROLL = 16  # largest constant extent of an index unrolled inside a tile
+# a reduction looped over inside a tile: its start value (float, int) and its update
+_LOOP = {"sum": (("0.0", "0"), "{0} + {1}"),
+         "amax": (("float('-inf')", "-2147483648"),
+                  "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
+         "amin": (("float('inf')", "2147483647"), "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)")}
 
 _UNARY = {
     "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})", "abs": "tl.abs({0})",
@@ -331,6 +337,42 @@ class TileEmitter:
             terms.append(" * ".join(f.code for f in factors))
         axes = frozenset().union(*(self.emit(f, env_with_zero(env, sizes)).axes for f in node.factors))
         return self.assign(" + ".join(f"({t})" for t in terms), axes, node.dtype, node)
+
+    # ------------------------------------------------------------------ loops inside the tile
+    def emit_reduce(self, node: ir.Reduce, env) -> Val:
+        """A sum, max or min over an index no tile streams, of values over the tile (a
+        membership test per pair, `j // kb in kidx[i // qb, :]`: the list read per row, each
+        entry compared with the tile's keys): a loop over that index's runtime extent."""
+        if node.op not in _LOOP or node.block is not None or len(node.axes) != 1 or node.axes[0] in env:
+            raise Unsupported(f"a reduction at line {node.loc.line if node.loc else '?'} inside a tile expression")
+        g = node.axes[0]
+        codes = {s.name: names.scalar(s) for s in (*self.program.dims.values(), *self.program.params.values())}
+        return self.loop_reduce(node, g, printed(self.program.extent[g], codes), node.arg, env)
+
+    def loop_reduce(self, node: ir.Node, g: str, n_g: str, term: ir.Node, env) -> Val:
+        """`node`, the sum (or for a reduction its op) over `g` of `term` over a whole tile: a
+        loop over `g` (n_g steps) inside the tile, the values of each step (and what they
+        load) computed in the loop and forgotten after it."""
+        op = node.op if isinstance(node, ir.Reduce) else "sum"
+        c = self.counter
+        self.counter += 1
+        saved, loop = (self.prologue, self.body, self.memo), []
+        self.prologue = self.body = loop
+        self.memo = dict(self.memo)
+        try:
+            val = self.emit(term, {**env, g: Val(f"g{c}", frozenset(), ir.INT)})
+        finally:
+            self.prologue, self.body, self.memo = saved
+        (start_float, start_int), update = _LOOP[op]
+        dtype = "tl.float32" if node.dtype == ir.FLOAT else "tl.int32"
+        start = start_float if node.dtype == ir.FLOAT else start_int
+        shape = f"[{'BLOCK_M' if 'm' in val.axes else 1}, {'BLOCK_N' if 'n' in val.axes else 1}]"
+        lines = self.body if self.key_axis in val.axes else self.prologue
+        lines += [comment(f"line {node.loc.line}: {op} over {g!r} inside the tile") if node.loc else "",
+                  f"red{c} = tl.full({shape}, {start}, {dtype})",
+                  f"for g{c} in range(0, {n_g}):", *("    " + ln for ln in loop),
+                  f"    red{c} = {update.format(f'red{c}', val.code)}"]
+        return Val(f"red{c}", val.axes, node.dtype)
 
     def bind(self, node: ir.Node, val: Val, env: dict | None = None):
         """Make `node` (over `env`, by default the base environment) stand for an already

@@ -70,6 +70,15 @@ def inline(node: ir.Node, program: ir.Program, memo: dict | None = None) -> bool
     return result
 
 
+def tile_loop(node: ir.Node, i: str, j: str) -> bool:
+    """Whether a tile computes `node` with a loop inside it: a sum, max or min over one index
+    that no tile streams, of values over both tile indices (a membership test per pair,
+    `j // kb in kidx[i // qb, :]`), which precomputed would be score-sized (rule: a
+    reduction over a list, per (query, key) pair, is a loop over the list in the tile)."""
+    return isinstance(node, ir.Reduce) and node.op in ("sum", "amax", "amin") and node.block is None and \
+        len(node.axes) == 1 and node.axes[0] not in (i, j) and {i, j} <= set(node.indices)
+
+
 def scan_for_precompute(node, stop, pre: Precomputed, i, j, seen: set | None = None, memo: dict | None = None):
     """Mark what a score, coefficient or mask reads but a tile cannot compute (selections,
     pooled blocks) as precomputed; such values must not span both query and key. `seen`
@@ -92,6 +101,9 @@ def scan_for_precompute(node, stop, pre: Precomputed, i, j, seen: set | None = N
     if isinstance(node, ir.Access):
         for a in node.args:
             scan_for_precompute(a, stop, pre, i, j, seen, memo)
+    if tile_loop(node, i, j):  # the tile computes it, reading what its term reads
+        scan_for_precompute(node.arg, stop, pre, i, j, seen, memo)
+        return
     bare = {a.name for a in node.args if isinstance(a, ir.Index)} if isinstance(node, ir.Access) else set()
     if {i, j} <= set(target.indices) | bare:  # read at (i, j): a whole score, whatever its own index names
         raise TooLarge(f"line {target.loc.line if target.loc else '?'} needs a whole score-sized "

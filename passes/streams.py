@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from attncc import ir
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.precompute import Precomputed, small_indices
+from attncc.passes.precompute import Precomputed, small_indices, tile_loop
 from attncc.passes.row_stream import NotRowStreamable, Operand
 from attncc.passes.row_stream import _operand as operand, _statement as statement
 
@@ -76,6 +76,22 @@ class Chosen(ir.Node):
         return (self.x, self.threshold, self.above, *self.masks)
 
 
+@dataclass(eq=False)
+class JointLSE(ir.Reduce):
+    """The log-sum-exp of one softmax over several key sets, `log(sum_k sum_{t_k} exp(x_k) +
+    exp(sink))`: one accumulator whose running maximum and sum the sets' streams share (rule:
+    a joint normaliser is one online normaliser over several key streams). `arg` and `axes`
+    are the first set's."""
+
+    sets: tuple = ()         # (x, axis, spec masks) per key set, in the spec's order
+    sink: ir.Node | None = None  # the logit of a one-entry set (a learned sink), per row
+
+
+class KeySetsApart(Exception):
+    """The key sets of a joint softmax cannot share one pass: they are planned apart, each
+    set its own log-sum-exp, merged by torch (the message says why)."""
+
+
 class PassKind(enum.Enum):
     ROW = "row streaming"      # the streamed index is the key side of its tile dots
     COLUMN = "column streaming"  # the transposed dataflow: queries streamed for key tiles
@@ -109,6 +125,10 @@ class Accumulator:
     level: int = 0
     block: ir.Block | None = None  # a reduction within blocks: its pass streams one block's range
     spec_masks: tuple = ()         # the spec's masks it applies (ir.Mask), for the pass's tile range
+    parts: list = field(default_factory=list)  # a joint LSE: the later key sets' streams of it
+    joint: "Accumulator | None" = None  # a later key set's part: the joint LSE whose running state it updates
+    sink: ir.Node | None = None    # a joint LSE: the sink logit its running state starts from
+    into: "Accumulator | None" = None  # a later key set's value sum added into an earlier set's (stored as one)
 
 
 @dataclass(eq=False)
@@ -159,17 +179,31 @@ class StreamPlan:
                          f"grid over {', '.join(p.outer) or 'nothing'} x row tiles, {dots} tile dot(s)"
                          + (f" (+{lazy} in inner sums)" if lazy else ""))
             if p.then:
-                lines.append("    one kernel streams the key sets of a joint softmax one after another, each with its "
-                             "own running maximum and sum; torch merges them by log-sum-exp")
+                lines.append("    one online normaliser over the key sets of a joint softmax, streamed one after "
+                             "another: one running maximum and sum per row, a later set's larger maximum rescales "
+                             "the earlier sets' sums; the stored log-sum-exp is the joint one")
             for a in p.all_accumulators():
+                if a.joint is not None:
+                    lines.append(f"    key set '{a.stream}' of the joint log-sum-exp: its scores and masks update the "
+                                 "same running maximum and sum")
+                    continue
+                if a.into is not None:
+                    lines.append(f"    sum with values over '{a.stream}' ({statement(self.program, a.node)}): added "
+                                 f"into the sum over '{a.into.stream}', which the outputs only read added to it: one "
+                                 "accumulator")
+                    continue
                 how = f"online with the log-sum-exp of {statement(self.program, a.online.node)}" if a.online \
                     else ""
+                if a.parts:
+                    how = "joint over " + ", ".join(f"'{s.stream}'" for s in (a, *a.parts)) + \
+                        (" and the sink logit" if a.sink is not None else "")
                 size = " x ".join(str(self.program.extent[ix]) for ix in a.node.indices)
                 lines.append(f"    {a.kind.value} over '{a.stream}' -> [{', '.join(a.node.indices)}] = [{size}] "
                              f"({statement(self.program, a.node)}){'; ' + how if how else ''}")
         for n, g in self.planner.inner.items():
             if n.loc is not None:
-                lines.append(f"  inner sum over '{g}' (a loop inside each tile): {statement(self.program, n)}")
+                op = n.op if isinstance(n, ir.Reduce) and n.op != "sum" else "sum"
+                lines.append(f"  inner {op} over '{g}' (a loop inside each tile): {statement(self.program, n)}")
         for n in self.precomputed.inputs:
             size = " x ".join(str(self.program.extent[ax]) for ax in self.precomputed.axes[n])
             lines.append(f"  torch, before the pass that reads it: {statement(self.program, n)} -> [{size}]")
@@ -197,15 +231,16 @@ class Lowering:
     """Rewrites a program's nodes into the normal form (step 1), remembering the masks of
     each reduction it makes and the `exp(x - L)` factors of each normalisation."""
 
-    def __init__(self, program: ir.Program):
+    def __init__(self, program: ir.Program, joint: bool = True):
         self.program = program
+        self.joint = joint          # a joint softmax's sets share one log-sum-exp (else: per set, merged)
         self.small = small_indices(program)
         self.memo: dict = {}
         self.hoisted: set = set()   # small contractions made by hoisting a gather: torch computes them
         self.lses: dict = {}        # (x, axis, masks) -> its one log-sum-exp node
         self.masks: dict = {}       # reduction node -> the masks it applies (from the spec's node)
         self.softmax: dict = {}     # exp(x - L) node -> L
-        self.joints: dict = {}      # the log-sum-exps of the key sets of one joint softmax -> its Normalize
+        self.joint_lses: dict = {}  # the (operand, axis) pairs of a joint softmax -> its JointLSE
 
     def __call__(self, node: ir.Node) -> ir.Node:
         stack = [node]
@@ -230,6 +265,8 @@ class Lowering:
 
     @staticmethod
     def children(n: ir.Node):
+        if isinstance(n, JointLSE):
+            return (*(x for x, _, _ in n.sets), *((n.sink,) if n.sink is not None else ()))
         if isinstance(n, ir.Access):
             return (n.array, *n.args) if not isinstance(n.array, ir.Input) else n.args
         if isinstance(n, (ir.Map, ir.Contract, ir.Reduce, ir.Normalize)):
@@ -513,11 +550,17 @@ class Lowering:
         return self.lses[key]
 
     def normalize(self, n: ir.Normalize, x: ir.Node) -> ir.Node:
-        """`exp(x - L_x) * exp(L_x - L)`: the first factor is online in the log-sum-exp pass of
-        this key set, the second a value per row; `L` adds the other key sets' log-sum-exps (a
-        joint softmax), softmax1's zero logit or the sink (rule: a joint normaliser is per-set
-        passes merged by their log-sum-exps)."""
+        """`exp(x - L)` with `L` the joint log-sum-exp of all key sets (and the sink) of a joint
+        softmax, online in its one pass; otherwise `exp(x - L_x) * exp(L_x - L)`: the first
+        factor online in the log-sum-exp pass of this key set, the second a value per row; `L`
+        adds the other key sets' log-sum-exps (planned apart), softmax1's zero logit or the
+        sink (rule: a normaliser's extra logits are one-entry sets merged by log-sum-exp)."""
         masks = tuple(self.program.masks_on(n))
+        if n.joint and self.joint:
+            lse = self.joint_lse(n)
+            weight = _map("exp", _map("-", x, _finite(lse), loc=n.loc), loc=n.loc)
+            self.softmax[weight] = lse
+            return _map("where", self.conjunction(masks), weight, _const(0.0), loc=n.loc) if masks else weight
         lse = self.logsumexp(x, n.axis, masks, n.loc)
         safe = _finite(lse)  # nothing allowed: weights 0, not nan
         weight = _map("exp", _map("-", x, safe, loc=n.loc), loc=n.loc)
@@ -526,8 +569,6 @@ class Lowering:
             weight = _map("where", self.conjunction(masks), weight, _const(0.0), loc=n.loc)
         others = [self.logsumexp(self(arg), axis, tuple(self.program.set_masks(arg, axis)), n.loc)
                   for arg, axis in n.joint]
-        if others:
-            self.joints.setdefault(frozenset((lse, *others)), n)
         if n.op == "softmax1":
             others.append(_const(0.0))
         if n.sink is not None:
@@ -536,6 +577,31 @@ class Lowering:
             total = _finite(ir.logaddexp(lse, *others, loc=n.loc))
             weight = _map("*", weight, _map("exp", _map("-", safe, total)), loc=n.loc)
         return weight
+
+    def joint_lse(self, n: ir.Normalize) -> JointLSE:
+        """The one log-sum-exp of a joint softmax, shared by its sets' weights and by
+        `return_lse`; its sets in the spec's order (that of the softmax's first weights)."""
+        group = frozenset((x.id, axis) for x, axis in n.key_sets())
+        if group not in self.joint_lses:
+            first = min((m for m in self.program.graph if isinstance(m, ir.Normalize)
+                         and frozenset((x.id, axis) for x, axis in m.key_sets()) == group), key=lambda m: m.id,
+                        default=n)
+            sets = tuple((self(x), axis, tuple(self.program.set_masks(x, axis))) for x, axis in first.key_sets())
+            x0, axis0, masks0 = sets[0]
+            lse = JointLSE(op="logsumexp", arg=x0, axes=(axis0,), indices=tuple(ix for ix in x0.indices if ix != axis0),
+                           loc=n.loc, sets=sets, sink=None if n.sink is None else self(n.sink))
+            self.masks[lse] = masks0
+            self.joint_lses[group] = lse
+        return self.joint_lses[group]
+
+    def side_output(self, out: ir.Output) -> ir.Node:
+        """An output in normal form; `return_lse`'s log-sum-exp of a joint softmax is its one
+        joint accumulator (not the log-add-exp of per-set ones)."""
+        sm = out.normalizer
+        if sm is None or not sm.joint or not self.joint:
+            return self(out.node)
+        lse = self.joint_lse(sm)
+        return lse if lse.indices == out.axes else self.reorder(lse, out.axes)
 
 
 def _finite(lse: ir.Node) -> ir.Node:
@@ -565,12 +631,12 @@ def _is_reduction(n: ir.Node, program: ir.Program) -> bool:
 
 
 class Planner:
-    def __init__(self, program: ir.Program):
+    def __init__(self, program: ir.Program, joint: bool = True):
         # a copy whose extents can take the indices that rules introduce (`$5`)
         program = dataclasses.replace(program, extent=dict(program.extent))
         self.program = program
         self.small = small_indices(program)
-        self.lower = Lowering(program)
+        self.lower = Lowering(program, joint)
         self.pre = Precomputed(program)
         self.dots: dict = {}          # Contract -> TileDot
         self.accs: dict = {}          # reduction node -> Accumulator
@@ -662,6 +728,9 @@ class Planner:
         pairs its axis with a row index: then nothing it reads is score-sized)."""
         if red in self.accs or red in self.replaced:
             return
+        if isinstance(red, JointLSE):
+            self.joint_accumulator(red)
+            return
         if isinstance(red, ir.Reduce):
             stream, arg, kind = red.axes[0], red.arg, Reduction(red.op)
             value, feature = None, None
@@ -700,6 +769,28 @@ class Planner:
                 self.replaced[red] = total
                 return
         self.accumulator(red, kind, arg, stream, row, masks, value, feature, node=red)
+
+    def joint_accumulator(self, red: JointLSE):
+        """One log-sum-exp over several key streams: the first set's accumulator is the head
+        (its running maximum and sum, started at the sink logit, and its final value); each
+        later set is a part of it streamed in its own pass, with its own scores and masks,
+        updating the head's running state (joined into one kernel by `_join_key_sets`)."""
+        rows = {self.tile_of(x, axis) for x, axis, _ in red.sets}
+        if None in rows or len(rows) != 1:
+            raise KeySetsApart(f"the key sets of {statement(self.program, red)}: "
+                               + ("a set's scores hold no tile dot" if None in rows
+                                  else "their scores pair the key axes with different row indices"))
+        parts = []
+        for x, axis, masks in red.sets:
+            acc = Accumulator(red, Reduction.LSE, x, axis, next(iter(rows)), tuple(self.lower(m.pred) for m in masks))
+            acc.reads, acc.spec_masks = (x, *acc.masks), masks
+            parts.append(acc)
+        head = parts[0]
+        head.parts, head.sink = parts[1:], red.sink
+        for part in head.parts:
+            part.joint = head
+        head.reads = (*(r for a in parts for r in a.reads), *((red.sink,) if red.sink is not None else ()))
+        self.accs[red] = head
 
     def nested_sum(self, red: ir.Contract, large: list):
         """A sum over several large indices (`o[b,i,e] = w[b,i,h] * a[b,h,i,j] * v[b,h,j,e]`,
@@ -816,11 +907,14 @@ class Planner:
     # ------------------------------------------------------------------ the forms that run
     def kernel_form(self, node: ir.Node, memo: dict) -> ir.Node:
         """`node` as a pass kernel evaluates it: split sums become their accumulator terms;
-        reductions left to torch become precomputed inputs (loaded, never score-sized)."""
+        reductions left to torch become precomputed inputs (loaded, never score-sized), or
+        loops inside the tile (`in_tile`)."""
         def leaf(n):
-            if n in self.accs or n in self.dots:
-                return n
+            if n in self.accs or n in self.dots or n in self.inner:
+                return None if n in self.inner else n
             target = self.replaced.get(n)
+            if target is n and self.in_tile(n):
+                return None
             if target is n:
                 self.check_small(n)
                 self.pre.input_for(n, n.indices)
@@ -831,6 +925,19 @@ class Planner:
             if old in self.inner and new is not old:
                 self.inner[new] = self.inner[old]
         return out
+
+    def in_tile(self, node: ir.Node) -> bool:
+        """Whether a reduction left to torch is a loop inside the tile instead: a sum, max or
+        min over an index that no tile dot pairs, of values over a pass's tile pair with no
+        tile dot in them (a membership test per pair, `c // 2 in lists[i // 4, :]`), which
+        torch could only compute score-sized (rule: a reduction over a list, per pair, is a
+        loop in the tile). Then it becomes an inner sum of the tile."""
+        if self.dots_in(node.arg if isinstance(node, ir.Reduce) else node) or \
+                not any(tile_loop(node, p.row, p.stream) for p in self.pairs):
+            return False
+        self.inner[node] = node.axes[0]
+        self.notes = [(n, why) for n, why in self.notes if n is not node]
+        return True
 
     def check_small(self, node: ir.Node):
         if any({p.row, p.stream} <= set(node.indices) for p in self.pairs):
@@ -844,8 +951,8 @@ class Planner:
             return None, None
         for dep in deps:
             lse = self.accs.get(dep)
-            if lse is None or lse.kind is not Reduction.LSE or (lse.stream, lse.row) != (acc.stream, acc.row) \
-                    or _outer(lse) != _outer(acc):
+            if lse is None or lse.kind is not Reduction.LSE or lse.row != acc.row or _outer(lse) != _outer(acc) \
+                    or acc.stream not in {s.stream for s in (lse, *lse.parts)}:
                 continue
             for weight in (w for w, L in self.lower.softmax.items() if L is dep):
                 if _linear(acc.arg, weight, dep):
@@ -901,10 +1008,21 @@ def _linear(node: ir.Node, weight: ir.Node, lse: ir.Node, memo: dict | None = No
 def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
     """The general plan of a program (and of `extra_outputs`, such as the log-sum-exp that
     `return_lse` asks for), or `NotRowStreamable` naming the statement that needs a
-    score-sized intermediate or a construct not generated yet."""
-    planner = Planner(program)
+    score-sized intermediate or a construct not generated yet. The key sets of a joint
+    softmax share one online normaliser when they can share one pass; otherwise each set
+    has its own log-sum-exp, merged by torch, and the plan says why (`apart`)."""
+    try:
+        return _plan(program, extra_outputs, joint=True)
+    except KeySetsApart as why:
+        plan = _plan(program, extra_outputs, joint=False)
+        plan.apart.append(str(why))
+        return plan
+
+
+def _plan(program: ir.Program, extra_outputs, joint: bool) -> StreamPlan:
+    planner = Planner(program, joint)
     program = planner.program
-    outputs = [(out, planner.lower(out.node)) for out in (*program.outputs, *extra_outputs)]
+    outputs = [(out, planner.lower.side_output(out)) for out in (*program.outputs, *extra_outputs)]
     # every reduction reachable from the outputs, operands first
     pending = []
     for _, node in outputs:
@@ -918,8 +1036,11 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
             planner.plan_reduction(red)
     for acc in list(planner.accs.values()):
         planner.level(acc)
+    parts = [part for acc in planner.accs.values() for part in acc.parts]
+    for part in parts:
+        part.level = part.joint.level
     passes: dict = {}
-    for acc in planner.accs.values():
+    for acc in [*planner.accs.values(), *parts]:
         outer = _outer(acc)
         key = (acc.level, acc.row, acc.stream, outer, acc.block and acc.block.name)
         if key not in passes:
@@ -929,11 +1050,12 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
     plan_passes = sorted(passes.values(), key=lambda p: p.level)
     planner.pairs = plan_passes
     memo: dict = {}
-    for acc in planner.accs.values():  # what the kernels evaluate
+    for acc in [*planner.accs.values(), *parts]:  # what the kernels evaluate
         weight = acc.weight
         acc.arg = planner.kernel_form(acc.arg, memo)
         acc.masks = tuple(planner.kernel_form(m, memo) for m in acc.masks)
         acc.weight = memo.get(weight, weight) if weight is not None else None
+        acc.sink = None if acc.sink is None else planner.kernel_form(acc.sink, memo)
     for dot in planner.dots.values():
         dot.factors = tuple(planner.kernel_form(f, memo) for f in dot.factors)
     for p in plan_passes:
@@ -949,48 +1071,90 @@ def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
         p.lazy_dots = [t for t in seen.values() if t.node in inside]
         p.mask_plan, p.mask_symbols, p.mask_opaque = _tile_ranges(planner, p)
         for acc in p.accumulators:
-            if acc.online is not None and acc.online not in p.accumulators:
+            if acc.online is not None and not any(a is acc.online or a.joint is acc.online for a in p.accumulators):
                 raise NotRowStreamable("an online sum lost its log-sum-exp pass (planner error)")
-    apart = []
-    plan_passes = _join_key_sets(planner, plan_passes, apart)
+    plan_passes = _join_key_sets(planner, plan_passes)
+    _share_value_sums(planner, plan_passes, outputs)
     results = {}
     for k, acc in enumerate(planner.accs.values()):
+        if acc.into is not None:
+            continue  # stored as part of the sum it is added into
         # integer sums and extrema accumulate in fp32 (exact to 2 ** 24) and are stored as integers
         results[acc.node] = ir.Input(name=f"<acc{k}>", dtype=acc.node.dtype, loc=acc.node.loc,
                                      dims=tuple(program.extent[ix] for ix in acc.node.indices))
     if not plan_passes:
         raise NotRowStreamable("no reduction streams over scores (nothing pairs a row index with a streamed one "
                                "through a contraction), so there is no kernel to generate")
-    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, apart, planner)
+    plan = StreamPlan(program, plan_passes, outputs, planner.pre, results, planner.notes, [], planner)
     _check_small(plan)
     return plan
 
 
-def _join_key_sets(planner: Planner, passes: list, apart: list) -> list:
-    """The passes with those of the key sets of each joint softmax joined into one kernel
-    (rule: the sets of one normaliser stream one after another in one pass): when each set's
-    log-sum-exp heads its own row pass of the same level, rows and grid, with no block.
-    Otherwise they stay apart, and `apart` says why."""
-    owner = {a.node: p for p in passes for a in p.accumulators if a.kind is Reduction.LSE}
+def _join_key_sets(planner: Planner, passes: list) -> list:
+    """The passes with each joint log-sum-exp's key sets joined into one kernel: the passes of
+    its later sets become further streams of the first set's (rule: one online normaliser
+    over several key streams). `KeySetsApart` when they cannot be (then the sets are planned
+    apart, merged by torch)."""
     out = list(passes)
-    for lses, node in planner.lower.joints.items():
-        where = statement(planner.program, node)
-        parts = sorted({id(owner[L]): owner[L] for L in lses if L in owner}.values(), key=passes.index)
-        first = parts[0] if parts else None
-        if len(parts) != len(lses):
-            why = "a key set's log-sum-exp is not the head of a pass of its own"
-        elif any(p.kind is not PassKind.ROW or p.block is not None for p in parts):
-            why = "a key set streams in a column or blocked pass"
-        elif any((p.level, p.row, p.outer) != (first.level, first.row, first.outer) for p in parts):
-            why = "the key sets' passes differ in level, rows or grid"
-        elif any(p.then or p not in out for p in parts):
-            why = "a key set's pass already streams another normaliser's sets"
-        else:
-            first.then = parts[1:]
-            out = [p for p in out if p not in first.then]
-            continue
-        apart.append(f"the key sets of {where}: {why}")
+    for first in passes:
+        for head in [a for a in first.accumulators if a.parts]:
+            owners = [first, *(next(q for q in passes if part in q.accumulators) for part in head.parts)]
+            if len({id(q) for q in owners}) != len(owners):
+                why = "two of them stream the same index"
+            elif any(q.kind is not PassKind.ROW or q.block is not None for q in owners):
+                why = "a key set streams in a column or blocked pass"
+            elif any(q.then or q not in out for q in owners):
+                why = "a key set's pass already streams another normaliser's sets"
+            else:
+                first.then = owners[1:]
+                out = [q for q in out if q not in first.then]
+                continue
+            raise KeySetsApart(f"the key sets of {statement(planner.program, head.node)}: {why}")
     return out
+
+
+def _share_value_sums(planner: Planner, passes: list, outputs: list):
+    """One [rows, features] accumulator for the value sums of two key sets of one joint
+    normaliser that only the outputs read, and only added (`o = raw + summary`, value features
+    of one extent): the later set's sum is added into the earlier set's (`into`), whose
+    stored value then stands for the sum (rule: added sums over one normaliser share an
+    accumulator)."""
+    where = {a: (p, s) for p in passes for s, seg in enumerate(p.segments()) for a in seg.accumulators}
+
+    def reached(roots, uses):
+        seen, stack = set(), list(roots)
+        for r in roots:
+            uses[r] = uses.get(r, 0) + 1
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            target = planner.replaced.get(n)
+            kids = (target,) if target is not None and target is not n else \
+                () if n in planner.accs else Lowering.children(n)
+            for kid in kids:
+                uses[kid] = uses.get(kid, 0) + 1
+                stack.append(kid)
+        return seen
+
+    accs = list(where)
+    kernel_side = reached([*(r for a in accs for r in (a.arg, *a.masks, *((a.sink,) if a.sink is not None else ()))),
+                           *(f for p in passes for seg in p.segments() for t in seg.dots for f in t.factors),
+                           *planner.pre.inputs], {})
+    uses: dict = {}
+    for n in reached([node for _, node in outputs], uses):
+        if not (isinstance(n, ir.Map) and n.op == "+" and all(x in planner.accs for x in n.args)) or n in kernel_side:
+            continue
+        a, b = sorted((planner.accs[x] for x in n.args), key=lambda x: where.get(x, (None, -1))[1])
+        if a.kind is not Reduction.DOT or b.kind is not Reduction.DOT or a.online is None or a.online is not b.online \
+                or not a.online.parts or a is b or a.into or b.into or any(x.node in kernel_side for x in (a, b)) \
+                or uses.get(a.node) != 1 or uses.get(b.node) != 1 or a.node.indices != b.node.indices \
+                or where[a][0] is not where[b][0] or where[a][1] == where[b][1] \
+                or planner.program.extent[a.feature] != planner.program.extent[b.feature]:
+            continue
+        b.into = a
+        planner.replaced[n] = a.node
 
 
 def _tile_ranges(planner: Planner, p: StreamPass):

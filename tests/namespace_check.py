@@ -39,7 +39,7 @@ GENERATED = re.compile("|".join([
     # the general streaming plan's pass kernels (codegen/stream_kernel.py): feature blocks,
     # operand tiles, stored accumulators, online statistics, top-k buffers, ties, inner sums
     r"BLOCK_[DE]\d+|KP\d+|n_\d+|mask_lo|mask_hi|(?:a|b|x|l|m|m_new|m_safe|alpha|res\d+_s|acc\d+_st|acc\d+_sz)\d+",
-    r"rb\d+_\d+|res\d+_ptr|acc\d+_ptr|(?:buf|kcols|xt|old|r|head_x|head_b|from_x|at_x|at_b|seen|eq|tie_rank|chosen|isum|g|sl)\d+",
+    r"rb\d+_\d+|res\d+_ptr|acc\d+_ptr|(?:buf|kcols|xt|old|r|head_x|head_b|from_x|at_x|at_b|seen|eq|tie_rank|chosen|red|g|sl)\d+|m\d+_end\d+",
 ]))
 KERNEL_SUFFIX = re.compile(r"(?:_packed|_stats\d+)?_(?:fwd|tile)|_classify|_linear_(?:state|apply)|_chunked|_pass\d+")
 

@@ -156,26 +156,40 @@ def test_window_summary_without_summaries(backend):
 
 @pytest.mark.parametrize("name,streams", [("window_summary", ["j", "c"]), ("epipolar_views", ["t", "j"])])
 def test_the_general_plan_streams_the_key_sets_in_one_pass(name, streams):
-    """One pass kernel streams both key sets one after another, each with its own online
-    log-sum-exp and weighted values (merged by torch); the printable plan says so, and the
-    raw-key stream of window_summary visits only the causal hull of its tiles."""
-    from attncc.passes.streams import Reduction, plan_streams
+    """One pass kernel streams both key sets one after another with ONE online normaliser:
+    the first set's log-sum-exp accumulator is joint (the later set is a part of it that
+    updates the same running maximum and sum), both value sums are online with it, and the
+    torch epilogue reads no log-sum-exp (no merge); the outputs add the sets' value sums, so
+    the second set's continues the first's accumulator; the printable plan and the kernel's
+    comments say so, and the raw-key stream of window_summary visits only the causal hull."""
+    from attncc.passes.streams import Reduction, _walk, plan_streams, torch_form
     plan = plan_streams(attncc.load(f"examples/{name}.attn"))
     assert len(plan.passes) == 1 and not plan.apart
     (p,) = plan.passes
     assert [seg.stream for seg in p.segments()] == streams
+    lses = []
     for seg in p.segments():
         kinds = sorted(a.kind.name for a in seg.accumulators)
         assert kinds == ["DOT", "LSE"], kinds
-        dot = next(a for a in seg.accumulators if a.kind is Reduction.DOT)
-        assert dot.online is next(a for a in seg.accumulators if a.kind is Reduction.LSE)
+        lses.append(next(a for a in seg.accumulators if a.kind is Reduction.LSE))
+    head, part = lses
+    assert head.parts == [part] and part.joint is head and head.joint is None
+    dots = [next(a for a in seg.accumulators if a.kind is Reduction.DOT) for seg in p.segments()]
+    assert all(a.online is head for a in dots)
+    assert dots[1].into is dots[0] and dots[1].node not in plan.results  # o = a + b: one sum
+    assert part.node not in plan.results or part.node is head.node  # one stored log-sum-exp
+    stored = plan.results[head.node]
+    for _, node in plan.outputs:  # the epilogue only adds the normalised sums: no merge by LSE
+        assert not any(getattr(n, "array", None) is stored for n in _walk(torch_form(plan, node, {}), lambda n: False))
     text = plan.describe()
-    assert "1 generated pass(es)" in text
+    assert "1 generated pass(es)" in text and "one online normaliser" in text
+    assert f"joint over '{streams[0]}', '{streams[1]}'" in text
     assert f"streams '{streams[0]}', then '{streams[1]}'" in text
     if name == "window_summary":
         assert p.mask_plan is not None  # the causal bound of the raw keys
     source = generate_streams(plan, name).source
     assert source.count("for start_n in range(") == 2 and source.count("@triton.jit") == 1
+    assert "one online normaliser for the key sets" in source and "added into acc0" in source
 
 
 # ------------------------------------------------------------------------- epipolar_views
@@ -272,6 +286,63 @@ def test_generic_joint_softmax_with_a_sink(backend, tmp_path):
     close_lse(lse, want_lse)
 
 
+RESCALE = """attention rescale(q[B,H,N,D], k[B,G,M,D], v[B,G,M,E], ks[B,G,C,D], vs[B,G,C,E]) -> o[B,H,N,E] {
+  param boost: float = 1.0
+  require H % G == 0
+  let R = H // G
+  s[b,h,i,j] = q[b,h,i,d] * k[b,h // R,j,d] * D ** -0.5
+  ss[b,h,i,c] = q[b,h,i,d] * ks[b,h // R,c,d] * D ** -0.5
+  ss += boost
+  mask j < i - 2
+  mask c < i % 4
+  p, ps = softmax(s, j, ss, c)
+  o1[b,h,i,e] = p[b,h,i,j] * v[b,h // R,j,e]
+  o2[b,h,i,e] = ps[b,h,i,c] * vs[b,h // R,c,e]
+  o = o1 + OTHER
+}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("boost", [12.0, -12.0, 0.0])
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_joint_normaliser_rescales_in_the_second_set(backend, boost, weight):
+    """GQA, N != M, D != E, rows with no key in either set (o = 0, lse = -inf), rows with
+    only raw keys and rows with only summaries; a boost of 12 makes the summaries' logits the row
+    maxima (the running maximum rises in the second stream, so the first set's finished sum
+    is rescaled), -12 keeps the maximum in the first set. o and the joint lse against the
+    float64 oracle of one softmax over the concatenated sets. `o = o1 + o2` shares one value
+    accumulator (the second set continues the first's); `o = o1 + 0.5 * o2` keeps two, the
+    first rescaled at the end."""
+    from attncc.passes.streams import plan_streams
+    spec = RESCALE.replace("OTHER", "o2" if weight == 1.0 else f"{weight} * o2")
+    (p,) = plan_streams(attncc.load(spec)).passes
+    kept = [a for a in p.all_accumulators() if a.value is not None and a.into is None]
+    assert len(kept) == (1 if weight == 1.0 else 2)
+    g = torch.Generator().manual_seed(21)
+    B, H, G, N, M, C, D, E = 1, 4, 2, 23, 19, 5, 8, 6
+    q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, G, M, D, generator=g), \
+        torch.randn(B, G, M, E, generator=g)
+    ks, vs = torch.randn(B, G, C, D, generator=g), torch.randn(B, G, C, E, generator=g)
+    i = torch.arange(N)[:, None]
+    raw_ok, sum_ok = torch.arange(M)[None, :] < i - 2, torch.arange(C)[None, :] < i % 4
+    ss = scores(q, ks) + boost
+    want_o, want_lse = joint([(scores(q, k), raw_ok), (ss, sum_ok)], [heads(v, H), weight * heads(vs, H)])
+    empty = ~(raw_ok.any(-1) | sum_ok.any(-1))
+    assert empty.any() and (raw_ok.any(-1) & ~sum_ok.any(-1)).any() and (sum_ok.any(-1) & ~raw_ok.any(-1)).any()
+    top_raw = scores(q, k).masked_fill(~raw_ok, -math.inf).amax(-1)
+    top_sum = ss.masked_fill(~sum_ok, -math.inf).amax(-1)
+    both = raw_ok.any(-1) & sum_ok.any(-1)
+    rises = (top_sum > top_raw)[..., both]
+    assert bool(rises.all()) if boost > 0 else not bool(rises.any()) if boost < 0 else True
+    kernel = attncc.compile(spec, backend=backend)
+    o, lse = kernel(q=q, k=k, v=v, ks=ks, vs=vs, boost=boost, return_lse=True)
+    close(o, want_o, "o")
+    close_lse(lse, want_lse)
+    assert float(o[..., empty, :].abs().max()) == 0.0
+    assert kernel.last_run["backend"] == backend
+
+
 APART = """attention apart(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], ks[B,H,C,D], vs[B,H,C,E]) -> o[B,H,N,E] {
   s[b,h,i,j] = q[b,h,i,d] * k[b,h,j,d] * D ** -0.5
   top[b,h,i] = amax(s, j)
@@ -286,16 +357,16 @@ APART = """attention apart(q[B,H,N,D], k[B,H,M,D], v[B,H,M,E], ks[B,H,C,D], vs[B
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_key_sets_of_different_levels_stream_apart(backend, tmp_path):
-    """A key set whose scores read a row statistic of the other set's pass comes a level
-    later: the sets stream in separate kernels, the plan says why, and the merge by
-    log-sum-exp still matches the float64 oracle."""
+def test_key_sets_reading_a_statistic_of_a_set_share_a_later_pass(backend, tmp_path):
+    """A key set whose scores read a row statistic of the other set (`amax(s, j)`): the
+    statistic is a pass of its own, and the joint normaliser streams both sets a level later,
+    matching the float64 oracle."""
     from attncc.passes.streams import plan_streams
     path = tmp_path / "apart.attn"
     path.write_text(APART)
     plan = plan_streams(attncc.load(path))
-    assert [p.stream for p in plan.passes] == ["j", "c"] and not any(p.then for p in plan.passes)
-    assert "separate kernels: the key sets of line 6" in plan.describe() and "level" in plan.apart[0]
+    assert [(p.level, p.stream, [s.stream for s in p.then]) for p in plan.passes] == [(0, "j", []), (1, "j", ["c"])]
+    assert not plan.apart
     g = torch.Generator().manual_seed(5)
     B, H, N, M, C, D, E = 1, 2, 9, 12, 5, 8, 3
     q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, M, D, generator=g), \
@@ -328,6 +399,9 @@ def test_learned_sinks_is_a_one_key_special_case(backend, tmp_path):
   o[b,h,i,e] = p[b,h,i,j] * v[b,h,j,e]
 }
 """)
+    from attncc.passes.streams import plan_streams
+    plan = plan_streams(attncc.load(spec))  # the one-entry set has no tile dot: planned apart, merged by torch
+    assert plan.apart == ["the key sets of line 5: `p, p0 = softmax(s, j, one, z)`: a set's scores hold no tile dot"]
     want = attncc.compile("examples/learned_sinks.attn", backend="reference")(q=q, k=k, v=v, sinks=sinks)
     got = attncc.compile(spec, backend=backend)(q=q, k=k, v=v, sinks=sinks[:, None])
     close(got, want.double(), "sets")
