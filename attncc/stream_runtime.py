@@ -66,16 +66,24 @@ class StreamLauncher:
         finally:
             _RECORDING.reset(token)
 
-    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
-        if return_lse:
-            return self.with_lse()(call, False, config)
-        interpret = check_device(call)
+    def operands(self, call: BoundCall) -> BoundCall:
+        """The call with its tile-dot and value operands promoted to one type (`tl.dot`)."""
         p = self.plan
         operands = {op.input.name for sp in p.passes for seg in sp.segments() for dot in seg.dots
                     for op in dot.sides.values() if not op.input.name.startswith("<")}
         operands |= {a.value.input.name for sp in p.passes for a in sp.all_accumulators()
                      if a.value is not None and not a.value.input.name.startswith("<")}
-        call = promote_operands(call, operands)
+        return promote_operands(call, operands)
+
+    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False,
+                 keep: dict | None = None):
+        """The outputs of a call; `keep`, when given, receives every accumulator's stored value
+        (by its synthetic name, `<acc0>`): what the generated backward reads."""
+        if return_lse:
+            return self.with_lse()(call, False, config, keep=keep)
+        interpret = check_device(call)
+        p = self.plan
+        call = self.operands(call)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
         sizes = p.program.sizes(call.scalars)  # the plan's program: with the indices its rules made
         tensors = dict(call.tensors)
@@ -121,6 +129,8 @@ class StreamLauncher:
                                     KernelRole.STREAM_PASS))
             for node, value in zip(source.results, results):  # integer accumulators back to integers
                 tensors[p.results[node].name] = value.round().to(torch.int64) if node.dtype == ir.INT else value
+                if keep is not None:
+                    keep[p.results[node].name] = value
         if recording:
             return []
         outs = []

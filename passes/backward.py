@@ -53,7 +53,7 @@ from attncc import ir
 from attncc.passes.kinds import MaskMode, ReadMode, WeightKind
 from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
+from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan
 
 
 class NoGeneratedBackward(Exception):
@@ -321,21 +321,10 @@ def transposed_masks(plan: RowStreamPlan) -> tuple[MaskPlan | None, dict]:
     return key_masks, symbols
 
 
-def general_plan_reason(program: ir.Program) -> str:
-    """Why a spec that the general streaming planner took has no generated backward: the
-    generated backward is derived from row-streaming plans only, and the fused skeleton said
-    why it does not take this spec (several outputs, an output that is not weights times
-    values, ...)."""
-    if len(program.outputs) > 1:
-        why = f"several outputs ({', '.join(o.name for o in program.outputs)})"
-    else:
-        try:
-            plan_row_stream(program)
-            why = "its plan was not chosen"
-        except NotRowStreamable as err:
-            why = str(err)
-    return ("the general streaming planner's plans have no generated backward yet (the row-streaming "
-            f"skeleton, whose backward is generated, does not take this spec: {why})")
+def general_plan_reason(why: str) -> str:
+    """Why a spec that the general streaming planner took has no generated backward: what
+    `passes.stream_backward` does not differentiate yet."""
+    return f"the general streaming plan's backward is not generated: {why}"
 
 
 def call_reason(bplan: BackwardPlan, requires_grad) -> str | None:
