@@ -82,7 +82,7 @@ class PlanBackward:
                 tensors[inp.name] = value.to(call.out_dtype) if value.is_floating_point() else value
             targets = {**{n: t for n, t in stats.items() if t.requires_grad},
                        **{n: t for n, t in inputs.items() if t.requires_grad}}
-            found = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in targets.items()}
+            found: dict = {}  # name -> its gradient so far (absent: nothing reached it)
             outs = [(Reference(program, tensors, call.scalars).full(torch_form(plan, node, memo)), node.indices,
                      tuple(out.axes)) for out, node in plan.outputs]
             _chain([(v, align(g.float(), axes, have)) for (v, have, axes), g in zip(outs, grads) if g is not None],
@@ -100,6 +100,8 @@ class PlanBackward:
                     if a.acc.kind is Reduction.LSE:  # g = dL - sum over its online sums of <dA_k, A_k>
                         for other in pb.online(a.acc):
                             name = plan.results[other.node].name
+                            if name not in found:
+                                continue
                             prod = found[name] * stats[name].detach()
                             if other.feature is not None:
                                 prod = prod.sum(other.node.indices.index(other.feature))
@@ -164,7 +166,7 @@ def _chain(pairs, targets: dict, found: dict):
     grads = torch.autograd.grad(total, [targets[n] for n in names], allow_unused=True, retain_graph=True)
     for n, g in zip(names, grads):
         if g is not None:
-            found[n] += g.float()
+            found[n] = found[n] + g.float() if n in found else g.float()
 
 
 class GeneralBackward:

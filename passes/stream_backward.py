@@ -170,7 +170,8 @@ def _small_reads(plan: StreamPlan, sp: StreamPass, seg: StreamPass, materialized
                                                   (isinstance(n.array, ir.Input) or n.array in materialized))
     found: dict = {}
     for acc in seg.accumulators:
-        for n in _walk(acc.arg, leaf, enter_root=False):
+        # (predicates and index expressions are piecewise constant: nothing under them is a read)
+        for n in _walk(acc.arg, lambda m: leaf(m) or m.dtype != ir.FLOAT, enter_root=False):
             if not leaf(n) or n in dots or n in own or n.dtype != ir.FLOAT or n in found:
                 continue
             if isinstance(n, ir.Access) and isinstance(n.array, ir.Input) and n.array.dtype != ir.FLOAT:
