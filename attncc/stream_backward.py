@@ -145,13 +145,14 @@ class PlanBackward:
         args += [sizes[ix] for ix in pb.outer] + [sizes[pb.row], sizes[pb.seg.stream]]
         args += [sizes[ix] for ix in src.extents.values()]
         args += [StreamLauncher.scalar(call, src.host_scalars[n]) for n in src.scalar_args]
-        constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="ieee", UPCAST_DOT=False,
+        upcast = interpret and any(t.dtype == torch.bfloat16 for t in args if torch.is_tensor(t))
+        constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="ieee", UPCAST_DOT=upcast,
                           **{c: pow2(sizes[ix]) for c, ix in src.features.items()})
         options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         block = cfg["BLOCK_M"] if src.side is Side.ROWS else cfg["BLOCK_N"]
         grid = (triton_cdiv(sizes[tile], block), math.prod(sizes[ix] for ix in pb.outer))
         if grid[0] and grid[1]:
-            role = KernelRole.BWD_DQ if src.side is Side.ROWS else KernelRole.BWD_DKDV
+            role = KernelRole.BWD_ROWS if src.side is Side.ROWS else KernelRole.BWD_STREAM
             launch(KernelLaunch(getattr(module, src.kernel), grid, args, constexprs, options, interpret, role))
         return partials
 

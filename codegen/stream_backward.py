@@ -103,14 +103,14 @@ class BackwardCodegen(PassCodegen):
                 lines, val = self.tile_load(op, side, dot.d, block)
                 place(side).extend(lines)
                 tiles[side] = val
-            looped += [f"s{t} = tl.dot({tiles[Side.ROWS].code}.to(tl.float32), "
-                       f"tl.trans({tiles[Side.STREAM].code}.to(tl.float32)), input_precision=PRECISION)"]
+            looped += _dot(f"s{t}", tiles[Side.ROWS].code, f"tl.trans({tiles[Side.STREAM].code})",
+                           tiles[Side.ROWS].code)
             factors = [em.emit(f).code for f in dot.factors]
             product = " * ".join([f"s{t}", *factors])
             em.bind(dot.node, Val(f"({product})" if factors else product, frozenset("mn")))
             dot_vals[dot] = (tiles, " * ".join(factors) or None, block)
         # per accumulator: its allowed entries and per-tile cotangent
-        cot, allowed, dacc_tiles = {}, {}, {}
+        cot, allowed, dacc_tiles, value_tiles = {}, {}, {}, {}
         for a in pb.accs:
             acc = a.acc
             k = self.number[acc.node]
@@ -130,10 +130,9 @@ class BackwardCodegen(PassCodegen):
                 place(Side.ROWS).extend(lines)
                 lines, v = self.tile_load(acc.value, Side.STREAM, acc.feature, block)
                 place(Side.STREAM).extend(lines)
-                looped.append(f"c{k} = tl.dot({dtile.code}, tl.trans({v.code}.to(tl.float32)), "
-                              "input_precision=PRECISION)  # dAcc . v per pair")
+                looped += [comment("dAcc . v per pair")] + _dot(f"c{k}", dtile.code, f"tl.trans({v.code})", v.code)
                 cot[a] = f"c{k}"
-                dacc_tiles[a] = dtile.code
+                dacc_tiles[a], value_tiles[a] = dtile.code, v.code
             else:
                 read = ir.Access(array=dacc, args=args, indices=acc.node.indices, dtype=ir.FLOAT, loc=acc.node.loc)
                 if acc.kind is Reduction.LSE:  # its softmax's weights times the total gradient g
@@ -153,15 +152,14 @@ class BackwardCodegen(PassCodegen):
                 if dot.sides.get(pb.row if self.side is Side.ROWS else seg.stream) is r.operand:
                     other = tiles[Side.STREAM if self.side is Side.ROWS else Side.ROWS].code
                     ds_code = f"ds{t}" if self.side is Side.ROWS else f"tl.trans(ds{t})"
-                    contrib.append(f"{partial[id(r)]} += tl.dot({ds_code}, {other}.to(tl.float32), "
-                                   "input_precision=PRECISION)")
+                    contrib += _dot(partial[id(r)], ds_code, other, other, accumulate=True)
         for a in pb.accs:
             if a.acc.kind is not Reduction.DOT or self.side is not Side.STREAM:
                 continue
             r = next(r for r in mine if r.operand is a.acc.value)
             w = f"tl.where({allowed[a]}, {em.emit(a.acc.arg).code}, 0.0)"
-            contrib.append(f"{partial[id(r)]} += tl.dot(tl.trans({w}), {dacc_tiles[a]}, input_precision=PRECISION)"
-                           "  # the values' gradient")
+            contrib += [comment("the values' gradient")] + _dot(partial[id(r)], f"tl.trans({w})", dacc_tiles[a],
+                                                                value_tiles[a], accumulate=True)
         for r in mine:
             if r.operand is not None:
                 continue
@@ -247,6 +245,17 @@ class BackwardCodegen(PassCodegen):
         src = BackwardKernel(self.name, self.side, tensors, scalars, dict(em.host_scalars),
                              [r for r in pb.reads if id(r) in parts], dict(self.features), dict(self.extents))
         return "\n".join(body), src
+
+
+def _dot(out: str, x: str, y: str, like: str, accumulate: bool = False) -> list[str]:
+    """`out = x @ y` (or `+=`) with both sides in the type of the operand tile `like` (bf16 on
+    the tensor cores, as FlashAttention's backward casts dS and P), in fp32 where the
+    interpreter cannot multiply bf16 (`UPCAST_DOT`); the result is fp32 either way."""
+    op = "+=" if accumulate else "="
+    return ["if UPCAST_DOT:",
+            f"    {out} {op} tl.dot({x}.to(tl.float32), {y}.to(tl.float32), input_precision=PRECISION)",
+            "else:",
+            f"    {out} {op} tl.dot({x}.to({like}.dtype), {y}.to({like}.dtype), input_precision=PRECISION)"]
 
 
 def generate_stream_backward(bplan: StreamBackwardPlan, name: str) -> StreamBackwardSource:

@@ -34,7 +34,8 @@ def _inputs(name, n=N, m=M, seed=0):
 
 
 def _gradients(name, backend, x, dtype, params, seed=1):
-    """(kernel, outputs, {name: gradient}) of sum(out * w) over every output."""
+    """(kernel, outputs, {name: gradient}) of sum(out * w) over every output (and the
+    log-sum-exp with `return_lse`)."""
     kernel = attncc.compile(f"examples/{name}.attn", backend=backend)
     args = {n: (t.to(dtype).requires_grad_() if t.is_floating_point() else t) for n, t in x.items()}
     outs = kernel(**args, **params)
@@ -53,7 +54,7 @@ def _close(got, want, what, tol=2e-5):
 
 
 @pytest.mark.parametrize("name,params,n,m", [
-    ("prob_columns", dict(causal=False), N, M),
+    ("prob_columns", dict(causal=False, return_lse=True), N, M),  # the LSE's gradient joins the softmax's
     ("prob_columns", dict(causal=True), 41, 23),     # N > M, causal: the first 18 rows have no key (empty rows)
     ("column_mass", dict(causal=True), N, M),        # a column pass at level 1 (colsum over the chosen rows)
     ("class_redistribute", dict(), N, M),            # three online value sums, two online sums; p[H] too
@@ -97,7 +98,7 @@ def test_backward_launches_hold_no_score_sized_tensor(name):
         launches = runtime._RECORDING.get()
     finally:
         runtime._RECORDING.reset(token)
-    assert {launch.role for launch in launches} >= {runtime.KernelRole.BWD_DQ, runtime.KernelRole.BWD_DKDV}
+    assert {launch.role for launch in launches} >= {runtime.KernelRole.BWD_ROWS, runtime.KernelRole.BWD_STREAM}
     for launch in launches:
         for a in launch.args:
             if torch.is_tensor(a):
