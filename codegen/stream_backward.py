@@ -135,8 +135,9 @@ class BackwardCodegen(PassCodegen):
                 dacc_tiles[a], value_tiles[a] = dtile.code, v.code
             else:
                 read = ir.Access(array=dacc, args=args, indices=acc.node.indices, dtype=ir.FLOAT, loc=acc.node.loc)
-                if acc.kind is Reduction.LSE:  # its softmax's weights times the total gradient g
-                    weight = _map("exp", _map("-", acc.arg, _finite(acc.node)))
+                if acc.kind is Reduction.LSE:  # its softmax's weights (its online sums': the same exp) times g
+                    online = [o.weight for o in pb.online(acc) if o.weight is not None]
+                    weight = online[0] if online else _map("exp", _map("-", acc.arg, _finite(acc.node)))
                     read = _map("*", read, weight)
                 cot[a] = em.emit(read).code
         # the gradient of each tile dot's scores, and of each small read
