@@ -53,7 +53,7 @@ from attncc import ir
 from attncc.passes.kinds import MaskMode, ReadMode, WeightKind
 from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan
+from attncc.passes.row_stream import RowStreamPlan
 
 
 class NoGeneratedBackward(Exception):

@@ -31,11 +31,11 @@ import enum
 from dataclasses import dataclass, field
 
 from attncc import ir
-from attncc.passes.backward import NoGeneratedBackward, Tangent
+from attncc.passes.backward import NoGeneratedBackward, Tangent, float_reads
 from attncc.passes.mask_analysis import MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
 from attncc.passes.row_stream import Operand
-from attncc.passes.streams import Accumulator, Reduction, StreamPass, StreamPlan, TileDot, _walk
+from attncc.passes.streams import Accumulator, Reduction, StreamPass, StreamPlan, _walk
 from attncc.passes.row_stream import _statement as statement
 
 
@@ -127,7 +127,7 @@ def _pass_backward(plan: StreamPlan, sp: StreamPass, seg: StreamPass) -> PassBac
     for dot in seg.dots:
         for tile, op in dot.sides.items():
             operands.append(_operand_grad(program, op, Side.ROWS if tile == sp.row else Side.STREAM, dot.d))
-        if float_inputs(dot.factors):
+        if float_reads(list(dot.factors)):
             raise NoGeneratedBackward(f"a factor of the tile dot {statement(program, dot.node)} reads a float "
                                       "input: its gradient is not generated yet")
     for acc in seg.accumulators:
@@ -184,12 +184,6 @@ def _small_reads(plan: StreamPlan, sp: StreamPass, seg: StreamPass, materialized
                                           "generated yet")
             found[n] = ReadGrad(n, Side.STREAM if seg.stream in tiles else Side.ROWS)
     return list(found.values())
-
-
-def float_inputs(nodes) -> set[str]:
-    from attncc.passes.backward import float_reads
-
-    return float_reads(list(nodes))
 
 
 def _stream_ranges(program: ir.Program, sp: StreamPass, seg: StreamPass):
