@@ -141,3 +141,30 @@ def test_operator_path_opcheck_and_compiled_training_step():
     assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [13, 24])  # three outputs each: attention, statistics, column sums, ...
+def test_random_general_specs_gradients(seed):
+    """Randomly composed specs of tests/test_random_streams.py on the general plan: every float
+    input's gradient equals the float64 reference's."""
+    from attncc.random_inputs import random_arguments
+    from test_random_streams import generate
+
+    case = generate(seed)
+    grads = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        kernel = attncc.compile(case.text, backend=backend)
+        kwargs = random_arguments(kernel.program, {k: v for k, v in case.shape.items() if k in kernel.program.dims},
+                                  {k: v for k, v in case.params.items() if k in kernel.program.params}, seed=seed)
+        floats = [n for n, t in kwargs.items() if torch.is_tensor(t) and t.is_floating_point()]
+        x = {n: (t.to(dtype).requires_grad_() if n in floats else t) for n, t in kwargs.items()}
+        outs = kernel(**x)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if backend == "triton":
+            assert kernel.last_run["backward"] == "triton", kernel.last_run
+        g = torch.Generator().manual_seed(seed)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in outs)
+        grads.append(torch.autograd.grad(loss, [x[n] for n in floats], allow_unused=True))
+    for n, a, b in zip(floats, *grads):
+        if b is not None:
+            _close(a, b, f"seed {seed} d{n}", tol=1e-4)
