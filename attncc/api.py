@@ -16,6 +16,7 @@ from . import ir, pipeline, torch_ops
 from .binding import bind, describe_input
 from .errors import ArgumentError, BackendError, Loc, Source, SpecError
 from .reference import Reference
+from .stream_backward import GeneralBackward, GeneralBackwardFunction
 from attncc.autotune.cache import TuningCache, tuning_key
 from attncc.codegen.tile_expr import Unsupported
 from attncc.passes.backward import NoGeneratedBackward, call_reason, general_plan_reason, plan_backward
@@ -262,7 +263,8 @@ class Kernel:
                 if graph:
                     names = tuple(call.tensors)
                     backward_reason = self.backward_reason(call)
-                    how = _ReferenceBackward if backward_reason else _GeneratedBackward
+                    how = _ReferenceBackward if backward_reason else \
+                        _GeneratedBackward if isinstance(self.generated.plan, RowStreamPlan) else GeneralBackwardFunction
                     results = list(how.apply(self, call, return_lse, names, *call.tensors.values()))
                 else:
                     results = self.run_generated(call, return_lse)
@@ -308,7 +310,11 @@ class Kernel:
         planned, and its kernels generated, on the first call that records a graph."""
         if self._backward is None:
             if not isinstance(self.generated.plan, RowStreamPlan):
-                self._backward = general_plan_reason(self.program)
+                try:
+                    self._backward_launcher = GeneralBackward(self.generated.launcher)
+                    self._backward = self._backward_launcher.part(False).bplan
+                except (NoGeneratedBackward, Unsupported) as why:
+                    self._backward = general_plan_reason(str(why))
             else:
                 from .row_backward import make_backward
 

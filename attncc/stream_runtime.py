@@ -42,17 +42,27 @@ class StreamLauncher:
         self.last_tma_fallback = None
         self.lse_launcher: StreamLauncher | None = None  # the plan with the log-sum-exp as an extra output
         self.forms: dict = {}  # node -> its torch form (torch_form's memo), built on the first call
+        self.extra_outputs: tuple = ()  # the outputs planned beyond the program's (the log-sum-exp)
+        self.apart_launcher: StreamLauncher | None = None  # the same outputs, key sets planned apart
 
     def with_lse(self) -> "StreamLauncher":
         """The launcher of the same program planned with `return_lse`'s log-sum-exp as one more
         output (built on first use; it shares the softmax's accumulator)."""
         if self.lse_launcher is None:
-            from attncc.codegen.stream_kernel import generate_streams
             from .api import lse_output
 
-            plan = plan_streams(self.plan.program, (lse_output(self.plan.program),))
-            self.lse_launcher = StreamLauncher(plan, generate_streams(plan, plan.program.name))
+            extra = (lse_output(self.plan.program),)
+            self.lse_launcher = _launcher(plan_streams(self.plan.program, extra), extra)
         return self.lse_launcher
+
+    def apart(self) -> "StreamLauncher":
+        """The launcher of the same outputs with every key set of a joint softmax in its own
+        pass (its own log-sum-exp, merged by torch): the form the generated backward
+        differentiates (built on first use)."""
+        if self.apart_launcher is None:
+            plan = plan_streams(self.plan.program, self.extra_outputs, joint=False)
+            self.apart_launcher = _launcher(plan, self.extra_outputs)
+        return self.apart_launcher
 
     def launches(self, call: BoundCall, return_lse: bool = False, config: dict | None = None,
                  count_tiles=False) -> list[KernelLaunch]:
@@ -66,16 +76,24 @@ class StreamLauncher:
         finally:
             _RECORDING.reset(token)
 
-    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False):
-        if return_lse:
-            return self.with_lse()(call, False, config)
-        interpret = check_device(call)
+    def operands(self, call: BoundCall) -> BoundCall:
+        """The call with its tile-dot and value operands promoted to one type (`tl.dot`)."""
         p = self.plan
         operands = {op.input.name for sp in p.passes for seg in sp.segments() for dot in seg.dots
                     for op in dot.sides.values() if not op.input.name.startswith("<")}
         operands |= {a.value.input.name for sp in p.passes for a in sp.all_accumulators()
                      if a.value is not None and not a.value.input.name.startswith("<")}
-        call = promote_operands(call, operands)
+        return promote_operands(call, operands)
+
+    def __call__(self, call: BoundCall, return_lse: bool, config: dict | None = None, count_tiles=False,
+                 keep: dict | None = None):
+        """The outputs of a call; `keep`, when given, receives every accumulator's stored value
+        (by its synthetic name, `<acc0>`): what the generated backward reads."""
+        if return_lse:
+            return self.with_lse()(call, False, config, keep=keep)
+        interpret = check_device(call)
+        p = self.plan
+        call = self.operands(call)
         module = self.modules.get(interpret) or self.modules.setdefault(interpret, load_module(self.src, interpret))
         sizes = p.program.sizes(call.scalars)  # the plan's program: with the indices its rules made
         tensors = dict(call.tensors)
@@ -121,6 +139,8 @@ class StreamLauncher:
                                     KernelRole.STREAM_PASS))
             for node, value in zip(source.results, results):  # integer accumulators back to integers
                 tensors[p.results[node].name] = value.round().to(torch.int64) if node.dtype == ir.INT else value
+                if keep is not None:
+                    keep[p.results[node].name] = value
         if recording:
             return []
         outs = []
@@ -133,3 +153,11 @@ class StreamLauncher:
     def scalar(call: BoundCall, node: ir.Node):
         v = evaluate_scalar(node, call.scalars)
         return int(v) if isinstance(v, bool) else v
+
+
+def _launcher(plan: StreamPlan, extra_outputs: tuple) -> StreamLauncher:
+    from attncc.codegen.stream_kernel import generate_streams
+
+    launcher = StreamLauncher(plan, generate_streams(plan, plan.program.name))
+    launcher.extra_outputs = extra_outputs
+    return launcher

@@ -137,7 +137,9 @@ class Registration:
         call = bind(kernel.program, self.spec.kwargs(tensors, params), data=False, expanded=True)
         axes = [axes for axes, _ in self.spec.outputs] + ([tuple(kernel.lse().axes)] if return_lse else [])
         shapes = [[call.sizes[ix] for ix in ax] for ax in axes]
-        if backward == GENERATED:  # the saved statistic: an empty one for weights without a log-sum-exp
+        if backward == GENERATED and _general(kernel):  # every accumulator, packed
+            shapes.append([kernel.backward_launcher().part(bool(return_lse)).saved_numel(call.sizes)])
+        elif backward == GENERATED:  # the saved statistic: an empty one for weights without a log-sum-exp
             shapes.append([call.sizes[ix] for ix in kernel.lse().axes] if _saves_lse(kernel) else [0])
         dtypes = self.result_dtypes(call, return_lse, backward)
         return [torch.empty(shape, dtype=dtype, device=call.device) for shape, dtype in zip(shapes, dtypes)]
@@ -149,7 +151,7 @@ class Registration:
         ctx.params, ctx.return_lse, ctx.backward = params, return_lse, backward
         ctx.n_results = len(self.spec.outputs) + bool(return_lse)
         # O and the fp32 LSE (empty for weights without one: the backward recomputes what it needs)
-        saved = [output[0], output[-1]] if backward == GENERATED else []
+        saved = ([output[-1]] if _general(self.kernel()) else [output[0], output[-1]]) if backward == GENERATED else []
         ctx.save_for_backward(*tensors, *saved)
 
     def _backward_formula(self, ctx, grads):
@@ -181,8 +183,12 @@ class Registration:
                 names = {n for n, w in zip(self.spec.inputs, wanted) if w}
                 try:
                     grad_lse = grads[1] if return_lse else None
-                    found = kernel.backward_launcher().gradients(call, *saved, grads[0], grad_lse, names,
-                                                                 deterministic=kernel.deterministic)
+                    if _general(kernel):  # every output's gradient, and the packed accumulators
+                        found = kernel.backward_launcher().gradients(call, saved[0], list(grads), names,
+                                                                     bool(return_lse))
+                    else:
+                        found = kernel.backward_launcher().gradients(call, *saved, grads[0], grad_lse, names,
+                                                                     deterministic=kernel.deterministic)
                     found = [found.get(n) for n in self.spec.inputs]
                 except BackendError as why:
                     if not kernel.chosen_automatically:
@@ -212,7 +218,10 @@ def _run_forward(kernel, call, return_lse: bool, backward: int, reason: str | No
     results, fallback = None, None
     if kernel.backend == "triton":
         try:
-            if backward == GENERATED and not _saves_lse(kernel):  # pointwise weights, sums of terms
+            if backward == GENERATED and _general(kernel):  # the accumulators kept for the backward
+                outs, packed = kernel.backward_launcher().forward(call, return_lse, kernel.tuned_config(call))
+                results = [*(kernel._cast(r, call) for r in outs), packed]
+            elif backward == GENERATED and not _saves_lse(kernel):  # pointwise weights, sums of terms
                 results = [*kernel.run_generated(call, False), _no_lse(call)]
             elif backward == GENERATED:  # the LSE stored for the generated backward
                 o, lse = kernel.generated.launcher(call, True, config=kernel.tuned_config(call))
@@ -233,6 +242,8 @@ def _run_forward(kernel, call, return_lse: bool, backward: int, reason: str | No
                 raise
             fallback = str(why)
     if results is None:
+        if backward == GENERATED and _general(kernel):
+            raise BackendError(f"{kernel.name}: the generated backward needs the generated forward: {fallback}")
         if backward == GENERATED and not _saves_lse(kernel):
             results = [*kernel.run_reference(call, False), _no_lse(call)]
         elif backward == GENERATED:  # a fallback (or a hand-made call): the LSE the backward op expects, from the reference
@@ -246,6 +257,14 @@ def _run_forward(kernel, call, return_lse: bool, backward: int, reason: str | No
             run["backward_reason"] = fallback or _REFERENCE_REASON
     kernel.last_run = run
     return results
+
+
+def _general(kernel) -> bool:
+    """Whether the kernel runs a general streaming plan: its generated backward saves every
+    accumulator (one packed fp32 vector) and takes every output's gradient."""
+    from .stream_runtime import StreamLauncher
+
+    return kernel.backend == "triton" and isinstance(kernel.generated.launcher, StreamLauncher)
 
 
 def _saves_lse(kernel) -> bool:
@@ -348,7 +367,7 @@ def backward_choice(kernel, requiring, grad_enabled: bool, call=None) -> tuple[i
     sizes = None if call is None else call.sizes or kernel.program.sizes(call.scalars)
     reason = plan if isinstance(plan, str) else \
         call_reason(plan, list(requiring), sizes, None if call is None else call.scalars)
-    if reason is None and len(kernel.program.outputs) != 1:
+    if reason is None and len(kernel.program.outputs) != 1 and not _general(kernel):
         reason = "the generated backward differentiates one output"
     return (REFERENCE, reason) if reason else (GENERATED, None)
 

@@ -273,9 +273,12 @@ class PassCodegen:
                          dict(self.extents), dict(self.topk))
         return "\n".join(body), src
 
-    def stream_range(self, seg: StreamPass) -> list[str]:
+    def stream_range(self, seg: StreamPass, analysis=None, tile=("pid_m", "BLOCK_M", "n_rows")) -> list[str]:
         """The range of one stream: everything, or the block of a blocked reduction's pass, cut
-        to the hull of the keys the masks allow this row tile (bounds derived with sympy)."""
+        to the hull of the keys the masks allow this row tile (bounds derived with sympy).
+        `analysis` (mask plan, loaded scalars, row-data bounds) replaces the pass's own, and
+        `tile` names the program's tile (its id, size and extent): the backward's kernel over
+        streamed tiles walks the rows their transposed analysis allows."""
         block, n_cols = seg.block, self.n_cols
         if block is None:
             lines = ["lo = 0", f"hi = {n_cols}"]
@@ -283,23 +286,24 @@ class PassCodegen:
             size = self.em.emit(block.size).code
             lines = [comment(f"one block of {block.index!r}"), f"lo = {names.user('idx', block.name)} * {size}",
                      f"hi = tl.minimum(lo + {size}, {n_cols})"]
-        plan = seg.mask_plan
+        plan, symbols, opaque = analysis or (seg.mask_plan, seg.mask_symbols, seg.mask_opaque)
         if plan is None:
             return lines
         codes = {node.name: names.scalar(node) for node in (*self.plan.program.dims.values(),
                                                               *self.plan.program.params.values())}
-        codes.update({name: code_name(name) for name in seg.mask_symbols})
+        codes.update({name: code_name(name) for name in symbols})
         codes[plan.i0.name], codes[plan.i1.name] = "i0", "i1"
+        pid, size, n_rows = tile
         lines += ["# the streamed range the masks allow this row tile (attncc.passes.mask_analysis)",
-                  "i0 = pid_m * BLOCK_M", "i1 = tl.minimum(i0 + BLOCK_M, n_rows) - 1", f"mask_lo = {n_cols}",
+                  f"i0 = {pid} * {size}", f"i1 = tl.minimum(i0 + {size}, {n_rows}) - 1", f"mask_lo = {n_cols}",
                   "mask_hi = 0"]
-        lines += [f"{code_name(name)} = {self.em.emit(node).code}" for name, node in seg.mask_symbols.items()]
+        lines += [f"{code_name(name)} = {self.em.emit(node).code}" for name, node in symbols.items()]
         for n, c in enumerate(plan.conjuncts):
             ok = [f"({guard_code(g, codes)})" for g in c.guards]
             ok.append(f"({printed(sympy.Max(plan.i0, c.row_lo), codes)} <= {printed(sympy.Min(plan.i1, c.row_hi), codes)})")
             lo, hi = printed(c.lo, codes), printed(c.hi, codes)
             for t, atom in enumerate(c.opaque):
-                bound = _row_data_bound(atom, plan.j, seg.mask_opaque, seg.row)
+                bound = _row_data_bound(atom, plan.j, opaque, seg.row)
                 if bound is None:
                     continue
                 side, node, sign, rest = bound

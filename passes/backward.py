@@ -62,7 +62,7 @@ from attncc.passes.linear import (backward_path, chunked_backward, linear_only_b
                                   reassociable)
 from attncc.passes.mask_analysis import MaskPlan, MaskTooComplex
 from attncc.passes.mask_sympy import NotAffineExtents, analyse_masks
-from attncc.passes.row_stream import NotRowStreamable, RowStreamPlan, plan_row_stream
+from attncc.passes.row_stream import RowStreamPlan
 
 
 class NoGeneratedBackward(Exception):
@@ -370,21 +370,10 @@ def transposed_masks(plan: RowStreamPlan) -> tuple[MaskPlan | None, dict]:
     return key_masks, symbols
 
 
-def general_plan_reason(program: ir.Program) -> str:
-    """Why a spec that the general streaming planner took has no generated backward: the
-    generated backward is derived from row-streaming plans only, and the fused skeleton said
-    why it does not take this spec (several outputs, an output that is not weights times
-    values, ...)."""
-    if len(program.outputs) > 1:
-        why = f"several outputs ({', '.join(o.name for o in program.outputs)})"
-    else:
-        try:
-            plan_row_stream(program, switches=True)
-            why = "its plan was not chosen"
-        except NotRowStreamable as err:
-            why = str(err)
-    return ("the general streaming planner's plans have no generated backward yet (the row-streaming "
-            f"skeleton, whose backward is generated, does not take this spec: {why})")
+def general_plan_reason(why: str) -> str:
+    """Why a spec that the general streaming planner took has no generated backward: what
+    `passes.stream_backward` does not differentiate yet."""
+    return f"the general streaming plan's backward is not generated: {why}"
 
 
 def call_reason(bplan: BackwardPlan, requires_grad, sizes: dict | None = None,
@@ -396,7 +385,7 @@ def call_reason(bplan: BackwardPlan, requires_grad, sizes: dict | None = None,
     if missing:
         return "; ".join(f"{n}: {bplan.read_reasons[n]}" for n in missing)
     plan = bplan.plan
-    if bplan.linear_only and sizes is not None and \
+    if getattr(bplan, "linear_only", False) and sizes is not None and \
             backward_path(plan, sizes, scalars) == LaunchPath.ROW_STREAMING:
         return (f"normalised linear attention (or feature maps): the backward is generated for the linear-time "
                 f"paths only (no active mask, or exactly causal on a square score), and this call "

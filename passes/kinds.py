@@ -69,6 +69,8 @@ class KernelRole(ShownEnum):
     BWD_PRE = "bwd_pre"            # backward: delta = rowsum(dO * O) - dLSE per query row
     BWD_DKDV = "bwd_dkdv"          # backward: dK and dV, one program per key tile
     BWD_DQ = "bwd_dq"              # backward: dQ, one program per query tile
+    BWD_ROWS = "bwd_rows"          # general plan backward: a pass's gradients over its rows, one program per row tile
+    BWD_STREAM = "bwd_stream"      # general plan backward: a pass's gradients over its streamed index, per streamed tile
 
 
 class ReadMode(ShownEnum):

@@ -167,6 +167,12 @@ class StreamPlan:
     apart: list = field(default_factory=list)  # why the key sets of a joint softmax stream in separate kernels
     planner: "Planner | None" = field(default=None, repr=False)
 
+    @property
+    def joint(self) -> bool:
+        """Some key sets of a joint softmax share one pass's online normaliser."""
+        return any(a.parts or a.joint is not None or a.into is not None
+                   for p in self.passes for a in p.all_accumulators())
+
     def describe(self) -> str:
         """The plan in words: each pass, its accumulators (and the statements they come
         from), and what torch computes around the passes."""
@@ -1005,12 +1011,17 @@ def _linear(node: ir.Node, weight: ir.Node, lse: ir.Node, memo: dict | None = No
     return False
 
 
-def plan_streams(program: ir.Program, extra_outputs=()) -> StreamPlan:
+def plan_streams(program: ir.Program, extra_outputs=(), joint: bool = True) -> StreamPlan:
     """The general plan of a program (and of `extra_outputs`, such as the log-sum-exp that
     `return_lse` asks for), or `NotRowStreamable` naming the statement that needs a
     score-sized intermediate or a construct not generated yet. The key sets of a joint
-    softmax share one online normaliser when they can share one pass; otherwise each set
-    has its own log-sum-exp, merged by torch, and the plan says why (`apart`)."""
+    softmax share one online normaliser when they can share one pass (and `joint`);
+    otherwise each set has its own log-sum-exp, merged by torch, and the plan says why
+    (`apart`)."""
+    if not joint:
+        plan = _plan(program, extra_outputs, joint=False)
+        plan.apart.append("the key sets were asked to be planned apart (the generated backward's form)")
+        return plan
     try:
         return _plan(program, extra_outputs, joint=True)
     except KeySetsApart as why:

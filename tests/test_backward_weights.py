@@ -229,13 +229,12 @@ def test_gqa_packed_decoding_reads_each_rows_sink():
     close(o, want, "o", rel=1e-5)
 
 
-@pytest.mark.parametrize("name,why", [("prob_columns", "several outputs (o, pm)"),
-                                      ("column_mass", "several outputs (o, colsum)"),
-                                      ("class_redistribute", "not a contraction of weights with values")])
-def test_general_plans_take_the_reference_backward_and_say_why(name, why):
+@pytest.mark.parametrize("name", ["prob_columns", "column_mass", "class_redistribute", "window_summary", "epipolar_views"])
+def test_general_plans_have_a_generated_backward(name):
+    """The general planner's plans get the backward of passes/stream_backward.py
+    (tests/test_general_backward.py checks their gradients)."""
     kernel = attncc.compile(f"examples/{name}.attn", backend="triton")
-    reason = kernel.backward_plan()
-    assert isinstance(reason, str) and "general streaming planner" in reason and why in reason
+    assert not isinstance(kernel.backward_plan(), str), kernel.backward_plan()
 
 
 @pytest.mark.parametrize("name,shape", [
