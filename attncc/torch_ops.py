@@ -164,9 +164,10 @@ class Registration:
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients from the reference
             kernel = self.kernel()
             call = bind(kernel.program, self.spec.kwargs(tensors, ctx.params), data=False, expanded=True)
-            full = [t if t is not None else d for t, d in zip(tensors, call.tensors.values())]
-            found = _reference_gradients(kernel, call, ctx.return_lse, full, grads, wanted)
-            return (*found, *rest)
+            # the bound tensors: broadcast inputs expanded (views: their history is kept), left-out
+            # optional inputs filled in, as the reference reads them
+            found = _reference_gradients(kernel, call, ctx.return_lse, list(call.tensors.values()), grads, wanted)
+            return (*(g if g is None else _summed_to(g, t) for g, t in zip(found, tensors)), *rest)
         found = iter(self.backward(tensors, extra, grads, *ctx.params, ctx.return_lse, ctx.backward, wanted))
         return (*(next(found) if w else None for w in wanted), *rest)
 
@@ -192,7 +193,7 @@ class Registration:
             if found is None:  # the call's tensors: left-out optional inputs filled in by `bind`
                 found = _reference_gradients(kernel, call, return_lse, list(call.tensors.values()),
                                              list(grads), wanted)
-        return [_conform(g if g is not None else torch.zeros_like(t), t.dtype, like=t)
+        return [_conform(_summed_to(g, t) if g is not None else torch.zeros_like(t), t.dtype, like=t)
                 for g, t, w in zip(found, inputs, wanted) if w]
 
     def _backward_fake(self, inputs, saved, grads, *rest):
@@ -267,6 +268,13 @@ def _reference_gradients(kernel, call, return_lse, tensors, grads, wanted) -> li
                                 return_lse=return_lse, names=tuple(call.tensors),
                                 needs_input_grad=(False,) * 4 + tuple(wanted))
     return gradients(ctx, tensors, grads)
+
+
+def _summed_to(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The gradient of an input passed with size-1 broadcast dims (`bias[B?,H?,N?,M?]`), summed
+    over them: the gradients are found for the broadcast tensor the call binds, and an
+    operator's backward, unlike autograd's engine after an eager call, does not reduce them."""
+    return grad.sum_to_size(t.shape) if grad.shape != t.shape else grad
 
 
 def _storage(t: torch.Tensor):
