@@ -110,3 +110,19 @@ def test_compiled_double_backward_through_a_broadcast_input():
         weight = torch.arange(gb.numel(), dtype=gb.dtype).view(gb.shape)
         found.append(torch.autograd.grad((gb * weight).sum(), [x["q"]])[0])
     torch.testing.assert_close(found[0], found[1])
+
+
+# ------------------------------------------------------------ tuple params
+
+
+def test_a_tuple_param_takes_a_1d_array_or_tensor_as_its_entries():
+    """`shape=np.array([1, 3, 3])` was one value for every entry, then refused as
+    "param 'shape[0]' must be an int, got ndarray"."""
+    np = pytest.importorskip("numpy")
+    kernel = attncc.compile("examples/neighborhood_nd.attn", backend="reference")
+    q, k, v = rand(1, 2, 9, 4, seed=1), rand(1, 2, 9, 4, seed=2), rand(1, 2, 9, 3, seed=3)
+    want = kernel(q=q, k=k, v=v, shape=(1, 3, 3), kernel=(1, 3, 1))
+    for shape, kern in ((np.array([1, 3, 3]), np.array([1, 3, 1])), (torch.tensor([1, 3, 3]), torch.tensor([1, 3, 1]))):
+        torch.testing.assert_close(kernel(q=q, k=k, v=v, shape=shape, kernel=kern), want)
+    with pytest.raises(attncc.ArgumentError, match="takes 3 entries"):
+        kernel(q=q, k=k, v=v, shape=np.array([3, 3]))
