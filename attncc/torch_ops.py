@@ -137,8 +137,9 @@ class Registration:
         call = bind(kernel.program, self.spec.kwargs(tensors, params), data=False, expanded=True)
         axes = [axes for axes, _ in self.spec.outputs] + ([tuple(kernel.lse().axes)] if return_lse else [])
         shapes = [[call.sizes[ix] for ix in ax] for ax in axes]
-        if backward == GENERATED:  # the saved statistic: an empty one for weights without a log-sum-exp
-            shapes.append([call.sizes[ix] for ix in kernel.lse().axes] if _saves_lse(kernel) else [0])
+        if backward == GENERATED:  # the saved statistic: the plan's log-sum-exp (that of its last stage when
+            # earlier ones are precomputed), an empty one for weights without a log-sum-exp
+            shapes.append([call.sizes[ix] for ix in kernel.generated.plan.lse_axes] if _saves_lse(kernel) else [0])
         dtypes = self.result_dtypes(call, return_lse, backward)
         return [torch.empty(shape, dtype=dtype, device=call.device) for shape, dtype in zip(shapes, dtypes)]
 

@@ -126,3 +126,23 @@ def test_a_tuple_param_takes_a_1d_array_or_tensor_as_its_entries():
         torch.testing.assert_close(kernel(q=q, k=k, v=v, shape=shape, kernel=kern), want)
     with pytest.raises(attncc.ArgumentError, match="takes 3 entries"):
         kernel(q=q, k=k, v=v, shape=np.array([3, 3]))
+
+
+# ------------------------------------------------------------ saved statistic of a cascade
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend needs TRITON_INTERPRET=1 here")
+def test_compiled_cascade_with_a_generated_backward_traces_its_saved_statistic():
+    """agent: the generated plan is the last stage (its softmax over the agents), the earlier one
+    precomputed; the fake implementation asked the whole program for its log-sum-exp
+    ("return_lse needs exactly one softmax ..., found 2") instead of the plan."""
+    B, H, N, D, E = 1, 2, 8, 4, 3
+    inputs = dict(q=rand(B, H, N, D, seed=1), k=rand(B, H, N, D, seed=2), v=rand(B, H, N, E, seed=3))
+    kernel = attncc.compile("examples/agent.attn", backend="triton")
+    eager, want = grads(lambda **kw: kernel(**kw, agents=2), inputs, ("q", "k", "v"))
+    fn = compiled(kernel)
+    out, found = grads(lambda **kw: fn(**kw, agents=2), inputs, ("q", "k", "v"))
+    assert kernel.last_run["backward"] == "triton"
+    torch.testing.assert_close(out, eager)
+    for name, g in found.items():
+        torch.testing.assert_close(g, want[name])
