@@ -8,6 +8,9 @@ contract text (or against the eager call, for the torch.library path).
 - an input passed with size-1 broadcast dims (`bias_tensor`'s `bias[B?,H?,N?,M?]`) got, under
   torch.compile, a gradient of the broadcast shape (eager autograd sums it; an operator's
   backward must), and its double backward ran the reference on the unbroadcast tensor.
+- under torch.compile, `agent` (a cascade whose generated plan is its last stage) failed in its
+  fake implementation, which asked the program rather than the plan for the saved log-sum-exp.
+- a tuple param given as a 1-D numpy array or tensor was refused with a misleading message.
 """
 import os
 
