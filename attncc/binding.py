@@ -40,7 +40,9 @@ class IndexRangeError(ShapeError, IndexError):
 
 @dataclass
 class BoundCall:
-    """Checked arguments: tensors by name, and every dim and param by name."""
+    """Checked arguments: tensors by name, in the spec's order of its inputs (left-out optional
+    inputs filled in at their place: code that pairs them with the spec's inputs by position,
+    such as the torch.library operators, relies on it), and every dim and param by name."""
 
     tensors: dict[str, torch.Tensor]
     scalars: dict[str, int | float | bool]
@@ -180,6 +182,7 @@ def bind(program: ir.Program, kwargs: dict, *, data: bool = True, expanded: bool
             _check_derived(program, name, node, tensors[name], scalars)
     for node in left_out:
         tensors[node.name] = _default_tensor(program, node, tensors, scalars, device)
+    tensors = {name: tensors[name] for name in program.inputs}
     for req in program.requires:
         names = sorted({s for s in _scalar_names(req.cond)})
         values = ", ".join(f"{program.param_label(n)} = {scalars[n]}" for n in names if n in scalars)

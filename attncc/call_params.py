@@ -53,9 +53,12 @@ def _choice(group: ir.ParamGroup, value) -> int:
 
 
 def _entries(group: ir.ParamGroup, value) -> list:
-    """One value per entry: a sequence of the right length, or one value for every entry
-    (its type is checked per entry by `bind`, which names the entry)."""
+    """One value per entry: a sequence of the right length (a tuple, a list, a `torch.Size`, a
+    1-D numpy array or tensor), or one value for every entry (its type is checked per entry by
+    `bind`, which names the entry)."""
     n = len(group.scalars)
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):  # a 1-D numpy array or tensor
+        value = tuple(value.tolist())
     if isinstance(value, _SEQUENCES):
         if len(value) != n:
             raise ArgumentError(f"param '{group.name}' takes {n} entries {group.describe()} (or one value for "

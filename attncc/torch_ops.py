@@ -139,8 +139,9 @@ class Registration:
         shapes = [[call.sizes[ix] for ix in ax] for ax in axes]
         if backward == GENERATED and _general(kernel):  # every accumulator, packed
             shapes.append([kernel.backward_launcher().part(bool(return_lse)).saved_numel(call.sizes)])
-        elif backward == GENERATED:  # the saved statistic: an empty one for weights without a log-sum-exp
-            shapes.append([call.sizes[ix] for ix in kernel.lse().axes] if _saves_lse(kernel) else [0])
+        elif backward == GENERATED:  # the saved statistic: the plan's log-sum-exp (that of its last stage when
+            # earlier ones are precomputed), an empty one for weights without a log-sum-exp
+            shapes.append([call.sizes[ix] for ix in kernel.generated.plan.lse_axes] if _saves_lse(kernel) else [0])
         dtypes = self.result_dtypes(call, return_lse, backward)
         return [torch.empty(shape, dtype=dtype, device=call.device) for shape, dtype in zip(shapes, dtypes)]
 
@@ -166,9 +167,10 @@ class Registration:
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients from the reference
             kernel = self.kernel()
             call = bind(kernel.program, self.spec.kwargs(tensors, ctx.params), data=False, expanded=True)
-            full = [t if t is not None else d for t, d in zip(tensors, call.tensors.values())]
-            found = _reference_gradients(kernel, call, ctx.return_lse, full, grads, wanted)
-            return (*found, *rest)
+            # the bound tensors: broadcast inputs expanded (views: their history is kept), left-out
+            # optional inputs filled in, as the reference reads them
+            found = _reference_gradients(kernel, call, ctx.return_lse, list(call.tensors.values()), grads, wanted)
+            return (*(g if g is None else _summed_to(g, t) for g, t in zip(found, tensors)), *rest)
         found = iter(self.backward(tensors, extra, grads, *ctx.params, ctx.return_lse, ctx.backward, wanted))
         return (*(next(found) if w else None for w in wanted), *rest)
 
@@ -198,7 +200,7 @@ class Registration:
             if found is None:  # the call's tensors: left-out optional inputs filled in by `bind`
                 found = _reference_gradients(kernel, call, return_lse, list(call.tensors.values()),
                                              list(grads), wanted)
-        return [_conform(g if g is not None else torch.zeros_like(t), t.dtype, like=t)
+        return [_conform(_summed_to(g, t) if g is not None else torch.zeros_like(t), t.dtype, like=t)
                 for g, t, w in zip(found, inputs, wanted) if w]
 
     def _backward_fake(self, inputs, saved, grads, *rest):
@@ -286,6 +288,13 @@ def _reference_gradients(kernel, call, return_lse, tensors, grads, wanted) -> li
                                 return_lse=return_lse, names=tuple(call.tensors),
                                 needs_input_grad=(False,) * 4 + tuple(wanted))
     return gradients(ctx, tensors, grads)
+
+
+def _summed_to(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The gradient of an input passed with size-1 broadcast dims (`bias[B?,H?,N?,M?]`), summed
+    over them: the gradients are found for the broadcast tensor the call binds, and an
+    operator's backward, unlike autograd's engine after an eager call, does not reduce them."""
+    return grad.sum_to_size(t.shape) if grad.shape != t.shape else grad
 
 
 def _storage(t: torch.Tensor):
