@@ -41,29 +41,38 @@ from attncc.passes.row_stream import map_outer
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
-def default_backward_config(interpret: bool, d: int, e: int) -> dict:
+def default_backward_config(interpret: bool, d: int, e: int, dq_reads: int = 0) -> dict:
     """Tiles of the backward kernels (BLOCK_M x BLOCK_N, queries x keys), per kernel: `"dkdv"`
     and `"dq"` (the delta kernel takes dQ's BLOCK_M), and `USE_TMA` (None: Hopper's default,
-    `RowStreamLauncher.use_tma`). Small in the interpreter; on a GPU, with 4 warps, 32x64 up
-    to head dim 64, 64x32 up to 128 and 32x32 above: configs that compile for sm_90 without
-    spills for the gallery's masks (`attncc.aot`, bf16; two-conjunct windows spill 48 B at head
-    dim 128, epipolar's predicate more); not timed yet, no GPU has run them."""
+    `RowStreamLauncher.use_tma`). Small in the interpreter. On a GPU, 4 warps, chosen from the
+    static report (`benchmarks/static_resources.py --backward`: sm_90, bf16, TMA loads; every
+    dot a wgmma needs 64-row tiles): up to head dim 64, dK/dV 64x64 (causal 204 registers, 2
+    CTAs/SM; 32x64 took 241) and dQ 64x32 (91 registers, 5 CTAs/SM; 32x64 took 174, 2 CTAs,
+    no wgmma); up to 128, 64x32 for both (dK/dV 246, dQ 122: a 64-key dK/dV tile spills with 4
+    warps), and a dQ kernel that accumulates the gradients of more than one score read
+    (`dq_reads`) 32x32 (at 64x32 a spec with a tile bias and a temperature spilled 32 B, one
+    with a tanh and a deterministic block-bias scatter 824 B; at 32x32 the latter none); above
+    128, 32x32. Not timed: no GPU has run them."""
     if interpret:
         tiles = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    elif max(d, e) > 128:
-        tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return {"dkdv": dict(tiles), "dq": dict(tiles), "USE_TMA": None}
+    if max(d, e) > 128:
+        dkdv = dq = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     elif max(d, e) > 64:
-        tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        dkdv = dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        if dq_reads > 1:
+            dq = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     else:
-        tiles = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"dkdv": dict(tiles), "dq": dict(tiles), "USE_TMA": None}
+        dkdv = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"dkdv": dict(dkdv), "dq": dict(dq), "USE_TMA": None}
 
 
-def backward_config(interpret: bool, d: int, e: int, config: dict | None = None) -> dict:
+def backward_config(interpret: bool, d: int, e: int, config: dict | None = None, dq_reads: int = 0) -> dict:
     """The default backward config updated by `config`: its `"dkdv"` and `"dq"` dicts update
     those kernels' tiles, a tile key at its top level (`BLOCK_M`, `num_warps`, ...) both
     kernels', `USE_TMA` the load path."""
-    cfg = default_backward_config(interpret, d, e)
+    cfg = default_backward_config(interpret, d, e, dq_reads)
     for key, value in (config or {}).items():
         if key in ("dkdv", "dq"):
             cfg[key].update(value)
@@ -178,7 +187,7 @@ class RowStreamBackward:
         outer_sizes = [sizes[ix] for ix in p.outer]
         combos = math.prod(outer_sizes)
         device = call.device
-        cfg = backward_config(interpret, n_feat, n_vfeat, config)
+        cfg = backward_config(interpret, n_feat, n_vfeat, config, len(self.src.dq.reads))
         tiles = {KernelRole.BWD_DKDV: cfg["dkdv"], KernelRole.BWD_DQ: cfg["dq"]}
         rows_axes, out_axes = (*p.outer, p.i), (*p.outer, p.i, p.e)
         o = align(o, p.output.axes, out_axes)

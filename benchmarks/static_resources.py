@@ -49,7 +49,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # a launch's default; si
 import attncc  # noqa: E402
 from attncc.aot import backward_launches, compile_launch, report_launches, resources  # noqa: E402
 from attncc.passes.kinds import MaskMode  # noqa: E402
-from attncc.row_backward import backward_config  # noqa: E402
 from attncc.runtime import default_config  # noqa: E402
 
 EXAMPLES = sorted(p.stem for p in (Path(__file__).parent.parent / "examples").glob("*.attn"))
@@ -60,7 +59,7 @@ def rows_for(name: str, d: int, overrides: dict, backward: bool = False) -> list
     backward: none when it has none) at head dims D = E = d."""
     kernel = attncc.compile(Path(__file__).parent.parent / "examples" / f"{name}.attn", backend="triton")
     if backward:
-        launches = backward_launches(kernel, d, d, backward_config(False, d, d, overrides))
+        launches = backward_launches(kernel, d, d, overrides)
     else:
         config = {**default_config(False, d, d, len(kernel.generated.plan.terms)), **overrides}
         launches = report_launches(kernel, d, d, config)

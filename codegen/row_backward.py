@@ -21,6 +21,10 @@ Three kernels, all derived from the plan (`passes/backward.py` says which plans 
 dK and dV are written per query head (a K/V head shared by a GQA group gets one partial per
 query head, summed by the launcher: no atomics). Every tensor is fp32 in the kernels.
 
+With `USE_TMA` (Hopper; the forward's rules, `RowStreamLauncher.use_tma`) q, k, v and dO are
+loaded as TMA boxes of their [rows, features] views and dQ, dK, dV stored through descriptors
+(zero-filled past the edges on load, clipped on store); otherwise by masked pointers.
+
 Float tensors the score reads (`passes.backward.ReadGradient`) get `g = dS * d score / d read`
 per tile entry, `dS = P * (dP - delta)` being the gradient of the score itself, accumulated by
 `ReadMode`: row sums carried along the dQ kernel's key loop (one slot per query row), column
