@@ -364,3 +364,6 @@ def test_backward_config_per_kernel():
     assert cfg["dkdv"] == {**default["dkdv"], "num_warps": 8} and cfg["USE_TMA"] is False
     assert default_backward_config(False, 64, 64) == default
     assert backward_config(True, 64, 64)["dkdv"]["BLOCK_M"] == 16  # the interpreter's small tiles
+    # above head dim 64, a dQ kernel with more than one score read's gradient takes narrower key tiles
+    assert default_backward_config(False, 128, 128, dq_reads=2)["dq"]["BLOCK_N"] == 16
+    assert default_backward_config(False, 128, 128, dq_reads=1)["dq"]["BLOCK_N"] == 32
