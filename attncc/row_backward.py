@@ -392,6 +392,7 @@ class RowStreamBackward:
         reads = {r for r, rd in enumerate(bplan.reads)
                  if (graphed[rd.name].requires_grad if names.is_synthetic(rd.name) else rd.name in wanted)}
         sizes = call.sizes or p.program.sizes(call.scalars)
+        self.last_tma_fallback = None  # the chunked scans load by pointers: nothing fell back
         chunked = self.chunked_gradients(kernel_call, grad_o, sizes, reads)
         if chunked is not None:
             (partials, bufs), delta = chunked, None
