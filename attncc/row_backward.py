@@ -48,19 +48,21 @@ def default_backward_config(interpret: bool, d: int, e: int, dq_reads: int = 0) 
     static report (`benchmarks/static_resources.py --backward`: sm_90, bf16, TMA loads; every
     dot a wgmma needs 64-row tiles): up to head dim 64, dK/dV 64x64 (causal 204 registers, 2
     CTAs/SM; 32x64 took 241) and dQ 64x32 (91 registers, 5 CTAs/SM; 32x64 took 174, 2 CTAs,
-    no wgmma); up to 128, 64x32 for both (dK/dV 246, dQ 122: a 64-key dK/dV tile spills with 4
-    warps), except a dQ kernel that accumulates the gradients of more than one score read
+    no wgmma); up to 128, 64x32 for both (dK/dV with 1 stage: 226 registers, where 2 stages
+    took 246 and spilled 8-72 B for four gallery masks; dQ 122; a 64-key dK/dV tile spills
+    with 4 warps), except a dQ kernel that accumulates the gradients of more than one score read
     (`dq_reads`): 64x16, fewer [queries, keys] tiles live per thread with the query tile still
     a wgmma's 64 rows (a spec with a tile bias and a temperature spilled 32 B at 64x32 and
-    264 B at 32x32, one with a tanh and a deterministic block-bias scatter 824 B and none;
-    both none at 64x16); above 128, 32x32. Not timed: no GPU has run them."""
+    264 B at 32x32, one with a tanh and a deterministic block-bias scatter 824 B at 64x32;
+    neither spills at 64x16); above 128, 32x32. Not timed: no GPU has run them."""
     if interpret:
         tiles = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
         return {"dkdv": dict(tiles), "dq": dict(tiles), "USE_TMA": None}
     if max(d, e) > 128:
         dkdv = dq = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     elif max(d, e) > 64:
-        dkdv = dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        dkdv = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
         if dq_reads > 1:
             dq = {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
     else:
