@@ -32,6 +32,7 @@ from .binding import bind
 from .errors import BackendError
 from .random_inputs import random_arguments
 from .runtime import KernelLaunch, default_config
+from attncc.passes.kinds import KernelRole
 
 # sm_90 (H100/H200) limits used by the occupancy estimate
 SM90 = {"regs_per_sm": 65536, "smem_per_sm": 228 * 1024, "smem_per_cta": 227 * 1024, "threads_per_sm": 2048,
@@ -177,6 +178,29 @@ def report_launches(kernel, d: int, e: int, config: dict | None = None, n: int =
             if k.kernel.__name__ not in seen:
                 seen.add(k.kernel.__name__)
                 out.append(k)
+    return out
+
+
+BACKWARD_ROLES = (KernelRole.BWD_PRE, KernelRole.BWD_DKDV, KernelRole.BWD_DQ)
+
+
+def backward_launches(kernel, d: int, e: int, config: dict | None = None, n: int = 4096, shape=None,
+                      params=None) -> list[KernelLaunch]:
+    """The generated backward's kernel launches (delta, dK/dV, dQ; per term for a sum of
+    terms) of a compiled spec at the report's shape, recorded from the backward launcher's
+    own code (`RowStreamBackward.launches`: every score read's gradient wanted, deterministic
+    as the kernel is) with `config` (`attncc.row_backward.backward_config`); one launch per
+    kernel function, none when the spec has no generated backward (`Kernel.backward_plan`
+    says why) and, for now, none for the general plan's backward (its kernels launch from data
+    the recorded forward does not have: the saved accumulators)."""
+    if isinstance(kernel.backward_plan(), str) or not hasattr(kernel.backward_launcher(), "launches"):
+        return []
+    call = static_call(kernel, d, e, n, shape, params)
+    out, seen = [], set()
+    for k in kernel.backward_launcher().launches(call, False, config, kernel.deterministic):
+        if k.role in BACKWARD_ROLES and k.kernel.__name__ not in seen:  # not the terms' forwards
+            seen.add(k.kernel.__name__)
+            out.append(k)
     return out
 
 

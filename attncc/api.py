@@ -328,6 +328,13 @@ class Kernel:
                     self._backward = "the score nests too deeply to generate its derivative"
         return self._backward
 
+    def note_backward_fallback(self, launcher) -> None:
+        """Say in `last_run["backward_tma_fallback"]` why the backward kernels just launched
+        took pointer loads after their TMA form failed to build, if they did."""
+        fallback = launcher.last_tma_fallback
+        if fallback and self.last_run is not None:
+            self.last_run["backward_tma_fallback"] = fallback
+
     def backward_launcher(self):
         """The launcher of the generated backward kernels (`backward_plan` made it)."""
         self.backward_plan()
@@ -482,8 +489,9 @@ class _GeneratedBackward(torch.autograd.Function):
         if grad_o is None and grad_lse is None:
             return (None,) * (4 + len(tensors))
         call = dataclasses.replace(ctx.call, tensors=dict(zip(ctx.names, tensors)))
-        found = ctx.kernel.backward_launcher().gradients(call, o, lse, grad_o, grad_lse, wanted,
-                                                         deterministic=ctx.deterministic)
+        launcher = ctx.kernel.backward_launcher()
+        found = launcher.gradients(call, o, lse, grad_o, grad_lse, wanted, deterministic=ctx.deterministic)
+        ctx.kernel.note_backward_fallback(launcher)
         return (None, None, None, None, *(found.get(n) for n in ctx.names))
 
 

@@ -32,8 +32,8 @@ from attncc.codegen import names
 from .binding import BoundCall
 from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
-from .runtime import (KernelLaunch, check_device, launch, load_module, pow2, promote_operands,
-                      triton_cdiv)
+from .runtime import (KernelLaunch, check_device, launch, launch_tma_or_pointers, load_module, pow2,
+                      promote_operands, tma_layout_ok, triton_cdiv)
 from attncc.codegen import block_map
 from attncc.codegen.row_backward import generate_backward
 from attncc.passes.backward import BackwardPlan
@@ -42,19 +42,52 @@ from attncc.passes.linear import backward_path, decay_on, decay_read, row_sum_on
 from attncc.passes.row_stream import map_outer
 
 
-def default_backward_config(interpret: bool, d: int, e: int) -> dict:
-    """Tiles of the backward kernels (BLOCK_M x BLOCK_N, queries x keys): small in the
-    interpreter; on a GPU, with 4 warps, 32x64 up to head dim 64, 64x32 up to 128 and 32x32
-    above: configs that compile for sm_90 without spills for the gallery's masks (`attncc.aot`,
-    bf16; two-conjunct windows spill 48 B at head dim 128, epipolar's predicate more); not
-    timed yet, no GPU has run them."""
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def default_backward_config(interpret: bool, d: int, e: int, dq_reads: int = 0) -> dict:
+    """Tiles of the backward kernels (BLOCK_M x BLOCK_N, queries x keys), per kernel: `"dkdv"`
+    and `"dq"` (the delta kernel takes dQ's BLOCK_M), and `USE_TMA` (None: Hopper's default,
+    `RowStreamLauncher.use_tma`). Small in the interpreter. On a GPU, 4 warps, chosen from the
+    static report (`benchmarks/static_resources.py --backward`: sm_90, bf16, TMA loads; every
+    dot a wgmma needs 64-row tiles): up to head dim 64, dK/dV 64x64 (causal 204 registers, 2
+    CTAs/SM; 32x64 took 241) and dQ 64x32 (91 registers, 5 CTAs/SM; 32x64 took 174, 2 CTAs,
+    no wgmma); up to 128, 64x32 for both (dK/dV with 1 stage: 226 registers, where 2 stages
+    took 246 and spilled 8-72 B for four gallery masks; dQ 122; a 64-key dK/dV tile spills
+    with 4 warps), except a dQ kernel that accumulates the gradients of more than one score read
+    (`dq_reads`): 64x16, fewer [queries, keys] tiles live per thread with the query tile still
+    a wgmma's 64 rows (a spec with a tile bias and a temperature spilled 32 B at 64x32 and
+    264 B at 32x32, one with a tanh and a deterministic block-bias scatter 824 B at 64x32;
+    neither spills at 64x16); above 128, 32x32. Not timed: no GPU has run them."""
     if interpret:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        tiles = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return {"dkdv": dict(tiles), "dq": dict(tiles), "USE_TMA": None}
     if max(d, e) > 128:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if max(d, e) > 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        dkdv = dq = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    elif max(d, e) > 64:
+        dkdv = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        if dq_reads > 1:
+            dq = {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    else:
+        dkdv = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"dkdv": dict(dkdv), "dq": dict(dq), "USE_TMA": None}
+
+
+def backward_config(interpret: bool, d: int, e: int, config: dict | None = None, dq_reads: int = 0) -> dict:
+    """The default backward config updated by `config`: its `"dkdv"` and `"dq"` dicts update
+    those kernels' tiles, a tile key at its top level (`BLOCK_M`, `num_warps`, ...) both
+    kernels', `USE_TMA` the load path."""
+    cfg = default_backward_config(interpret, d, e, dq_reads)
+    for key, value in (config or {}).items():
+        if key in ("dkdv", "dq"):
+            cfg[key].update(value)
+        elif key in _TILE_KEYS:
+            cfg["dkdv"][key] = cfg["dq"][key] = value
+        else:
+            cfg[key] = value
+    return cfg
 
 
 # The chunked scans' warps on a GPU, with chunks of 16 and the reverse scan split into its dK and
@@ -90,6 +123,11 @@ class TermsBackward:
             name = f"{self.plan.program.name}_term{t}"
             forward = runtime.RowStreamLauncher(part.plan, generate_module(part.plan, name))
             self.parts.append((RowStreamBackward(part, forward, name), coef))
+
+    @property
+    def last_tma_fallback(self) -> str | None:
+        """Why a term's last backward kernels took pointers after their TMA form failed to build."""
+        return next((part.last_tma_fallback for part, _ in self.parts if part.last_tma_fallback), None)
 
     def gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, wanted, config: dict | None = None,
                   deterministic: bool = False) -> dict:
@@ -150,6 +188,9 @@ class RowStreamBackward:
         self.modules: dict[bool, object] = {}
         self.last_tiles: dict | None = None  # the grids of the last backward launches
         self.last_path: LaunchPath | None = None  # row streaming, or the chunked scans (linear time)
+        self.last_tma = False  # whether the last dK/dV and dQ launches loaded through TMA descriptors
+        self.tma_failures: dict = {}  # kernel variant -> why its TMA form did not build (it uses pointers)
+        self.last_tma_fallback: str | None = None
 
     # ------------------------------------------------------------------ kernels
     def operand_gradients(self, call: BoundCall, o, lse, grad_o, grad_lse, config: dict | None = None,
@@ -173,9 +214,8 @@ class RowStreamBackward:
         outer_sizes = [sizes[ix] for ix in p.outer]
         combos = math.prod(outer_sizes)
         device = call.device
-        cfg = dict(default_backward_config(interpret, n_feat, n_vfeat))
-        cfg.update(config or {})
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        cfg = backward_config(interpret, n_feat, n_vfeat, config, len(self.src.dq.reads))
+        tiles = {KernelRole.BWD_DKDV: cfg["dkdv"], KernelRole.BWD_DQ: cfg["dq"]}
         rows_axes, out_axes = (*p.outer, p.i), (*p.outer, p.i, p.e)
         if p.v is None:  # a statistics pass: no output, only its log-sum-exp's gradient (a placeholder dO)
             o = grad_o = torch.zeros([1] * len(out_axes), dtype=torch.float32, device=device)
@@ -183,8 +223,22 @@ class RowStreamBackward:
             o = align(o, p.output.axes, out_axes)
             grad_o = torch.zeros_like(o) if grad_o is None else align(grad_o, p.output.axes, out_axes)
         upcast = interpret and call.tensors[p.q.input.name].dtype == torch.bfloat16
-        options = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+        def options(role):
+            t = tiles.get(role, cfg["dq"])  # the delta kernel: dQ's
+            return {} if interpret else {"num_warps": t["num_warps"], "num_stages": t["num_stages"]}
+
         block_d, block_e = pow2(n_feat), pow2(n_vfeat)
+        dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
+        dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
+        dv = torch.empty((*outer_sizes, n_cols, n_vfeat) if p.v is not None else (1,), dtype=torch.float32,
+                         device=device)  # a statistics pass has no values
+        # TMA boxes for q, k, v and dO (made contiguous: autograd's may be a broadcast or a strided
+        # view) and the gradients' stores, where each layout allows them
+        use_tma = self.forward.use_tma(call, cfg, interpret) and all(_rows_ok(t) for t in (dq, dk, dv)[:len(self.operands())])
+        if use_tma and not _rows_ok(grad_o):
+            grad_o = grad_o.contiguous()
+            use_tma = _rows_ok(grad_o)
         if self.bplan.pointwise:  # P is the weight itself: the kernels read no LSE and no delta
             lse = delta = odo = torch.zeros(1, dtype=torch.float32, device=device)
         elif p.v is None:  # delta = rowsum(dO * O) - dLSE = -dLSE: no kernel needed
@@ -197,23 +251,22 @@ class RowStreamBackward:
                 align(grad_lse.float(), p.lse_axes, rows_axes).expand(*outer_sizes, n_rows).contiguous()
             delta = torch.empty((combos, n_rows), dtype=torch.float32, device=device)
             odo = torch.empty_like(delta)  # rowsum(dO * O), for the dQ kernel's row sums of score reads
+            bm = cfg["dq"]["BLOCK_M"]
             launch(KernelLaunch(getattr(module, self.src.pre), (triton_cdiv(n_rows, bm), combos),
                                 [o, grad_o, dlse if dlse is not None else delta, delta, odo, *o.stride(),
                                  *grad_o.stride(), *outer_sizes, n_rows, n_vfeat],
-                                dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None), options, interpret,
-                                KernelRole.BWD_PRE))
-        dq = torch.empty((*outer_sizes, n_rows, n_feat), dtype=torch.float32, device=device)
-        dk = torch.empty((*outer_sizes, n_cols, n_feat), dtype=torch.float32, device=device)
-        dv = torch.empty((*outer_sizes, n_cols, n_vfeat) if p.v is not None else (1,), dtype=torch.float32,
-                         device=device)
-        constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, PRECISION="ieee",
-                          UPCAST_DOT=upcast, EVEN_N=n_cols % bn == 0, DETERMINISTIC=bool(deterministic))
+                                dict(BLOCK_M=bm, BLOCK_E=block_e, HAS_DLSE=dlse is not None),
+                                options(KernelRole.BWD_PRE), interpret, KernelRole.BWD_PRE))
         fixed = [n_rows, n_cols, n_feat, n_vfeat]
-        bufs = self.read_buffers(call, combos, n_rows, n_cols, triton_cdiv(n_rows, bm), deterministic, reads)
+        bufs = self.read_buffers(call, combos, n_rows, n_cols, triton_cdiv(n_rows, cfg["dq"]["BLOCK_M"]),
+                                 deterministic, reads)
         dummy = torch.zeros(1, dtype=torch.float32, device=device)  # the buffer of a read not wanted
 
-        def flags(kernel):
-            return {**constexprs, **{f"GRAD{r}": r in bufs for r in kernel.reads}}
+        def flags(kernel, role):
+            bm, bn = tiles[role]["BLOCK_M"], tiles[role]["BLOCK_N"]
+            return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_E=block_e, PRECISION="ieee",
+                        UPCAST_DOT=upcast, EVEN_N=n_cols % bn == 0, DETERMINISTIC=bool(deterministic),
+                        USE_TMA=use_tma, **{f"GRAD{r}": r in bufs for r in kernel.reads})
 
         def common(kernel, outputs, map_args):
             tensors = [call.tensors[n] for n in kernel.tensor_inputs]
@@ -224,24 +277,34 @@ class RowStreamBackward:
                     *(x for t in tensors for x in t.stride()), *(x for t in tensors for x in t.shape),
                     *grad_o.stride(), *outer_sizes, *fixed, *map_args, *lens, *scalars, self.ds_scale(call)]
 
-        kv_lists, q_lists = [], []
-        if self.bplan.dkdv_mode == MaskMode.BLOCK_MAP:
+        def map_lists(role):  # the forward's block map at this kernel's tiles: per query tile or per key tile
+            if self.bplan.dkdv_mode != MaskMode.BLOCK_MAP:
+                return []
             fwd_module = self.forward.modules.get(interpret) or self.forward.modules.setdefault(
                 interpret, load_module(self.forward.module_src, interpret))
-            kv_lists = self.forward.block_map_lists(call, bm, bn, sizes, fwd_module, interpret)
+            kv_lists = self.forward.block_map_lists(call, tiles[role]["BLOCK_M"], tiles[role]["BLOCK_N"], sizes,
+                                                    fwd_module, interpret)
+            if role == KernelRole.BWD_DQ:
+                return kv_lists
             if runtime._RECORDING.get() is None:
                 state = self.forward.last_block_map[3]
             else:  # a recording has no map: a placeholder of its shape
                 lists = math.prod(sizes[ix] for ix in map_outer(p))
                 state = torch.zeros((lists, kv_lists[3], kv_lists[4]), dtype=torch.int8, device=device)
-            q_lists = [*block_map.tile_lists(state.transpose(1, 2)), kv_lists[3], kv_lists[4]]
-        launch(KernelLaunch(getattr(module, self.src.dkdv.name), (triton_cdiv(n_cols, bn), combos),
-                            common(self.src.dkdv, [dk, dv], q_lists), flags(self.src.dkdv), options, interpret,
-                            KernelRole.BWD_DKDV))
-        launch(KernelLaunch(getattr(module, self.src.dq.name), (triton_cdiv(n_rows, bm), combos),
-                            common(self.src.dq, [odo, dq], kv_lists), flags(self.src.dq), options, interpret,
-                            KernelRole.BWD_DQ))
-        self.last_tiles = {"BLOCK_M": bm, "BLOCK_N": bn}
+            return [*block_map.tile_lists(state.transpose(1, 2)), kv_lists[3], kv_lists[4]]
+
+        self.last_tma_fallback = None
+        for role, kernel, outputs, programs in (
+                (KernelRole.BWD_DKDV, self.src.dkdv, [dk, dv], triton_cdiv(n_cols, cfg["dkdv"]["BLOCK_N"])),
+                (KernelRole.BWD_DQ, self.src.dq, [odo, dq], triton_cdiv(n_rows, cfg["dq"]["BLOCK_M"]))):
+            k = KernelLaunch(getattr(module, kernel.name), (programs, combos),
+                             common(kernel, outputs, map_lists(role)), flags(kernel, role), options(role), interpret,
+                             role)
+            key = (role, interpret, *sorted(k.options.items()), *sorted((n, v) for n, v in k.constexprs.items()))
+            self.last_tma_fallback = launch_tma_or_pointers(k, key, self.tma_failures) or self.last_tma_fallback
+            use_tma = use_tma and k.constexprs["USE_TMA"]
+        self.last_tiles = {"dkdv": dict(cfg["dkdv"]), "dq": dict(cfg["dq"])}
+        self.last_tma = use_tma
         return (dq, dk, dv)[:len(self.operands())], bufs, delta
 
     def operands(self) -> list:
@@ -450,6 +513,7 @@ class RowStreamBackward:
 
         reads = {r for r, rd in enumerate(bplan.reads) if wants(rd.name)}
         sizes = call.sizes or p.program.sizes(call.scalars)
+        self.last_tma_fallback = None  # the linear-time kernels load by pointers: nothing fell back
         linear = self.linear_gradients(kernel_call, grad_o, sizes, reads)
         if linear is not None:
             (partials, bufs), delta = linear, None
@@ -558,6 +622,11 @@ class RowStreamBackward:
             axes = (*outer, *tile)
         ref = Reference(p.program, call.tensors, call.scalars)
         return onto_tensor(part, axes, args, shape, ref.full)
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """Whether a tensor laid out (outer..., rows, features) takes TMA boxes of [rows, features]."""
+    return tma_layout_ok(t, t.dim() - 1)
 
 
 def _plain_read(part: torch.Tensor, have: tuple, access: ir.Access, sizes: dict, group, scalars: dict, shape):

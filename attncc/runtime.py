@@ -322,12 +322,8 @@ class RowStreamLauncher:
         role = KernelRole.PACKED if group > 1 else KernelRole.STATS if p.statistics_only else KernelRole.MAIN
         variant_key = (role, interpret, *sorted(options.items()), *sorted((k, v) for k, v in constexprs.items()
                                                                           if k != "COUNT_TILES"))
-        if constexprs["USE_TMA"] and variant_key in self.tma_failures:
-            constexprs["USE_TMA"] = False  # this variant's TMA form failed to build before
-        if constexprs["USE_TMA"] and not interpret and _RECORDING.get() is None:
-            ensure_allocator()
-        self.launch_with_pointer_retry(KernelLaunch(kernel, grid, args, constexprs, options, interpret, role),
-                                       variant_key)
+        self.last_tma_fallback = launch_tma_or_pointers(
+            KernelLaunch(kernel, grid, args, constexprs, options, interpret, role), variant_key, self.tma_failures)
         if count_tiles and _RECORDING.get() is None:
             self.last_tile_counts = {"full": int(counts[0]), "partial": int(counts[1])}
         self.last_splits, self.last_group = splits, group
@@ -336,24 +332,6 @@ class RowStreamLauncher:
             o, lse = merge_splits(o_all, lse_all, p.output.axes, lse_axes)
             o = o.to(call.out_dtype)
         return [o, lse] if return_lse else [o]
-
-    def launch_with_pointer_retry(self, k: KernelLaunch, variant_key: tuple):
-        """Launch `k`; when its TMA form fails to compile (ptxas of some Triton releases
-        crashes on some tile configs), launch the pointer form instead, warn, and remember it
-        for this variant, so the call still runs the generated kernel and says so
-        (`tma_failures`, `kernel.last_run["tma_fallback"]`)."""
-        try:
-            launch(k)
-        except Exception as err:
-            if not k.constexprs["USE_TMA"] or _RECORDING.get() is not None:
-                raise
-            why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
-            self.tma_failures[variant_key] = why
-            warnings.warn(f"attncc: the TMA form of {getattr(k.kernel, '__name__', 'a kernel')} did not build "
-                          f"({why}); it runs with pointer loads instead", RuntimeWarning, stacklevel=3)
-            k.constexprs["USE_TMA"] = False
-            launch(k)
-        self.last_tma_fallback = self.tma_failures.get(variant_key) if not k.constexprs["USE_TMA"] else None
 
     def term_scale(self, t: int, call: BoundCall) -> float:
         """Term t's score scale `qk_scale{t}`: its scalar factors, times log2(e) for plain
@@ -548,6 +526,30 @@ class RowStreamLauncher:
                 v = evaluate_scalar(node, call.scalars)
                 values.append(int(v) if isinstance(v, bool) else v)
         return values
+
+
+def launch_tma_or_pointers(k: KernelLaunch, variant_key: tuple, failures: dict) -> str | None:
+    """Launch `k` (its `USE_TMA` as given, unless this variant's TMA form failed to build
+    before: `failures`, variant -> why); when its TMA form fails to compile (ptxas of some
+    Triton releases crashes on some tile configs), launch the pointer form instead, warn, and
+    remember it, so the call still runs the generated kernel and says so. Returns why this
+    launch took pointers after such a failure (`kernel.last_run["tma_fallback"]`), else None."""
+    if k.constexprs["USE_TMA"] and variant_key in failures:
+        k.constexprs["USE_TMA"] = False
+    if k.constexprs["USE_TMA"] and not k.interpret and _RECORDING.get() is None:
+        ensure_allocator()
+    try:
+        launch(k)
+    except Exception as err:
+        if not k.constexprs["USE_TMA"] or _RECORDING.get() is not None:
+            raise
+        why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        failures[variant_key] = why
+        warnings.warn(f"attncc: the TMA form of {getattr(k.kernel, '__name__', 'a kernel')} did not build "
+                      f"({why}); it runs with pointer loads instead", RuntimeWarning, stacklevel=3)
+        k.constexprs["USE_TMA"] = False
+        launch(k)
+    return failures.get(variant_key) if not k.constexprs["USE_TMA"] else None
 
 
 def tl_module():

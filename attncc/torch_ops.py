@@ -185,12 +185,13 @@ class Registration:
                 names = {n for n, w in zip(self.spec.inputs, wanted) if w}
                 try:
                     grad_lse = grads[1] if return_lse else None
+                    launcher = kernel.backward_launcher()
                     if _general(kernel):  # every output's gradient, and the packed accumulators
-                        found = kernel.backward_launcher().gradients(call, saved[0], list(grads), names,
-                                                                     bool(return_lse))
+                        found = launcher.gradients(call, saved[0], list(grads), names, bool(return_lse))
                     else:
-                        found = kernel.backward_launcher().gradients(call, *saved, grads[0], grad_lse, names,
-                                                                     deterministic=kernel.deterministic)
+                        found = launcher.gradients(call, *saved, grads[0], grad_lse, names,
+                                                   deterministic=kernel.deterministic)
+                        kernel.note_backward_fallback(launcher)
                     found = [found.get(n) for n in self.spec.inputs]
                 except BackendError as why:
                     if not kernel.chosen_automatically:

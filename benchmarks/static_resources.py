@@ -22,9 +22,16 @@ default config unless overridden:
   as `masked` otherwise. A static size: pipelining prologues and epilogues outside the
   loop are not counted. TMA and cp.async counts are over the whole kernel's PTX.
 
+With `--backward`, the same for the generated backward of every example that has one
+(`Kernel.backward_plan`): its delta, dK/dV and dQ kernels (per term for a sum of terms),
+recorded from the backward launcher (`RowStreamBackward.launches`, every score read's
+gradient wanted) at its default config (`attncc.row_backward.default_backward_config`, per
+kernel; `--block-m` and the like override both dK/dV's and dQ's). Loop columns are the
+query-tile loop for dK/dV and the key-tile loop for dQ.
+
 Run without TRITON_INTERPRET (each compile takes seconds of CPU):
 
-    .venv/bin/python benchmarks/static_resources.py [--d 64 128] [--json out.json] [examples ...]
+    .venv/bin/python benchmarks/static_resources.py [--backward] [--d 64 128] [--json out.json] [examples ...]
 """
 import argparse
 import json
@@ -40,20 +47,25 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # a launch's default; silences Triton 3.9's warning
 
 import attncc  # noqa: E402
-from attncc.aot import compile_launch, default_report_config, report_launches, resources  # noqa: E402
+from attncc.aot import backward_launches, compile_launch, default_report_config, report_launches, resources  # noqa: E402,E501
 from attncc.passes.kinds import MaskMode  # noqa: E402
 
 EXAMPLES = sorted(p.stem for p in (Path(__file__).parent.parent / "examples").glob("*.attn"))
 
 
-def rows_for(name: str, d: int, overrides: dict) -> list[dict]:
+def rows_for(name: str, d: int, overrides: dict, backward: bool = False) -> list[dict]:
+    """One row per kernel of the example's forward (or, with `backward`, its generated
+    backward: none when it has none) at head dims D = E = d."""
     kernel = attncc.compile(Path(__file__).parent.parent / "examples" / f"{name}.attn", backend="triton")
-    config = {**default_report_config(kernel, d, d), **overrides}
+    if backward:
+        launches = backward_launches(kernel, d, d, overrides)
+    else:
+        launches = report_launches(kernel, d, d, {**default_report_config(kernel, d, d), **overrides})
     rows = []
     # a general plan's pass kernels have one loop per stream (key set), not full and masked tiles
     general = not hasattr(kernel.generated.source, "mask_mode")
     mask_free = not general and kernel.generated.source.mask_mode == MaskMode.NONE  # one loop left: the full tiles'
-    for launch in report_launches(kernel, d, d, config):
+    for launch in launches:
         compiled = compile_launch(launch)
         r = resources(launch.kernel.__name__, compiled, launch.options.get("num_warps"))
         sizes = [lp["instructions"] for lp in r.loops]
@@ -76,6 +88,8 @@ def main():
     parser.add_argument("examples", nargs="*", default=EXAMPLES)
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128], help="head dims D = E (default 64 128)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout, no table)")
+    parser.add_argument("--backward", action="store_true",
+                        help="the generated backward's kernels (delta, dK/dV, dQ) instead of the forward's")
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         parser.add_argument(f"--{key.lower().replace('_', '-')}", dest=key, type=int,
                             help=f"override the default config's {key}")
@@ -87,15 +101,17 @@ def main():
     rows = []
     for d in args.d:
         for name in args.examples:
-            rows += rows_for(name, d, overrides)
+            rows += rows_for(name, d, overrides, args.backward)
     if args.json:
         doc = {"target": "sm_90", "triton": triton.__version__, "dtype": "bfloat16",
+               "kernels": "backward" if args.backward else "forward",
                "shape": {"B": 4, "H": 16, "N": 4096, "M": 4096}, "overrides": overrides, "rows": rows}
         if args.json == "-":
             print(json.dumps(doc, indent=1))
             return
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-    table = Table(title=f"sm_90, bf16, B=4 H=16 N=M=4096, Triton {triton.__version__}")
+    table = Table(title=f"{'backward, ' if args.backward else ''}sm_90, bf16, B=4 H=16 N=M=4096, "
+                        f"Triton {triton.__version__}")
     cols = ("example", "kernel", "D", "tiles", "warps", "stages", "regs", "spill B", "smem KiB", "CTAs/SM",
             "q from", "TMA", "cp.async", "full loop", "masked loop")
     for col in cols:

@@ -23,6 +23,10 @@ Three kernels, all derived from the plan (`passes/backward.py` says which plans 
 dK and dV are written per query head (a K/V head shared by a GQA group gets one partial per
 query head, summed by the launcher: no atomics). Every tensor is fp32 in the kernels.
 
+With `USE_TMA` (Hopper; the forward's rules, `RowStreamLauncher.use_tma`) q, k, v and dO are
+loaded as TMA boxes of their [rows, features] views and dQ, dK, dV stored through descriptors
+(zero-filled past the edges on load, clipped on store); otherwise by masked pointers.
+
 Float tensors the score reads (`passes.backward.ReadGradient`) get `g = dS * d score / d read`
 per tile entry, `dS = P * (dP - delta)` being the gradient of the score itself, accumulated by
 `ReadMode`: row sums carried along the dQ kernel's key loop (one slot per query row), column
@@ -42,7 +46,7 @@ from attncc import ir
 from attncc.codegen import names
 from attncc.codegen.pytext import comment, docstring
 from attncc.codegen.row_stream import (LOG2E, LinearSource, RowStreamCodegen, _free_names, _indent, scalar_args,
-                                       tensor_args)
+                                       tensor_args, tma_descriptor)
 from attncc.codegen.tile_expr import Val
 from attncc.passes.backward import BackwardPlan
 from attncc.passes.kinds import MaskMode, ReadMode
@@ -72,7 +76,7 @@ class BackwardSource:
     reassociated: LinearSource | None = None  # ... of a reassociable plan (codegen/reassociate.py)
 
 
-_TILE_CONSTEXPRS = ["MASKED", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT", "DETERMINISTIC"]
+_TILE_CONSTEXPRS = ["MASKED", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT", "DETERMINISTIC", "USE_TMA"]
 
 
 class _BackwardCodegen(RowStreamCodegen):
@@ -99,22 +103,34 @@ class _BackwardCodegen(RowStreamCodegen):
         return " + ".join(parts) or "0"
 
     def bases(self) -> list[str]:
-        """Base pointers of this program's q, k and v (their outer offsets)."""
+        """Base pointers of this program's q, k, v and dO (their outer offsets), and with
+        `USE_TMA` their TMA descriptors: [rows, features] views, boxes of one tile."""
         p = self.plan
         q, k, v = p.q, p.k, p.v
-        values = [] if v is None else \
-            [f"v_base = {names.tensor('ptr', v.input.name)} + {self.operand_offset(v, self.kv_env)}"]
+        st = names.tensor
+        descs = {"q_desc": ("q_base", "n_rows", "n_feat", st("st", q.input.name, q.row), "BLOCK_M", "BLOCK_D"),
+                 "k_desc": ("k_base", "n_cols", "n_feat", st("st", k.input.name, k.row), "BLOCK_N", "BLOCK_D")}
+        values = []
+        if v is not None:  # a statistics pass has no values and no dO
+            descs["v_desc"] = ("v_base", "n_cols", "n_vfeat", st("st", v.input.name, v.row), "BLOCK_N", "BLOCK_E")
+            descs["do_desc"] = ("do_base", "n_rows", "n_vfeat", "do_si", "BLOCK_M", "BLOCK_E")
+            values = [f"v_base = {names.tensor('ptr', v.input.name)} + {self.operand_offset(v, self.kv_env)}"]
         return [f"q_base = {names.tensor('ptr', q.input.name)} + {self.operand_offset(q)}",
                 f"k_base = {names.tensor('ptr', k.input.name)} + {self.operand_offset(k, self.kv_env)}",
-                *values, f"do_base = do_ptr + {self.do_offset()}"]
+                *values, f"do_base = do_ptr + {self.do_offset()}",
+                "if USE_TMA:  # the launcher checked strides and alignment (runtime.tma_layout_ok)",
+                *(f"    {d} = {tma_descriptor(*a)}" for d, a in descs.items()),
+                "else:  # the pointer path",
+                *(f"    {d} = None" for d in descs)]
 
-    def load_rows(self) -> list[str]:
-        """Queries, dO, LSE and delta of the query tile `offs_m` (zero / no weight past the last
-        row); pointwise weights need no LSE and no delta, a statistics pass no dO."""
+    def load_rows(self, start: str) -> list[str]:
+        """Queries, dO, LSE and delta of the query tile `offs_m` from row `start` (zero / no
+        weight past the last row); pointwise weights need no LSE and no delta, a statistics
+        pass no dO."""
         q = self.plan.q
         qn = q.input.name
         grad_out = [] if self.plan.v is None else [
-            "do = tl.load(do_base + offs_m[:, None] * do_si + offs_e[None, :] * do_se, "
+            "    do = tl.load(do_base + offs_m[:, None] * do_si + offs_e[None, :] * do_se, "
             "mask=row_ok[:, None] & (offs_e[None, :] < n_vfeat), other=0.0)"]
         stats = [] if self.bplan.pointwise else [
             "lse = tl.load(lse_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=float('-inf'))",
@@ -123,7 +139,11 @@ class _BackwardCodegen(RowStreamCodegen):
             "delta = tl.load(delta_ptr + flat_o * n_rows + offs_m, mask=row_ok, other=0.0)"]
         return [
             "row_ok = offs_m < n_rows",
-            f"q = tl.load(q_base + offs_m[:, None] * {names.tensor('st', qn, q.row)} + offs_d[None, :] * "
+            "if USE_TMA:  # boxes of [queries, features]: zero past the last row and feature",
+            f"    q = q_desc.load([tl.cast({start}, tl.int32), 0])",
+            *([f"    do = do_desc.load([tl.cast({start}, tl.int32), 0])"] if grad_out else []),
+            "else:",
+            f"    q = tl.load(q_base + offs_m[:, None] * {names.tensor('st', qn, q.row)} + offs_d[None, :] * "
             f"{names.tensor('st', qn, q.feature)}, mask=row_ok[:, None] & (offs_d[None, :] < n_feat), other=0.0)",
             *grad_out,
             "if UPCAST_DOT:  # Triton's interpreter mishandles bfloat16 dots; compiled kernels never set it",
@@ -131,17 +151,22 @@ class _BackwardCodegen(RowStreamCodegen):
             *(["    do = do.to(tl.float32)"] if grad_out else []),
             *stats]
 
-    def load_cols(self) -> list[str]:
-        """Keys (as [features, keys], like the forward) and values of the key tile `offs_n`."""
+    def load_cols(self, start: str) -> list[str]:
+        """Keys (as [features, keys], like the forward) and values of the key tile `offs_n`
+        from key `start`."""
         k, v = self.plan.k, self.plan.v
         kn = k.input.name
         values = [] if v is None else [
-            f"v = tl.load(v_base + offs_n[:, None] * {names.tensor('st', v.input.name, v.row)} + offs_e[None, :] * "
+            f"    v = tl.load(v_base + offs_n[:, None] * {names.tensor('st', v.input.name, v.row)} + offs_e[None, :] * "
             f"{names.tensor('st', v.input.name, v.feature)}, mask=col_ok[:, None] & (offs_e[None, :] < n_vfeat), "
             "other=0.0)"]
         return [
             "col_ok = offs_n < n_cols",
-            f"k = tl.load(k_base + offs_d[:, None] * {names.tensor('st', kn, k.feature)} + offs_n[None, :] * "
+            "if USE_TMA:  # boxes of [keys, features]: zero past the last key and feature",
+            f"    k = tl.trans(k_desc.load([tl.cast({start}, tl.int32), 0]))",
+            *([f"    v = v_desc.load([tl.cast({start}, tl.int32), 0])"] if values else []),
+            "else:",
+            f"    k = tl.load(k_base + offs_d[:, None] * {names.tensor('st', kn, k.feature)} + offs_n[None, :] * "
             f"{names.tensor('st', kn, k.row)}, mask=col_ok[None, :] & (offs_d[:, None] < n_feat), other=0.0)",
             *values,
             "if UPCAST_DOT:",
@@ -216,7 +241,7 @@ class _BackwardCodegen(RowStreamCodegen):
         """The constexpr keyword arguments of a tile function's call, after MASKED."""
         flags = "".join(f", {f}={f}" for f in self.read_flags())
         return ("BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION, UPCAST_DOT=UPCAST_DOT, "
-                f"DETERMINISTIC=DETERMINISTIC{flags})")
+                f"DETERMINISTIC=DETERMINISTIC, USE_TMA=USE_TMA{flags})")
 
     def kernel_constexprs(self) -> str:
         return _KERNEL_CONSTEXPRS + "".join(f", {f}: tl.constexpr" for f in self.read_flags())
@@ -362,7 +387,7 @@ class _BackwardCodegen(RowStreamCodegen):
 
 _KERNEL_CONSTEXPRS = ("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, "
                       "BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EVEN_N: tl.constexpr, "
-                      "DETERMINISTIC: tl.constexpr")
+                      "DETERMINISTIC: tl.constexpr, USE_TMA: tl.constexpr")
 _ACC = {ReadMode.ROWS: "gr", ReadMode.COLS: "gc"}  # the loop-carried sums of a read
 _BUF = {ReadMode.ROWS: "gr", ReadMode.COLS: "gc", ReadMode.TILE: "gt", ReadMode.SCATTER: "gs"}
 
@@ -380,10 +405,10 @@ class DqCodegen(_BackwardCodegen):
     def generate(self) -> tuple[str, BackwardKernel]:
         p, em = self.plan, self.em
         bases = self.bases()
-        rows = self.load_rows()
+        rows = self.load_rows("pid_m * BLOCK_M")
         scores = self.scores()
         skip = self.row_weight_skip  # emitted before the prologue is taken: its loads may be hoisted
-        body = ["offs_n = start_n + tl.arange(0, BLOCK_N)", *self.load_cols(), *scores,
+        body = ["offs_n = start_n + tl.arange(0, BLOCK_N)", *self.load_cols("start_n"), *scores,
                 "allowed = col_ok[None, :]",
                 "if MASKED:", *_indent(self.predicate()),
                 *self.gradient_of_scores(),
@@ -413,8 +438,8 @@ class DqCodegen(_BackwardCodegen):
                          "dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)",
                          *self.read_init(),
                          *loop]),
-               "    tl.store(dq_ptr + (flat_o * n_rows + offs_m[:, None]) * n_feat + offs_d[None, :], dq, "
-               "mask=row_ok[:, None] & (offs_d[None, :] < n_feat))",
+               *_indent(_store("dq", "n_rows", "n_feat", "pid_m * BLOCK_M", "BLOCK_M", "BLOCK_D", "offs_m",
+                               "offs_d", "row_ok")),
                *_indent(self.read_stores("row_ok", ""))]
         return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars),
                                                [r for r, _ in self.reads])
@@ -430,8 +455,8 @@ class DkdvCodegen(_BackwardCodegen):
     def generate(self) -> tuple[str, BackwardKernel]:
         p, em = self.plan, self.em
         bases = self.bases()
-        cols = self.load_cols()
-        rows = self.load_rows()
+        cols = self.load_cols("pid_n * BLOCK_N")
+        rows = self.load_rows("start_m")
         scores = self.scores()
         values = [] if p.v is None else ["dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)"]
         body = ["offs_m = start_m + tl.arange(0, BLOCK_M)", *rows,
@@ -489,12 +514,10 @@ class DkdvCodegen(_BackwardCodegen):
                          *([] if p.v is None else ["dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)"]),
                          *self.read_init(),
                          *loop]),
-               "    out_ok = col_ok[:, None]",
-               "    tl.store(dk_ptr + (flat_o * n_cols + offs_n[:, None]) * n_feat + offs_d[None, :], dk, "
-               "mask=out_ok & (offs_d[None, :] < n_feat))",
-               *([] if p.v is None else [
-                   "    tl.store(dv_ptr + (flat_o * n_cols + offs_n[:, None]) * n_vfeat + offs_e[None, :], dv, "
-                   "mask=out_ok & (offs_e[None, :] < n_vfeat))"]),
+               *_indent(_store("dk", "n_cols", "n_feat", "pid_n * BLOCK_N", "BLOCK_N", "BLOCK_D", "offs_n",
+                               "offs_d", "col_ok")),
+               *([] if p.v is None else _indent(_store("dv", "n_cols", "n_vfeat", "pid_n * BLOCK_N", "BLOCK_N",
+                                                       "BLOCK_E", "offs_n", "offs_e", "col_ok"))),
                *_indent(self.read_stores("", "col_ok"))]
         return "\n".join(src), BackwardKernel(name, tensors, scalars, dict(em.host_scalars),
                                                [r for r, _ in self.reads])
@@ -524,6 +547,19 @@ class DkdvCodegen(_BackwardCodegen):
             else:
                 out.append(line.replace("key-tile ranges", "query-tile ranges (keys as rows)"))
         return out
+
+
+def _store(grad: str, rows: str, feats: str, start: str, block_rows: str, block_feats: str, offs_rows: str,
+           offs_feats: str, ok: str) -> list[str]:
+    """The store of one fp32 gradient tile, laid out (batch x head, rows, features) contiguous:
+    with `USE_TMA` through a descriptor (clipped at the edges), else through masked pointers."""
+    base = f"{grad}_ptr + flat_o * {rows} * {feats}"
+    return ["if USE_TMA:",
+            f"    {grad}_out = {tma_descriptor(base, rows, feats, feats, block_rows, block_feats)}",
+            f"    {grad}_out.store([tl.cast({start}, tl.int32), 0], {grad})",
+            "else:",
+            f"    tl.store({grad}_ptr + (flat_o * {rows} + {offs_rows}[:, None]) * {feats} + {offs_feats}[None, :], "
+            f"{grad}, mask={ok}[:, None] & ({offs_feats}[None, :] < {feats}))"]
 
 
 def _stride(outer, k):

@@ -298,8 +298,8 @@ class RowStreamCodegen:
             base = f"{names.tensor('ptr', qn)} + {off}"
             tma = [] if self.packed else [  # packed rows interleave heads: no 2-D box, pointers only
                 "if USE_TMA:  # one TMA box of [queries, features], zero past the last row and feature",
-                f"    q_desc{x} = tl.make_tensor_descriptor({base}, shape=[n_rows, n_feat], "
-                f"strides=[{names.tensor('st', qn, term.q.row)}, 1], block_shape=[BLOCK_M, BLOCK_D])",
+                f"    q_desc{x} = "
+                + tma_descriptor(base, "n_rows", "n_feat", names.tensor("st", qn, term.q.row), "BLOCK_M", "BLOCK_D"),
                 f"    q{x} = q_desc{x}.load([pid_m * BLOCK_M, 0])",
                 "else:"]
             lines += [*tma, *_indent([
@@ -327,8 +327,8 @@ class RowStreamCodegen:
             lines += [f"{kbase} = {names.tensor('ptr', k.input.name)} + {off}",
                       "if USE_TMA:  # the [keys, features] view of this program's keys (the launcher checked "
                       "strides and alignment)",
-                      f"    {kdesc} = tl.make_tensor_descriptor({kbase}, shape=[n_cols, n_feat], "
-                      f"strides=[{names.tensor('st', k.input.name, k.row)}, 1], block_shape=[BLOCK_N, BLOCK_D])",
+                      f"    {kdesc} = " + tma_descriptor(kbase, "n_cols", "n_feat", names.tensor("st", k.input.name, k.row),
+                                                     "BLOCK_N", "BLOCK_D"),
                       "else:",
                       f"    {kdesc} = None  # the pointer path"]
         return lines
@@ -338,8 +338,8 @@ class RowStreamCodegen:
         vn = self.plan.v.input.name
         return [f"v_base = {names.tensor('ptr', vn)} + {v_off}",
                 "if USE_TMA:",
-                "    v_desc = tl.make_tensor_descriptor(v_base, shape=[n_cols, n_vfeat], "
-                f"strides=[{names.tensor('st', vn, self.plan.v.row)}, 1], block_shape=[BLOCK_N, BLOCK_E])",
+                "    v_desc = " + tma_descriptor("v_base", "n_cols", "n_vfeat", names.tensor("st", vn, self.plan.v.row),
+                                            "BLOCK_N", "BLOCK_E"),
                 "else:",
                 "    v_desc = None  # the pointer path"]
 
@@ -743,6 +743,14 @@ def generate_module(plan: RowStreamPlan, name: str) -> KernelSource:
     header = [docstring(doc), "import triton", "import triton.language as tl", "", ""]  # the file name is data
     main.source = "\n".join(header) + "\n\n\n".join(parts) + "\n"
     return main
+
+
+def tma_descriptor(base: str, rows: str, cols: str, row_stride: str, block_rows: str, block_cols: str) -> str:
+    """A TMA tensor descriptor of the [rows, cols] view at `base` (features contiguous; the
+    launcher checked strides and alignment, `runtime.tma_layout_ok`): its boxes of
+    [block_rows, block_cols] load zero-filled, and store clipped, past the view's edges."""
+    return (f"tl.make_tensor_descriptor({base}, shape=[{rows}, {cols}], strides=[{row_stride}, 1], "
+            f"block_shape=[{block_rows}, {block_cols}])")
 
 
 def _reads_of(transform: ir.Node, read: ir.Access) -> list[ir.Node]:

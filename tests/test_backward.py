@@ -360,3 +360,20 @@ def test_a_piecewise_constant_score_has_no_gradient_in_q_and_k():
     assert kernel.last_run["backward"] == "triton"
     assert float(q.grad.abs().max()) == 0.0 and float(k.grad.abs().max()) == 0.0
     assert float(v.grad.abs().max()) > 0.0
+
+
+def test_backward_config_per_kernel():
+    """dK/dV and dQ have their own tiles: a `"dkdv"` or `"dq"` dict updates one kernel, a tile
+    key at the top level both, `USE_TMA` the load path; the defaults are not changed."""
+    from attncc.row_backward import backward_config, default_backward_config
+
+    default = default_backward_config(False, 64, 64)
+    assert default["dkdv"]["BLOCK_N"] == 64 and default["dq"]["BLOCK_M"] == 64 and default["USE_TMA"] is None
+    cfg = backward_config(False, 64, 64, {"dq": {"BLOCK_N": 16}, "num_warps": 8, "USE_TMA": False})
+    assert cfg["dq"] == {**default["dq"], "BLOCK_N": 16, "num_warps": 8}
+    assert cfg["dkdv"] == {**default["dkdv"], "num_warps": 8} and cfg["USE_TMA"] is False
+    assert default_backward_config(False, 64, 64) == default
+    assert backward_config(True, 64, 64)["dkdv"]["BLOCK_M"] == 16  # the interpreter's small tiles
+    # above head dim 64, a dQ kernel with more than one score read's gradient takes narrower key tiles
+    assert default_backward_config(False, 128, 128, dq_reads=2)["dq"]["BLOCK_N"] == 16
+    assert default_backward_config(False, 128, 128, dq_reads=1)["dq"]["BLOCK_N"] == 32

@@ -98,3 +98,58 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
+BACKWARD_SCRIPT = r'''
+import json
+import attncc
+from attncc.aot import backward_launches, compile_launch, resources, specialise
+from attncc.row_backward import backward_config
+
+out = {}
+for name in ("causal", "differential", "epipolar_views"):
+    k = attncc.compile(f"examples/{name}.attn", backend="triton")
+    rows = []
+    for l in backward_launches(k, 64, 64):
+        sig, consts, attrs, options = specialise(l)
+        rows.append({"kernel": l.kernel.__name__, "role": l.role.value, "grid": list(l.grid),
+                     "tiles": [l.constexprs.get("BLOCK_M"), l.constexprs.get("BLOCK_N")],
+                     "use_tma": l.constexprs.get("USE_TMA"), "num_warps": options.num_warps,
+                     "num_stages": options.num_stages, "sig_q": sig.get("ptr_q")})
+    out[name] = rows
+k = attncc.compile("examples/causal.attn", backend="triton")
+(dkdv,) = [l for l in backward_launches(k, 64, 64) if l.role.value == "bwd_dkdv"]
+r = resources(dkdv.kernel.__name__, compile_launch(dkdv), dkdv.options["num_warps"])
+out["compiled"] = {"spill": r.spill_bytes, "tma": r.tma_loads, "ctas": r.ctas_per_sm, "registers": r.registers}
+out["default"] = backward_config(False, 64, 64)
+print(json.dumps(out))
+'''
+
+
+def test_backward_report_compiles_the_backward_launchers_launches():
+    """`attncc.aot.backward_launches`: the delta, dK/dV and dQ launches the backward launcher
+    makes (per term for a sum of terms; none without a generated backward), each with its own
+    kernel's default tiles, warps and stages, TMA on sm_90; the dK/dV kernel compiles with TMA
+    loads and no spill at head dim 64."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", BACKWARD_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+    out = json.loads(proc.stdout.splitlines()[-1])
+    cfg = out["default"]
+    rows = out["causal"]
+    assert [r["role"] for r in rows] == ["bwd_pre", "bwd_dkdv", "bwd_dq"]
+    pre, dkdv, dq = rows
+    for row, tiles in ((dkdv, cfg["dkdv"]), (dq, cfg["dq"])):
+        assert row["tiles"] == [tiles["BLOCK_M"], tiles["BLOCK_N"]]
+        assert (row["num_warps"], row["num_stages"]) == (tiles["num_warps"], tiles["num_stages"])
+        assert row["use_tma"] is True and row["sig_q"] == "*bf16"
+    assert dkdv["grid"] == [4096 // cfg["dkdv"]["BLOCK_N"], 4 * 16]
+    assert dq["grid"] == [4096 // cfg["dq"]["BLOCK_M"], 4 * 16] == pre["grid"]
+    # a sum of terms: each term's three kernels, not the forwards that recompute its output
+    assert [r["role"] for r in out["differential"]] == ["bwd_pre", "bwd_dkdv", "bwd_dq"] * 2
+    assert out["epipolar_views"] == []  # a general plan: no generated backward
+    compiled = out["compiled"]
+    assert compiled["spill"] == 0 and compiled["tma"] > 0 and compiled["ctas"] >= 1, compiled
