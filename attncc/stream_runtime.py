@@ -8,7 +8,6 @@ by the reference executor's torch ops from the stored accumulators: elementwise 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch

@@ -134,7 +134,7 @@ class PassCodegen:
     # ------------------------------------------------------------------ operands
     def operand_tile(self, op, tile: str, tile_code: str, feature: str, block: str, env=None) -> tuple[list[str], Val]:
         """Load an operand's [tile, feature] block (zero outside), apply its feature map."""
-        em, p = self.em, self.p
+        em = self.em
         env = em.env if env is None else env
         em.tensors[op.input.name] = op.input
         n_feat = self.extent_arg(feature)
@@ -211,7 +211,7 @@ class PassCodegen:
                 b_lines, b = self.operand_tile(dot.sides[seg.stream], "n", "offs_n", dot.d, block)
                 row_loads += a_lines
                 dot_lines += b_lines + [
-                    f"if UPCAST_DOT:  # the interpreter's bf16 dot: compute in fp32",
+                    "if UPCAST_DOT:  # the interpreter's bf16 dot: compute in fp32",
                     f"    s{t} = tl.dot({a.code}.to(tl.float32), tl.trans({b.code}.to(tl.float32)), "
                     "input_precision=PRECISION)",
                     "else:",
