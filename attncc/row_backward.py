@@ -30,13 +30,12 @@ import torch
 from . import ir, runtime
 from attncc.codegen import names
 from .binding import BoundCall
-from .errors import BackendError
 from .reference import Reference, align, evaluate_scalar
 from .runtime import (KernelLaunch, check_device, launch, launch_tma_or_pointers, load_module, pow2,
                       promote_operands, tma_layout_ok, triton_cdiv)
 from attncc.codegen import block_map
 from attncc.codegen.row_backward import generate_backward
-from attncc.passes.backward import BackwardPlan
+from attncc.passes.backward import BackwardPlan, NoGeneratedBackward
 from attncc.passes.kinds import KernelRole, LaunchPath, MaskMode, ReadMode
 from attncc.passes.linear import backward_path, decay_on, decay_read, row_sum_on
 from attncc.passes.row_stream import map_outer
@@ -518,7 +517,7 @@ class RowStreamBackward:
         if linear is not None:
             (partials, bufs), delta = linear, None
         elif bplan.linear_only:
-            raise BackendError(f"{p.program.name}: normalised linear attention (or feature maps) has its backward "
+            raise NoGeneratedBackward(f"{p.program.name}: normalised linear attention (or feature maps) has its backward "
                                "on the linear-time kernels only, and they cannot run this call (a mask other than "
                                "exactly causal on a square score, or the decay base's gradient at a base of 0)")
         else:

@@ -45,6 +45,7 @@ from . import ir
 from .binding import bind
 from .call_params import expand
 from .errors import ArgumentError, BackendError
+from attncc.passes.backward import NoGeneratedBackward
 
 NAMESPACE = "attncc"
 NO_GRAPH, GENERATED, REFERENCE = 0, 1, 2  # the `backward` argument of a forward operator
@@ -193,6 +194,10 @@ class Registration:
                                                    deterministic=kernel.deterministic)
                         kernel.note_backward_fallback(launcher)
                     found = [found.get(n) for n in self.spec.inputs]
+                except NoGeneratedBackward as why:  # a call the generated kernels cannot take (sizes the
+                    # trace did not know): the reference's backward, and why
+                    if kernel.last_run is not None:
+                        kernel.last_run.update(backward="reference", backward_reason=str(why))
                 except BackendError as why:
                     if not kernel.chosen_automatically:
                         raise
