@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from compiled_steps import compiled_and_eager_gradients
 
 import attncc
 from attncc.passes.backward import plan_backward
@@ -170,11 +171,7 @@ def test_compile_fullgraph_mixture_of_heads():
     def step(**kw):
         return (kernel(**kw) * 0.5).square().sum()
 
-    want = torch.autograd.grad(step(**kwargs), floats)
-    assert kernel.last_run["backward"] == "triton"
-    kernel.last_run = None
-    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(**kwargs), floats)
-    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run
+    got, want = compiled_and_eager_gradients(kernel, step, kwargs, floats)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 

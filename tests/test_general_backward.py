@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from compiled_steps import compiled_and_eager_gradients
 
 import attncc
 from attncc import runtime, torch_ops
@@ -134,11 +135,7 @@ def test_operator_path_opcheck_and_compiled_training_step():
         o, colsum = kernel(**kw)
         return o.square().sum() + (colsum * 0.5).sum()
 
-    want = torch.autograd.grad(step(**x), floats)
-    assert kernel.last_run["backward"] == "triton"
-    kernel.last_run = None
-    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(**x), floats)
-    assert kernel.last_run["backward"] == "triton" and "backward_reason" not in kernel.last_run
+    got, want = compiled_and_eager_gradients(kernel, step, x, floats)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
